@@ -1,0 +1,236 @@
+"""Entry points: `lepton-agent` (device side) and `lepton-fleet` (operator side)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from agent import __version__
+from agent.errors import BadInput, LeptonError
+
+logger = logging.getLogger("agent")
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--backend", help="ai-edge-litert | tflite-runtime | tensorflow (default: first installed; "
+                   "LEPTON_BACKEND overrides)")
+    g.add_argument("--threads", type=_positive, help="interpreter threads (default: all cores)")
+    g.add_argument("--no-xnnpack", action="store_true", help="run the builtin kernels without XNNPACK")
+    g.add_argument("--delegate", help="delegate library, e.g. edgetpu (libedgetpu.so.1)")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a .tflite, or a manifest .json (ours or microWakeWord v2)")
+    p.add_argument("--labels", metavar="FILE", help="labels, one per line (overrides the manifest's)")
+    p.add_argument("--task", help="run as this task instead of the manifest's or the recognised one")
+
+
+def _agent_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lepton-agent", description="Lepton Edge Agent (device side)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="inputs, outputs, quantization, ops, size, task, int8 or not")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    _runtime_options(p)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("infer", help="run a model on images, folders, globs or video files")
+    _model_options(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--threshold", type=_threshold, help="minimum score, 0..1")
+    p.add_argument("--top-k", type=_positive, help="classes to report")
+    p.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    _runtime_options(p)
+    p.set_defaults(func=_cmd_infer)
+
+    p = sub.add_parser("bench", help="raw invoke and whole-pipeline timings on this machine")
+    _model_options(p)
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="inputs to run (default: a synthetic 640x480 frame)")
+    p.add_argument("--runs", type=_positive, default=100, help="timed runs (default 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--format", choices=("json", "table"), default="json")
+    _runtime_options(p)
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def _fleet_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lepton-fleet", description="Lepton Edge fleet tools (operator side)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model = sub.add_parser("model", help="model tools").add_subparsers(dest="model_command", required=True,
+                                                                        metavar="ACTION")
+    p = model.add_parser("inspect", help="the agent's inspect, for operators")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    _runtime_options(p)
+    p.set_defaults(func=_cmd_inspect)
+    return parser
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from agent.manifest import load_spec
+    from agent.runtime import Model
+
+    spec = load_spec(args.model, getattr(args, "labels", None))
+    model = Model(spec.path, backend=args.backend, threads=args.threads, xnnpack=not args.no_xnnpack,
+                  delegate=args.delegate)
+    return spec, model
+
+
+def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.inspect import describe, format_text
+
+    spec, model = _load(args)
+    info = describe(model, spec)
+    out.write((json.dumps(info, indent=2) if args.format == "json" else format_text(info)) + "\n")
+    return 0
+
+
+def _inference(args: argparse.Namespace) -> Any:
+    from agent.tasks import Inference, create_task
+
+    spec, model = _load(args)
+    post: dict[str, Any] = {}
+    if getattr(args, "threshold", None) is not None:
+        post["threshold"] = args.threshold
+    if getattr(args, "top_k", None) is not None:
+        post["top_k"] = args.top_k
+    if post:
+        spec = spec.model_copy(update={"postprocess": spec.postprocess.model_copy(update=post)})
+    task = create_task(model, spec, args.task)
+    return spec, Inference(model, task)
+
+
+def _summary(result: dict[str, Any]) -> str:
+    if "classes" in result:
+        return ", ".join(f"{c['label']} {c['score']:.3f}" for c in result["classes"]) or "-"
+    if "detections" in result:
+        return ", ".join(f"{d['label']} {d['score']:.2f}" for d in result["detections"]) or "-"
+    if "outputs" in result:
+        return "; ".join(f"{o['name']}{o['shape']}" for o in result["outputs"])
+    return json.dumps(result)
+
+
+def _cmd_infer(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.sources.files import iter_frames, resolve_inputs
+
+    inputs = resolve_inputs(args.inputs)
+    spec, inference = _inference(args)
+    if inference.task.item_kind != "image":
+        raise BadInput(f"{args.model}: task {inference.task.key!r} does not take images")
+    model_ref = {"name": spec.name, "version": spec.version}
+    failed = 0
+    if args.format == "table":
+        out.write(f"{'SOURCE':<32} {'FRAME':>5}  {'MS':>7}  RESULT\n")
+    for frame in iter_frames(inputs):
+        if frame.image is None:
+            failed += 1
+            print(f"lepton-agent: {frame.error}", file=sys.stderr)
+            continue
+        try:
+            result = inference.run(frame.image)
+        except BadInput as exc:
+            failed += 1
+            print(f"lepton-agent: {frame.file or frame.source}: {exc}", file=sys.stderr)
+            continue
+        line: dict[str, Any] = {"source": frame.source, "frame": frame.index}
+        if frame.file is not None:
+            line["file"] = frame.file
+        line.update(model=model_ref, latency_ms=inference.latency.as_dict(), **result)
+        if args.format == "jsonl":
+            out.write(json.dumps(line) + "\n")
+        else:
+            lat = inference.latency
+            total = lat.pre + lat.invoke + lat.post
+            name = frame.file or frame.source
+            out.write(f"{name[-32:]:<32} {frame.index:>5}  {total:>7.2f}  {_summary(result)}\n")
+        out.flush()
+    return 2 if failed else 0
+
+
+def _cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.bench import bench
+    from agent.sources.files import iter_frames, resolve_inputs
+
+    inputs = resolve_inputs(args.inputs) if args.inputs else []
+    _, inference = _inference(args)
+    items = []
+    for frame in iter_frames(inputs):
+        if frame.image is None:
+            raise BadInput(frame.error or f"{frame.source}: cannot decode")
+        items.append(frame.image)
+    report = bench(inference, items, runs=args.runs, warmup=max(0, args.warmup))
+    if args.format == "json":
+        out.write(json.dumps(report) + "\n")
+    else:
+        for key, value in report.items():
+            out.write(f"{key:<12} {value}\n")
+    return 0
+
+
+# -- entry points ---------------------------------------------------------------
+
+
+def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    func: Callable[[argparse.Namespace, TextIO], int] = args.func
+    try:
+        return func(args, sys.stdout)
+    except BadInput as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
+    except LeptonError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`| head`); nothing more to say.
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def agent_main(argv: Sequence[str] | None = None) -> int:
+    return _main(_agent_parser(), argv)
+
+
+def fleet_main(argv: Sequence[str] | None = None) -> int:
+    return _main(_fleet_parser(), argv)

@@ -1,0 +1,9 @@
+"""Tasks turn an input item into a result: preprocess → invoke → postprocess.
+
+Each task registers under a key (`classify`, `tensors`, …) and says whether a model
+fits it. `recognise()` names the task a bare model would be run as, from its tensors.
+"""
+
+from agent.tasks.base import TASKS, Inference, Task, create_task, recognise, register
+
+__all__ = ["TASKS", "Inference", "Task", "create_task", "recognise", "register"]

@@ -1,0 +1,66 @@
+"""Image classification: one score vector → top-k labels."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from agent.errors import BadInput
+from agent.manifest import ModelSpec
+from agent.runtime import Model
+from agent.tasks.base import Task, register
+from agent.vision.preprocess import ImagePreprocessor
+
+# Ops whose output is already a probability.
+_PROBABILITY_OPS = frozenset({"SOFTMAX", "LOGISTIC"})
+
+
+@register("classify")
+class Classify(Task):
+    def __init__(self, model: Model, spec: ModelSpec) -> None:
+        super().__init__(model, spec)
+        if len(model.outputs) != 1:
+            raise BadInput(f"{model.path}: classify needs one output tensor, the model has {len(model.outputs)}")
+        self.preprocessor = ImagePreprocessor(model, spec.preprocess)
+        out = model.outputs[0]
+        n = math.prod(out.shape)
+        labels = spec.labels
+        if labels and len(labels) != n:
+            raise BadInput(f"{spec.manifest_path or model.path}: {len(labels)} labels for {n} model outputs")
+        self.labels: tuple[str, ...] = labels or tuple(str(i) for i in range(n))
+        post = spec.postprocess
+        if post.softmax == "auto":
+            self.softmax = model.source_op(out.index) not in _PROBABILITY_OPS
+        else:
+            self.softmax = bool(post.softmax)
+        self.top_k = min(post.top_k, n)
+        self.threshold = post.threshold
+        self._scores = np.empty(n, np.float32)
+
+    def preprocess(self, item: Any) -> None:
+        self.preprocessor(item)
+
+    def postprocess(self) -> dict[str, Any]:
+        s = self.model.dequantize_output(0, self._scores)
+        if self.softmax:
+            s -= s.max()
+            np.exp(s, out=s)
+            s /= s.sum()
+        k = self.top_k
+        if k < s.size:
+            best = np.argpartition(s, s.size - k)[-k:]
+            best = best[np.argsort(s[best])[::-1]]
+        else:
+            best = np.argsort(s)[::-1]
+        classes = []
+        for i in best.tolist():
+            score = float(s[i])
+            if score < self.threshold:
+                break
+            classes.append({"label": self.labels[i], "score": round(score, 6)})
+        return {"task": "classify", "classes": classes}
+
+    def synthetic_item(self) -> Any:
+        return np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)

@@ -1,0 +1,194 @@
+"""Frame → input tensor, written straight into the interpreter's input view.
+
+Per frame: resize (stretch, or letterbox with a constant border) into a small
+preallocated buffer, convert the colour order on that small image, then one
+look-up table maps each pixel byte to the model's input value — normalisation
+((p - mean) / std) and quantization (q = p' / scale + zero_point) fused into a
+256-entry table per channel — writing into the tensor. Nothing frame-sized is
+allocated after the first frame of a given size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from agent.errors import BadInput
+from agent.manifest import Preprocess
+from agent.runtime import Model, TensorInfo
+
+logger = logging.getLogger(__name__)
+
+# (frame channels, model colour) -> cv2 conversion code; None: no conversion.
+_COLOR_CODES: dict[tuple[int, str], int | None] = {
+    (3, "BGR"): None,
+    (3, "RGB"): cv2.COLOR_BGR2RGB,
+    (3, "GRAY"): cv2.COLOR_BGR2GRAY,
+    (4, "BGR"): cv2.COLOR_BGRA2BGR,
+    (4, "RGB"): cv2.COLOR_BGRA2RGB,
+    (4, "GRAY"): cv2.COLOR_BGRA2GRAY,
+    (1, "BGR"): cv2.COLOR_GRAY2BGR,
+    (1, "RGB"): cv2.COLOR_GRAY2RGB,
+    (1, "GRAY"): None,
+}
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """The geometry of an image input tensor."""
+
+    height: int
+    width: int
+    channels: int
+    layout: str  # NHWC | NCHW
+
+
+def image_input(info: TensorInfo, layout: str = "auto") -> ImageInput | None:
+    """Read H, W, C from a 4-D input shape; None when the tensor is not an image."""
+    shape = info.shape
+    if len(shape) != 4 or shape[0] != 1:
+        return None
+    if layout == "NCHW" or (layout == "auto" and shape[3] not in (1, 3) and shape[1] in (1, 3)):
+        _, c, h, w = shape
+        layout = "NCHW"
+    else:
+        _, h, w, c = shape
+        layout = "NHWC"
+    if c not in (1, 3) or h < 2 or w < 2:
+        return None
+    return ImageInput(h, w, c, layout)
+
+
+def value_lut(info: TensorInfo, pre: Preprocess, channels: int) -> np.ndarray[Any, Any] | None:
+    """The per-channel pixel → input value table, or None when the pixel byte is the input."""
+    normalize = pre.normalize or ("quantization" if info.quantized else "mean_std")
+    pixels = np.arange(256, dtype=np.float64)
+    if normalize == "quantization":
+        if info.dtype == np.uint8:
+            return None
+        if info.dtype == np.int8:
+            lut = (pixels - 128).astype(np.int8)
+            return np.ascontiguousarray(np.repeat(lut[None, :, None], channels, axis=2).reshape(1, 256, channels))
+        raise BadInput(
+            f"preprocess.normalize: 'quantization' needs a uint8 or int8 input, this model takes {info.dtype.name}"
+        )
+    mean = np.resize(np.asarray(pre.mean, dtype=np.float64), channels)
+    std = np.resize(np.asarray(pre.std, dtype=np.float64), channels)
+    real = (pixels[:, None] - mean[None, :]) / std[None, :]  # (256, C)
+    if info.quantized:
+        limits = np.iinfo(info.dtype)
+        table = np.clip(np.rint(real / info.scale + info.zero_point), limits.min, limits.max).astype(info.dtype)
+    elif info.dtype in (np.float32, np.float64):
+        table = real.astype(info.dtype)
+    else:
+        raise BadInput(f"input tensor {info.name!r}: dtype {info.dtype.name} is not supported for images")
+    return np.ascontiguousarray(table.reshape(1, 256, channels))
+
+
+class ImagePreprocessor:
+    """Writes BGR (or gray, or BGRA) uint8 frames into one image input of a model."""
+
+    def __init__(self, model: Model, pre: Preprocess, input_index: int = 0, pad_value: int = 0) -> None:
+        info = model.inputs[input_index]
+        geometry = image_input(info, pre.layout)
+        if geometry is None:
+            raise BadInput(f"{model.path}: input {info.name!r} {list(info.shape)} is not an image tensor")
+        self.geometry = geometry
+        self.color = "GRAY" if geometry.channels == 1 else pre.color
+        if geometry.channels == 3 and pre.color == "GRAY":
+            raise BadInput(f"{model.path}: preprocess.color is GRAY but the model takes 3 channels")
+        self.letterbox = pre.resize == "letterbox"
+        self.pad_value = pad_value
+        self._lut = value_lut(info, pre, geometry.channels)
+        view = model.input(input_index)[0]
+        h, w, c = geometry.height, geometry.width, geometry.channels
+        if geometry.layout == "NCHW":
+            self._target = np.empty((h, w, c), dtype=view.dtype)
+            self._nchw: np.ndarray[Any, Any] | None = view
+        else:
+            self._target = view
+            self._nchw = None
+        if c == 1:
+            self._target = self._target.reshape(h, w)
+        # Buffers per frame geometry (channels, height, width); rebuilt only when it changes.
+        self._key: tuple[int, int, int] | None = None
+        self._resized: np.ndarray[Any, Any] = np.empty(0, np.uint8)
+        self._patch: np.ndarray[Any, Any] | None = None
+        self._patch_at: tuple[int, int] = (0, 0)
+        self._colored: np.ndarray[Any, Any] | None = None
+        self._code: int | None = None
+        # Maps tensor-normalised x/y back to frame-normalised: x_frame = ax * u + bx.
+        self.mapping = (1.0, 0.0, 1.0, 0.0)
+
+    def _prepare(self, frame_h: int, frame_w: int, channels: int) -> None:
+        g = self.geometry
+        key = (channels, frame_h, frame_w)
+        if (channels, self.color) not in _COLOR_CODES:
+            raise BadInput(f"frame has {channels} channels; expected 1, 3 or 4")
+        self._code = _COLOR_CODES[(channels, self.color)]
+        shape: tuple[int, ...] = (g.height, g.width) if channels == 1 else (g.height, g.width, channels)
+        self._resized = np.empty(shape, np.uint8)
+        self._patch = None
+        if self.letterbox:
+            scale = min(g.width / frame_w, g.height / frame_h)
+            nw, nh = max(1, round(frame_w * scale)), max(1, round(frame_h * scale))
+            px, py = (g.width - nw) // 2, (g.height - nh) // 2
+            self._resized.fill(self.pad_value)
+            self._patch = np.empty((nh, nw, *shape[2:]), np.uint8)
+            self._patch_at = (py, px)
+            self.mapping = (g.width / nw, -px / nw, g.height / nh, -py / nh)
+        else:
+            self.mapping = (1.0, 0.0, 1.0, 0.0)
+        final_needs_lut = self._lut is not None or self._nchw is not None
+        if self._code is not None and final_needs_lut:
+            self._colored = np.empty((g.height, g.width) if g.channels == 1 else (g.height, g.width, 3), np.uint8)
+        else:
+            self._colored = None
+        self._key = key
+
+    def __call__(self, frame: np.ndarray[Any, Any]) -> None:
+        if frame.dtype != np.uint8 or frame.ndim not in (2, 3) or frame.shape[0] < 1 or frame.shape[1] < 1:
+            raise BadInput(f"frame of shape {frame.shape} and dtype {frame.dtype} is not an 8-bit image")
+        channels = 1 if frame.ndim == 2 else frame.shape[2]
+        if channels == 1 and frame.ndim == 3:
+            frame = frame[:, :, 0]
+        if self._key != (channels, frame.shape[0], frame.shape[1]):
+            self._prepare(frame.shape[0], frame.shape[1], channels)
+        g = self.geometry
+        last_stage_is_resize = self._code is None and self._lut is None and self._nchw is None and not self.letterbox
+        if last_stage_is_resize:
+            # The frame already has the model's colour order and raw bytes are the input.
+            cv2.resize(frame, (g.width, g.height), dst=self._target, interpolation=cv2.INTER_LINEAR)
+            return
+        if self._patch is not None:
+            cv2.resize(frame, (self._patch.shape[1], self._patch.shape[0]), dst=self._patch,
+                       interpolation=cv2.INTER_LINEAR)
+            py, px = self._patch_at
+            np.copyto(self._resized[py : py + self._patch.shape[0], px : px + self._patch.shape[1]], self._patch)
+        else:
+            cv2.resize(frame, (g.width, g.height), dst=self._resized, interpolation=cv2.INTER_LINEAR)
+        src = self._resized
+        if self._code is not None:
+            dst = self._colored if self._colored is not None else self._target
+            cv2.cvtColor(src, self._code, dst=dst)
+            src = dst
+        if self._lut is not None:
+            cv2.LUT(src, self._lut, dst=self._target)
+        elif src is not self._target:
+            np.copyto(self._target, src, casting="unsafe")
+        if self._nchw is not None:
+            np.copyto(self._nchw, self._target.reshape(g.height, g.width, -1).transpose(2, 0, 1))
+
+    def map_boxes(self, boxes: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """Map [N,4] boxes [xmin, ymin, xmax, ymax] from tensor-normalised to frame-normalised, in place."""
+        ax, bx, ay, by = self.mapping
+        boxes[:, 0::2] *= ax
+        boxes[:, 0::2] += bx
+        boxes[:, 1::2] *= ay
+        boxes[:, 1::2] += by
+        np.clip(boxes, 0.0, 1.0, out=boxes)
+        return boxes
