@@ -15,6 +15,7 @@ retakes its views when it does.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.metadata
 import logging
@@ -194,8 +195,19 @@ class Model:
                     f"{self.path}: op not supported by {self.backend.name}: custom op "
                     f"{', '.join(missing)} (convert without it, e.g. without SELECT_TF_OPS)"
                 )
+        self._kwargs = kwargs
+        self.generation = 0
+        """Bumped whenever the interpreter is rebuilt; holders of derived views rebind when it changes."""
+        self._open()
+        self.inputs: tuple[TensorInfo, ...] = tuple(_tensor_info(d) for d in self._interp.get_input_details())
+        self.outputs: tuple[TensorInfo, ...] = tuple(_tensor_info(d) for d in self._interp.get_output_details())
+        self.signatures: dict[str, Any] = dict(self._interp.get_signature_list())
+        self.delegated_ops = sum(1 for o in self._interp._get_ops_details() if o["op_name"] == "DELEGATE")
+        self._take_views()
+
+    def _open(self) -> None:
         try:
-            self._interp = self.backend.interpreter_cls(**kwargs)
+            self._interp = self.backend.interpreter_cls(**self._kwargs)
         except (ValueError, RuntimeError) as exc:
             raise BadInput(f"{self.path}: cannot load model: {_first_line(exc)}") from None
         # Before allocation the graph still shows the model's own ops; the default
@@ -208,13 +220,7 @@ class Model:
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise BadInput(f"{self.path}: op not supported by {self.backend.name}: {_first_line(exc)}") from None
-        self.inputs: tuple[TensorInfo, ...] = tuple(_tensor_info(d) for d in self._interp.get_input_details())
-        self.outputs: tuple[TensorInfo, ...] = tuple(_tensor_info(d) for d in self._interp.get_output_details())
-        self.signatures: dict[str, Any] = dict(self._interp.get_signature_list())
-        self.delegated_ops = sum(1 for o in self._interp._get_ops_details() if o["op_name"] == "DELEGATE")
         self._invoke: Callable[[], Any] = self._interp._interpreter.Invoke
-        self._views = _Views()
-        self._take_views()
         self._dynamic_outputs = False
         self._checked_outputs = False
 
@@ -223,6 +229,9 @@ class Model:
     def _load_delegate(self, name: str) -> Any:
         library = DELEGATE_ALIASES.get(name, name)
         try:
+            # Probe with ctypes first: a failed load_delegate() leaves a half-made Delegate whose
+            # __del__ prints a second, confusing error at exit.
+            ctypes.CDLL(library)
             return self.backend.load_delegate(library)
         except (ValueError, OSError, RuntimeError) as exc:
             hint = " (install libedgetpu1-std and plug in the Edge TPU)" if "edgetpu" in library else ""
@@ -269,8 +278,20 @@ class Model:
             self._views.outputs = [self._interp.tensor(t.index)() for t in self.outputs]
 
     def reset_state(self) -> None:
-        """Zero the resource variables of a stateful (streaming) model."""
-        self._interp.reset_all_variables()
+        """Return a stateful (streaming) model to its initial state.
+
+        Resource variables (VAR_HANDLE) live outside the tensors that
+        `reset_all_variables()` clears, and no runtime offers a reset for them, so
+        the interpreter is rebuilt; `generation` tells view holders to rebind.
+        """
+        if any(op.name == "VAR_HANDLE" for op in self.ops):
+            self._views = _Views()
+            del self._interp
+            self._open()
+            self._take_views()
+            self.generation += 1
+        else:
+            self._interp.reset_all_variables()
 
     # -- quantization helpers (allocation-free when `out` is given) ------------
 

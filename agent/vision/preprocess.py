@@ -104,16 +104,9 @@ class ImagePreprocessor:
         self.letterbox = pre.resize == "letterbox"
         self.pad_value = pad_value
         self._lut = value_lut(info, pre, geometry.channels)
-        view = model.input(input_index)[0]
-        h, w, c = geometry.height, geometry.width, geometry.channels
-        if geometry.layout == "NCHW":
-            self._target = np.empty((h, w, c), dtype=view.dtype)
-            self._nchw: np.ndarray[Any, Any] | None = view
-        else:
-            self._target = view
-            self._nchw = None
-        if c == 1:
-            self._target = self._target.reshape(h, w)
+        self._model = model
+        self._input_index = input_index
+        self._bind()
         # Buffers per frame geometry (channels, height, width); rebuilt only when it changes.
         self._key: tuple[int, int, int] | None = None
         self._resized: np.ndarray[Any, Any] = np.empty(0, np.uint8)
@@ -123,6 +116,20 @@ class ImagePreprocessor:
         self._code: int | None = None
         # Maps tensor-normalised x/y back to frame-normalised: x_frame = ax * u + bx.
         self.mapping = (1.0, 0.0, 1.0, 0.0)
+
+    def _bind(self) -> None:
+        """Take the destination views from the model (again after it rebuilt its interpreter)."""
+        g = self.geometry
+        view = self._model.input(self._input_index)[0]
+        self._generation = self._model.generation
+        if g.layout == "NCHW":
+            self._target = np.empty((g.height, g.width, g.channels), dtype=view.dtype)
+            self._nchw: np.ndarray[Any, Any] | None = view
+        else:
+            self._target = view
+            self._nchw = None
+        if g.channels == 1:
+            self._target = self._target.reshape(g.height, g.width)
 
     def _prepare(self, frame_h: int, frame_w: int, channels: int) -> None:
         g = self.geometry
@@ -156,6 +163,8 @@ class ImagePreprocessor:
         channels = 1 if frame.ndim == 2 else frame.shape[2]
         if channels == 1 and frame.ndim == 3:
             frame = frame[:, :, 0]
+        if self._generation != self._model.generation:
+            self._bind()
         if self._key != (channels, frame.shape[0], frame.shape[1]):
             self._prepare(frame.shape[0], frame.shape[1], channels)
         g = self.geometry

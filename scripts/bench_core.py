@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Benchmark: raw interpreter invoke against our whole pipeline, per model, in one run. Prints JSON.
+
+For each fixture model and each real third-party model: `invoke_ms` is the bare
+`Invoke()` on an already-filled input; `pipeline_ms` is preprocess (a 640x480 BGR
+frame, decode excluded) + invoke + postprocess. The two are interleaved frame by
+frame so that both see the same machine load. `ratio_p50` = pipeline / invoke.
+Target (issue 2): classification pipeline <= 1.10 x raw invoke on a 640x480 frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from fetch_models import fetch  # noqa: E402
+
+from agent.bench import bench  # noqa: E402
+from agent.manifest import load_spec  # noqa: E402
+from agent.runtime import Model, load_backend  # noqa: E402
+from agent.tasks import Inference, create_task  # noqa: E402
+
+
+def models(fixtures: Path, cache: Path) -> list[Path]:
+    real = fetch(cache)
+    return [
+        fixtures / "colors_int8.json",
+        fixtures / "colors_float.json",
+        fixtures / "shapes_int8.json",
+        *sorted((real / "face").glob("*.tflite")),
+        *sorted((real / "wakeword").glob("*.tflite")),
+    ]
+
+
+def measure(path: Path, frame: Any, runs: int, threads: int) -> dict[str, Any]:
+    spec = load_spec(path)
+    model = Model(spec.path, threads=threads)
+    inference = Inference(model, create_task(model, spec))
+    items = [frame] if inference.task.item_kind == "image" else []
+    report = bench(inference, items, runs=runs, warmup=max(10, runs // 10))
+    report["task"] = inference.task.key
+    report["ratio_p50"] = round(report["pipeline_ms"]["p50"] / report["invoke_ms"]["p50"], 3)
+    report["ratio_p95"] = round(report["pipeline_ms"]["p95"] / report["invoke_ms"]["p95"], 3)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    frame = cv2.imread(str(ROOT / "tests" / "fixtures" / "images" / "red_1.png"))
+    results = [measure(p, frame, args.runs, args.threads) for p in models(ROOT / "tests" / "fixtures", ROOT / ".cache")]
+    classify = [r for r in results if r["task"] == "classify"]
+    out = {
+        "backend": load_backend().name,
+        "backend_version": load_backend().version,
+        "frame": [480, 640, 3],
+        "threads": args.threads,
+        "runs": args.runs,
+        "models": results,
+        "classify_worst_ratio_p50": max(r["ratio_p50"] for r in classify),
+        "classify_target_ratio": 1.10,
+    }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

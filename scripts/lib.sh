@@ -1,0 +1,32 @@
+# Shared set-up for scripts/test and scripts/demo: idempotent, fast when everything is there.
+
+PYTHON=${PYTHON:-python3}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+ensure_mosquitto() {
+  command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] && return 0
+  echo "installing mosquitto (apt-get)" >&2
+  as_root apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+  # The package enables a system broker on :1883; tests and the demo start their own.
+  as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
+}
+
+# ensure_venv DIR LANE: a venv with the agent installed for that runtime lane.
+ensure_venv() {
+  local dir=$1 lane=$2 stamp want
+  want=$(cat pyproject.toml scripts/lib.sh | sha256sum | cut -c1-16)-$lane
+  stamp=$dir/.lepton-stamp
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  echo "preparing $dir (lane $lane)" >&2
+  [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
+  local pip=("$dir/bin/python" -m pip install --quiet --disable-pip-version-check)
+  "${pip[@]}" --upgrade pip >/dev/null
+  if [ "$lane" = tflite ]; then
+    "${pip[@]}" -e ".[tflite,test]" "numpy<2" "opencv-python-headless<4.11"
+  else
+    "${pip[@]}" -e ".[litert,test,dev]"
+  fi
+  echo "$want" > "$stamp"
+}

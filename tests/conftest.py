@@ -1,0 +1,59 @@
+"""Shared fixtures: real models (our fixtures and the third-party ones), the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from fetch_models import fetch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """`.cache/models` with face/ and wakeword/ (fetched from the registry once)."""
+    return fetch(ROOT / ".cache")
+
+
+@pytest.fixture(scope="session")
+def backend() -> str:
+    """The lane's backend (scripts/test sets LEPTON_BACKEND), else the first installed."""
+    from agent.runtime import load_backend
+
+    return load_backend().name
+
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        # The runtime's own C++ log lines are not ours to count.
+        return [line for line in self.err.splitlines() if line and not line.startswith("INFO: ")]
+
+
+def run_cli(*args: str, prog: str = "agent", timeout: float = 120) -> Run:
+    """Run `python -m agent ARGS` (or lepton-fleet) as a user would, from the repo root."""
+    if prog == "agent":
+        cmd = [sys.executable, "-m", "agent", *args]
+    else:
+        cmd = [sys.executable, "-c", "import sys; from agent.cli import fleet_main; sys.exit(fleet_main())", *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, check=False)
+    return Run(proc.returncode, proc.stdout, proc.stderr)
