@@ -124,13 +124,31 @@ class Latency:
         return {"pre": round(self.pre, 3), "invoke": round(self.invoke, 3), "post": round(self.post, 3)}
 
 
-class Inference:
+class Runner(abc.ABC):
+    """What a pipeline loop drives: one item in, zero or more results out.
+
+    Vision runs one inference per frame (`Inference`); a streaming audio model
+    runs several per chunk and reports only detections.
+    """
+
+    item_kind: str = "image"
+    latency: Latency
+
+    @abc.abstractmethod
+    def process(self, item: Any) -> list[dict[str, Any]]: ...
+
+
+class Inference(Runner):
     """One model driven by one task: `run(item)` → result dict, with the time of each stage."""
 
     def __init__(self, model: Model, task: Task) -> None:
         self.model = model
         self.task = task
         self.latency = Latency()
+        self.item_kind = task.item_kind
+
+    def process(self, item: Any) -> list[dict[str, Any]]:
+        return [self.run(item)]
 
     def run(self, item: Any) -> dict[str, Any]:
         clock = time.perf_counter_ns
