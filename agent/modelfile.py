@@ -29,11 +29,12 @@ _OC_DEPRECATED_BUILTIN, _OC_CUSTOM_CODE, _OC_BUILTIN = 0, 1, 3
 # SubGraph fields
 _SG_TENSORS, _SG_INPUTS, _SG_OUTPUTS, _SG_OPERATORS = 0, 1, 2, 3
 # Tensor / Operator / Buffer fields
-_T_SHAPE, _T_BUFFER = 0, 2
+_T_SHAPE, _T_TYPE, _T_BUFFER = 0, 1, 2
 _OP_OPCODE_INDEX, _OP_INPUTS, _OP_OUTPUTS = 0, 1, 2
 _B_DATA, _B_OFFSET, _B_SIZE = 0, 1, 2
 
 CUSTOM = 32  # BuiltinOperator.CUSTOM
+FLOAT_TYPES = frozenset({0, 1, 10, 16})  # TensorType FLOAT32, FLOAT16, FLOAT64, BFLOAT16
 
 
 class _Corrupt(Exception):
@@ -134,6 +135,11 @@ class ModelFile:
     operators: int
     custom_ops: tuple[str, ...]
     has_signatures: bool
+    tensor_types: tuple[int, ...]
+    """TensorType of every tensor of the main subgraph, by tensor index."""
+
+    def is_float(self, tensor_index: int) -> bool:
+        return 0 <= tensor_index < len(self.tensor_types) and self.tensor_types[tensor_index] in FLOAT_TYPES
 
 
 def read_model_file(path: Path) -> ModelFile:
@@ -176,8 +182,11 @@ def _walk(path: Path, r: _Reader) -> ModelFile:
     if not subgraphs:
         raise _Corrupt("no subgraph")
     n_ops = 0
-    for sg in subgraphs:
+    main_types: list[int] = []
+    for k, sg in enumerate(subgraphs):
         tensors = sg.tables(_SG_TENSORS)
+        if k == 0:
+            main_types = [t.scalar(_T_TYPE, "b", 0) for t in tensors]
         for t in tensors:
             t.vector(_T_SHAPE, 4)
             b = t.scalar(_T_BUFFER, "I", 0)
@@ -201,4 +210,5 @@ def _walk(path: Path, r: _Reader) -> ModelFile:
         operators=n_ops,
         custom_ops=tuple(dict.fromkeys(custom)),
         has_signatures=n_sigs > 0,
+        tensor_types=tuple(main_types),
     )

@@ -337,17 +337,17 @@ class Model:
         return any(op.name in _STATE_OPS for op in self.ops)
 
     def float_ops(self) -> list[str]:
-        """Ops that compute in floating point (empty for a fully integer model)."""
-        dtypes = {int(d["index"]): np.dtype(d["dtype"]) for d in self._interp.get_tensor_details()}
+        """Ops that compute in floating point (empty for a fully integer model).
+
+        Tensor types come from the flatbuffer: tflite-runtime 2.14's
+        get_tensor_details() crashes on models with sparse tensors.
+        """
         found: dict[str, None] = {}
         for op in self.ops:
             if op.name in _BOUNDARY_OPS or op.name in _STATE_OPS:
                 continue
-            for idx in op.inputs + op.outputs:
-                dt = dtypes.get(idx)
-                if dt is not None and dt.kind == "f":
-                    found[op.name] = None
-                    break
+            if any(self.file.is_float(idx) for idx in op.inputs + op.outputs):
+                found[op.name] = None
         return list(found)
 
     @property
