@@ -82,6 +82,9 @@ SEED_SHAPES_EVAL = 202
 SEED_COLOR_IMAGES = 301
 SEED_SHAPE_IMAGES = 302
 SEED_VIDEO = 303
+SEED_BENCH_TRAIN = 401
+SEED_BENCH_EVAL = 402
+BENCH_SIZE = 160
 
 UInt8Array = npt.NDArray[np.uint8]
 Float32Array = npt.NDArray[np.float32]
@@ -677,6 +680,73 @@ def make_colour_models(out: Path) -> tuple[TFLiteModel, TFLiteModel]:
     return int8, flt
 
 
+def build_bench_model() -> keras.Model:
+    """A colour classifier shaped like a real mobile one (depthwise-separable blocks, 160x160 input).
+
+    Its compute (tens of millions of MACs) is what makes the pipeline-overhead benchmark
+    meaningful: on a 32x32 toy the preprocessing of a 640x480 frame would dominate.
+    Few parameters keep the file small.
+    """
+
+    def separable(filters: int, stride: int) -> list[keras.layers.Layer]:
+        return [
+            keras.layers.DepthwiseConv2D(3, strides=stride, padding="same", activation="relu"),
+            keras.layers.Conv2D(filters, 1, activation="relu"),
+        ]
+
+    return keras.Sequential(
+        [
+            keras.Input((BENCH_SIZE, BENCH_SIZE, 3)),
+            keras.layers.Rescaling(1.0 / 255.0),
+            keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu"),
+            *separable(32, 1),
+            *separable(64, 2),
+            *separable(64, 1),
+            *separable(128, 2),
+            *separable(128, 1),
+            *separable(128, 2),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(len(COLOR_LABELS)),
+            keras.layers.Softmax(),
+        ]
+    )
+
+
+def bench_colour_dataset(seed: int, count: int) -> tuple[Float32Array, Int64Array]:
+    """``count`` RGB 160x160 colour images (raw 0..255 as float32) and balanced labels."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(count) % len(COLOR_LABELS)).astype(np.int64)
+    rng.shuffle(labels)
+    images = np.stack(
+        [make_color_image(rng, int(label), BENCH_SIZE, BENCH_SIZE, noise_max=12.0) for label in labels]
+    )
+    return images.astype(np.float32), labels
+
+
+def make_bench_model(out: Path) -> TFLiteModel:
+    """Train, convert, check and write colors_bench_int8 (the benchmark-sized classifier)."""
+    train_x, train_y = bench_colour_dataset(SEED_BENCH_TRAIN, 1200)
+    eval_x, eval_y = bench_colour_dataset(SEED_BENCH_EVAL, EVAL_ITEMS)
+    LOG.info("colors_bench_int8: training")
+    model = build_bench_model()
+    train(model, train_x, train_y, from_logits=False, epochs=6, learning_rate=3e-3)
+    content = convert_int8(model, train_x[:200])
+    int8 = TFLiteModel(content)
+    accuracy = tflite_accuracy(int8, eval_x, eval_y)
+    LOG.info("colors_bench_int8: tflite accuracy %.4f, %s", accuracy, int8.describe())
+    require(accuracy >= MIN_ACCURACY, f"colors_bench_int8 accuracy {accuracy:.4f} too low")
+    write_model(
+        out,
+        "colors_bench_int8.tflite",
+        content,
+        name="colors-bench",
+        labels=COLOR_LABELS,
+        preprocess={"color": "RGB", "resize": "stretch", "normalize": "quantization"},
+        accuracy=accuracy,
+    )
+    return int8
+
+
 def make_shape_model(out: Path) -> TFLiteModel:
     """Train, convert, check and write shapes_int8 (logits output)."""
     train_x, train_y = shape_dataset(SEED_SHAPES_TRAIN, 6000)
@@ -802,6 +872,8 @@ def generated_files() -> list[str]:
         "colors_float.json",
         "shapes_int8.tflite",
         "shapes_int8.json",
+        "colors_bench_int8.tflite",
+        "colors_bench_int8.json",
         "counter_stateful.tflite",
         "flex_op.tflite",
         "NOTICE.md",
@@ -858,6 +930,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         LOG.info("[%.0fs] colour models done", time.perf_counter() - started)
         shapes = make_shape_model(out)
         LOG.info("[%.0fs] shape model done", time.perf_counter() - started)
+        make_bench_model(out)
+        LOG.info("[%.0fs] benchmark-sized colour model done", time.perf_counter() - started)
         make_counter(out)
         make_flex(out)
         write_images(out, colors_int8, colors_float, shapes)

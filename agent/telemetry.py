@@ -1,0 +1,151 @@
+"""What the device reports about itself: system figures and per-pipeline latency rings.
+
+Every reader takes a `root` (default `/`) so tests can point it at a fake
+sysfs/procfs tree. All values are numbers (or None when the board has no such
+sensor), never strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+logger = logging.getLogger(__name__)
+
+# Bits of the Raspberry Pi firmware's get_throttled word (vcgencmd get_throttled).
+THROTTLE_BITS = {
+    "under_voltage": 0,
+    "freq_capped": 1,
+    "throttled": 2,
+    "soft_temp_limit": 3,
+}
+SINCE_BOOT_SHIFT = 16
+# Kernel node exposing the same word (raspberrypi-hwmon / firmware driver), hexadecimal.
+THROTTLE_NODES = (
+    "sys/devices/platform/soc/soc:firmware/get_throttled",
+    "sys/devices/platform/soc:firmware/get_throttled",
+)
+# Preferred thermal zone types: the SoC sensor, then anything.
+SOC_ZONE_TYPES = ("cpu-thermal", "soc-thermal", "x86_pkg_temp", "cpu_thermal", "coretemp")
+
+
+def decode_throttled(word: int) -> dict[str, bool]:
+    flags: dict[str, bool] = {}
+    for name, bit in THROTTLE_BITS.items():
+        flags[name] = bool(word >> bit & 1)
+        flags[f"{name}_since_boot"] = bool(word >> (bit + SINCE_BOOT_SHIFT) & 1)
+    return flags
+
+
+def read_throttled(root: Path = Path("/"), vcgencmd: str | None = "vcgencmd") -> dict[str, bool] | None:
+    """The throttle flags from the firmware's sysfs node, else `vcgencmd get_throttled`; None off a Pi."""
+    for node in THROTTLE_NODES:
+        path = root / node
+        try:
+            return decode_throttled(int(path.read_text().strip(), 16))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            logger.debug("%s: %s", path, exc)
+    if vcgencmd and shutil.which(vcgencmd):
+        try:
+            out = subprocess.run([vcgencmd, "get_throttled"], capture_output=True, text=True, timeout=2,
+                                 check=True).stdout
+            return decode_throttled(int(out.strip().split("=", 1)[1], 16))
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+            logger.debug("vcgencmd get_throttled: %s", exc)
+    return None
+
+
+def read_temperature(root: Path = Path("/")) -> float | None:
+    """SoC temperature in °C from /sys/class/thermal (the SoC zone if named, else the hottest)."""
+    zones = sorted((root / "sys/class/thermal").glob("thermal_zone*"))
+    readings: list[tuple[bool, float]] = []
+    for zone in zones:
+        try:
+            milli = int((zone / "temp").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        try:
+            kind = (zone / "type").read_text().strip()
+        except OSError:
+            kind = ""
+        readings.append((kind in SOC_ZONE_TYPES, milli / 1000.0))
+    if not readings:
+        return None
+    soc = [t for is_soc, t in readings if is_soc]
+    return round(max(soc or [t for _, t in readings]), 2)
+
+
+class LatencyRing:
+    """The last `size` samples in a fixed numpy ring: percentiles without growth."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._values = np.zeros(size, np.float64)
+        self._next = 0
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def add(self, value: float) -> None:
+        with self._lock:
+            self._values[self._next] = value
+            self._next = (self._next + 1) % self._values.size
+            self._count = min(self._count + 1, self._values.size)
+
+    def percentiles(self, *ps: int) -> dict[str, float]:
+        with self._lock:
+            window = self._values[: self._count].copy()
+        if window.size == 0:
+            return {f"p{p}": 0.0 for p in ps}
+        values = np.percentile(window, ps)
+        return {f"p{p}": round(float(v), 3) for p, v in zip(ps, values, strict=True)}
+
+    def __len__(self) -> int:
+        return self._count
+
+
+@dataclass
+class SystemSampler:
+    """psutil figures for the machine and this process; call `sample()` once per telemetry interval."""
+
+    root: Path = Path("/")
+    disk_path: Path = Path("/")
+
+    def __post_init__(self) -> None:
+        self._process = psutil.Process()
+        self._started = time.monotonic()
+        # The first cpu_percent() call only sets the reference point.
+        psutil.cpu_percent(interval=None)
+        self._process.cpu_percent(interval=None)
+
+    def sample(self) -> dict[str, Any]:
+        mem = psutil.virtual_memory()
+        try:
+            load1 = float((self.root / "proc/loadavg").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            load1 = os.getloadavg()[0]
+        try:
+            disk_free_mb = shutil.disk_usage(self.disk_path).free / 2**20
+        except OSError:
+            disk_free_mb = None
+        return {
+            "cpu_percent": round(psutil.cpu_percent(interval=None), 1),
+            "agent_cpu_percent": round(self._process.cpu_percent(interval=None), 1),
+            "load1": round(load1, 2),
+            "mem_percent": round(mem.percent, 1),
+            "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
+            "temp_c": read_temperature(self.root),
+            "throttled": read_throttled(self.root, vcgencmd="vcgencmd" if self.root == Path("/") else None),
+            "disk_free_mb": None if disk_free_mb is None else round(disk_free_mb, 1),
+            "uptime_s": round(time.monotonic() - self._started, 1),
+        }
