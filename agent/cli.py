@@ -176,7 +176,7 @@ def _cmd_infer(args: argparse.Namespace, out: TextIO) -> int:
             lat = inference.latency
             total = lat.pre + lat.invoke + lat.post
             name = frame.file or frame.source
-            out.write(f"{name[-32:]:<32} {frame.index:>5}  {total:>7.2f}  {_summary(result)}\n")
+            out.write(f"{name:<32} {frame.index:>5}  {total:>7.2f}  {_summary(result)}\n")
         out.flush()
     return 2 if failed else 0
 

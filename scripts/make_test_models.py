@@ -690,15 +690,21 @@ def build_bench_model() -> keras.Model:
 
     def separable(filters: int, stride: int) -> list[keras.layers.Layer]:
         return [
-            keras.layers.DepthwiseConv2D(3, strides=stride, padding="same", activation="relu"),
-            keras.layers.Conv2D(filters, 1, activation="relu"),
+            keras.layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False),
+            keras.layers.BatchNormalization(momentum=0.9),
+            keras.layers.ReLU(6.0),
+            keras.layers.Conv2D(filters, 1, use_bias=False),
+            keras.layers.BatchNormalization(momentum=0.9),
+            keras.layers.ReLU(6.0),
         ]
 
     return keras.Sequential(
         [
             keras.Input((BENCH_SIZE, BENCH_SIZE, 3)),
             keras.layers.Rescaling(1.0 / 255.0),
-            keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu"),
+            keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False),
+            keras.layers.BatchNormalization(momentum=0.9),
+            keras.layers.ReLU(6.0),
             *separable(32, 1),
             *separable(64, 2),
             *separable(64, 1),
@@ -729,7 +735,7 @@ def make_bench_model(out: Path) -> TFLiteModel:
     eval_x, eval_y = bench_colour_dataset(SEED_BENCH_EVAL, EVAL_ITEMS)
     LOG.info("colors_bench_int8: training")
     model = build_bench_model()
-    train(model, train_x, train_y, from_logits=False, epochs=6, learning_rate=3e-3)
+    train(model, train_x, train_y, from_logits=False, epochs=6, learning_rate=1e-3)
     content = convert_int8(model, train_x[:200])
     int8 = TFLiteModel(content)
     accuracy = tflite_accuracy(int8, eval_x, eval_y)

@@ -37,6 +37,14 @@ def test_colours_are_classified_with_labels_and_latency(fixtures: Path) -> None:
         assert sum(c["score"] for c in line["classes"]) == pytest.approx(1.0, abs=0.02)
 
 
+def test_benchmark_sized_classifier(fixtures: Path) -> None:
+    images = sorted((fixtures / "images").glob("[rgb]*_*.png"))
+    r = run_cli("infer", str(fixtures / "colors_bench_int8.json"), *map(str, images))
+    assert r.rc == 0, r.err
+    for line, path in zip(_lines(r.out), images, strict=True):
+        assert line["classes"][0]["label"] == path.name.split("_")[0]
+
+
 def test_logits_get_softmax_and_gray_model_runs_on_colour_files(fixtures: Path) -> None:
     images = [fixtures / "images" / f"{s}_1.png" for s in ("circle", "square", "triangle")]
     r = run_cli("infer", str(fixtures / "shapes_int8.json"), *map(str, images), "--top-k", "3")
