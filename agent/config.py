@@ -104,7 +104,7 @@ class MqttSection(_Strict):
     client_id: str | None = None
     """MQTT client id; default `lepton-<device_id>`."""
     keepalive_s: Annotated[int, Field(ge=2, le=3600)] = 30
-    """Seconds of silence after which the link is probed; a dead link is dropped within 1.5 × this."""
+    """Seconds of silence after which the link is probed; a dead link is dropped within 1.5 x this."""
     connect_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
     """How long one connection attempt (TCP, TLS, CONNACK) may take."""
     backoff_min_s: Annotated[float, Field(gt=0, le=60)] = 1.0
