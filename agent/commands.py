@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import queue
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,14 +182,24 @@ def decode(payload: bytes) -> dict[str, Any]:
     return data
 
 
+_FIRST_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([\x20\x21\x23-\x5b\x5d-\x7e]{1,128})"\s*[,}]')
+
+
+def _ignore(text: str) -> None:
+    return None
+
+
 def readable_id(payload: bytes) -> str | None:
     """The command's id when one can be read at all, for the error reply; None otherwise."""
     if len(payload) > MAX_COMMAND_BYTES:
         return None
     try:
-        pairs = json.loads(payload.decode("utf-8"), object_pairs_hook=list)
+        pairs = json.loads(payload.decode("utf-8"), object_pairs_hook=list, parse_int=_ignore,
+                           parse_float=_ignore, parse_constant=_ignore)
     except (ValueError, RecursionError):
-        return None
+        # Broken or nested too deeply for a parse: an id written first can still be read.
+        match = _FIRST_ID.match(payload)
+        return match.group(1).decode("ascii") if match else None
     if not isinstance(pairs, list):
         return None
     ids = [v for k, v in pairs if k == "id"] if all(isinstance(p, tuple) for p in pairs) else []
