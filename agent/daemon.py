@@ -111,8 +111,10 @@ class Agent:
         )
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline:
-        return Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
-                        backend=self.backend_name, sink=self._spool_result, stop=self.stop)
+        p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
+                     backend=self.backend_name, sink=self._spool_result, stop=self.stop)
+        p.on_state = self._announce
+        return p
 
     def _spool_result(self, pipeline: str, payload: dict[str, Any]) -> None:
         assert self.spool is not None

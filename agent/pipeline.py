@@ -14,6 +14,7 @@ settings object each round, and settings objects are frozen, so a change is one 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -119,7 +120,11 @@ class Pipeline:
         self.stats = PipelineStats()
         self.budget = RestartBudget(supervisor)
         self.spec: ModelSpec | None = None
+        with contextlib.suppress(BadInput):  # reported when the loop starts
+            self.spec = load_spec(settings.model, settings.labels)  # for status, before the model loads
         self.model: Model | None = None
+        self.on_state: Callable[[], None] | None = None
+        """Called when the state changes to running, stopped, failed or finished (status is re-announced)."""
         self.task_key: str | None = None
         self.policy = ResultPolicy(settings.policy, settings.threshold, self.stats.policy)
         self._halt = threading.Event()
@@ -187,6 +192,15 @@ class Pipeline:
 
     # -- the thread ----------------------------------------------------------------------------
 
+    def _set_state(self, state: str) -> None:
+        changed = state != self.stats.state
+        self.stats.state = state
+        if changed and state in ("running", "stopped", "failed", "finished") and self.on_state is not None:
+            try:
+                self.on_state()
+            except Exception:
+                logger.exception("pipeline %s: state callback failed", self.name)
+
     def _stopping(self) -> bool:
         return self.stop.is_set() or self._halt.is_set()
 
@@ -197,11 +211,11 @@ class Pipeline:
             except EndOfStream:
                 if self._stopping():
                     break  # halt() closed the source under the loop
-                self.stats.state = "finished"
+                self._set_state("finished")
                 logger.info("pipeline %s: source finished", self.name)
                 return
             except BadInput as exc:
-                self.stats.state = "failed"
+                self._set_state("failed")
                 self.stats.last_error = str(exc)
                 self.stats.errors += 1
                 logger.error("pipeline %s: %s", self.name, exc)
@@ -216,16 +230,16 @@ class Pipeline:
                 self._close_source()
             delay = self.budget.next_delay(time.monotonic())
             if delay is None:
-                self.stats.state = "failed"
+                self._set_state("failed")
                 logger.error("pipeline %s: %d restarts within %.0f s; parked as failed", self.name,
                              self.budget.settings.max_restarts, self.budget.settings.window_s)
                 return
             self.stats.restarts += 1
-            self.stats.state = "restarting"
+            self._set_state("restarting")
             logger.info("pipeline %s: restarting in %.1f s", self.name, delay)
             if self._halt.wait(delay) or self.stop.is_set():
                 break
-        self.stats.state = "stopped"
+        self._set_state("stopped")
 
     def _close_source(self) -> None:
         source, self._source = self._source, None
@@ -246,7 +260,7 @@ class Pipeline:
         return runner
 
     def _run_once(self) -> None:
-        self.stats.state = "starting"
+        self._set_state("starting")
         runner = self.load()  # again on every restart: a fresh interpreter, and the files as they are now
         source = open_source(self.settings.source, dict(self.settings.source_options))
         wanted = _SOURCE_ITEMS.get(source.kind)
@@ -255,7 +269,7 @@ class Pipeline:
                            f"the model's task takes {runner.item_kind}")
         self._source = source
         source.open()
-        self.stats.state = "running"
+        self._set_state("running")
         self._loop(source, runner)
 
     def _loop(self, source: Source, runner: Runner) -> None:

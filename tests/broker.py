@@ -140,7 +140,7 @@ class Watcher:
     """A real MQTT client subscribed to some topics; collects (topic, payload, retain) in order."""
 
     def __init__(self, port: int, topics: list[str], client_id: str | None = None, clean: bool = True,
-                 protocol: int = mqtt.MQTTv5) -> None:
+                 protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.cond = threading.Condition()
         self.topics = topics

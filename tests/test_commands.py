@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.commands import MAX_COMMAND_BYTES, Command, CommandBus, CommandError
+from agent.commands import MAX_COMMAND_BYTES, Command, CommandBus, CommandError, Handler
 from agent.state import AgentState
 
 
@@ -37,7 +37,7 @@ class Bus:
         def crash(c: Command) -> dict[str, Any]:
             raise RuntimeError("boom")
 
-        handlers = {"ping": ping, "status": ping, "start": fail, "stop": crash, "configure": ping,
+        handlers: dict[str, Handler] = {"ping": ping, "status": ping, "start": fail, "stop": crash, "configure": ping,
                     "reload": ping, "bench": ping}
         self.bus = CommandBus(handlers, self.state, self.replies.append, threading.Event())
 
@@ -181,7 +181,11 @@ def test_flood_is_dropped_and_counted_without_blocking(tmp_path: Path) -> None:
     assert bus.stats.received == 1000 and bus.stats.queue_full > 0
     gate.set()
     done = threading.Event()
-    bus.handlers["status"] = lambda c: (done.set(), {"ok": 1})[1]
+    def status(c: Command) -> dict[str, Any]:
+        done.set()
+        return {"ok": 1}
+
+    bus.handlers["status"] = status
     bus.submit("t", b'{"id": "after", "action": "status"}')
     while bus.stats.queue_full and not done.wait(0.05):
         bus.submit("t", b'{"id": "after", "action": "status"}')  # retried until the queue has room

@@ -3,6 +3,7 @@ half-open detection, re-subscribe on reconnect, surviving callback errors, MQTT 
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections.abc import Iterator
@@ -239,7 +240,7 @@ def test_backoff_grows_caps_and_resets() -> None:
 
     b = Backoff(1.0, 120.0, random.Random(1))
     delays = [b.next_delay() for _ in range(12)]
-    assert delays[0] < 2 and all(later >= earlier * 0.6 for earlier, later in zip(delays, delays[1:], strict=False))
+    assert delays[0] < 2 and all(later >= earlier * 0.6 for earlier, later in itertools.pairwise(delays))
     assert max(delays) <= 120.0 and delays[-1] > 60
     assert 1.0 <= b.next_delay(refused=True) <= 1.5  # nobody listening: keep knocking softly
     b.reset()

@@ -428,7 +428,7 @@ class Link:
 
     def _pump(self, s: _Session, now: float) -> None:
         client = s.client
-        if self._announce:
+        if self._announce and not self._closing.is_set():  # never an `online` after the goodbye
             self._announce = False
             self._publish_birth(s)
         with self._outbox_lock:
