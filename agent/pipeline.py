@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -253,7 +254,8 @@ class Pipeline:
         """Load the model and its runner (BadInput when the files or the task are wrong)."""
         s = self.settings
         spec = load_spec(s.model, s.labels)
-        model = Model(spec.path, backend=self.backend, threads=self.profile.threads)
+        # Never more interpreter threads than cores: oversubscribed XNNPACK threads spin against each other.
+        model = Model(spec.path, backend=self.backend, threads=min(self.profile.threads, os.cpu_count() or 1))
         runner = build_runner(model, spec, s.task)
         self.spec, self.model = spec, model
         self.task_key = getattr(getattr(runner, "task", None), "key", None) or spec.task

@@ -133,6 +133,7 @@ connect_timeout_s = {keepalive}
 {cap}
 [profile]
 max_fps = 240
+threads = 1
 [[pipelines]]
 name = "stream"
 source = "test:colors"
