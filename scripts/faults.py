@@ -246,9 +246,12 @@ class Run:
             now_progress = (last, len(self.received()))
             if now_progress != progress:
                 progress, quiet_since = now_progress, time.monotonic()
-            if rows == 0 and last >= expected_last and len(set(self.received())) + dropped >= last:
+            # The fps limit may skip frames, so the stream's length is known only when seq stops moving.
+            quiet = time.monotonic() - quiet_since
+            if rows == 0 and last >= min(expected_last, 1) and quiet > 3 and \
+                    len(set(self.received())) + dropped >= last:
                 break
-            if rows == 0 and last >= expected_last and time.monotonic() - quiet_since > 10:
+            if rows == 0 and quiet > 10:
                 break  # the stream has ended and the spool is empty; what is missing is not coming
             if self.agent is not None and self.agent.poll() is not None:
                 break
