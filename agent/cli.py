@@ -79,6 +79,17 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("json", "table"), default="json")
     _runtime_options(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("run", help="the daemon: pipelines, MQTT link, commands (until SIGTERM)")
+    p.add_argument("--config", metavar="PATH", help="agent.toml (default: LEPTON_CONFIG, else /etc/lepton/agent.toml)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("check-config", help="validate the config and profile; print the effective settings")
+    p.add_argument("--config", metavar="PATH", help="agent.toml (default: LEPTON_CONFIG, else /etc/lepton/agent.toml)")
+    p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("profile", help="the detected device class and why")
+    p.set_defaults(func=_cmd_profile)
     return parser
 
 
@@ -94,6 +105,27 @@ def _fleet_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text")
     _runtime_options(p)
     p.set_defaults(func=_cmd_inspect)
+
+    from agent.fleet import add_connection_options
+
+    p = sub.add_parser("watch", help="print results (and status) as they arrive")
+    p.add_argument("device", nargs="?", metavar="DEVICE", help="one device (default: all)")
+    p.add_argument("--status", action="store_true", help="also show status changes")
+    p.add_argument("--format", choices=("table", "jsonl"), default="table")
+    p.add_argument("--count", type=_positive, help="exit after this many results (exit 1 if they do not come)")
+    p.add_argument("--seconds", type=float, help="exit after this long")
+    add_connection_options(p)
+    p.set_defaults(func=_cmd_watch)
+
+    p = sub.add_parser("cmd", help="send a command to a device, group:G or all, and print the reply")
+    p.add_argument("target", metavar="TARGET", help="DEVICE, group:NAME or all")
+    p.add_argument("action", metavar="ACTION", help="ping, status, start, stop, configure, reload, bench")
+    p.add_argument("args", nargs="?", metavar="JSON", help='arguments, e.g. \'{"pipeline": "cam", "threshold": 0.6}\'')
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for replies (default 10)")
+    p.add_argument("--id", help="command id (default: a fresh one); repeat an id to test idempotency")
+    p.add_argument("--format", choices=("pretty", "json"), default="pretty")
+    add_connection_options(p)
+    p.set_defaults(func=_cmd_fleet_cmd)
     return parser
 
 
@@ -199,6 +231,44 @@ def _cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         for key, value in report.items():
             out.write(f"{key:<12} {value}\n")
     return 0
+
+
+def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.daemon import run
+
+    return run(args.config)
+
+
+def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.config import load
+    from agent.daemon import check_link, check_pipelines
+
+    eff = load(args.config)
+    check_pipelines(eff)
+    check_link(eff)
+    out.write(json.dumps(eff.describe(), indent=2) + "\n")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.profiles import detect_profile, load_profile
+
+    name, reason = detect_profile()
+    out.write(json.dumps({"profile": name, "reason": reason, **load_profile(name).model_dump(mode="json")},
+                         indent=2) + "\n")
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.fleet import watch
+
+    return watch(args, out)
+
+
+def _cmd_fleet_cmd(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.fleet import cmd
+
+    return cmd(args, out)
 
 
 # -- entry points ---------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,9 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from fetch_models import fetch  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+from broker import Broker  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +61,11 @@ def run_cli(*args: str, prog: str = "agent", timeout: float = 120) -> Run:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, check=False)
     return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A real mosquitto on a free loopback port for the session (tests that stop or freeze a
+    broker start their own `Broker`)."""
+    with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
+        yield b

@@ -1,0 +1,353 @@
+"""Commands from the fleet (DESIGN §5): strict decoding, a schema per action, one reply per id.
+
+Commands arrive on `lepton/<dev>/cmd`, `lepton/group/<g>/cmd` and `lepton/all/cmd`. The MQTT
+thread only queues them (a bounded queue: a flood is dropped and counted, never blocks the
+link); one worker decodes, validates and executes them in order.
+
+Decoding is strict: at most 64 KiB, UTF-8, JSON without NaN/Infinity, without numbers that
+overflow, without duplicate keys, an object at the top. A bad command gets an error reply
+when its id can be read (a lenient second parse looks for a single top-level `id`);
+otherwise it is dropped and counted. An id already executed is answered from the persisted
+record and not executed again.
+
+Each action registers a pydantic schema (`extra="forbid"`) with `register_action`; the
+daemon supplies the handlers. `deploy` and `rollback` register with the delivery work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import queue
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.config import PolicySettings, TopicName
+
+logger = logging.getLogger(__name__)
+
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_ID_CHARS = 128
+QUEUE_SIZE = 256
+
+CommandId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[\x20-\x7e]+$")]
+
+
+class CommandError(Exception):
+    """An error reply: `code` is machine-readable, `message` says what is wrong."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Command(BaseModel):
+    """Fields every command has."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: CommandId
+    action: str
+    ts: float | None = None
+    """When the operator sent it (informative)."""
+    v: int | None = None
+    """Schema version of the sender."""
+
+
+class Ping(Command):
+    action: Literal["ping"]
+
+
+class Status(Command):
+    action: Literal["status"]
+
+
+class Start(Command):
+    action: Literal["start"]
+    pipeline: TopicName | None = None
+    """One pipeline; default: every pipeline."""
+
+
+class Stop(Command):
+    action: Literal["stop"]
+    pipeline: TopicName | None = None
+    """One pipeline; default: every pipeline."""
+
+
+class PolicyPatch(BaseModel):
+    """Policy fields to change; the others keep their value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    labels: tuple[str, ...] | None = None
+    max_results: Annotated[int, Field(ge=1, le=1000)] | None = None
+    on_change: bool | None = None
+    heartbeat_s: Annotated[float, Field(ge=0)] | None = None
+    max_rate: Annotated[float, Field(gt=0, le=1000)] | None = None
+
+    def apply(self, policy: PolicySettings) -> PolicySettings:
+        return policy.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class Configure(Command):
+    action: Literal["configure"]
+    pipeline: TopicName
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    fps: Annotated[float, Field(gt=0, le=240)] | None = None
+    policy: PolicyPatch | None = None
+
+
+class Reload(Command):
+    action: Literal["reload"]
+
+
+class Bench(Command):
+    action: Literal["bench"]
+    pipeline: TopicName
+    runs: Annotated[int, Field(ge=1, le=1000)] = 50
+
+
+ACTIONS: dict[str, type[Command]] = {}
+
+
+def register_action(schema: type[Command]) -> type[Command]:
+    """Make an action known: its name is the schema's `action` literal."""
+    name = schema.model_fields["action"].annotation.__args__[0]  # type: ignore[union-attr]
+    ACTIONS[name] = schema
+    return schema
+
+
+for _schema in (Ping, Status, Start, Stop, Configure, Reload, Bench):
+    register_action(_schema)
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a number JSON allows")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"number {text[:20]} is out of range")
+    return value
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    """The command object, or CommandError saying what is wrong with the bytes."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandError("too_large", f"command is {len(payload)} bytes, the limit is {MAX_COMMAND_BYTES}")
+    if not payload:
+        raise CommandError("bad_json", "empty command")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommandError("bad_encoding", f"not UTF-8 (byte {exc.start})") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                          parse_float=_finite)
+    except _Refused as exc:
+        raise CommandError("bad_json", str(exc)) from None
+    except json.JSONDecodeError as exc:
+        raise CommandError("bad_json", f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise CommandError("bad_json", "nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise CommandError("bad_json", str(exc)[:200]) from None
+    if not isinstance(data, dict):
+        raise CommandError("bad_request", f"a command is a JSON object, not {type(data).__name__}")
+    return data
+
+
+_FIRST_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([\x20\x21\x23-\x5b\x5d-\x7e]{1,128})"\s*[,}]')
+
+
+def _ignore(text: str) -> None:
+    return None
+
+
+def readable_id(payload: bytes) -> str | None:
+    """The command's id when one can be read at all, for the error reply; None otherwise."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        return None
+    try:
+        pairs = json.loads(payload.decode("utf-8"), object_pairs_hook=list, parse_int=_ignore,
+                           parse_float=_ignore, parse_constant=_ignore)
+    except (ValueError, RecursionError):
+        # Broken or nested too deeply for a parse: an id written first can still be read.
+        match = _FIRST_ID.match(payload)
+        return match.group(1).decode("ascii") if match else None
+    if not isinstance(pairs, list):
+        return None
+    ids = [v for k, v in pairs if k == "id"] if all(isinstance(p, tuple) for p in pairs) else []
+    if len(ids) != 1 or not isinstance(ids[0], str):
+        return None
+    cid = ids[0]
+    if not 0 < len(cid) <= MAX_ID_CHARS or not cid.isprintable() or not cid.isascii():
+        return None
+    return cid
+
+
+def validate(data: dict[str, Any]) -> Command:
+    """The command under its action's schema; CommandError names the field that is wrong."""
+    action = data.get("action")
+    if not isinstance(action, str):
+        raise CommandError("bad_request", "action: missing or not a string")
+    schema = ACTIONS.get(action)
+    if schema is None:
+        known = ", ".join(sorted(ACTIONS))
+        raise CommandError("unknown_action", f"action {action[:64]!r} is not known (known: {known})")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "command"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise CommandError("bad_request", f"{loc}: {msg}") from None
+
+
+# -- the worker -------------------------------------------------------------------------------
+
+
+@dataclass
+class CommandStats:
+    received: int = 0
+    executed: int = 0
+    repeated: int = 0
+    """Ids seen before: answered from the record."""
+    errors: int = 0
+    """Error replies sent."""
+    dropped: int = 0
+    """Dropped without reply: no readable id, or the queue was full."""
+    queue_full: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+Handler = Callable[[Command], dict[str, Any]]
+
+
+class CommandRecord(Protocol):
+    """Persistence of executed ids (agent.state.AgentState)."""
+
+    def claim_command(self, command_id: str) -> tuple[bool, str | None]: ...
+
+    def record_reply(self, command_id: str, reply: str) -> None: ...
+
+
+class CommandBus:
+    """Queue from the MQTT thread, one worker thread executing in order, one reply per id."""
+
+    def __init__(self, handlers: dict[str, Handler], record: CommandRecord, reply: Callable[[dict[str, Any]], None],
+                 stop: threading.Event) -> None:
+        self.handlers = handlers
+        self.record = record
+        self.reply = reply
+        self.stop = stop
+        self.stats = CommandStats()
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(QUEUE_SIZE)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        """Called from the MQTT thread: never blocks."""
+        self.stats.received += 1
+        try:
+            self._queue.put_nowait((topic, payload))
+        except queue.Full:
+            self.stats.queue_full += 1
+            self.stats.dropped += 1
+            if self.stats.queue_full in (1, 10, 100) or self.stats.queue_full % 1000 == 0:
+                logger.warning("commands arrive faster than they run: %d dropped so far", self.stats.queue_full)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float) -> None:
+        # A full queue needs no sentinel: the worker checks the stop event after each command.
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self.handle(*item)
+            except Exception:
+                # handle() answers errors itself; this is a bug in it, logged and survived.
+                logger.exception("command worker: unexpected error (survived)")
+
+    def handle(self, topic: str, payload: bytes) -> dict[str, Any] | None:
+        """Decode, validate, execute (once per id) and reply; returns the reply sent, if any."""
+        try:
+            data = decode(payload)
+        except CommandError as exc:
+            return self._error(readable_id(payload), exc)
+        raw_id = data.get("id")
+        try:
+            command = validate(data)
+        except CommandError as exc:
+            cid = raw_id if isinstance(raw_id, str) and readable_id(payload) == raw_id else None
+            return self._error(cid, exc)
+        fresh, stored = self.record.claim_command(command.id)
+        if not fresh:
+            self.stats.repeated += 1
+            if stored is None:
+                logger.info("command %s: already running; the reply follows once", command.id)
+                return None
+            reply = json.loads(stored)
+            self.reply(reply)
+            return dict(reply)
+        try:
+            result = self.handlers[command.action](command)
+            reply = {"id": command.id, "ok": True, "result": result}
+            self.stats.executed += 1
+        except CommandError as exc:
+            reply = {"id": command.id, "ok": False, "error": {"code": exc.code, "message": exc.message}}
+            self.stats.errors += 1
+        except Exception as exc:
+            logger.exception("command %s (%s) failed", command.id, command.action)
+            reply = {"id": command.id, "ok": False, "error": {"code": "failed", "message": f"{type(exc).__name__}: "
+                                                                                        f"{str(exc)[:200]}"}}
+            self.stats.errors += 1
+        self.record.record_reply(command.id, json.dumps(reply, allow_nan=False))
+        self.reply(reply)
+        return reply
+
+    def _error(self, cid: str | None, exc: CommandError) -> dict[str, Any] | None:
+        if cid is None:
+            self.stats.dropped += 1
+            logger.info("command dropped (no readable id): %s", exc.message)
+            return None
+        self.stats.errors += 1
+        reply = {"id": cid, "ok": False, "error": {"code": exc.code, "message": exc.message}}
+        self.reply(reply)
+        return reply

@@ -1,0 +1,474 @@
+"""The agent's configuration (`agent.toml`, DESIGN §4): read with tomllib, validated at load by pydantic.
+
+Unknown keys are errors. An error names the key as written in the file and, where the
+key can be found in the text, its line. The environment overrides the values a fleet
+sets per device (`LEPTON_DEVICE_ID`, `LEPTON_BROKER`, `LEPTON_STATE_DIR`). The running
+code receives frozen settings objects (`AgentConfig`, `Effective`), never raw dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import BadInput
+from agent.profiles import Profile, detect_profile, load_profile
+
+DEFAULT_CONFIG = Path("/etc/lepton/agent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/lepton")
+
+ENV_OVERRIDES = {
+    # environment variable: (section, key)
+    "LEPTON_DEVICE_ID": ("agent", "device_id"),
+    "LEPTON_BROKER": ("mqtt", "broker"),
+    "LEPTON_STATE_DIR": ("agent", "state_dir"),
+}
+
+# Topic levels we build from names: no MQTT wildcards, no separators, nothing a shell or a
+# dashboard would trip on.
+_TOPIC_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+TopicName = Annotated[str, Field(pattern=_TOPIC_NAME)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AgentSection(_Strict):
+    """Who this device is and where it keeps its state."""
+
+    device_id: TopicName | None = None
+    """The device's name in topics (`lepton/<device_id>/…`); default: the host name. Env `LEPTON_DEVICE_ID`."""
+    groups: tuple[TopicName, ...] = ()
+    """Groups whose commands (`lepton/group/<g>/cmd`) this device obeys."""
+    state_dir: Path = DEFAULT_STATE_DIR
+    """Spool, command record and model store live here. Env `LEPTON_STATE_DIR`."""
+    profile: str = "auto"
+    """Device class (`firmware_profiles/<class>.toml`), or `auto` to choose by architecture."""
+    backend: Literal["auto", "ai-edge-litert", "tflite-runtime", "tensorflow"] = "auto"
+    """Interpreter package; `auto` takes the first installed (`LEPTON_BACKEND` overrides)."""
+
+
+class TlsSection(_Strict):
+    """TLS towards the broker; used with `mqtts://` URLs."""
+
+    ca_file: Path | None = None
+    """The one CA trusted for the broker's certificate (pinned: the system store is not used)."""
+    cert_file: Path | None = None
+    """Client certificate for mutual TLS."""
+    key_file: Path | None = None
+    """Client private key for mutual TLS; refused when group or others can read it."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSection:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS needs both)")
+        return self
+
+
+class AuthSection(_Strict):
+    """Username and password for the broker. The password is never written to logs or printed."""
+
+    username: str | None = None
+    password_file: Path | None = None
+    """A file holding the password (first line); keep it mode 0600."""
+    password_env: str | None = None
+    """The environment variable holding the password."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuthSection:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give password_file or password_env, not both")
+        if (self.password_file or self.password_env) and not self.username:
+            raise ValueError("a password needs a username")
+        return self
+
+
+class MqttSection(_Strict):
+    """The link to the broker."""
+
+    broker: tuple[str, ...] = ("mqtt://localhost:1883",)
+    """`mqtt://host[:port]` or `mqtts://host[:port]`; several are tried in turn. Env `LEPTON_BROKER`."""
+    protocol: Literal["5", "3.1.1"] = "5"
+    """MQTT protocol version."""
+    prefix: TopicName = "lepton"
+    """First topic level of everything the agent publishes and hears."""
+    client_id: str | None = None
+    """MQTT client id; default `lepton-<device_id>`."""
+    keepalive_s: Annotated[int, Field(ge=2, le=3600)] = 30
+    """Seconds of silence after which the link is probed; a dead link is dropped within 1.5 x this."""
+    connect_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """How long one connection attempt (TCP, TLS, CONNACK) may take."""
+    backoff_min_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """First delay between connection attempts."""
+    backoff_max_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    """Largest delay between connection attempts."""
+    max_inflight: Annotated[int, Field(ge=1, le=1000)] = 32
+    """Results published and not yet acknowledged (PUBACK) at any time."""
+    max_packet_bytes: Annotated[int, Field(ge=65536)] = 4 * 1024 * 1024
+    """MQTT 5: the broker must not send us bigger packets (it discards them)."""
+    tls: TlsSection = Field(default_factory=TlsSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
+
+    @field_validator("broker", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("broker")
+    @classmethod
+    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("give at least one broker URL")
+        for url in v:
+            parse_broker_url(url)
+        return v
+
+    @model_validator(mode="after")
+    def _backoff(self) -> MqttSection:
+        if self.backoff_max_s < self.backoff_min_s:
+            raise ValueError("backoff_max_s is smaller than backoff_min_s")
+        return self
+
+
+class SnapshotSettings(_Strict):
+    """A JPEG of the frame attached to a vision result (base64 in `snapshot`)."""
+
+    enabled: bool = False
+    max_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 48 * 1024
+    """The JPEG is re-encoded at lower quality until it fits."""
+
+
+class PolicySettings(_Strict):
+    """Which results leave the device, and how often."""
+
+    labels: tuple[str, ...] = ()
+    """Only these labels are reported; empty: all."""
+    max_results: Annotated[int, Field(ge=1, le=1000)] = 10
+    """At most this many classes or detections per result, best first."""
+    on_change: bool = True
+    """Report when the set of labels (or their counts) changes, not every frame."""
+    heartbeat_s: Annotated[float, Field(ge=0)] = 60.0
+    """With `on_change`, also report an unchanged result this often; 0: never."""
+    max_rate: Annotated[float, Field(gt=0, le=1000)] = 10.0
+    """Results per second at most; surplus results are dropped and counted."""
+    snapshot: SnapshotSettings = Field(default_factory=SnapshotSettings)
+
+
+class PipelineSettings(_Strict):
+    """One loop: a source feeding a model whose results pass the policy and go out over MQTT."""
+
+    name: TopicName
+    """Used in topics: `lepton/<dev>/results/<name>`."""
+    source: Annotated[str, Field(min_length=1)]
+    """What to read: `test:colors`, `camera:0`, `/dev/video0`, `rtsp://…`, `mic:`, a file, …"""
+    source_options: dict[str, Any] = Field(default_factory=dict)
+    """Options for the source kind (e.g. `fps`, `width`, `height`, `loop`)."""
+    model: Path
+    """A `.tflite` or a manifest `.json`; relative paths are relative to the config file."""
+    task: str | None = None
+    """Run as this task instead of the manifest's or the recognised one."""
+    labels: Path | None = None
+    """Labels file overriding the manifest's."""
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    """Classes, detections and events scoring below this are not reported."""
+    fps: Annotated[float, Field(gt=0, le=240)] | None = None
+    """Frames per second to process at most; default and ceiling: the profile's `max_fps`."""
+    enabled: bool = True
+    """Start with the agent (a disabled pipeline can be started by command)."""
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+
+
+class SpoolSection(_Strict):
+    """The store-and-forward spool of results."""
+
+    path: Path | None = None
+    """SQLite file; default `<state_dir>/spool.sqlite3`."""
+    cap_bytes: Annotated[int, Field(ge=64 * 1024)] | None = None
+    """Payload bytes kept at most; default the profile's `spool_cap_bytes`."""
+
+
+class SupervisorSection(_Strict):
+    """How failing pipelines are restarted."""
+
+    backoff_min_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    backoff_max_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    max_restarts: Annotated[int, Field(ge=1, le=1000)] = 5
+    """Restarts allowed within `window_s`; beyond that the pipeline is parked as `failed`."""
+    window_s: Annotated[float, Field(gt=0)] = 300.0
+
+
+class ProfileOverrides(_Strict):
+    """Profile values this device overrides (any `firmware_profiles` field)."""
+
+    threads: Annotated[int, Field(ge=1, le=64)] | None = None
+    max_fps: Annotated[float, Field(gt=0, le=240)] | None = None
+    camera_width: Annotated[int, Field(ge=16, le=8192)] | None = None
+    camera_height: Annotated[int, Field(ge=16, le=8192)] | None = None
+    max_model_mb: Annotated[float, Field(gt=0)] | None = None
+    memory_budget_mb: Annotated[float, Field(gt=0)] | None = None
+    telemetry_interval_s: Annotated[float, Field(ge=1, le=3600)] | None = None
+    thermal_soft_c: Annotated[float, Field(ge=30, le=120)] | None = None
+    thermal_hard_c: Annotated[float, Field(ge=30, le=125)] | None = None
+    spool_cap_bytes: Annotated[int, Field(ge=64 * 1024)] | None = None
+    selftest_latency_ms: Annotated[float, Field(gt=0)] | None = None
+
+
+class AgentConfig(_Strict):
+    """The whole `agent.toml`."""
+
+    agent: AgentSection = Field(default_factory=AgentSection)
+    mqtt: MqttSection = Field(default_factory=MqttSection)
+    spool: SpoolSection = Field(default_factory=SpoolSection)
+    supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
+    profile: ProfileOverrides = Field(default_factory=ProfileOverrides)
+    pipelines: tuple[PipelineSettings, ...] = ()
+
+    @field_validator("pipelines")
+    @classmethod
+    def _unique_names(cls, v: tuple[PipelineSettings, ...]) -> tuple[PipelineSettings, ...]:
+        seen: set[str] = set()
+        for p in v:
+            if p.name in seen:
+                raise ValueError(f"pipeline name {p.name!r} is used twice")
+            seen.add(p.name)
+        return v
+
+
+class Effective(BaseModel):
+    """The configuration as the daemon runs it: the file, the environment and the profile merged."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config: AgentConfig
+    path: Path | None
+    """The config file, or None when running on defaults."""
+    device_id: str
+    profile: Profile
+    profile_reason: str
+    spool_path: Path
+    spool_cap_bytes: int
+    client_id: str
+    env: dict[str, str] = Field(default_factory=dict)
+    """The environment overrides that were applied (variable → value)."""
+
+    def pipeline(self, name: str) -> PipelineSettings | None:
+        return next((p for p in self.config.pipelines if p.name == name), None)
+
+    def describe(self) -> dict[str, Any]:
+        """The effective settings for `check-config` (no secrets: the password is never read here)."""
+        cfg = self.config.model_dump(mode="json")
+        return {
+            "config": str(self.path) if self.path else None,
+            "device_id": self.device_id,
+            "client_id": self.client_id,
+            "profile": {"reason": self.profile_reason, **self.profile.model_dump(mode="json")},
+            "spool": {"path": str(self.spool_path), "cap_bytes": self.spool_cap_bytes},
+            "environment": self.env,
+            **{k: cfg[k] for k in ("agent", "mqtt", "supervisor", "pipelines")},
+        }
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    """`mqtt://host[:port]` / `mqtts://host[:port]` → (host, port, tls)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"{url!r}: scheme must be mqtt:// or mqtts://")
+    if parts.path not in ("", "/") or parts.query or parts.username or parts.password:
+        raise ValueError(f"{url!r}: give only mqtt[s]://host[:port] (credentials go in [mqtt.auth])")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r}: bad port") from None
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: no host")
+    tls = parts.scheme == "mqtts"
+    return parts.hostname, port or (8883 if tls else 1883), tls
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def config_path(given: str | Path | None) -> Path:
+    return Path(given or os.environ.get("LEPTON_CONFIG") or DEFAULT_CONFIG)
+
+
+def read_config(path: Path, env: Mapping[str, str] | None = None) -> tuple[AgentConfig, dict[str, str]]:
+    """Parse and validate one config file; BadInput names the file, the key and its line."""
+    env = os.environ if env is None else env
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no such config file") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: config is not UTF-8 text") from None
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{path}: invalid TOML: {exc}") from None
+    applied: dict[str, str] = {}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        value = env.get(var)
+        if value:
+            table = data.setdefault(section, {})
+            if isinstance(table, dict):
+                table[key] = value
+                applied[var] = value
+    try:
+        config = AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise BadInput(f"{path}: {describe_error(exc, text, applied)}") from None
+    return _resolve_paths(config, path.parent), applied
+
+
+def describe_error(exc: ValidationError, text: str, env: Mapping[str, str] | None = None) -> str:
+    """The first error as `key (line N): problem`, with the key written as in TOML."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = toml_key(loc)
+    for var, (section, name) in ENV_OVERRIDES.items():
+        if env and var in env and loc[:2] == (section, name):
+            key = f"{key} (from {var})"
+    line = find_line(text, loc)
+    where = f"{key} (line {line})" if line else key
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{where}: {msg}{more}"
+
+
+def toml_key(loc: tuple[Any, ...]) -> str:
+    """('pipelines', 0, 'policy', 'max_rate') → `pipelines[0].policy.max_rate`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "config"
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_.\-\"' ]+?)\s*=")
+
+
+def find_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """The line where the key at `loc` is written (1-based), or of its nearest written parent.
+
+    A small scan of table headers, arrays of tables and `key =` lines: enough for how
+    config files are written by hand; keys inside inline tables resolve to the parent key.
+    """
+    want = tuple(loc)
+    best: tuple[int, int] | None = None  # (matched length, line)
+    table: tuple[Any, ...] = ()
+    counters: dict[tuple[Any, ...], int] = {}
+    in_multiline = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if in_multiline:
+            if line.count('"""') % 2 == 1 or line.count("'''") % 2 == 1:
+                in_multiline = False
+            continue
+        header = _HEADER.match(line)
+        if header:
+            path = tuple(_split_key(header.group(2)))
+            if header.group(1) == "[[":
+                index = counters.get(path, -1) + 1
+                counters[path] = index
+                table = (*path, index)
+            else:
+                table = _with_indices(path, counters)
+            best = _better(best, want, table, number)
+            continue
+        key = _KEY.match(line)
+        if key:
+            full = (*table, *_split_key(key.group(1)))
+            best = _better(best, want, full, number)
+            rest = line[key.end():]
+            if rest.count('"""') % 2 == 1 or rest.count("'''") % 2 == 1:
+                in_multiline = True
+    return best[1] if best else None
+
+
+def _split_key(key: str) -> list[str]:
+    return [part.strip().strip("\"'") for part in key.split(".")]
+
+
+def _with_indices(path: tuple[str, ...], counters: dict[tuple[Any, ...], int]) -> tuple[Any, ...]:
+    # `[pipelines.policy]` after the 2nd `[[pipelines]]` belongs to pipelines[1].
+    out: list[Any] = []
+    for part in path:
+        out.append(part)
+        index = counters.get(tuple(p for p in out if not isinstance(p, int)))
+        if index is not None and tuple(out) != path:
+            out.append(index)
+    return tuple(out)
+
+
+def _better(best: tuple[int, int] | None, want: tuple[Any, ...], have: tuple[Any, ...],
+            line: int) -> tuple[int, int] | None:
+    if len(have) > len(want) or want[: len(have)] != have:
+        return best
+    if best is None or len(have) >= best[0]:
+        return (len(have), line)
+    return best
+
+
+def _resolve_paths(config: AgentConfig, base: Path) -> AgentConfig:
+    """Relative model and labels paths are relative to the config file's folder."""
+
+    def rel(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else base / p
+
+    pipelines = tuple(
+        p.model_copy(update={"model": rel(p.model), "labels": rel(p.labels)}) for p in config.pipelines
+    )
+    return config.model_copy(update={"pipelines": pipelines})
+
+
+def _default_device_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64].strip("-.")
+    return name or "lepton-device"
+
+
+def effective(config: AgentConfig, path: Path | None, env: dict[str, str] | None = None) -> Effective:
+    """Merge the config over its profile; BadInput when the profile cannot be loaded."""
+    if config.agent.profile == "auto":
+        name, reason = detect_profile()
+    else:
+        name, reason = config.agent.profile, "set in the config"
+    profile = load_profile(name)
+    overrides = config.profile.model_dump(exclude_none=True)
+    if overrides:
+        profile = Profile.model_validate({**profile.model_dump(), **overrides})
+        reason += f"; overridden by the config: {', '.join(sorted(overrides))}"
+    device_id = config.agent.device_id or _default_device_id()
+    state = config.agent.state_dir
+    return Effective(
+        config=config,
+        path=path,
+        device_id=device_id,
+        profile=profile,
+        profile_reason=reason,
+        spool_path=config.spool.path or state / "spool.sqlite3",
+        spool_cap_bytes=config.spool.cap_bytes or profile.spool_cap_bytes,
+        client_id=config.mqtt.client_id or f"lepton-{device_id}",
+        env=env or {},
+    )
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Effective:
+    """Read, validate and merge the config at `path` (or `LEPTON_CONFIG`, or the default)."""
+    file = config_path(path)
+    config, applied = read_config(file, env)
+    return effective(config, file, applied)

@@ -1,0 +1,324 @@
+"""`lepton-agent run`: the daemon. Pipelines, the MQTT link and the command worker under one stop event.
+
+Start: check the configuration (models, sources, TLS files, password) before anything
+runs, so a bad config exits 2 with one line; open the spool and the state; start the link,
+the command worker and the enabled pipelines. SIGTERM/SIGINT set the stop event; the
+ordered shutdown then halts the pipelines, publishes the retained `stopped` status, sends
+what it can of the spool, disconnects cleanly and exits, all within `SHUTDOWN_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from agent import __version__
+from agent.commands import Bench, Command, CommandBus, CommandError, Configure, Handler, Start, Stop
+from agent.config import Effective, PipelineSettings, load, parse_broker_url
+from agent.errors import BadInput
+from agent.link.mqtt import Link, read_password, tls_context
+from agent.link.spool import Spool
+from agent.link.topics import Topics
+from agent.manifest import load_spec
+from agent.pipeline import Pipeline, build_runner
+from agent.policy import snapshot_encoder
+from agent.runtime import Backend, load_backend
+from agent.sources.base import open_source
+from agent.state import AgentState
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_S = 4.5
+"""Everything is stopped, said and flushed within this after SIGTERM (systemd waits longer)."""
+
+
+def check_pipelines(eff: Effective) -> None:
+    """Each pipeline's model, labels, source kind and snapshot support, without loading a model."""
+    where = f"{eff.path}: " if eff.path else ""
+    for i, p in enumerate(eff.config.pipelines):
+        try:
+            load_spec(p.model, p.labels)
+            open_source(p.source, dict(p.source_options))
+            if p.policy.snapshot.enabled:
+                snapshot_encoder()
+        except BadInput as exc:
+            raise BadInput(f"{where}pipelines[{i}] ({p.name}): {exc}") from None
+
+
+def check_link(eff: Effective) -> str | None:
+    """TLS files (the key's mode) and the password; returns the password (never logged)."""
+    mqtt = eff.config.mqtt
+    where = f"{eff.path}: " if eff.path else ""
+    try:
+        if any(parse_broker_url(u)[2] for u in mqtt.broker):
+            tls_context(mqtt)
+        return read_password(mqtt.auth.password_file, mqtt.auth.password_env)
+    except BadInput as exc:
+        raise BadInput(f"{where}{exc}") from None
+
+
+class Agent:
+    """The running daemon."""
+
+    def __init__(self, eff: Effective) -> None:
+        self.eff = eff
+        self.stop = threading.Event()
+        self.started = time.monotonic()
+        self.topics = Topics(eff.config.mqtt.prefix, eff.device_id)
+        self.pipelines: dict[str, Pipeline] = {}
+        self._lock = threading.Lock()  # pipelines dict: the command worker changes it, status reads it
+        backend = eff.config.agent.backend
+        self.backend_name: str | None = None if backend == "auto" else backend
+        self.spool: Spool | None = None
+        self.state: AgentState | None = None
+        self.link: Link | None = None
+        self.commands: CommandBus | None = None
+        self.backend: Backend | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Everything that can fail on bad configuration, before anything starts (BadInput)."""
+        check_pipelines(self.eff)
+        password = check_link(self.eff)
+        self.backend = load_backend(self.backend_name)
+        state_dir = self.eff.config.agent.state_dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            self.spool = Spool(self.eff.spool_path, self.eff.spool_cap_bytes)
+            self.state = AgentState(state_dir / "agent.sqlite3")
+        except OSError as exc:
+            raise BadInput(f"agent.state_dir: {state_dir}: cannot use it ({exc.strerror})") from None
+        for p in self.eff.config.pipelines:
+            self.pipelines[p.name] = self._pipeline(p)
+        self.commands = CommandBus(self._handlers(), self.state, self._reply, self.stop)
+        mqtt = self.eff.config.mqtt
+        self.link = Link(
+            mqtt,
+            topics=self.topics,
+            groups=self.eff.config.agent.groups,
+            client_id=self.eff.client_id,
+            spool=self.spool,
+            next_bdseq=self.state.next_bdseq,
+            birth=self.birth,
+            on_command=self.commands.submit,
+            stop=self.stop,
+            password=password,
+        )
+
+    def _pipeline(self, settings: PipelineSettings) -> Pipeline:
+        p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
+                     backend=self.backend_name, sink=self._spool_result, stop=self.stop)
+        p.on_state = self._announce
+        return p
+
+    def _spool_result(self, pipeline: str, payload: dict[str, Any]) -> None:
+        assert self.spool is not None
+        self.spool.append(pipeline, self.topics.results(pipeline), payload)
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or `stop` is set); the exit code."""
+        self.prepare()
+        self._install_signals()
+        assert self.link is not None and self.commands is not None
+        logger.info("lepton-agent %s: device %s, profile %s, %d pipelines", __version__, self.eff.device_id,
+                    self.eff.profile.name, len(self.pipelines))
+        self.link.start()
+        self.commands.start()
+        for p in self.pipelines.values():
+            if p.settings.enabled:
+                p.start()
+        # Telemetry (issue 7) starts here: a loop on self.stop publishing status_snapshot()-based
+        # payloads on self.topics.telemetry every self.eff.profile.telemetry_interval_s.
+        self.stop.wait()
+        self.shutdown()
+        return 0
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # embedded (tests): whoever runs us sets `stop`
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            logger.info("%s: stopping", signal.Signals(signum).name)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def shutdown(self) -> None:
+        """The ordered stop: pipelines, commands, goodbye + flush on the link, then the files."""
+        deadline = time.monotonic() + SHUTDOWN_S
+        self.stop.set()
+        for p in self.pipelines.values():
+            p.halt()
+        for p in self.pipelines.values():
+            if not p.join(max(0.0, min(2.0, deadline - time.monotonic() - 1.5))):
+                logger.warning("pipeline %s did not stop in time", p.name)
+        if self.commands is not None:
+            self.commands.close(0.3)
+        if self.link is not None:
+            goodbye = {**self.birth(), "state": "stopped"}
+            self.link.close(goodbye, max(0.5, deadline - time.monotonic() - 0.3))
+        if self.spool is not None:
+            self.spool.close()
+        if self.state is not None:
+            self.state.close()
+        logger.info("stopped")
+
+    # -- what the agent says about itself -----------------------------------------------------------
+
+    def birth(self) -> dict[str, Any]:
+        """The `online` status (DESIGN §5) without state/bdseq/ts/v, which the link adds."""
+        with self._lock:
+            pipelines = [p.describe() for p in self.pipelines.values()]
+        models: dict[str, Any] = {}
+        for p in pipelines:
+            if "model" in p:
+                models[p["model"]["name"]] = {"version": p["model"]["version"], "task": p["task"]}
+        return {
+            "agent": __version__,
+            "device": self.eff.device_id,
+            "profile": self.eff.profile.name,
+            "backend": self.backend.name if self.backend is not None else None,
+            "pipelines": pipelines,
+            "models": models,
+        }
+
+    def status_snapshot(self) -> dict[str, Any]:
+        """Everything the `status` command reports (and the base telemetry builds on)."""
+        out = self.birth()
+        with self._lock:
+            stats = {name: p.stats.as_dict() for name, p in self.pipelines.items()}
+        spool = self.spool.stats() if self.spool else None
+        out.update(
+            state="online" if self.link is not None and self.link.connected.is_set() else "offline",
+            uptime_s=round(time.monotonic() - self.started, 1),
+            pipeline_stats=stats,
+            spool=None if spool is None else {"queued": spool.queued, "dropped": spool.dropped,
+                                              "bytes": spool.bytes, "cap_bytes": self.eff.spool_cap_bytes},
+            link=None if self.link is None else {**self.link.stats.as_dict(), "bdseq": self.link.bdseq},
+            commands=None if self.commands is None else self.commands.stats.as_dict(),
+        )
+        return out
+
+    def _reply(self, reply: dict[str, Any]) -> None:
+        if self.link is not None:
+            self.link.send(self.topics.reply, reply)
+
+    # -- command handlers (run in the command worker) ------------------------------------------
+
+    def _handlers(self) -> dict[str, Handler]:
+        return {
+            "ping": lambda c: {"pong": True, "agent": __version__,
+                               "uptime_s": round(time.monotonic() - self.started, 1)},
+            "status": lambda c: self.status_snapshot(),
+            "start": self._cmd_start,
+            "stop": self._cmd_stop,
+            "configure": self._cmd_configure,
+            "reload": lambda c: self.reload(),
+            "bench": self._cmd_bench,
+        }
+
+    def _chosen(self, name: str | None) -> list[Pipeline]:
+        with self._lock:
+            if name is None:
+                return list(self.pipelines.values())
+            if name not in self.pipelines:
+                raise CommandError("not_found", f"pipeline {name!r}: no such pipeline "
+                                                f"(have: {', '.join(self.pipelines) or 'none'})")
+            return [self.pipelines[name]]
+
+    def _cmd_start(self, command: Command) -> dict[str, Any]:
+        assert isinstance(command, Start)
+        chosen = self._chosen(command.pipeline)
+        for p in chosen:
+            p.start()
+        self._announce()
+        return {"pipelines": [p.describe() for p in chosen]}
+
+    def _cmd_stop(self, command: Command) -> dict[str, Any]:
+        assert isinstance(command, Stop)
+        chosen = self._chosen(command.pipeline)
+        for p in chosen:
+            p.halt()
+        for p in chosen:
+            p.join(3.0)
+        self._announce()
+        return {"pipelines": [p.describe() for p in chosen]}
+
+    def _cmd_configure(self, command: Command) -> dict[str, Any]:
+        assert isinstance(command, Configure)
+        (p,) = self._chosen(command.pipeline)
+        policy = command.policy.apply(p.settings.policy) if command.policy is not None else None
+        settings = p.reconfigure(threshold=command.threshold, fps=command.fps, policy=policy)
+        self._announce()
+        return {"pipeline": p.describe(), "policy": settings.policy.model_dump(mode="json")}
+
+    def _cmd_bench(self, command: Command) -> dict[str, Any]:
+        assert isinstance(command, Bench)
+        from agent.bench import bench
+        from agent.runtime import Model
+        from agent.tasks import Inference
+
+        (p,) = self._chosen(command.pipeline)
+        spec = load_spec(p.settings.model, p.settings.labels)
+        # A second interpreter: the pipeline's own is busy in its thread.
+        model = Model(spec.path, backend=self.backend_name, threads=self.eff.profile.threads)
+        runner = build_runner(model, spec, p.settings.task)
+        if not isinstance(runner, Inference):
+            raise CommandError("unsupported", f"pipeline {p.name}: bench runs per-item models only")
+        return bench(runner, [], runs=command.runs, warmup=min(10, command.runs))
+
+    def _announce(self) -> None:
+        if self.link is not None:
+            self.link.announce()
+
+    def reload(self) -> dict[str, Any]:
+        """Read the config file again; pipelines that changed are restarted, new ones started,
+        removed ones stopped. Link and agent settings need a restart (reported, not applied)."""
+        try:
+            fresh = load(self.eff.path)
+            check_pipelines(fresh)
+        except BadInput as exc:
+            raise CommandError("bad_config", str(exc)) from None
+        old, new = self.eff.config, fresh.config
+        restart_needed = [k for k in ("agent", "mqtt", "spool", "profile") if getattr(old, k) != getattr(new, k)]
+        before = {p.name: p for p in old.pipelines}
+        after = {p.name: p for p in new.pipelines}
+        report: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "unchanged": []}
+        for name in before.keys() - after.keys():
+            self._retire(name)
+            report["removed"].append(name)
+        for name, settings in after.items():
+            if name in before and before[name] == settings:
+                report["unchanged"].append(name)
+                continue
+            if name in before:
+                self._retire(name)
+                report["restarted"].append(name)
+            else:
+                report["added"].append(name)
+            p = self._pipeline(settings)
+            with self._lock:
+                self.pipelines[name] = p
+            if settings.enabled:
+                p.start()
+        self.eff = self.eff.model_copy(update={"config": old.model_copy(update={"pipelines": new.pipelines})})
+        self._announce()
+        return {**{k: sorted(v) for k, v in report.items()}, "restart_needed": restart_needed}
+
+    def _retire(self, name: str) -> None:
+        with self._lock:
+            p = self.pipelines.pop(name, None)
+        if p is not None:
+            p.halt()
+            p.join(3.0)
+
+
+def run(config: str | None) -> int:
+    """`lepton-agent run`: load and check the config, then run until stopped."""
+    return Agent(load(config)).run()

@@ -1,0 +1,221 @@
+"""The operator's side of the MQTT contract: `lepton-fleet watch` and `lepton-fleet cmd`.
+
+`watch` subscribes to results (and status) of one device or all and prints them as they
+arrive: a coloured line each on a terminal (rich), or JSON lines for scripts. `cmd` sends
+one command with a fresh id and prints the reply (or every reply, for a group or all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import paho.mqtt.client as mqtt
+
+from agent.config import AuthSection, MqttSection, TlsSection, parse_broker_url
+from agent.errors import BadInput, LeptonError
+from agent.link.mqtt import read_password, tls_context
+from agent.link.topics import SCHEMA_VERSION
+
+
+def add_connection_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("broker")
+    g.add_argument("--broker", help="mqtt://host:port or mqtts://… (default: LEPTON_BROKER, else mqtt://localhost:1883)")
+    g.add_argument("--prefix", default="lepton", help="topic prefix (default lepton)")
+    g.add_argument("--ca", type=Path, help="CA file to trust for mqtts:// (pinned)")
+    g.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
+    g.add_argument("--key", type=Path, help="client private key (mutual TLS; mode 0600)")
+    g.add_argument("--username")
+    g.add_argument("--password-file", type=Path)
+
+
+class Connection:
+    """A paho client on its own network thread, connected or BadInput/LeptonError."""
+
+    def __init__(self, args: argparse.Namespace, topics: list[str], on_message: Any) -> None:
+        import os
+
+        url = args.broker or os.environ.get("LEPTON_BROKER") or "mqtt://localhost:1883"
+        try:
+            host, port, tls = parse_broker_url(url)
+            settings = MqttSection(
+                broker=(url,),
+                tls=TlsSection(ca_file=args.ca, cert_file=args.cert, key_file=args.key),
+                auth=AuthSection(username=args.username, password_file=args.password_file),
+            )
+        except ValueError as exc:
+            raise BadInput(f"--broker: {str(exc).splitlines()[-1].strip()}") from None
+        self.url = url
+        self.topics = topics
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"lepton-fleet-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv5)
+        if tls:
+            self.client.tls_set_context(tls_context(settings))
+        if args.username:
+            self.client.username_pw_set(args.username, read_password(args.password_file, None))
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self.ready.set()
+        self.client.on_message = on_message
+        try:
+            self.client.connect(host, port, keepalive=30)
+        except OSError as exc:
+            raise LeptonError(f"{url}: cannot connect ({exc.strerror or exc})") from None
+        self.client.loop_start()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self.error = f"{self.url}: the broker refused the connection: {reason}"
+            self.ready.set()
+            return
+        client.subscribe([(t, 1) for t in self.topics])
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        if not self.ready.wait(timeout):
+            self.close()
+            raise LeptonError(f"{self.url}: no answer from the broker within {timeout:g} s")
+        if self.error:
+            self.close()
+            raise LeptonError(self.error)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# -- watch --------------------------------------------------------------------------------------
+
+
+def summary(payload: dict[str, Any]) -> str:
+    if "event" in payload:
+        return f"{payload.get('event')} {payload.get('label')} {payload.get('score', 0):.2f}"
+    for key in ("classes", "detections"):
+        if key in payload:
+            return ", ".join(f"{e.get('label')} {e.get('score', 0):.2f}" for e in payload[key]) or "(nothing)"
+    return json.dumps(payload)[:120]
+
+
+def watch(args: argparse.Namespace, out: TextIO) -> int:
+    device = args.device or "+"
+    topics = [f"{args.prefix}/{device}/results/#"]
+    if args.status:
+        topics.append(f"{args.prefix}/{device}/status")
+    received = threading.Semaphore(0)
+    lock = threading.Lock()
+    console = None
+    if args.format == "table":
+        from rich.console import Console
+
+        console = Console(file=out, highlight=False, soft_wrap=True)
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            payload = json.loads(msg.payload)
+        except ValueError:
+            payload = {"raw": msg.payload[:200].decode(errors="replace")}
+        parts = msg.topic.split("/")
+        dev = parts[1] if len(parts) > 1 else "?"
+        is_result = "/results/" in msg.topic
+        with lock:
+            if console is None:
+                out.write(json.dumps({"topic": msg.topic, "device": dev, "retained": bool(msg.retain),
+                                      "payload": payload}) + "\n")
+                out.flush()
+            elif is_result:
+                when = time.strftime("%H:%M:%S", time.localtime(payload.get("ts", time.time())))
+                hist = " [yellow](historical)[/]" if payload.get("historical") else ""
+                console.print(f"[dim]{when}[/] [bold cyan]{dev}[/] [magenta]{payload.get('pipeline', parts[-1])}[/]"
+                              f" #{payload.get('seq', '?')} [green]{summary(payload)}[/]{hist}", markup=True)
+            else:
+                state = payload.get("state", "?")
+                colour = {"online": "green", "offline": "red", "stopped": "yellow"}.get(state, "white")
+                console.print(f"[bold cyan]{dev}[/] status [{colour}]{state}[/] bdseq {payload.get('bdseq')}",
+                              markup=True)
+        if is_result:
+            received.release()
+
+    conn = Connection(args, topics, on_message)
+    try:
+        conn.wait_ready()
+        if console is not None:
+            console.print(f"[dim]watching {', '.join(topics)} on {conn.url} (Ctrl-C to stop)[/]", markup=True)
+        deadline = time.monotonic() + args.seconds if args.seconds else None
+        got = 0
+        while args.count is None or got < args.count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            if received.acquire(timeout=min(left, 1.0) if left is not None else 1.0):
+                got += 1
+    finally:
+        conn.close()
+    if args.count is not None and got < args.count:
+        print(f"lepton-fleet: {got} of {args.count} results within {args.seconds:g} s", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- cmd ----------------------------------------------------------------------------------------
+
+
+def command_topic(prefix: str, target: str) -> tuple[str, str]:
+    """(command topic, reply topic filter) for DEVICE, group:G or all."""
+    if target == "all":
+        return f"{prefix}/all/cmd", f"{prefix}/+/reply"
+    if target.startswith("group:"):
+        return f"{prefix}/group/{target[6:]}/cmd", f"{prefix}/+/reply"
+    if not target or any(c in target for c in "/+#"):
+        raise BadInput(f"TARGET {target!r}: give a device id, group:NAME or all")
+    return f"{prefix}/{target}/cmd", f"{prefix}/{target}/reply"
+
+
+def cmd(args: argparse.Namespace, out: TextIO) -> int:
+    topic, reply_topic = command_topic(args.prefix, args.target)
+    extra: dict[str, Any] = {}
+    if args.args:
+        try:
+            extra = json.loads(args.args)
+        except ValueError as exc:
+            raise BadInput(f"ARGS: not JSON ({exc})") from None
+        if not isinstance(extra, dict):
+            raise BadInput("ARGS: give a JSON object, e.g. '{\"pipeline\": \"cam\"}'")
+    command = {**extra, "id": args.id or uuid.uuid4().hex, "action": args.action, "ts": round(time.time(), 3),
+               "v": SCHEMA_VERSION}
+    single = topic.endswith(f"/{args.target}/cmd")
+    replies: list[dict[str, Any]] = []
+    cond = threading.Condition()
+
+    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            reply = json.loads(msg.payload)
+        except ValueError:
+            return
+        if isinstance(reply, dict) and reply.get("id") == command["id"]:
+            with cond:
+                replies.append({"device": msg.topic.split("/")[1], **reply})
+                cond.notify_all()
+
+    conn = Connection(args, [reply_topic], on_message)
+    try:
+        conn.wait_ready()
+        conn.client.publish(topic, json.dumps(command), qos=1).wait_for_publish(args.timeout)
+        with cond:
+            if single:
+                cond.wait_for(lambda: bool(replies), args.timeout)
+            else:
+                cond.wait(args.timeout)  # a group answers over time: collect until the timeout
+    finally:
+        conn.close()
+    if not replies:
+        print(f"lepton-fleet: no reply from {args.target} within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    for reply in replies:
+        out.write((json.dumps(reply) if args.format == "json" else json.dumps(reply, indent=2)) + "\n")
+    return 0 if all(r.get("ok") for r in replies) else 1

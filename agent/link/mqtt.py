@@ -1,0 +1,620 @@
+"""The agent's MQTT link (paho-mqtt 2, `CallbackAPIVersion.VERSION2`).
+
+One thread owns the connection and drives paho's network calls from its own `select()`,
+which also watches a wake-up socket: a new result, a reply to send or shutdown wake it at
+once, and nothing polls. Each connection attempt gets a fresh paho client, so nothing paho
+kept from an old connection is re-sent behind our back: what was published and not
+acknowledged is still in the spool, and is sent again from there, in order, as
+`historical`.
+
+- The retained will `{"state": "offline", "bdseq"}` is set on every connect; `online`
+  (the birth, same `bdseq`) is published only from a CONNACK that is not a failure.
+- Every (re)connect subscribes to the command topics and announces again.
+- Results leave the spool only on the broker's PUBACK; at most `max_inflight` at a time.
+- A link that stops answering is noticed within 1.5 x keepalive: a result waiting for its
+  PUBACK longer than keepalive, or a probe (an UNSUBSCRIBE of a topic never subscribed,
+  sent after keepalive/2 of silence) left unanswered for keepalive, drops the connection.
+- Reconnects back off exponentially from `backoff_min_s` to `backoff_max_s` (with jitter).
+  A broker that is simply not listening (connection refused costs it nothing) is retried
+  every 1-1.5 x `backoff_min_s`, so the agent is back within about a second of the broker.
+  The backoff resets once a connection has lasted `STABLE_S`.
+- Every paho callback is wrapped: an exception is logged, counted and survived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import logging
+import os
+import random
+import select
+import socket
+import ssl
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.config import MqttSection, parse_broker_url
+from agent.errors import BadInput
+from agent.link.spool import Spool
+from agent.link.topics import SCHEMA_VERSION, Topics
+
+logger = logging.getLogger(__name__)
+
+STABLE_S = 10.0
+"""A connection that lasted this long resets the backoff; one dropped sooner counts as a failure."""
+OUTBOX_MAX = 1000
+"""Replies and status messages waiting for a connection, at most (the oldest go first)."""
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+@dataclass
+class LinkStats:
+    """Counters of the link's life, reported in status."""
+
+    connects: int = 0
+    connect_failures: int = 0
+    disconnects: int = 0
+    half_open: int = 0
+    """Connections dropped because the broker stopped answering."""
+    published: int = 0
+    acked: int = 0
+    rejected: int = 0
+    """Results the broker answered with a failure reason code (dropped: retrying cannot help)."""
+    callback_errors: int = 0
+    outbox_dropped: int = 0
+    last_connect_s: float | None = None
+    """Wall time of the last successful CONNACK."""
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Backoff:
+    """Exponential delays between connection attempts, with jitter."""
+
+    def __init__(self, low: float, high: float, rng: random.Random | None = None) -> None:
+        self.low, self.high = low, high
+        self.failures = 0
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def next_delay(self, refused: bool = False) -> float:
+        """The wait before the next attempt; `refused`: nobody was listening, try again soon."""
+        if refused:
+            return self.low * self._rng.uniform(1.0, 1.5)
+        delay = min(self.high, self.low * (2 ** min(self.failures, 30)))
+        self.failures += 1
+        return min(self.high, delay * self._rng.uniform(1.0, 1.25))
+
+
+def read_password(auth_file: Path | None, env_name: str | None, env: dict[str, str] | None = None) -> str | None:
+    """The broker password from its file (first line) or variable; BadInput names where it was looked for."""
+    if auth_file is not None:
+        try:
+            text = auth_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise BadInput(f"mqtt.auth.password_file: {auth_file}: cannot read ({exc.strerror})") from None
+        lines = text.splitlines()
+        if not lines or not lines[0]:
+            raise BadInput(f"mqtt.auth.password_file: {auth_file}: empty")
+        return lines[0]
+    if env_name is not None:
+        value = (env if env is not None else os.environ).get(env_name)
+        if not value:
+            raise BadInput(f"mqtt.auth.password_env: {env_name} is not set")
+        return value
+    return None
+
+
+def tls_context(settings: MqttSection) -> ssl.SSLContext:
+    """A client context trusting only the pinned CA (or the system store), with the client pair if given."""
+    tls = settings.tls
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        if tls.ca_file is not None:
+            ctx.load_verify_locations(cafile=str(tls.ca_file))
+        else:
+            ctx.load_default_certs()
+    except (OSError, ssl.SSLError) as exc:
+        raise BadInput(f"mqtt.tls.ca_file: {tls.ca_file}: cannot load ({exc})") from None
+    if tls.cert_file is not None and tls.key_file is not None:
+        check_key_file(tls.key_file)
+        try:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise BadInput(f"mqtt.tls.cert_file: {tls.cert_file}: cannot load with its key ({exc})") from None
+    return ctx
+
+
+def check_key_file(path: Path) -> None:
+    """Refuse a private key that group or others may read."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise BadInput(f"mqtt.tls.key_file: {path}: cannot read ({exc.strerror})") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise BadInput(
+            f"mqtt.tls.key_file: {path}: readable by others (mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+        )
+
+
+@dataclass
+class _Session:
+    """What one connection knows; thrown away with it."""
+
+    client: mqtt.Client
+    url: str
+    bdseq: int
+    started: float
+    connected_at: float | None = None
+    refused: bool = False
+    lost: bool = False
+    reason: str = ""
+    first_live_id: int = 0
+    """Spool rows below this id were made before this connection: they go out as `historical`."""
+    cursor: int = 0
+    """The last spool id handed to paho in this session."""
+    more: bool = True
+    """The spool may hold rows after `cursor`."""
+    inflight: dict[int, tuple[int, float]] = field(default_factory=dict)
+    """mid → (spool id, sent at) of results awaiting PUBACK."""
+    others: dict[int, float] = field(default_factory=dict)
+    """mid → sent at, of status and replies awaiting PUBACK."""
+    acked: list[int] = field(default_factory=list)
+    last_inbound: float = 0.0
+    probe_sent: float | None = None
+    goodbye_mid: int | None = None
+
+
+class Link:
+    """The MQTT connection of one device: publishes the spool, status and replies; hears commands."""
+
+    def __init__(
+        self,
+        settings: MqttSection,
+        *,
+        topics: Topics,
+        groups: tuple[str, ...],
+        client_id: str,
+        spool: Spool,
+        next_bdseq: Callable[[], int],
+        birth: Callable[[], dict[str, Any]],
+        on_command: Callable[[str, bytes], None],
+        stop: threading.Event,
+        password: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.groups = groups
+        self.client_id = client_id
+        self.spool = spool
+        self.next_bdseq = next_bdseq
+        self.birth = birth
+        self.on_command = on_command
+        self.stop = stop
+        self._password = password
+        self._tls: ssl.SSLContext | None = None
+        if any(parse_broker_url(u)[2] for u in settings.broker):
+            self._tls = tls_context(settings)
+        self.stats = LinkStats()
+        self.connected = threading.Event()
+        self.backoff = Backoff(settings.backoff_min_s, settings.backoff_max_s)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._outbox: deque[tuple[str, bytes, bool]] = deque()
+        self._outbox_lock = threading.Lock()
+        self._announce = False
+        self._closing = threading.Event()
+        self._goodbye: dict[str, Any] | None = None
+        self._close_deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self._session: _Session | None = None
+        self._bdseq = -1
+        self._url_index = 0
+        self._rows_waiting = True
+        spool.on_append = self._spool_grew
+
+    # -- the API other threads use ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt-link", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Make the link thread look at the spool, the outbox and the stop flag now."""
+        # Full of wake-ups already (BlockingIOError), or closing: either way nothing to add.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _spool_grew(self) -> None:
+        self._rows_waiting = True
+        self.wake()
+
+    def send(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
+        """Queue a QoS 1 message (a reply, a status) for the current or next connection."""
+        body = encode(payload)
+        with self._outbox_lock:
+            if len(self._outbox) >= OUTBOX_MAX:
+                self._outbox.popleft()
+                self.stats.outbox_dropped += 1
+            self._outbox.append((topic, body, retain))
+        self.wake()
+
+    def announce(self) -> None:
+        """Publish the birth status again (pipelines or models changed)."""
+        self._announce = True
+        self.wake()
+
+    def close(self, goodbye: dict[str, Any], timeout: float) -> None:
+        """Publish `goodbye` as the retained status, send what the spool holds until `timeout`,
+        then disconnect cleanly (the broker then drops the will). Unsent results stay spooled."""
+        self._goodbye = goodbye
+        self._close_deadline = time.monotonic() + timeout
+        self._closing.set()
+        self.wake()
+        if self._thread is not None:
+            self._thread.join(timeout + 0.5)
+            if self._thread.is_alive():
+                logger.warning("mqtt link did not finish within %.1f s", timeout)
+                return
+        self._wake_r.close()
+        self._wake_w.close()
+
+    @property
+    def bdseq(self) -> int:
+        return self._bdseq
+
+    # -- the link thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        # Stop (the agent's one stop event) ends the attempts; a connection already up is kept
+        # until close() has said goodbye and flushed.
+        while not self._closing.is_set() and not self.stop.is_set():
+            url = self.settings.broker[self._url_index % len(self.settings.broker)]
+            session: _Session | None = None
+            refused = False
+            try:
+                session = self._connect(url)
+                self._serve(session)
+            except Exception as exc:
+                refused = isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED
+                self._note_failure(url, exc, refused)
+            finally:
+                if session is not None:
+                    self._end(session)
+            up = session is not None and session.connected_at is not None
+            if up and session is not None and session.connected_at is not None:
+                if time.monotonic() - session.connected_at >= STABLE_S:
+                    self.backoff.reset()
+            else:
+                self.stats.connect_failures += 1
+                self._url_index += 1
+            if self._closing.is_set() or self.stop.is_set():
+                break
+            self._wait(self.backoff.next_delay(refused=refused and not up))
+
+    def _note_failure(self, url: str, exc: Exception, refused: bool) -> None:
+        self.stats.last_error = "connection refused" if refused else f"{type(exc).__name__}: {exc}"
+        if refused:
+            logger.info("mqtt %s: connection refused (no broker listening)", url)
+        elif isinstance(exc, OSError | TimeoutError):
+            logger.warning("mqtt %s: %s", url, self.stats.last_error)
+        else:
+            logger.exception("mqtt %s: link failure", url)
+
+    def _wait(self, delay: float) -> None:
+        logger.debug("mqtt: next attempt in %.2f s", delay)
+        end = time.monotonic() + delay
+        while not self._closing.is_set() and not self.stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._select([self._wake_r], [], left)
+            self._drain_wake()
+        # Stopping while disconnected: there is no broker to say goodbye to.
+
+    def _connect(self, url: str) -> _Session:
+        host, port, tls = parse_broker_url(url)
+        self._bdseq = bdseq = self.next_bdseq()
+        v5 = self.settings.protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,
+        )
+        client.suppress_exceptions = True
+        client.connect_timeout = self.settings.connect_timeout_s
+        # Our own window bounds what is in flight; paho must not queue on top of it.
+        client.max_inflight_messages_set(self.settings.max_inflight + OUTBOX_MAX)
+        if tls:
+            assert self._tls is not None
+            client.tls_set_context(self._tls)
+        if self.settings.auth.username:
+            client.username_pw_set(self.settings.auth.username, self._password)
+        client.will_set(self.topics.status, encode({"state": "offline", "bdseq": bdseq}), qos=1, retain=True)
+        session = _Session(client=client, url=url, bdseq=bdseq, started=time.monotonic())
+        self._bind(session)
+        props = None
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0
+            props.MaximumPacketSize = self.settings.max_packet_bytes
+        logger.info("mqtt: connecting to %s as %s (bdseq %d)", url, self.client_id, bdseq)
+        self._session = session
+        if v5:
+            client.connect(host, port, keepalive=self.settings.keepalive_s, clean_start=True, properties=props)
+        else:
+            client.connect(host, port, keepalive=self.settings.keepalive_s)
+        return session
+
+    def _bind(self, s: _Session) -> None:
+        c = s.client
+        c.on_connect = self._guard(functools.partial(self._on_connect, s))
+        c.on_disconnect = self._guard(functools.partial(self._on_disconnect, s))
+        c.on_publish = self._guard(functools.partial(self._on_publish, s))
+        c.on_message = self._guard(functools.partial(self._on_message, s))
+        c.on_subscribe = self._guard(functools.partial(self._on_subscribe, s))
+        c.on_unsubscribe = self._guard(functools.partial(self._on_unsubscribe, s))
+
+    def _guard(self, callback: F) -> F:
+        @functools.wraps(callback)
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception:
+                self.stats.callback_errors += 1
+                logger.exception("mqtt: error in %s (survived)", getattr(callback, "func", callback).__name__)
+
+        return guarded  # type: ignore[return-value]
+
+    def _serve(self, s: _Session) -> None:
+        """Run one connection until it is lost or the agent closes."""
+        client = s.client
+        while not s.lost:
+            sock = client.socket()
+            if sock is None:
+                return
+            now = time.monotonic()
+            if s.connected_at is None and now - s.started > self.settings.connect_timeout_s:
+                raise TimeoutError(f"no CONNACK within {self.settings.connect_timeout_s:g} s")
+            if self._closing.is_set() and self._say_goodbye(s):
+                return
+            if s.connected_at is not None:
+                self._pump(s, now)
+                if s.lost:
+                    return
+            timeout = 0.0 if _tls_pending(sock) else self._next_timer(s, now)
+            readable, writable = self._select([sock, self._wake_r], [sock] if client.want_write() else [], timeout)
+            if self._wake_r in readable:
+                self._drain_wake()
+            if sock in readable or _tls_pending(sock):
+                client.loop_read()
+            if client.socket() is not None and (sock in writable or client.want_write()):
+                client.loop_write()
+            if client.socket() is not None:
+                client.loop_misc()
+            if s.acked:
+                self.spool.ack(s.acked)
+                s.acked.clear()
+
+    def _next_timer(self, s: _Session, now: float) -> float:
+        # Wake in time for the connect deadline, the probe and paho's keepalive (checked each round).
+        if s.connected_at is None:
+            return max(0.0, min(1.0, s.started + self.settings.connect_timeout_s - now))
+        if self._closing.is_set():
+            return max(0.0, min(0.2, self._close_deadline - now))
+        return min(1.0, self.settings.keepalive_s / 4)
+
+    def _pump(self, s: _Session, now: float) -> None:
+        client = s.client
+        if self._announce and not self._closing.is_set():  # never an `online` after the goodbye
+            self._announce = False
+            self._publish_birth(s)
+        with self._outbox_lock:
+            outgoing = list(self._outbox)
+            self._outbox.clear()
+        for topic, body, retain in outgoing:
+            info = client.publish(topic, body, qos=1, retain=retain)
+            s.others[info.mid] = now
+        self._send_results(s, now)
+        self._check_liveness(s, now)
+
+    def _send_results(self, s: _Session, now: float) -> None:
+        room = self.settings.max_inflight - len(s.inflight)
+        if room <= 0 or not (s.more or self._rows_waiting):
+            return
+        # Cleared before reading, so an append racing with the query sets them again.
+        s.more = self._rows_waiting = False
+        rows = self.spool.pending(s.cursor, room)
+        if len(rows) == room:
+            s.more = True
+        for row in rows:
+            info = s.client.publish(row.topic, row.body(historical=row.id < s.first_live_id), qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                s.more = True
+                return
+            s.inflight[info.mid] = (row.id, now)
+            s.cursor = row.id
+            self.stats.published += 1
+
+    def _check_liveness(self, s: _Session, now: float) -> None:
+        keepalive = self.settings.keepalive_s
+        waiting = [t for _, t in s.inflight.values()] + list(s.others.values())
+        if s.probe_sent is not None:
+            waiting.append(s.probe_sent)
+        if waiting and now - min(waiting) > keepalive:
+            self.stats.half_open += 1
+            logger.warning("mqtt %s: no answer from the broker for %.1f s; dropping the connection",
+                           s.url, now - min(waiting))
+            self._abandon(s, "broker stopped answering")
+            return
+        if s.probe_sent is None and now - s.last_inbound > keepalive / 2:
+            s.probe_sent = now
+            s.client.unsubscribe(self.topics.probe)
+
+    def _abandon(self, s: _Session, reason: str) -> None:
+        # Close without DISCONNECT, so that the broker (if it is still there) publishes the will.
+        s.lost = True
+        s.reason = reason
+        sock: Any = s.client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _say_goodbye(self, s: _Session) -> bool:
+        """The closing sequence, run each round while closing; True when done."""
+        now = time.monotonic()
+        if s.connected_at is None:
+            return True
+        if s.goodbye_mid is None and self._goodbye is not None:
+            payload = {**self._goodbye, "bdseq": s.bdseq}
+            info = s.client.publish(self.topics.status, encode(payload), qos=1, retain=True)
+            s.goodbye_mid = info.mid
+            s.others[info.mid] = now
+            self._pump_outbox_only(s, now)
+        # Closing flushes too: the pipelines have stopped, so the spool only shrinks now.
+        settled = s.goodbye_mid not in s.others and not s.inflight and not (s.more or self._rows_waiting)
+        if settled or now >= self._close_deadline:
+            if not settled:
+                logger.warning("mqtt: closing with %d results unacknowledged (they stay in the spool)",
+                               len(s.inflight))
+            s.client.disconnect()
+            s.client.loop_write()
+            return True
+        return False
+
+    def _pump_outbox_only(self, s: _Session, now: float) -> None:
+        with self._outbox_lock:
+            outgoing = list(self._outbox)
+            self._outbox.clear()
+        for topic, body, retain in outgoing:
+            info = s.client.publish(topic, body, qos=1, retain=retain)
+            s.others[info.mid] = now
+
+    def _end(self, s: _Session) -> None:
+        if s.connected_at is not None:
+            self.stats.disconnects += 1
+            logger.info("mqtt %s: disconnected (%s)", s.url, s.reason or "closed")
+        self.connected.clear()
+        sock = s.client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        if s.acked:
+            self.spool.ack(s.acked)
+            s.acked.clear()
+        self._session = None
+
+    # -- paho callbacks (run in the link thread, inside loop_read/loop_write) -----------------
+
+    def _on_connect(self, s: _Session, client: mqtt.Client, userdata: Any, flags: Any,
+                    reason: ReasonCode, properties: Properties | None) -> None:
+        s.last_inbound = time.monotonic()
+        if reason.is_failure:
+            s.lost = True
+            s.reason = f"refused by the broker: {reason}"
+            logger.error("mqtt %s: connection refused by the broker: %s", s.url, reason)
+            return
+        s.connected_at = time.monotonic()
+        s.first_live_id = self.spool.last_id() + 1
+        s.cursor = 0
+        s.more = True
+        self.stats.connects += 1
+        self.stats.last_connect_s = time.time()
+        client.subscribe([(t, 1) for t in self.topics.command_topics(self.groups)])
+        self._publish_birth(s)
+        self.connected.set()
+        logger.info("mqtt %s: connected (bdseq %d)", s.url, s.bdseq)
+
+    def _publish_birth(self, s: _Session) -> None:
+        payload = {**self.birth(), "state": "online", "bdseq": s.bdseq}
+        info = s.client.publish(self.topics.status, encode(payload), qos=1, retain=True)
+        s.others[info.mid] = time.monotonic()
+
+    def _on_disconnect(self, s: _Session, client: mqtt.Client, userdata: Any, flags: Any,
+                       reason: ReasonCode, properties: Properties | None) -> None:
+        s.lost = True
+        s.reason = s.reason or str(reason)
+
+    def _on_publish(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
+                    reason: ReasonCode, properties: Properties | None) -> None:
+        s.last_inbound = time.monotonic()
+        row = s.inflight.pop(mid, None)
+        if row is None:
+            s.others.pop(mid, None)
+            return
+        if reason.is_failure:
+            self.stats.rejected += 1
+            logger.warning("mqtt: broker refused a result (%s); dropped", reason)
+        else:
+            self.stats.acked += 1
+        s.acked.append(row[0])
+        s.more = True
+
+    def _on_message(self, s: _Session, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        s.last_inbound = time.monotonic()
+        self.on_command(message.topic, bytes(message.payload))
+
+    def _on_subscribe(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
+                      reasons: list[ReasonCode], properties: Properties | None) -> None:
+        s.last_inbound = time.monotonic()
+        for topic, code in zip(self.topics.command_topics(self.groups), reasons, strict=False):
+            if code.is_failure:
+                logger.error("mqtt: subscription to %s refused: %s", topic, code)
+
+    def _on_unsubscribe(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
+                        reasons: list[ReasonCode], properties: Properties | None) -> None:
+        s.last_inbound = time.monotonic()
+        s.probe_sent = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _select(self, rlist: list[Any], wlist: list[Any], timeout: float) -> tuple[list[Any], list[Any]]:
+        try:
+            readable, writable, _ = select.select(rlist, wlist, [], max(0.0, timeout))
+        except (OSError, ValueError):
+            # A socket closed under us (the connection just died): the caller sees it next round.
+            return [], []
+        return readable, writable
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
+def _tls_pending(sock: Any) -> bool:
+    # Bytes already decrypted by the TLS layer do not make the socket readable again.
+    pending = getattr(sock, "pending", None)
+    return bool(pending and pending() > 0)
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """A payload as DESIGN §5 wants it: JSON object with `ts` and `v`, numbers as numbers."""
+    body = {**payload}
+    body.setdefault("ts", round(time.time(), 3))
+    body.setdefault("v", SCHEMA_VERSION)
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()

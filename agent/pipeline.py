@@ -1,0 +1,311 @@
+"""A pipeline: source → runner (model + task) → result policy → spool, in its own thread.
+
+The thread is its own supervisor: when the loop fails it logs the traceback, closes the
+source, waits with exponential backoff and builds everything again; more than
+`max_restarts` failures within `window_s` park it as `failed` (a `start` command or a reload
+tries again). Configuration problems found while building (a model that is gone, a source
+kind this agent lacks) park it at once: retrying cannot fix them. A finite source that
+ends parks it as `finished`.
+
+Threshold, fps and policy can be changed while it runs (`reconfigure`): the loop reads its
+settings object each round, and settings objects are frozen, so a change is one assignment.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.config import PipelineSettings, SupervisorSection
+from agent.errors import BadInput
+from agent.link.topics import SCHEMA_VERSION
+from agent.manifest import ModelSpec, load_spec
+from agent.policy import PolicyStats, ResultPolicy
+from agent.profiles import Profile
+from agent.runtime import Model
+from agent.sources.base import EndOfStream, Source, open_source
+from agent.tasks.base import Runner
+
+logger = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 0.25
+"""Longest a loop waits on its source before looking at the stop flags again."""
+
+# What each source kind feeds, and what a runner must take to be fed by it.
+_SOURCE_ITEMS = {"frames": "image", "audio": "audio"}
+
+Sink = Callable[[str, dict[str, Any]], None]
+"""(pipeline name, result payload) → spooled for publishing."""
+
+
+def build_runner(model: Model, spec: ModelSpec, task: str | None) -> Runner:
+    """The runner for this model. A `create_runner` factory (the audio work adds one, for streaming
+    wake word models) takes precedence; without it, a task driven once per item."""
+    from agent import tasks
+
+    factory = getattr(tasks, "create_runner", None)
+    if factory is not None:
+        runner: Runner = factory(model, spec, task)
+        return runner
+    return tasks.Inference(model, tasks.create_task(model, spec, task))
+
+
+@dataclass
+class PipelineStats:
+    """What status reports about one pipeline."""
+
+    state: str = "stopped"
+    """starting | running | restarting | stopped | failed | finished"""
+    items: int = 0
+    """Items read from the source."""
+    processed: int = 0
+    """Items run through the model."""
+    skipped: int = 0
+    """Items not processed because of the fps limit."""
+    results: int = 0
+    """Results handed to the spool."""
+    restarts: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    fps: float = 0.0
+    """Processed items per second, smoothed."""
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    policy: PolicyStats = field(default_factory=PolicyStats)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["fps"] = round(self.fps, 2)
+        d["policy"] = dict(self.policy.__dict__)
+        return d
+
+
+class RestartBudget:
+    """Restarts allowed per window, and the backoff before each."""
+
+    def __init__(self, settings: SupervisorSection) -> None:
+        self.settings = settings
+        self._times: collections.deque[float] = collections.deque()
+
+    def next_delay(self, now: float) -> float | None:
+        """The wait before restarting, or None when the budget for this window is spent."""
+        window = self.settings.window_s
+        while self._times and now - self._times[0] > window:
+            self._times.popleft()
+        if len(self._times) >= self.settings.max_restarts:
+            return None
+        self._times.append(now)
+        return min(self.settings.backoff_max_s, self.settings.backoff_min_s * 2 ** (len(self._times) - 1))
+
+    def reset(self) -> None:
+        self._times.clear()
+
+
+class Pipeline:
+    """One supervised loop. `start()`, `halt()`, `join()`; `reconfigure()` while it runs."""
+
+    def __init__(self, settings: PipelineSettings, *, profile: Profile, supervisor: SupervisorSection,
+                 backend: str | None, sink: Sink, stop: threading.Event) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.profile = profile
+        self.backend = backend
+        self.sink = sink
+        self.stop = stop
+        self.stats = PipelineStats()
+        self.budget = RestartBudget(supervisor)
+        self.spec: ModelSpec | None = None
+        with contextlib.suppress(BadInput):  # reported when the loop starts
+            self.spec = load_spec(settings.model, settings.labels)  # for status, before the model loads
+        self.model: Model | None = None
+        self.on_state: Callable[[], None] | None = None
+        """Called when the state changes to running, stopped, failed or finished (status is re-announced)."""
+        self.task_key: str | None = None
+        self.policy = ResultPolicy(settings.policy, settings.threshold, self.stats.policy)
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._source: Source | None = None
+
+    # -- control (any thread) ----------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._halt.clear()
+        self.budget.reset()
+        self.stats.state = "starting"
+        self._thread = threading.Thread(target=self._supervise, name=f"pipeline-{self.name}", daemon=True)
+        self._thread.start()
+
+    def halt(self) -> None:
+        """Ask the loop to stop (it notices within READ_TIMEOUT_S); `join` waits for it."""
+        self._halt.set()
+        source = self._source
+        if source is not None:
+            try:
+                source.close()  # unblocks a source waiting for its next item
+            except Exception:
+                logger.exception("pipeline %s: closing the source failed", self.name)
+
+    def join(self, timeout: float) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+    def reconfigure(self, threshold: float | None = None, fps: float | None = None,
+                    policy: Any = None) -> PipelineSettings:
+        """Apply new threshold / fps / policy settings to the running loop; returns the new settings."""
+        update: dict[str, Any] = {}
+        if threshold is not None:
+            update["threshold"] = threshold
+        if fps is not None:
+            update["fps"] = fps
+        if policy is not None:
+            update["policy"] = policy
+        settings = self.settings.model_copy(update=update)
+        new_policy = ResultPolicy(settings.policy, settings.threshold, self.stats.policy).carry_over(self.policy)
+        self.settings = settings
+        self.policy = new_policy
+        logger.info("pipeline %s: reconfigured (%s)", self.name, ", ".join(sorted(update)) or "nothing")
+        return settings
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        d: dict[str, Any] = {"name": self.name, "state": self.stats.state, "source": s.source,
+                             "task": self.task_key, "threshold": s.threshold, "fps": self.max_fps}
+        if self.spec is not None:
+            d["model"] = {"name": self.spec.name, "version": self.spec.version}
+        return d
+
+    @property
+    def max_fps(self) -> float:
+        return min(self.settings.fps or self.profile.max_fps, self.profile.max_fps)
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        changed = state != self.stats.state
+        self.stats.state = state
+        if changed and state in ("running", "stopped", "failed", "finished") and self.on_state is not None:
+            try:
+                self.on_state()
+            except Exception:
+                logger.exception("pipeline %s: state callback failed", self.name)
+
+    def _stopping(self) -> bool:
+        return self.stop.is_set() or self._halt.is_set()
+
+    def _supervise(self) -> None:
+        while not self._stopping():
+            try:
+                self._run_once()
+            except EndOfStream:
+                if self._stopping():
+                    break  # halt() closed the source under the loop
+                self._set_state("finished")
+                logger.info("pipeline %s: source finished", self.name)
+                return
+            except BadInput as exc:
+                self._set_state("failed")
+                self.stats.last_error = str(exc)
+                self.stats.errors += 1
+                logger.error("pipeline %s: %s", self.name, exc)
+                return
+            except Exception as exc:
+                self.stats.errors += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                logger.exception("pipeline %s: loop failed", self.name)
+            else:
+                break  # stopped on request
+            finally:
+                self._close_source()
+            delay = self.budget.next_delay(time.monotonic())
+            if delay is None:
+                self._set_state("failed")
+                logger.error("pipeline %s: %d restarts within %.0f s; parked as failed", self.name,
+                             self.budget.settings.max_restarts, self.budget.settings.window_s)
+                return
+            self.stats.restarts += 1
+            self._set_state("restarting")
+            logger.info("pipeline %s: restarting in %.1f s", self.name, delay)
+            if self._halt.wait(delay) or self.stop.is_set():
+                break
+        self._set_state("stopped")
+
+    def _close_source(self) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            try:
+                source.close()
+            except Exception:
+                logger.exception("pipeline %s: closing the source failed", self.name)
+
+    def load(self) -> Runner:
+        """Load the model and its runner (BadInput when the files or the task are wrong)."""
+        s = self.settings
+        spec = load_spec(s.model, s.labels)
+        # Never more interpreter threads than cores: oversubscribed XNNPACK threads spin against each other.
+        model = Model(spec.path, backend=self.backend, threads=min(self.profile.threads, os.cpu_count() or 1))
+        runner = build_runner(model, spec, s.task)
+        self.spec, self.model = spec, model
+        self.task_key = getattr(getattr(runner, "task", None), "key", None) or spec.task
+        return runner
+
+    def _run_once(self) -> None:
+        self._set_state("starting")
+        runner = self.load()  # again on every restart: a fresh interpreter, and the files as they are now
+        source = open_source(self.settings.source, dict(self.settings.source_options))
+        wanted = _SOURCE_ITEMS.get(source.kind)
+        if wanted is not None and runner.item_kind not in (wanted, "tensor"):
+            raise BadInput(f"pipeline {self.name}: source {self.settings.source} gives {source.kind}, "
+                           f"the model's task takes {runner.item_kind}")
+        self._source = source
+        source.open()
+        self._set_state("running")
+        self._loop(source, runner)
+
+    def _loop(self, source: Source, runner: Runner) -> None:
+        assert self.spec is not None
+        model_ref = {"name": self.spec.name, "version": self.spec.version}
+        frames = source.kind == "frames"
+        next_due = 0.0
+        rate_t, rate_n = time.monotonic(), 0
+        while not self._stopping():
+            item = source.read(READ_TIMEOUT_S)
+            if item is None:
+                continue
+            self.stats.items += 1
+            now = time.monotonic()
+            if frames:
+                interval = 1.0 / self.max_fps
+                if now < next_due - 0.25 * interval:
+                    self.stats.skipped += 1
+                    continue
+                next_due = max(next_due, now - 0.5 * interval) + interval
+            results = runner.process(item.data)
+            self.stats.processed += 1
+            rate_n += 1
+            if now - rate_t >= 1.0:
+                self.stats.fps = 0.5 * self.stats.fps + 0.5 * rate_n / (now - rate_t)
+                rate_t, rate_n = now, 0
+            latency = runner.latency.as_dict()
+            self.stats.latency_ms = latency
+            policy = self.policy
+            for result in results:
+                out = policy.apply(result, now, item.data if frames else None)
+                if out is None:
+                    continue
+                payload = {"pipeline": self.name, "model": model_ref, "task": out.pop("task", self.task_key),
+                           "latency_ms": latency, **out, "ts": round(item.ts, 3), "v": SCHEMA_VERSION}
+                self.sink(self.name, payload)
+                self.stats.results += 1

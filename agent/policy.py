@@ -1,0 +1,115 @@
+"""The result policy: which results leave the device, and how often (issue 3 item 4).
+
+Per result: drop classes/detections/events scoring under the pipeline's threshold or not in
+the label allow-list, keep the best `max_results`; then, with `on_change`, let a result out
+only when the multiset of labels differs from the last one that went out (or every
+`heartbeat_s`), and never faster than `max_rate`. A wake word event is always a change.
+Results held back are counted, not queued: what matters is the latest state.
+
+An optional JPEG snapshot rides along with vision results; the encoder
+(`agent.vision.snapshot`, OpenCV) is imported only when a pipeline enables it, so an
+audio-only agent never imports OpenCV.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import importlib.util
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import PolicySettings
+from agent.errors import BadInput
+
+SNAPSHOT_MODULE = "agent.vision.snapshot"
+_LISTS = ("classes", "detections")
+
+
+@dataclass
+class PolicyStats:
+    passed: int = 0
+    unchanged: int = 0
+    """Held back because nothing changed since the last result that went out."""
+    rate_limited: int = 0
+    """Held back by `max_rate`."""
+
+
+def snapshot_encoder() -> Callable[[Any, list[dict[str, Any]], int], bytes]:
+    """`snapshot_jpeg(frame, detections, max_bytes)`, or BadInput when this agent has no encoder."""
+    if importlib.util.find_spec(SNAPSHOT_MODULE) is None:
+        raise BadInput(f"policy.snapshot: this agent has no snapshot encoder ({SNAPSHOT_MODULE})")
+    module = importlib.import_module(SNAPSHOT_MODULE)
+    encoder: Callable[[Any, list[dict[str, Any]], int], bytes] = module.snapshot_jpeg
+    return encoder
+
+
+class ResultPolicy:
+    """Filters and paces one pipeline's results; replaced whole when reconfigured."""
+
+    def __init__(self, settings: PolicySettings, threshold: float, stats: PolicyStats | None = None) -> None:
+        self.settings = settings
+        self.threshold = threshold
+        self.stats = stats or PolicyStats()
+        self._allowed = frozenset(settings.labels)
+        self._min_interval = 1.0 / settings.max_rate
+        self._last_signature: tuple[tuple[str, int], ...] | None = None
+        self._last_out = float("-inf")
+        self._snapshot: Callable[[Any, list[dict[str, Any]], int], bytes] | None = None
+        if settings.snapshot.enabled:
+            self._snapshot = snapshot_encoder()
+
+    def carry_over(self, previous: ResultPolicy) -> ResultPolicy:
+        """Keep what the old policy last sent, so a reconfigure does not re-send an unchanged state."""
+        self._last_signature = previous._last_signature
+        self._last_out = previous._last_out
+        return self
+
+    def filter(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The result with only the entries the policy lets through (a new dict; the input is left alone)."""
+        out = dict(result)
+        for key in _LISTS:
+            entries = result.get(key)
+            if entries is None:
+                continue
+            kept = [e for e in entries if self._keep(e)]
+            kept.sort(key=lambda e: -float(e.get("score", 0.0)))
+            out[key] = kept[: self.settings.max_results]
+        return out
+
+    def _keep(self, entry: dict[str, Any]) -> bool:
+        if float(entry.get("score", 1.0)) < self.threshold:
+            return False
+        return not self._allowed or str(entry.get("label")) in self._allowed
+
+    def apply(self, result: dict[str, Any], now: float, frame: Any = None) -> dict[str, Any] | None:
+        """The result to publish at monotonic time `now`, or None when the policy holds it back."""
+        if "event" in result:
+            if not self._keep(result):
+                return None
+            signature = None  # an event is news every time
+            out = dict(result)
+        else:
+            out = self.filter(result)
+            labels: Counter[str] = Counter()
+            for key in _LISTS:
+                labels.update(str(e.get("label")) for e in out.get(key, ()))
+            signature = tuple(sorted(labels.items()))
+            if self.settings.on_change and signature == self._last_signature:
+                heartbeat = self.settings.heartbeat_s
+                if heartbeat <= 0 or now - self._last_out < heartbeat:
+                    self.stats.unchanged += 1
+                    return None
+        if now - self._last_out < self._min_interval:
+            self.stats.rate_limited += 1
+            return None
+        if signature is not None:
+            self._last_signature = signature
+        self._last_out = now
+        self.stats.passed += 1
+        if self._snapshot is not None and frame is not None:
+            jpeg = self._snapshot(frame, list(out.get("detections", ())), self.settings.snapshot.max_bytes)
+            out["snapshot"] = {"type": "image/jpeg", "b64": base64.b64encode(jpeg).decode("ascii")}
+        return out

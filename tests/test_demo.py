@@ -1,0 +1,21 @@
+"""The README's demo command, run non-interactively: results must arrive over MQTT."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from conftest import ROOT
+
+
+def test_demo_shows_live_results() -> None:
+    # The demo runs the default lane's venv; the tflite lane's LEPTON_BACKEND must not follow it there.
+    env = {k: v for k, v in os.environ.items() if k != "LEPTON_BACKEND"}
+    env["DEMO_SECONDS"] = "90"
+    proc = subprocess.run([str(ROOT / "scripts" / "demo")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if " colors #" in line]
+    assert len(lines) >= 3, proc.stdout
+    assert {"red", "green", "blue"} & {word for line in lines for word in line.split()}
+    assert "status online" in proc.stdout

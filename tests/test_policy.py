@@ -1,0 +1,77 @@
+"""The result policy: score, labels, top-N, report-on-change with heartbeat, rate limit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.config import PolicySettings
+from agent.policy import ResultPolicy
+
+
+def _classes(*pairs: tuple[str, float]) -> dict[str, Any]:
+    return {"task": "classify", "classes": [{"label": label, "score": score} for label, score in pairs]}
+
+
+def test_filters_score_labels_and_count() -> None:
+    policy = ResultPolicy(PolicySettings(labels=("cat", "dog", "fox"), max_results=2, on_change=False,
+                                         max_rate=1000), threshold=0.3)
+    out = policy.apply(_classes(("car", 0.9), ("cat", 0.5), ("dog", 0.8), ("fox", 0.4), ("cat", 0.1)), now=0.0)
+    assert out is not None
+    assert out["classes"] == [{"label": "dog", "score": 0.8}, {"label": "cat", "score": 0.5}]
+
+
+def test_detections_filtered_the_same_way() -> None:
+    policy = ResultPolicy(PolicySettings(on_change=False, max_rate=1000), threshold=0.5)
+    result = {"task": "detect", "detections": [{"label": "face", "score": 0.9, "box": [0, 0, 1, 1]},
+                                               {"label": "face", "score": 0.2, "box": [0, 0, 1, 1]}]}
+    out = policy.apply(result, now=0.0)
+    assert out is not None and len(out["detections"]) == 1
+    assert len(result["detections"]) == 2  # the runner's result is not modified
+
+
+def test_on_change_and_heartbeat() -> None:
+    policy = ResultPolicy(PolicySettings(on_change=True, heartbeat_s=10, max_rate=1000), threshold=0.5)
+    red, green = _classes(("red", 0.9)), _classes(("green", 0.9))
+    assert policy.apply(red, now=0.0) is not None
+    assert policy.apply(red, now=1.0) is None  # unchanged
+    assert policy.apply(green, now=2.0) is not None  # changed
+    assert policy.apply(_classes(("green", 0.95)), now=3.0) is None  # same labels, other score
+    assert policy.apply(green, now=12.5) is not None  # heartbeat
+    nothing = _classes(("green", 0.1))
+    out = policy.apply(nothing, now=13.0)
+    assert out is not None and out["classes"] == []  # the thing went away: that is a change too
+    assert policy.stats.unchanged == 2 and policy.stats.passed == 4
+
+
+def test_counts_matter_for_detections() -> None:
+    policy = ResultPolicy(PolicySettings(max_rate=1000), threshold=0.5)
+
+    def faces(n: int) -> dict[str, Any]:
+        return {"task": "detect", "detections": [{"label": "face", "score": 0.9, "box": [0, 0, 1, 1]}] * n}
+
+    assert policy.apply(faces(1), now=0) is not None
+    assert policy.apply(faces(1), now=1) is None
+    assert policy.apply(faces(2), now=2) is not None
+
+
+def test_rate_limit_keeps_the_change_for_later() -> None:
+    policy = ResultPolicy(PolicySettings(on_change=True, max_rate=1.0), threshold=0.5)
+    assert policy.apply(_classes(("red", 0.9)), now=0.0) is not None
+    assert policy.apply(_classes(("blue", 0.9)), now=0.5) is None  # too soon
+    assert policy.stats.rate_limited == 1
+    assert policy.apply(_classes(("blue", 0.9)), now=1.1) is not None  # still a change, now allowed
+
+
+def test_events_always_count_as_news() -> None:
+    policy = ResultPolicy(PolicySettings(on_change=True, max_rate=1000), threshold=0.6)
+    event = {"task": "wakeword", "event": "detected", "label": "alexa", "score": 0.9}
+    assert policy.apply(event, now=0) is not None
+    assert policy.apply(event, now=1) is not None
+    assert policy.apply({**event, "score": 0.3}, now=2) is None
+
+
+def test_reconfigure_carries_the_last_state() -> None:
+    old = ResultPolicy(PolicySettings(max_rate=1000), threshold=0.5)
+    assert old.apply(_classes(("red", 0.9)), now=0) is not None
+    new = ResultPolicy(PolicySettings(max_rate=1000, max_results=1), threshold=0.6).carry_over(old)
+    assert new.apply(_classes(("red", 0.9)), now=1) is None
