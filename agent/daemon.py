@@ -27,10 +27,14 @@ from agent.manifest import load_spec
 from agent.pipeline import Pipeline, build_runner
 from agent.policy import snapshot_encoder
 from agent.runtime import Backend, load_backend
+from agent.sdnotify import Notifier, Watchdog, watchdog_interval
 from agent.sources.base import open_source
 from agent.state import AgentState
 
 logger = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 5.0
+"""How often the systemd STATUS= line is refreshed."""
 
 SHUTDOWN_S = 4.5
 """Everything is stopped, said and flushed within this after SIGTERM (systemd waits longer)."""
@@ -78,6 +82,9 @@ class Agent:
         self.link: Link | None = None
         self.commands: CommandBus | None = None
         self.backend: Backend | None = None
+        # systemd: READY/STATUS/STOPPING, and WATCHDOG=1 only while every loop makes progress.
+        self.notifier = Notifier()
+        self.watchdog = Watchdog(self.notifier, watchdog_interval(), self.stop)
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -114,6 +121,7 @@ class Agent:
         p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
                      backend=self.backend_name, sink=self._spool_result, stop=self.stop)
         p.on_state = self._announce
+        p.watchdog = self.watchdog
         return p
 
     def _spool_result(self, pipeline: str, payload: dict[str, Any]) -> None:
@@ -127,16 +135,31 @@ class Agent:
         assert self.link is not None and self.commands is not None
         logger.info("lepton-agent %s: device %s, profile %s, %d pipelines", __version__, self.eff.device_id,
                     self.eff.profile.name, len(self.pipelines))
+        self.link.heartbeat = self.watchdog.register("mqtt")
         self.link.start()
         self.commands.start()
         for p in self.pipelines.values():
             if p.settings.enabled:
                 p.start()
+        # Ready once the first connection attempt has an outcome, whatever it is: the agent works offline too.
+        self.link.attempted.wait(self.eff.config.mqtt.connect_timeout_s + 2.0)
+        if not self.stop.is_set():
+            self.notifier.ready(self.status_line())
+            self.watchdog.start()
         # Telemetry (issue 7) starts here: a loop on self.stop publishing status_snapshot()-based
         # payloads on self.topics.telemetry every self.eff.profile.telemetry_interval_s.
-        self.stop.wait()
+        while not self.stop.wait(STATUS_EVERY_S):
+            if self.notifier.enabled:
+                self.notifier.status(self.status_line())
         self.shutdown()
         return 0
+
+    def status_line(self) -> str:
+        """The short state systemctl shows (sd_notify STATUS=)."""
+        link = "online" if self.link is not None and self.link.connected.is_set() else "offline"
+        running = sum(1 for p in self.pipelines.values() if p.stats.state == "running")
+        queued = self.spool.stats().queued if self.spool is not None else 0
+        return f"{link}; {running}/{len(self.pipelines)} pipelines running; {queued} results queued"
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -153,6 +176,7 @@ class Agent:
         """The ordered stop: pipelines, commands, goodbye + flush on the link, then the files."""
         deadline = time.monotonic() + SHUTDOWN_S
         self.stop.set()
+        self.notifier.stopping()
         for p in self.pipelines.values():
             p.halt()
         for p in self.pipelines.values():
@@ -167,6 +191,8 @@ class Agent:
             self.spool.close()
         if self.state is not None:
             self.state.close()
+        self.watchdog.join(1.0)
+        self.notifier.close()
         logger.info("stopped")
 
     # -- what the agent says about itself -----------------------------------------------------------

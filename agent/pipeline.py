@@ -30,6 +30,7 @@ from agent.manifest import ModelSpec, load_spec
 from agent.policy import PolicyStats, ResultPolicy
 from agent.profiles import Profile
 from agent.runtime import Model
+from agent.sdnotify import Heartbeat, Watchdog
 from agent.sources.base import EndOfStream, Source, open_source
 from agent.tasks.base import Runner
 
@@ -125,6 +126,9 @@ class Pipeline:
             self.spec = load_spec(settings.model, settings.labels)  # for status, before the model loads
         self.model: Model | None = None
         self.on_state: Callable[[], None] | None = None
+        self.watchdog: Watchdog | None = None
+        """When set, the loop registers a heartbeat and beats it each time round (systemd watchdog)."""
+        self.heartbeat: Heartbeat | None = None
         """Called when the state changes to running, stopped, failed or finished (status is re-announced)."""
         self.task_key: str | None = None
         self.policy = ResultPolicy(settings.policy, settings.threshold, self.stats.policy)
@@ -205,7 +209,34 @@ class Pipeline:
     def _stopping(self) -> bool:
         return self.stop.is_set() or self._halt.is_set()
 
+    @property
+    def _watch_name(self) -> str:
+        return f"pipeline:{self.name}"
+
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
+
     def _supervise(self) -> None:
+        try:
+            self._supervise_loop()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.unregister(self._watch_name)  # a loop that has ended cannot hang
+            self.heartbeat = None
+
+    def _backoff(self, delay: float) -> bool:
+        """Wait `delay` unless halted; True when halted or stopping. Beats while it waits."""
+        end = time.monotonic() + delay
+        while (left := end - time.monotonic()) > 0:
+            self._beat()
+            if self._halt.wait(min(left, 1.0)) or self.stop.is_set():
+                return True
+        return self.stop.is_set()
+
+    def _supervise_loop(self) -> None:
+        if self.watchdog is not None:
+            self.heartbeat = self.watchdog.register(self._watch_name)
         while not self._stopping():
             try:
                 self._run_once()
@@ -238,7 +269,7 @@ class Pipeline:
             self.stats.restarts += 1
             self._set_state("restarting")
             logger.info("pipeline %s: restarting in %.1f s", self.name, delay)
-            if self._halt.wait(delay) or self.stop.is_set():
+            if self._backoff(delay):
                 break
         self._set_state("stopped")
 
@@ -281,6 +312,7 @@ class Pipeline:
         next_due = 0.0
         rate_t, rate_n = time.monotonic(), 0
         while not self._stopping():
+            self._beat()
             item = source.read(READ_TIMEOUT_S)
             if item is None:
                 continue

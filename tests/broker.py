@@ -207,5 +207,16 @@ class Watcher:
         self.stop()
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, step: float = 0.05) -> bool:
+    """Wait for a condition that has no event of its own (re-checked every `step`), up to `timeout`."""
+    done = threading.Event()
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        done.wait(step)
+    return True
+
+
 def wait_readable(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])

@@ -51,6 +51,7 @@ from agent.config import MqttSection, parse_broker_url
 from agent.errors import BadInput
 from agent.link.spool import Spool
 from agent.link.topics import SCHEMA_VERSION, Topics
+from agent.sdnotify import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +218,12 @@ class Link:
             self._tls = tls_context(settings)
         self.stats = LinkStats()
         self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        """Set once the broker has acknowledged the command subscriptions of the current connection."""
+        self.attempted = threading.Event()
+        """Set once the first connection attempt has an outcome (CONNACK, refusal or error)."""
+        self.heartbeat: Heartbeat | None = None
+        """When set, the link thread beats it each time round its loop (systemd watchdog)."""
         self.backoff = Backoff(settings.backoff_min_s, settings.backoff_max_s)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -314,6 +321,7 @@ class Link:
             self._wait(self.backoff.next_delay(refused=refused and not up))
 
     def _note_failure(self, url: str, exc: Exception, refused: bool) -> None:
+        self.attempted.set()
         self.stats.last_error = "connection refused" if refused else f"{type(exc).__name__}: {exc}"
         if refused:
             logger.info("mqtt %s: connection refused (no broker listening)", url)
@@ -322,14 +330,19 @@ class Link:
         else:
             logger.exception("mqtt %s: link failure", url)
 
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
+
     def _wait(self, delay: float) -> None:
         logger.debug("mqtt: next attempt in %.2f s", delay)
         end = time.monotonic() + delay
         while not self._closing.is_set() and not self.stop.is_set():
+            self._beat()
             left = end - time.monotonic()
             if left <= 0:
                 return
-            self._select([self._wake_r], [], left)
+            self._select([self._wake_r], [], min(left, 1.0))
             self._drain_wake()
         # Stopping while disconnected: there is no broker to say goodbye to.
 
@@ -392,6 +405,7 @@ class Link:
         """Run one connection until it is lost or the agent closes."""
         client = s.client
         while not s.lost:
+            self._beat()
             sock = client.socket()
             if sock is None:
                 return
@@ -517,6 +531,7 @@ class Link:
             self.stats.disconnects += 1
             logger.info("mqtt %s: disconnected (%s)", s.url, s.reason or "closed")
         self.connected.clear()
+        self.subscribed.clear()
         sock = s.client.socket()
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -531,6 +546,7 @@ class Link:
     def _on_connect(self, s: _Session, client: mqtt.Client, userdata: Any, flags: Any,
                     reason: ReasonCode, properties: Properties | None) -> None:
         s.last_inbound = time.monotonic()
+        self.attempted.set()
         if reason.is_failure:
             s.lost = True
             s.reason = f"refused by the broker: {reason}"
@@ -542,7 +558,7 @@ class Link:
         s.more = True
         self.stats.connects += 1
         self.stats.last_connect_s = time.time()
-        client.subscribe([(t, 1) for t in self.topics.command_topics(self.groups)])
+        client.subscribe([(t, 1) for t in self._subscriptions()])
         self._publish_birth(s)
         self.connected.set()
         logger.info("mqtt %s: connected (bdseq %d)", s.url, s.bdseq)
@@ -572,16 +588,43 @@ class Link:
         s.acked.append(row[0])
         s.more = True
 
+    def _subscriptions(self) -> list[str]:
+        # Our own status topic too: see _stale_will.
+        return [*self.topics.command_topics(self.groups), self.topics.status]
+
     def _on_message(self, s: _Session, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         s.last_inbound = time.monotonic()
+        if message.topic == self.topics.status:
+            self._stale_will(s, message)
+            return
         self.on_command(message.topic, bytes(message.payload))
+
+    def _stale_will(self, s: _Session, message: mqtt.MQTTMessage) -> None:
+        """Re-announce when the broker publishes an earlier connection's will after our birth.
+
+        After a half-open connection the broker may only give up the old session (and publish
+        its retained `offline` will) once we are back: that would leave `offline` retained while
+        we are online. The retained copy delivered on subscribing is history, not news.
+        """
+        if message.retain:
+            return
+        try:
+            status = json.loads(message.payload)
+        except ValueError:
+            return
+        if isinstance(status, dict) and status.get("state") == "offline" and status.get("bdseq") != s.bdseq:
+            logger.info("mqtt: an earlier connection's will (bdseq %s) replaced our status; re-announcing",
+                        status.get("bdseq"))
+            self._announce = True
+            self.wake()
 
     def _on_subscribe(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
                       reasons: list[ReasonCode], properties: Properties | None) -> None:
         s.last_inbound = time.monotonic()
-        for topic, code in zip(self.topics.command_topics(self.groups), reasons, strict=False):
+        for topic, code in zip(self._subscriptions(), reasons, strict=False):
             if code.is_failure:
                 logger.error("mqtt: subscription to %s refused: %s", topic, code)
+        self.subscribed.set()
 
     def _on_unsubscribe(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
                         reasons: list[ReasonCode], properties: Properties | None) -> None:

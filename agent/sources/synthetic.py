@@ -37,6 +37,9 @@ class SyntheticOptions(BaseModel):
     height: Annotated[int, Field(ge=8, le=4096)] = 240
     hold: Annotated[int, Field(ge=1)] | None = None
     count: Annotated[int, Field(ge=1)] | None = None
+    stall_after: Annotated[int, Field(ge=0)] | None = None
+    """After this many frames `read()` blocks until closed, as a wedged camera driver does
+    (for testing the watchdog)."""
 
 
 def _is_test_uri(uri: str) -> bool:
@@ -91,6 +94,9 @@ class SyntheticSource(Source):
         count = self.settings.count
         if count is not None and self._index >= count:
             raise EndOfStream(f"{self.uri}: {count} frames given")
+        if self.settings.stall_after is not None and self._index >= self.settings.stall_after:
+            self._closed.wait()
+            raise EndOfStream(f"{self.uri}: closed")
         fps = self.settings.fps
         media_t = self._index / fps if fps else time.monotonic() - self._t0
         if fps:
