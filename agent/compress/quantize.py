@@ -119,7 +119,7 @@ def quantize_model(
         raise BadInput(f"-o {out}: would overwrite the model being quantized")
     if scheme == "int8" and not calib:
         raise BadInput("--calib: int8 needs calibration inputs (images, video files, or .npy/.npz arrays)")
-    quantizer, recipe, qtyping = _quantizer_modules()
+    _quantizer_modules()  # a clear error before any work when the extra is missing
     from agent.compress import graph
     from agent.compress.calibration import collect_samples
 
@@ -150,17 +150,7 @@ def quantize_model(
         float_ops_before = float_model.float_ops()
         del float_model
 
-        qt = quantizer.Quantizer(bytearray(content))
-        if scheme == "int8":
-            qt.load_quantization_recipe(recipe.static_wi8_ai8())
-        elif scheme == "dynamic":
-            qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
-        else:
-            qt.add_weight_only_config(
-                regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
-                algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING,
-            )
-        quantized = _run_quantizer(qt, spec.path, signature.key, samples, threads)
+        quantized = _run_quantizer(content, scheme, spec.path, signature.key, samples, threads)
 
         quantized_path = Path(tmp) / "quantized.tflite"
         quantized_path.write_bytes(quantized)
@@ -187,15 +177,31 @@ def quantize_model(
     )
 
 
-def _run_quantizer(qt: Any, origin: Path, key: str, samples: list[dict[str, Any]], threads: int | None) -> bytes:
+def _recipe(scheme: str) -> Any:
+    quantizer, recipe, qtyping = _quantizer_modules()
+    if scheme == "int8":
+        return recipe.static_wi8_ai8()
+    if scheme == "dynamic":
+        return recipe.dynamic_wi8_afp32()
+    from ai_edge_quantizer import recipe_manager
+
+    manager = recipe_manager.RecipeManager()
+    manager.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
+                                   algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING)
+    return manager.get_quantization_recipe()
+
+
+def _run_quantizer(content: bytes, scheme: str, origin: Path, key: str, samples: list[dict[str, Any]],
+                   threads: int | None) -> bytes:
+    quantizer, _, _ = _quantizer_modules()
     # The quantizer raises plain ValueError/RuntimeError/KeyError/NotImplementedError for
     # graphs it cannot handle; those are facts about the model, so they are bad input.
     problems = (ValueError, RuntimeError, KeyError, NotImplementedError, IndexError, TypeError)
     try:
         with _quiet("ai-edge-quantizer"):
-            calibration = None
-            if qt.need_calibration:
-                calibration = qt.calibrate({key: samples}, num_threads=threads or os.cpu_count() or 1)
+            recipe = _recipe(scheme)
+            qt = quantizer.Quantizer(bytearray(content), recipe)
+            calibration = _calibrate(content, recipe, key, samples, threads) if qt.need_calibration else None
             result = qt.quantize(calibration, enable_progress_bar=False, enable_progress_report=False)
     except problems as exc:
         logger.debug("quantizer failure", exc_info=True)
@@ -204,6 +210,26 @@ def _run_quantizer(qt: Any, origin: Path, key: str, samples: list[dict[str, Any]
     if result.quantized_model is None:
         raise LeptonError(f"{origin}: the quantizer returned no model")
     return bytes(result.quantized_model)
+
+
+def _calibrate(content: bytes, recipe: Any, key: str, samples: list[dict[str, Any]], threads: int | None) -> Any:
+    """Activation ranges as the min and max over every sample.
+
+    `Quantizer.calibrate` keeps a moving average (weight 0.95 on what came before), so
+    the first few samples decide the ranges: with a face-free photo first, BlazeFace's
+    face logits were clipped at 0 and no face could ever score above 0.5. The TFLite
+    converter takes the plain min/max; so do we, which also makes the order of the
+    calibration inputs irrelevant.
+    """
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(recipe)
+    calib = calibrator.Calibrator(bytes(content), num_threads=threads or os.cpu_count() or 1,
+                                  qsv_update_func=qsv_utils.min_max_update)
+    calib.calibrate({key: samples}, manager)
+    return calib.get_model_qsvs()
 
 
 def _check_runs(path: Path, origin: Path, samples: list[dict[str, Any]], backend: str | None,
@@ -216,6 +242,9 @@ def _check_runs(path: Path, origin: Path, samples: list[dict[str, Any]], backend
     if samples:
         for i, value in enumerate(samples[0].values()):
             model.quantize_into(i, np.asarray(value, dtype=np.float32))
+    else:
+        for i in range(len(model.inputs)):
+            model.input(i).fill(0)  # the arena starts with whatever memory held
     model.invoke()
     for i, info in enumerate(model.outputs):
         values = model.dequantize_output(i, np.empty(model.output(i).size, np.float32))
