@@ -46,7 +46,9 @@ def _measure(spec_path: Path, frame: np.ndarray, whole: bool = True) -> tuple[in
 
 @pytest.mark.parametrize("size", [(480, 640), (1080, 1920)])
 def test_classification_hot_path(fixtures: Path, size: tuple[int, int]) -> None:
-    frame = cv2.resize(cv2.imread(str(fixtures / "images" / "green_1.png")), size[::-1])
+    image = cv2.imread(str(fixtures / "images" / "green_1.png"))
+    assert image is not None
+    frame = cv2.resize(image, size[::-1])
     grown, peak = _measure(fixtures / "colors_int8.json", frame)
     assert frame.nbytes >= 921_600
     assert peak < SMALL, peak  # a copy of the frame would be ≥ 921,600 bytes
@@ -58,6 +60,7 @@ def test_float_tensor_is_written_in_place(models_dir: Path, fixtures: Path) -> N
     # tensor, or a float image made before quantization, would show in the peak. (Its raw-tensor
     # result lists 2,304 scores, which is output, not hot-path work: only preprocess + invoke here.)
     frame = cv2.imread(str(fixtures / "images" / "red_1.png"))
+    assert frame is not None
     grown, peak = _measure(models_dir / "face" / "face_detection_full_range.tflite", frame, whole=False)
     assert peak < SMALL, peak
     assert grown < 1024, grown

@@ -36,8 +36,8 @@ def test_float_mean_std(fixtures: Path) -> None:
     frame = _frame(seed=2)
     pre(frame)
     h, w = model.inputs[0].shape[1:3]
-    ref = cv2.cvtColor(cv2.resize(frame, (w, h)), cv2.COLOR_BGR2RGB).astype(np.float32)
-    ref = (ref - np.array([10, 20, 30], np.float32)) / np.array([2, 4, 8], np.float32)
+    rgb = cv2.cvtColor(cv2.resize(frame, (w, h)), cv2.COLOR_BGR2RGB).astype(np.float32)
+    ref = (rgb - np.array([10, 20, 30], np.float32)) / np.array([2, 4, 8], np.float32)
     assert np.allclose(model.input()[0], ref, atol=1e-5)
 
 
