@@ -99,7 +99,8 @@ def _fleet_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="a float .tflite, or our manifest .json")
     p.add_argument("--calib", nargs="+", metavar="INPUT", default=[],
                    help="calibration inputs: images, folders, globs, video files, .npy/.npz arrays")
-    p.add_argument("--scheme", choices=("int8", "dynamic", "fp16"), default="int8")
+    p.add_argument("--scheme", choices=("int8", "dynamic", "fp16", "float32"), default="int8",
+                   help="int8 (needs --calib), dynamic, fp16, or float32 (the rewritten float model)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .tflite to write (manifest: OUT .json)")
     p.add_argument("--labels", metavar="FILE", help="labels, one per line (overrides the manifest's)")
     p.add_argument("--limit", type=_positive, default=500, help="calibration samples at most (default 500)")
@@ -114,6 +115,7 @@ def _fleet_parser() -> argparse.ArgumentParser:
                    help="evaluation inputs: images, folders, globs, video files")
     p.add_argument("--runs", type=_positive, default=50, help="timed runs per model and thread count (default 50)")
     p.add_argument("--limit", type=_positive, default=1000, help="evaluation items at most (default 1000)")
+    p.add_argument("--task", help="run every model as this task instead of its manifest's or the recognised one")
     p.add_argument("--write-manifest", metavar="PATH", help="write BASE's manifest with the variants and their "
                    "measured figures (all files beside PATH)")
     p.add_argument("--format", choices=("table", "json"), default="table")
@@ -248,7 +250,8 @@ def _cmd_compare(args: argparse.Namespace, out: TextIO) -> int:
     if len(args.models) < 2:
         raise BadInput("compare needs BASE and at least one VARIANT")
     report = compare(args.models[0], args.models[1:], args.eval_inputs, runs=args.runs, threads=args.threads,
-                     backend=args.backend, xnnpack=not args.no_xnnpack, delegate=args.delegate, limit=args.limit)
+                     backend=args.backend, xnnpack=not args.no_xnnpack, delegate=args.delegate, limit=args.limit,
+                     task=args.task)
     if args.write_manifest:
         write_variants_manifest(report, args.write_manifest)
     out.write((json.dumps(report) if args.format == "json" else format_table(report)) + "\n")

@@ -115,9 +115,9 @@ def _eval_items(inputs: list[str], limit: int) -> list[np.ndarray[Any, Any]]:
 
 
 def _build(spec: ModelSpec, backend: str | None, threads: int, xnnpack: bool,
-           delegate: str | None) -> Inference:
+           delegate: str | None, task: str | None) -> Inference:
     model = Model(spec.path, backend=backend, threads=threads, xnnpack=xnnpack, delegate=delegate)
-    inference = Inference(model, create_task(model, spec))
+    inference = Inference(model, create_task(model, spec, task))
     if inference.item_kind != "image":
         raise BadInput(f"{spec.manifest_path or spec.path}: task {inference.task.key!r} takes "
                        f"{inference.item_kind} items; compare evaluates images and video frames for now")
@@ -135,6 +135,7 @@ def compare(
     xnnpack: bool = True,
     delegate: str | None = None,
     limit: int = 1000,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """Measure BASE and every VARIANT side by side; the JSON report (see the module docstring)."""
     base_spec = load_spec(base_arg)
@@ -142,17 +143,17 @@ def compare(
     thread_counts = sorted({1, many})
     items = _eval_items(eval_inputs, limit)
 
-    first = _build(base_spec, backend, many, xnnpack, delegate)
+    first = _build(base_spec, backend, many, xnnpack, delegate, task)
     specs = [base_spec] + [_like_base(load_spec(v), base_spec, first.model) for v in variant_args]
     contenders = [Contender(arg, spec, "base" if k == 0 else "variant")
                   for k, (arg, spec) in enumerate(zip([base_arg, *variant_args], specs, strict=True))]
-    inferences = [first] + [_build(c.spec, backend, many, xnnpack, delegate) for c in contenders[1:]]
+    inferences = [first] + [_build(c.spec, backend, many, xnnpack, delegate, task) for c in contenders[1:]]
 
     _agreement_pass(contenders, inferences, items)
     profiles = [_profile(inf.model) for inf in inferences]
     del inferences, first
     for n in thread_counts:
-        _latency_pass(contenders, items, n, runs, backend, xnnpack, delegate)
+        _latency_pass(contenders, items, n, runs, backend, xnnpack, delegate, task)
 
     base = contenders[0]
     base_size = base.spec.path.stat().st_size
@@ -227,8 +228,8 @@ def _agreement_pass(contenders: list[Contender], inferences: list[Inference],
 
 
 def _latency_pass(contenders: list[Contender], items: list[np.ndarray[Any, Any]], threads: int, runs: int,
-                  backend: str | None, xnnpack: bool, delegate: str | None) -> None:
-    inferences = [_build(c.spec, backend, threads, xnnpack, delegate) for c in contenders]
+                  backend: str | None, xnnpack: bool, delegate: str | None, task: str | None) -> None:
+    inferences = [_build(c.spec, backend, threads, xnnpack, delegate, task) for c in contenders]
     for r in range(max(3, runs // 10)):
         for inf in inferences:
             inf.run(items[r % len(items)])

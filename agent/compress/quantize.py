@@ -7,7 +7,9 @@ TensorFlow) then calibrates and quantizes:
 
 - `int8`: int8 weights and activations, int8 input and output (static range; needs --calib);
 - `dynamic`: int8 weights, float activations quantized on the fly (no calibration);
-- `fp16`: float16 weights widened at run time (no calibration).
+- `fp16`: float16 weights widened at run time (no calibration);
+- `float32`: the rewritten float model alone (fp16 weights folded, activations fused,
+  orphans removed, a signature added): the reference the other variants are measured by.
 
 The result must load, allocate and run in our runtime before anything is written. The
 model and its manifest (DESIGN §4, preprocessing and decoder settings carried over) go
@@ -40,7 +42,7 @@ from agent.runtime import Model
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = ("int8", "dynamic", "fp16")
+SCHEMES = ("int8", "dynamic", "fp16", "float32")
 DEFAULT_CALIBRATION_LIMIT = 500
 
 
@@ -150,7 +152,10 @@ def quantize_model(
         float_ops_before = float_model.float_ops()
         del float_model
 
-        quantized = _run_quantizer(content, scheme, spec.path, signature.key, samples, threads)
+        if scheme == "float32":
+            quantized = content  # the rewritten float model itself: the reference the others are measured by
+        else:
+            quantized = _run_quantizer(content, scheme, spec.path, signature.key, samples, threads)
 
         quantized_path = Path(tmp) / "quantized.tflite"
         quantized_path.write_bytes(quantized)
@@ -161,7 +166,8 @@ def quantize_model(
         logger.debug("float ops before: %s", float_ops_before)
 
     manifest = _manifest(spec, out, quantized, task, scheme, {
-        "tool": f"ai-edge-quantizer {_version('ai-edge-quantizer')}",
+        "tool": f"lepton-agent {_version('lepton-agent')}" if scheme == "float32"
+        else f"ai-edge-quantizer {_version('ai-edge-quantizer')}",
         "scheme": scheme,
         "calibration_items": len(samples),
         "source": {"file": spec.path.name, "size": len(source), "sha256": hashlib.sha256(source).hexdigest()},
