@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from compress_data import colour_pictures
+from compress_inputs import colour_pictures
 from conftest import run_cli
 
 from agent.manifest import load_spec

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from compress_data import colour_pictures, face_photos
+from compress_inputs import colour_pictures, face_photos
 from conftest import run_cli
 
 pytest.importorskip(

@@ -100,6 +100,13 @@ def test_truncated_model(fixtures: Path, tmp_path: Path) -> None:
 
 
 @needs_quantizer
+def test_sparse_weights(models_dir: Path, fixtures: Path, tmp_path: Path) -> None:
+    source = models_dir / "face" / "face_detection_full_range_sparse.tflite"
+    _refused(tmp_path / "q.tflite", str(source), "--calib", str(fixtures / "images"),
+             fragments=(str(source), "sparse weights (DENSIFY ops) are not supported"))
+
+
+@needs_quantizer
 def test_failure_leaves_an_existing_output_alone(fixtures: Path, tmp_path: Path) -> None:
     out = tmp_path / "q.tflite"
     out.write_bytes(b"the model that was there before")

@@ -308,6 +308,11 @@ def prepare(content: bytes, origin: str = "model", *, fuse: bool = True) -> tupl
         raise BadInput(f"{origin}: already quantized (tensor {already[0]!r} is integer); give the float model")
     report = Preparation()
     upgrade_opcodes(model, report)
+    densify = [sg for sg in model.subgraphs if any(op_code(model, op) == Op.DENSIFY for op in sg.operators)]
+    if densify:
+        # The quantizer takes the densified weights for activations and writes a model no runtime loads.
+        raise BadInput(f"{origin}: sparse weights (DENSIFY ops) are not supported by the quantizer; "
+                       "quantize the dense version of the model")
     fold_fp16_weights(model, report)
     if fuse:
         fuse_activations(model, report)

@@ -244,7 +244,8 @@ def _check_runs(path: Path, origin: Path, samples: list[dict[str, Any]], backend
     try:
         model = Model(path, backend=backend, threads=threads)
     except BadInput as exc:
-        raise LeptonError(f"{origin}: the quantized model does not load: {exc}") from None
+        reason = str(exc).removeprefix(f"{path}: ")
+        raise LeptonError(f"{origin}: the quantizer wrote a model the runtime refuses: {reason}") from None
     if samples:
         for i, value in enumerate(samples[0].values()):
             model.quantize_into(i, np.asarray(value, dtype=np.float32))

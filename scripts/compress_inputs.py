@@ -1,4 +1,4 @@
-"""Inputs for the compression tests: real photos from scikit-image, generated colour pictures.
+"""Calibration and evaluation inputs for the compression tests and scripts/bench_compress.py.
 
 Calibration and evaluation never share a picture: BlazeFace calibrates on scikit-image's
 photos without people plus mosaics of the first 48 LFW faces it ships, and is evaluated on
@@ -20,8 +20,11 @@ COLOR_LABELS = ("red", "green", "blue")
 EVAL_SEED = 4040
 EVAL_PER_CLASS = 50
 
+# Scenes a camera might see. Not the colour chart or the retina scan: calibration ranges are the
+# min/max over every sample, and on those two BlazeFace back-camera's face logits reach -9136,
+# which leaves no int8 step to tell a face from a wall (raw-output SNR -7 dB instead of +10).
 _CALIBRATION_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
-                       "ihc.png", "horse.png", "retina.jpg", "color.png")
+                       "ihc.png", "horse.png")
 _EVALUATION_PHOTOS = ("astronaut.png", "camera.png")
 
 
