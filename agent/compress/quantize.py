@@ -117,8 +117,10 @@ def quantize_model(
     if not out.parent.is_dir():
         raise BadInput(f"-o {out}: folder {out.parent} does not exist")
     spec = load_spec(model_arg, labels)
-    if spec.path.resolve() == out.resolve():
-        raise BadInput(f"-o {out}: would overwrite the model being quantized")
+    if spec.path.resolve() == out.resolve() or (
+        spec.manifest_path is not None and spec.manifest_path.resolve() == out.with_suffix(".json").resolve()
+    ):
+        raise BadInput(f"-o {out}: would overwrite the model being quantized or its manifest")
     if scheme == "int8" and not calib:
         raise BadInput("--calib: int8 needs calibration inputs (images, video files, or .npy/.npz arrays)")
     _quantizer_modules()  # a clear error before any work when the extra is missing
@@ -149,7 +151,6 @@ def quantize_model(
             from agent.tasks.base import recognise
 
             task = recognise(float_model).task
-        float_ops_before = float_model.float_ops()
         del float_model
 
         if scheme == "float32":
@@ -163,7 +164,6 @@ def quantize_model(
         if scheme == "int8" and float_ops:
             logger.warning("%s: ops still computing in float after int8 quantization: %s "
                            "(the quantizer does not support them)", spec.path, ", ".join(float_ops))
-        logger.debug("float ops before: %s", float_ops_before)
 
     manifest = _manifest(spec, out, quantized, task, scheme, {
         "tool": f"lepton-agent {_version('lepton-agent')}" if scheme == "float32"
