@@ -353,7 +353,7 @@ class Model:
 
     def float_ops(self) -> list[str]:
         """Ops that compute in floating point (empty for a fully integer model)."""
-        dtypes = {int(d["index"]): np.dtype(d["dtype"]) for d in self._interp.get_tensor_details()}
+        dtypes = self.tensor_dtypes()
         found: dict[str, None] = {}
         for op in self.ops:
             if op.name in _BOUNDARY_OPS or op.name in _STATE_OPS:
@@ -366,8 +366,21 @@ class Model:
         return list(found)
 
     def tensor_dtypes(self) -> dict[int, np.dtype[Any]]:
-        """Every tensor's dtype by index (constants included)."""
-        return {int(d["index"]): np.dtype(d["dtype"]) for d in self._interp.get_tensor_details()}
+        """Every tensor's dtype by index (constants included).
+
+        Not `get_tensor_details()`: it also reads each tensor's sparsity parameters, and
+        tflite-runtime 2.14 crashes doing that on sparse weights (BlazeFace full-range sparse).
+        """
+        native = self._interp._interpreter
+        found: dict[int, np.dtype[Any]] = {}
+        for index in range(native.NumTensors(0)):
+            try:
+                kind = native.TensorType(index, 0)
+            except ValueError:  # a tensor without a type (tflite-runtime says so by raising)
+                continue
+            if kind:
+                found[index] = np.dtype(kind)
+        return found
 
     def delegation(self) -> Delegation:
         """Which of the model's ops the delegate (XNNPACK by default) took, and which it left.
