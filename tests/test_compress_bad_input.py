@@ -130,3 +130,14 @@ def test_int8_needs_calibration(fixtures: Path, tmp_path: Path) -> None:
 def test_lane_without_the_quantizer_says_so(fixtures: Path, tmp_path: Path) -> None:
     _refused(tmp_path / "q.tflite", str(fixtures / "colors_float.json"), "--calib", str(fixtures / "images"),
              fragments=("needs ai-edge-quantizer", "lepton-agent[compress]"))
+
+
+def test_output_would_overwrite_the_source(fixtures: Path, tmp_path: Path) -> None:
+    shutil.copy(fixtures / "colors_float.json", tmp_path / "m.json")  # names colors_float.tflite
+    shutil.copy(fixtures / "colors_float.tflite", tmp_path / "colors_float.tflite")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for out in ("colors_float.tflite", "m.tflite"):  # the model itself; a model whose manifest is m.json
+        r = run_cli("model", "quantize", str(tmp_path / "m.json"), "--calib", str(fixtures / "images"),
+                    "-o", str(tmp_path / out), prog="fleet")
+        assert r.rc == 2 and len(r.err_lines) == 1 and "would overwrite" in r.err_lines[0], r.err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
