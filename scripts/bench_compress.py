@@ -37,6 +37,7 @@ from agent.compress import graph  # noqa: E402
 from agent.compress.compare import compare  # noqa: E402
 from agent.compress.quantize import quantize_model  # noqa: E402
 from agent.errors import LeptonError  # noqa: E402
+from agent.manifest import load_spec  # noqa: E402
 
 FACE_MODELS = ("face_detection_short_range", "face_detection_full_range", "face_detection_back",
                "face_detection_full_range_sparse")
@@ -55,13 +56,9 @@ def measure(source: Path, calib: list[str], evaluation: list[str], work: Path, r
                      [str(files["int8"]), str(files["int8_unfused"])], evaluation,
                      runs=runs, threads=threads, task=task)
     rows = {variant: row for variant, row in zip(files, report["models"], strict=True)}
-    original = source.stat().st_size
-    if source.suffix == ".json":
-        original = files["float32"].stat().st_size
-        tflite = source.with_suffix(".tflite")
-        folded = graph.naive_fold_size(tflite.read_bytes())
-    else:
-        folded = graph.naive_fold_size(source.read_bytes())
+    model_file = load_spec(source).path  # the .tflite itself when SOURCE is a manifest
+    original = model_file.stat().st_size
+    folded = graph.naive_fold_size(model_file.read_bytes())
     float32, int8 = rows["float32"]["size_bytes"], rows["int8"]["size_bytes"]
     result: dict[str, Any] = {
         "model": source.name,
