@@ -106,6 +106,33 @@ def _fleet_parser() -> argparse.ArgumentParser:
     _runtime_options(p)
     p.set_defaults(func=_cmd_inspect)
 
+    p = model.add_parser("quantize", help="float model -> int8/dynamic/fp16 model and its manifest")
+    p.add_argument("model", metavar="MODEL", help="a float .tflite, or our manifest .json")
+    p.add_argument("--calib", nargs="+", metavar="INPUT", default=[],
+                   help="calibration inputs: images, folders, globs, video files, .npy/.npz arrays")
+    p.add_argument("--scheme", choices=("int8", "dynamic", "fp16", "float32"), default="int8",
+                   help="int8 (needs --calib), dynamic, fp16, or float32 (the rewritten float model)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .tflite to write (manifest: OUT .json)")
+    p.add_argument("--labels", metavar="FILE", help="labels, one per line (overrides the manifest's)")
+    p.add_argument("--limit", type=_positive, default=500, help="calibration samples at most (default 500)")
+    p.add_argument("--no-fuse", action="store_true", help="keep standalone RELUs (default: fuse into producers)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    _runtime_options(p)
+    p.set_defaults(func=_cmd_quantize)
+
+    p = model.add_parser("compare", help="size, latency, agreement and op profile of variants against a base")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="BASE then VARIANT... (.tflite or manifest .json)")
+    p.add_argument("--eval", nargs="+", required=True, metavar="INPUT", dest="eval_inputs",
+                   help="evaluation inputs: images, folders, globs, video files")
+    p.add_argument("--runs", type=_positive, default=50, help="timed runs per model and thread count (default 50)")
+    p.add_argument("--limit", type=_positive, default=1000, help="evaluation items at most (default 1000)")
+    p.add_argument("--task", help="run every model as this task instead of its manifest's or the recognised one")
+    p.add_argument("--write-manifest", metavar="PATH", help="write BASE's manifest with the variants and their "
+                   "measured figures (all files beside PATH)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    _runtime_options(p)
+    p.set_defaults(func=_cmd_compare)
+
     from agent.fleet import add_connection_options
 
     p = sub.add_parser("watch", help="print results (and status) as they arrive")
@@ -231,6 +258,37 @@ def _cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         for key, value in report.items():
             out.write(f"{key:<12} {value}\n")
     return 0
+
+
+def _cmd_quantize(args: argparse.Namespace, out: TextIO) -> int:
+    if args.delegate:
+        raise BadInput("--delegate: quantize runs on the CPU runtime")
+    from agent.compress.quantize import quantize_model
+
+    result = quantize_model(args.model, args.output, scheme=args.scheme, calib=args.calib, labels=args.labels,
+                            threads=args.threads, backend=args.backend, limit=args.limit, fuse=not args.no_fuse)
+    if args.format == "json":
+        out.write(json.dumps(result.as_dict()) + "\n")
+    else:
+        out.write(f"wrote {result.path} ({result.size} bytes, {result.size / result.float32_size:.1%} of the "
+                  f"float32 model's {result.float32_size}; {result.scheme}, {result.calibration_items} "
+                  f"calibration items) and {result.manifest_path}\n")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.compress.compare import compare, format_table, write_variants_manifest
+
+    if len(args.models) < 2:
+        raise BadInput("compare needs BASE and at least one VARIANT")
+    report = compare(args.models[0], args.models[1:], args.eval_inputs, runs=args.runs, threads=args.threads,
+                     backend=args.backend, xnnpack=not args.no_xnnpack, delegate=args.delegate, limit=args.limit,
+                     task=args.task)
+    if args.write_manifest:
+        write_variants_manifest(report, args.write_manifest)
+    out.write((json.dumps(report) if args.format == "json" else format_table(report)) + "\n")
+    return 0
+
 
 
 def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:

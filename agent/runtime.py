@@ -140,6 +140,21 @@ class OpInfo:
     outputs: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Delegation:
+    """How a delegate split the graph: its partitions, and the ops left to the builtin kernels."""
+
+    partitions: int
+    delegated: int
+    undelegated: tuple[OpInfo, ...]
+
+    def undelegated_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for op in self.undelegated:
+            counts[op.name] = counts.get(op.name, 0) + 1
+        return counts
+
+
 @dataclass
 class _Views:
     inputs: list[np.ndarray[Any, Any]] = field(default_factory=list)
@@ -349,6 +364,52 @@ class Model:
             if any(self.file.is_float(idx) for idx in op.inputs + op.outputs):
                 found[op.name] = None
         return list(found)
+
+    def tensor_dtypes(self) -> dict[int, np.dtype[Any]]:
+        """Every tensor's dtype by index (constants included).
+
+        Not `get_tensor_details()`: it also reads each tensor's sparsity parameters, and
+        tflite-runtime 2.14 crashes doing that on sparse weights (BlazeFace full-range sparse).
+        """
+        native = self._interp._interpreter
+        found: dict[int, np.dtype[Any]] = {}
+        for index in range(native.NumTensors(0)):
+            try:
+                kind = native.TensorType(index, 0)
+            except ValueError:  # a tensor without a type (tflite-runtime says so by raising)
+                continue
+            if kind:
+                found[index] = np.dtype(kind)
+        return found
+
+    def delegation(self) -> Delegation:
+        """Which of the model's ops the delegate (XNNPACK by default) took, and which it left.
+
+        After allocation the node list holds the original ops followed by one DELEGATE
+        node per partition; the ops a partition replaced are the ones between its
+        outputs and its inputs. What no partition covers runs on the builtin kernels.
+        """
+        nodes = self._interp._get_ops_details()
+        original = len(self.ops)
+        producer = {t: k for k, op in enumerate(self.ops) for t in op.outputs}
+        covered: set[int] = set()
+        partitions = nodes[original:]
+        for node in partitions:
+            boundary = {int(t) for t in node["inputs"]}
+            todo = [int(t) for t in node["outputs"]]
+            seen: set[int] = set()
+            while todo:
+                t = todo.pop()
+                if t in boundary or t in seen:
+                    continue
+                seen.add(t)
+                k = producer.get(t)
+                if k is None or k in covered:
+                    continue
+                covered.add(k)
+                todo.extend(i for i in self.ops[k].inputs if i >= 0)
+        left = tuple(op for k, op in enumerate(self.ops) if k not in covered)
+        return Delegation(partitions=len(partitions), delegated=len(covered), undelegated=left)
 
     @property
     def op_counts(self) -> dict[str, int]:
