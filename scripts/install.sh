@@ -5,7 +5,8 @@
 #   scripts/install.sh --prefix DIR --confdir DIR --no-systemd     # e.g. CI, into a temp dir
 #   sudo scripts/install.sh --uninstall [--purge]  # remove what it added; --purge also config and state
 #
-# Options: --prefix DIR (default /opt/lepton), --confdir DIR (default /etc/lepton),
+# Options: --prefix DIR (default /opt/lepton), --confdir DIR (default /etc/lepton), --statedir DIR
+# (default /var/lib/lepton: what --purge removes; systemd's StateDirectory= makes it),
 # --backend auto|litert|tflite (default auto: ai-edge-litert where a wheel exists, else tflite-runtime),
 # --no-systemd (no user, no unit), --no-apt (skip apt-get), --uninstall, --purge.
 set -euo pipefail
@@ -27,6 +28,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; PREFIX=$2; shift 2 ;;
     --confdir) [ $# -ge 2 ] || die "--confdir needs a directory"; CONFDIR=$2; shift 2 ;;
+    --statedir) [ $# -ge 2 ] || die "--statedir needs a directory"; STATEDIR=$2; shift 2 ;;
     --backend) [ $# -ge 2 ] || die "--backend needs auto, litert or tflite"; BACKEND=$2; shift 2 ;;
     --no-systemd) SYSTEMD=0; shift ;;
     --no-apt) APT=0; shift ;;

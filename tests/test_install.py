@@ -1,0 +1,69 @@
+"""scripts/install.sh into a temporary prefix: idempotent, config never overwritten, unit rendered and
+verified, --uninstall keeps config unless --purge."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "install.sh"
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("LEPTON_BACKEND") == "tflite-runtime",
+    reason="the installer builds its own venv; one lane is enough (it runs in the ai-edge-litert lane)",
+)
+
+
+def _install(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=900, check=False)
+
+
+def test_install_is_idempotent_keeps_config_and_uninstalls(tmp_path: Path) -> None:
+    prefix, confdir = tmp_path / "opt", tmp_path / "etc"
+    args = ("--prefix", str(prefix), "--confdir", str(confdir), "--statedir", str(tmp_path / "state"),
+            "--no-systemd", "--no-apt")
+    first = _install(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    agent = prefix / "venv" / "bin" / "lepton-agent"
+    version = subprocess.run([str(agent), "--version"], capture_output=True, text=True, timeout=60, check=False)
+    assert version.returncode == 0 and version.stdout.startswith("lepton-agent ")
+    config = confdir / "agent.toml"
+    assert config.read_text() == (ROOT / "docs" / "agent.example.toml").read_text()
+    assert config.stat().st_mode & 0o777 == 0o640
+    config.write_text(config.read_text() + "\n# edited by the operator\n")
+    edited = config.read_text()
+
+    unit = prefix / "share" / "lepton-agent.service"
+    text = unit.read_text()
+    assert f"ExecStart={agent} run --config {config}" in text
+    if shutil.which("systemd-analyze"):
+        verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert verify.returncode == 0, verify.stderr
+        security = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+                                  capture_output=True, text=True, timeout=60, check=False)
+        m = re.search(r"Overall exposure level for lepton-agent\.service: (\d+\.\d+)", security.stdout)
+        assert m and float(m.group(1)) <= 2.0, security.stdout
+
+    second = _install(*args)  # idempotent: nothing breaks, the operator's config stays
+    assert second.returncode == 0, second.stderr
+    assert "kept existing" in second.stdout and config.read_text() == edited
+
+    removed = _install(*args, "--uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert not prefix.exists() and config.read_text() == edited
+    purged = _install(*args, "--uninstall", "--purge")
+    assert purged.returncode == 0 and not confdir.exists()
+
+
+def test_bad_options_exit_2() -> None:
+    r = _install("--backend", "onnx")
+    assert r.returncode == 2 and "--backend must be auto, litert or tflite" in r.stderr
+    r = _install("--frobnicate")
+    assert r.returncode == 2 and "unknown option --frobnicate" in r.stderr
