@@ -26,7 +26,7 @@ ensure_venv() {
   if [ "$lane" = tflite ]; then
     "${pip[@]}" -e ".[tflite,test]" "numpy<2" "opencv-python-headless<4.11"
   else
-    "${pip[@]}" -e ".[litert,test,dev]"
+    "${pip[@]}" -e ".[litert,test,dev,audio]"
   fi
   echo "$want" > "$stamp"
 }
