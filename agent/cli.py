@@ -182,9 +182,11 @@ def _audio_run(args: argparse.Namespace) -> bool:
 def _audio_runner(args: argparse.Namespace) -> tuple[Any, Any]:
     from agent.tasks import create_runner
 
-    if args.threads is None:
-        # Wake word models are tiny: a second thread only adds wake-ups to every invoke.
-        args.threads = 1
+    from agent.tasks.wakeword import MODEL_OPTIONS
+
+    # Streaming audio models run as the reference runs them (see MODEL_OPTIONS).
+    args.threads = args.threads or MODEL_OPTIONS["threads"]
+    args.no_xnnpack = args.no_xnnpack or not MODEL_OPTIONS["xnnpack"]
     spec, model = _load(args)
     post: dict[str, Any] = {}
     if getattr(args, "threshold", None) is not None:

@@ -47,6 +47,12 @@ FEATURES = 40
 """Channels of the micro frontend's filterbank."""
 DEFAULT_REFRACTORY_S = 2.0
 
+MODEL_OPTIONS: dict[str, Any] = {"threads": 1, "xnnpack": False}
+"""How to build a wake word `Model`. One thread: the models are tiny and a thread pool only adds
+wake-ups. No XNNPACK: its int8 kernels round differently from the builtin ones the reference
+(pymicro-wakeword, and TFLM on ESPHome) runs, which moves probabilities by a step or two; with the
+builtin kernels of ai-edge-litert every probability equals the reference's bit for bit."""
+
 
 @dataclass(frozen=True)
 class WakeWordSettings:
