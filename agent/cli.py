@@ -181,7 +181,6 @@ def _audio_run(args: argparse.Namespace) -> bool:
 
 def _audio_runner(args: argparse.Namespace) -> tuple[Any, Any]:
     from agent.tasks import create_runner
-
     from agent.tasks.wakeword import MODEL_OPTIONS
 
     # Streaming audio models run as the reference runs them (see MODEL_OPTIONS).
