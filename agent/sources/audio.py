@@ -97,13 +97,14 @@ class StdinSource(Source):
 
     def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
         super().__init__(uri, options)
-        stream = self.options.get("stream", sys.stdin.buffer)
-        self._fd: int = stream.fileno()
+        self._fd = -1
         self._carry = b""
         self._samples = 0
         self._eof = False
 
     def open(self) -> None:
+        stream = self.options.get("stream") or sys.stdin.buffer
+        self._fd = stream.fileno()
         self._eof = False
 
     def read(self, timeout: float) -> Item | None:
