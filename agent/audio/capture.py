@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import select
 import shutil
 import subprocess
@@ -72,6 +73,10 @@ class Capture(abc.ABC):
         return frames * self.format.frame_bytes
 
 
+# Source locations in arecord's and alsa-lib's messages say nothing to a user.
+_ALSA_NOISE = re.compile(r"^(ALSA lib \S+ |arecord: \w+:\d+: )")
+
+
 def is_overrun_message(line: str) -> bool:
     """arecord's xrun report: `overrun!!! (at least 12.345 ms long)`."""
     return line.startswith("overrun!!!")
@@ -86,8 +91,9 @@ class ArecordCapture(Capture):
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = bytearray()
         self._err_tail = bytearray()
-        self.last_error = ""
-        """The last line arecord wrote on stderr that was not an overrun report."""
+        self._started = False
+        self.errors: list[str] = []
+        """What arecord said on stderr, overrun reports aside (the last few lines)."""
 
     @property
     def pid(self) -> int | None:
@@ -124,8 +130,9 @@ class ArecordCapture(Capture):
                 self._pump(remaining)
             except DeviceLost:
                 self.stop()
-                detail = self.last_error or "arecord exited"
-                raise BadInput(f"mic {cmd[2]}: cannot open: {detail}") from None
+                detail = "; ".join(self.errors) or "arecord exited"
+                raise BadInput(f"cannot open ALSA device {cmd[2]!r}: {detail}") from None
+        self._started = True
 
     def _pump(self, timeout: float) -> None:
         """Wait up to `timeout` for output; take what arrived on stdout and stderr."""
@@ -141,7 +148,7 @@ class ArecordCapture(Capture):
             if not data:
                 proc.wait()
                 self._take_stderr(err)
-                raise DeviceLost(self.last_error or f"arecord exited with status {proc.returncode}")
+                raise DeviceLost("; ".join(self.errors[-1:]) or f"arecord exited with status {proc.returncode}")
             self._buffer += data
 
     def _take_stderr(self, fd: int) -> None:
@@ -158,8 +165,11 @@ class ArecordCapture(Capture):
                 self.overruns += 1
                 logger.debug("arecord: %s", line)
             elif line and not line.startswith("Recording "):
-                self.last_error = line
-                logger.warning("arecord: %s", line)
+                line = _ALSA_NOISE.sub("", line)
+                self.errors = [*self.errors[-3:], line]
+                if self._started:
+                    # Before that, start() reports it as the reason the device cannot be opened.
+                    logger.warning("arecord: %s", line)
 
     def read(self, timeout: float) -> bytes | None:
         want = self.block_bytes()
