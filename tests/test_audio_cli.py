@@ -59,7 +59,7 @@ def test_infer_reads_raw_pcm_on_stdin(models_dir: Path) -> None:
 
 
 def test_refractory_and_threshold_options(models_dir: Path) -> None:
-    mycroft = [str(p) for p in RECORDINGS if word_of(p) == "hey_mycroft"][0]
+    mycroft = next(str(p) for p in RECORDINGS if word_of(p) == "hey_mycroft")
     default = _lines(run_cli("infer", _manifest(models_dir, "hey_mycroft"), mycroft))
     every = _lines(run_cli("infer", _manifest(models_dir, "hey_mycroft"), mycroft, "--refractory", "0"))
     strict = _lines(run_cli("infer", _manifest(models_dir, "hey_mycroft"), mycroft, "--threshold", "0.999"))
@@ -100,7 +100,8 @@ for argv in (["infer", sys.argv[1], sys.argv[2]], ["bench", sys.argv[1], sys.arg
     finally:
         captured, sys.stdout = sys.stdout.getvalue(), real
     out[argv[0] + "_out"] = captured
-out["cv2"] = sorted(m for m in sys.modules if m == "cv2" or m.startswith(("cv2.", "agent.vision", "agent.sources.files")))
+visual = ("cv2", "agent.vision", "agent.sources.files")
+out["cv2"] = sorted(m for m in sys.modules if m.startswith(visual))
 print(json.dumps(out))
 """
 
