@@ -183,9 +183,8 @@ def _audio_runner(args: argparse.Namespace) -> tuple[Any, Any]:
     from agent.tasks import create_runner
     from agent.tasks.wakeword import MODEL_OPTIONS
 
-    # Streaming audio models run as the reference runs them (see MODEL_OPTIONS).
+    # Streaming audio models are tiny (see MODEL_OPTIONS; --no-xnnpack: EXACT_MODEL_OPTIONS).
     args.threads = args.threads or MODEL_OPTIONS["threads"]
-    args.no_xnnpack = args.no_xnnpack or not MODEL_OPTIONS["xnnpack"]
     spec, model = _load(args)
     post: dict[str, Any] = {}
     if getattr(args, "threshold", None) is not None:

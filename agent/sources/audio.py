@@ -170,7 +170,7 @@ class MicSource(Source):
             device=parse_mic_uri(uri),
             rate=_option(opts, "rate", int, None, 8000, 192000),
             channels=_option(opts, "channels", int, 1, 1, 32),
-            block_ms=_option(opts, "block_ms", int, 30, 10, 1000),
+            block_ms=_option(opts, "block_ms", int, 100, 10, 1000),
             open_timeout_s=_option(opts, "open_timeout_s", float, 2.0, 0.1, 60.0),
         )
         self.backoff_s = _option(opts, "backoff_s", float, 0.5, 0.01, 60.0)
