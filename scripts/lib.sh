@@ -15,7 +15,7 @@ ensure_mosquitto() {
 
 # arecord (alsa-utils) and PortAudio: the tests capture from a real ALSA device (a file-backed PCM).
 ensure_audio_tools() {
-  command -v arecord >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q libportaudio && return 0
+  command -v arecord >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep libportaudio >/dev/null && return 0
   echo "installing alsa-utils and libportaudio2 (apt-get)" >&2
   as_root apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq alsa-utils libportaudio2 >/dev/null
