@@ -15,6 +15,10 @@ here when it fires there:
   window is full;
 - a wake word is detected when that mean is strictly above `probability_cutoff`.
 
+The probabilities themselves are the interpreter's: with the builtin kernels
+(`EXACT_MODEL_OPTIONS`) LiteRT gives the reference's bit for bit; with XNNPACK
+(the default, several times faster) one can land an output step away.
+
 The mean is kept as an exact integer sum (every dequantized float32 value is a
 dyadic rational), so it equals `statistics.mean` to the last bit without its
 cost. After a detection the same wake word is not reported again for
