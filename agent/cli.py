@@ -44,6 +44,24 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--delegate", help="delegate library, e.g. edgetpu (libedgetpu.so.1)")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.0 <= value <= 3600.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 3600 seconds")
+    return value
+
+
+def _audio_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("audio (wake word models; INPUT a .wav, - for raw 16 kHz PCM on stdin, mic: or mic:NAME)")
+    g.add_argument("--refractory", type=_seconds, metavar="S",
+                   help="seconds after a detection before the same wake word is reported again (default 2)")
+    g.add_argument("--mic-backend", choices=("arecord", "sounddevice"), default="arecord",
+                   help="how mic: inputs are captured (default arecord)")
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a .tflite, or a manifest .json (ours or microWakeWord v2)")
     p.add_argument("--labels", metavar="FILE", help="labels, one per line (overrides the manifest's)")
@@ -68,6 +86,7 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_threshold, help="minimum score, 0..1")
     p.add_argument("--top-k", type=_positive, help="classes to report")
     p.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    _audio_options(p)
     _runtime_options(p)
     p.set_defaults(func=_cmd_infer)
 
@@ -203,7 +222,81 @@ def _summary(result: dict[str, Any]) -> str:
     return json.dumps(result)
 
 
+def _is_audio_input(arg: str) -> bool:
+    return arg in ("-", "mic") or arg.startswith("mic:") or arg.lower().endswith((".wav", ".wave"))
+
+
+def _audio_run(args: argparse.Namespace) -> bool:
+    """Wake word models and audio inputs take the audio path, which never imports OpenCV."""
+    from agent.manifest import load_spec
+    from agent.tasks.base import RUNNER_MODULES
+
+    if args.task is not None:
+        return args.task in RUNNER_MODULES
+    if any(_is_audio_input(i) for i in args.inputs):
+        return True
+    return load_spec(args.model).task in RUNNER_MODULES
+
+
+def _audio_runner(args: argparse.Namespace) -> tuple[Any, Any]:
+    from agent.tasks import create_runner
+    from agent.tasks.wakeword import MODEL_OPTIONS
+
+    # Streaming audio models are tiny (see MODEL_OPTIONS; --no-xnnpack: EXACT_MODEL_OPTIONS).
+    args.threads = args.threads or MODEL_OPTIONS["threads"]
+    spec, model = _load(args)
+    post: dict[str, Any] = {}
+    if getattr(args, "threshold", None) is not None:
+        post["threshold"] = args.threshold
+    if getattr(args, "refractory", None) is not None:
+        post["params"] = {**spec.postprocess.params, "refractory_s": args.refractory}
+    if post:
+        spec = spec.model_copy(update={"postprocess": spec.postprocess.model_copy(update=post)})
+    runner = create_runner(model, spec, args.task)
+    if runner.item_kind != "audio":
+        raise BadInput(f"{args.model}: task {args.task or spec.task or runner.item_kind!r} does not take audio")
+    return spec, runner
+
+
+def _cmd_infer_audio(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.audio.stream import AUDIO_SOURCE_MODULES, detections
+    from agent.sources.base import open_source
+
+    spec, runner = _audio_runner(args)
+    model_ref = {"name": spec.name, "version": spec.version}
+    failed = 0
+    if args.format == "table":
+        out.write(f"{'SOURCE':<32} {'T':>8}  RESULT\n")
+    for uri in args.inputs:
+        try:
+            source = open_source(uri, {"backend": args.mic_backend}, modules=AUDIO_SOURCE_MODULES)
+            source.open()
+        except BadInput as exc:
+            failed += 1
+            print(f"lepton-agent: {exc}", file=sys.stderr)
+            continue
+        runner.reset()
+        try:
+            for result in detections(runner, source):
+                line = {"source": uri, "t": result["t"], "model": model_ref,
+                        "latency_ms": runner.latency.as_dict(), **result}
+                if args.format == "jsonl":
+                    out.write(json.dumps(line) + "\n")
+                else:
+                    out.write(f"{uri[-32:]:<32} {result['t']:>8.2f}  {result['label']} {result['score']:.3f}\n")
+                out.flush()
+        finally:
+            source.close()
+        problem = getattr(source, "problem", None)
+        if problem:
+            failed += 1
+            print(f"lepton-agent: {problem}", file=sys.stderr)
+    return 2 if failed else 0
+
+
 def _cmd_infer(args: argparse.Namespace, out: TextIO) -> int:
+    if _audio_run(args):
+        return _cmd_infer_audio(args, out)
     from agent.sources.files import iter_frames, resolve_inputs
 
     inputs = resolve_inputs(args.inputs)
@@ -240,7 +333,47 @@ def _cmd_infer(args: argparse.Namespace, out: TextIO) -> int:
     return 2 if failed else 0
 
 
+def _cmd_bench_audio(args: argparse.Namespace, out: TextIO) -> int:
+    import numpy as np
+
+    from agent.audio.bench import bench_audio
+    from agent.audio.stream import AUDIO_SOURCE_MODULES
+    from agent.sources.audio import MicSource
+    from agent.sources.base import EndOfStream, open_source
+
+    _, runner = _audio_runner(args)
+    clips = []
+    for uri in args.inputs:
+        source = open_source(uri, {}, modules=AUDIO_SOURCE_MODULES)
+        if isinstance(source, MicSource):
+            raise BadInput(f"{uri}: bench takes audio files, not a live microphone")
+        source.open()
+        chunks = []
+        try:
+            while True:
+                item = source.read(1.0)
+                if item is not None:
+                    chunks.append(item.data)
+        except EndOfStream:
+            pass
+        finally:
+            source.close()
+        if getattr(source, "problem", None):
+            raise BadInput(str(getattr(source, "problem", "")))
+        if chunks:
+            clips.append(np.concatenate(chunks))
+    report = bench_audio(runner, clips, runs=args.runs, warmup=max(0, args.warmup))
+    if args.format == "json":
+        out.write(json.dumps(report) + "\n")
+    else:
+        for key, value in report.items():
+            out.write(f"{key:<16} {value}\n")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
+    if _audio_run(args):
+        return _cmd_bench_audio(args, out)
     from agent.bench import bench
     from agent.sources.files import iter_frames, resolve_inputs
 

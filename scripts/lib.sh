@@ -13,6 +13,14 @@ ensure_mosquitto() {
   as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
 }
 
+# arecord (alsa-utils) and PortAudio: the tests capture from a real ALSA device (a file-backed PCM).
+ensure_audio_tools() {
+  command -v arecord >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep libportaudio >/dev/null && return 0
+  echo "installing alsa-utils and libportaudio2 (apt-get)" >&2
+  as_root apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq alsa-utils libportaudio2 >/dev/null
+}
+
 # ensure_venv DIR LANE: a venv with the agent installed for that runtime lane.
 ensure_venv() {
   local dir=$1 lane=$2 stamp want
@@ -26,7 +34,7 @@ ensure_venv() {
   if [ "$lane" = tflite ]; then
     "${pip[@]}" -e ".[tflite,test]" "numpy<2" "opencv-python-headless<4.11"
   else
-    "${pip[@]}" -e ".[litert,test,dev,compress]"
+    "${pip[@]}" -e ".[litert,test,dev,compress,audio]"
   fi
   echo "$want" > "$stamp"
 }

@@ -81,7 +81,7 @@ _REGISTRY: list[tuple[Callable[[str], bool], SourceFactory]] = []
 
 # Modules that register source kinds; imported on first use so that an
 # audio-only agent never imports OpenCV.
-SOURCE_MODULES: list[str] = ["agent.sources.synthetic"]
+SOURCE_MODULES: list[str] = ["agent.sources.synthetic", "agent.sources.audio"]
 
 
 def register_source(matcher: Callable[[str], bool]) -> Callable[[SourceFactory], SourceFactory]:

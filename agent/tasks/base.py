@@ -168,3 +168,31 @@ def create_task(model: Model, spec: ModelSpec, override: str | None = None) -> T
     """The task for this model: `override`, else the manifest's, else the recognised one."""
     key = override or spec.task or recognise(model).runnable_as
     return task_class(key)(model, spec)
+
+
+RunnerFactory = Callable[[Model, ModelSpec], Runner]
+
+# Tasks that are not one inference per item (streaming audio) build their own Runner.
+# They need their manifest's settings, so a bare model is never recognised as one.
+RUNNER_MODULES: dict[str, str] = {
+    "wakeword": "agent.tasks.wakeword",
+}
+RUNNERS: dict[str, RunnerFactory] = {}
+
+
+def register_runner(key: str) -> Callable[[RunnerFactory], RunnerFactory]:
+    def wrap(factory: RunnerFactory) -> RunnerFactory:
+        RUNNERS[key] = factory
+        return factory
+
+    return wrap
+
+
+def create_runner(model: Model, spec: ModelSpec, task_override: str | None = None) -> Runner:
+    """What a loop drives for this model: a streaming runner (wakeword) or `Inference` around a Task."""
+    key = task_override or spec.task or recognise(model).runnable_as
+    if key not in RUNNERS and key in RUNNER_MODULES:
+        importlib.import_module(RUNNER_MODULES[key])
+    if key in RUNNERS:
+        return RUNNERS[key](model, spec)
+    return Inference(model, task_class(key)(model, spec))

@@ -1,0 +1,1 @@
+"""Audio: PCM conversion and WAV headers, microphone captures."""
