@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -50,7 +51,9 @@ class Broker:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\n"
-            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
+            # Started as root, mosquitto drops to user `mosquitto`, which cannot write our temp dirs.
+            + (f"user {getpass.getuser()}\n" if os.geteuid() == 0 else "")
+            + "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
             f"{self.extra}\n"
         )
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,

@@ -24,14 +24,15 @@ from delivery_kit import (
 )
 
 from agent.delivery.activation import PipelineHealth
+from agent.delivery.download import DownloadSettings
 from agent.delivery.link import PahoLink
 from agent.delivery.manifest import DevicePolicy, check_manifest
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit
-from agent.delivery.service import DeployRequest, PipelineHooks
+from agent.delivery.service import DeliverySettings, DeployRequest, PipelineHooks
 from agent.delivery.signing import sign
 from agent.delivery.topics import Topics
-from agent.fleet.publish import build
+from agent.fleet.publish import build, upload
 from agent.runtime import Model
 
 COLORS = FIXTURES / "colors_int8.json"
@@ -304,3 +305,78 @@ def test_deploy_service_queue_and_resume_pending(link: PahoLink, topics: Topics,
         again.stop.set()
         again.join(5)
     assert again.store.pending() == {}
+
+
+# -- broker limits and reconnects --------------------------------------------------------
+
+
+def test_works_under_a_broker_packet_size_limit(tmp_path: Path, keys: Keys, backend: str) -> None:
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    from agent.delivery.link import BrokerAddress
+    from agent.errors import BadInput
+    from agent.fleet.publish import chunk_limit
+
+    limit = 6000
+    with Broker(tmp_path / "mosquitto", extra=f"max_packet_size {limit}") as small:
+        topics = Topics(unique_prefix())
+        with PahoLink(BrokerAddress("127.0.0.1", small.port, False), protocol=MQTTProtocolVersion.MQTTv5) as op:
+            assert op.max_packet_size == limit  # announced in CONNACK
+            too_big = build(SHAPES, name="shapes", version=1, key=keys.private, chunk_size=16384)
+            with pytest.raises(BadInput, match="--chunk-size"):
+                upload(op, too_big, topics)
+            fits = chunk_limit(op, topics, too_big)
+            assert fits is not None and 1000 < fits < limit
+            pub = build(SHAPES, name="shapes", version=1, key=keys.private, chunk_size=fits)
+            upload(op, pub, topics)
+            assert len(pub.manifest["delivery"]["chunks"]) > 5
+        with connect(small.port) as device_link:
+            svc = service(device_link, tmp_path / "store", keys, topics, backend)
+            final = svc.deploy(DeployRequest("shapes", 1))
+        assert final.state.value == "active", final
+        assert svc.store.path(pub.manifest["sha256"]).read_bytes() == (FIXTURES / "shapes_int8.tflite").read_bytes()
+
+
+def test_download_resumes_across_a_broker_restart(tmp_path: Path, keys: Keys, backend: str) -> None:
+    """The broker goes away mid-download and comes back (retained messages persisted); the device carries on."""
+    from agent.delivery import failpoints
+
+    persist = tmp_path / "mosquitto"
+    extra = f"persistence true\npersistence_location {persist}/\nautosave_interval 0"
+    broker = Broker(persist, extra=extra).start()
+    topics = Topics(unique_prefix())
+    try:
+        with connect(broker.port) as op:
+            pub = publish(op, topics, SHAPES, "shapes", 1, keys, chunk_size=2048)
+        n_chunks = len(pub.manifest["delivery"]["chunks"])
+        reached, release = threading.Event(), threading.Event()
+
+        def hold_halfway(point: str, ctx: dict[str, Any]) -> None:
+            if point == "part.write" and ctx["offset"] == (n_chunks // 2) * 2048 and not release.is_set():
+                reached.set()
+                release.wait(30)  # holds the link's thread, so the download is stuck exactly here
+
+        link = connect(broker.port)
+        quick = DeliverySettings(download=DownloadSettings(stall_timeout=2.0, max_stalls=10))
+        svc = service(link, tmp_path / "store", keys, topics, backend, settings=quick)
+        result: list[Any] = []
+        failpoints.handler = hold_halfway
+        worker = threading.Thread(target=lambda: result.append(svc.deploy(DeployRequest("shapes", 1))))
+        worker.start()
+        try:
+            assert reached.wait(30)
+            broker.stop()
+            broker.start()
+            release.set()
+            worker.join(60)
+        finally:
+            release.set()
+            failpoints.handler = None
+            link.close()
+        assert result and result[0].state.value == "active", result
+        stats = result[0].extra["download"]
+        assert stats["bytes_received"] == pub.manifest["size"]  # every chunk accepted once, none fetched twice
+        assert link.connects >= 2
+        assert svc.store.verify_object(pub.manifest["sha256"])
+    finally:
+        broker.stop()
