@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from agent import __version__
 from agent.errors import BadInput, LeptonError
+from agent.fleet.commands import add_commands as add_delivery_commands
 
 logger = logging.getLogger("agent")
 
@@ -94,6 +95,7 @@ def _fleet_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text")
     _runtime_options(p)
     p.set_defaults(func=_cmd_inspect)
+    add_delivery_commands(sub)
     return parser
 
 
