@@ -1,6 +1,12 @@
 """A device that deploys one model and may SIGKILL itself on the way (run by tests/test_delivery_crash.py).
 
     python tests/delivery_worker.py PORT PREFIX STORE KEYS_JSON NAME VERSION [--kill-at-byte K | --kill-at POINT]
+    python tests/delivery_worker.py --serve
+
+`--serve` imports everything once, then for each line of JSON arguments on stdin
+forks a fresh device process that runs them (a new process each time, as after a
+real restart, without paying ~0.5 s of imports per run), and after it ends prints
+`{"exit": code}` (negative: killed by that signal).
 
 Prints one JSON line `{"first_write": offset}` when it first writes to the partial
 file, and on success one line with the final state. `--kill-at-byte K` writes the
@@ -35,13 +41,13 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     for name in ("port", "prefix", "store", "keys", "name", "version"):
         p.add_argument(name)
     p.add_argument("--kill-at-byte", type=int)
     p.add_argument("--kill-at")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     seen_write = False
 
     def handler(point: str, ctx: dict[str, Any]) -> None:
@@ -71,5 +77,24 @@ def main() -> int:
     return 0
 
 
+def serve() -> int:
+    load_backend()  # import the interpreter once, in the parent
+    for line in sys.stdin:
+        argv = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = main(argv)
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        print(json.dumps({"exit": code}), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve() if sys.argv[1:] == ["--serve"] else main())

@@ -9,10 +9,12 @@ chunk that is not whole on disk.
 from __future__ import annotations
 
 import json
+import queue
 import random
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,54 @@ def crash_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         yield b
 
 
+class WorkerServer:
+    """`delivery_worker.py --serve`: one import, then a forked device process per run."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(WORKER), "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def run(self, argv: list[str], timeout: float = 120.0) -> tuple[int, list[dict[str, Any]]]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(argv) + "\n")
+        self.proc.stdin.flush()
+        out: list[dict[str, Any]] = []
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if not line:
+                raise AssertionError("the worker server ended")
+            if line.startswith("{"):
+                data = json.loads(line)
+                if set(data) == {"exit"}:
+                    return int(data["exit"]), out
+                out.append(data)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[WorkerServer]:
+    server = WorkerServer()
+    yield server
+    server.close()
+
+
 class Device:
     """A store with v1 active and v2 published, and the worker command that deploys v2."""
 
-    def __init__(self, broker: Broker, tmp: Path, backend: str) -> None:
+    def __init__(self, broker: Broker, tmp: Path, backend: str, worker: WorkerServer) -> None:
+        self.worker = worker
         self.keys: Keys = new_keys()
         self.topics = Topics(unique_prefix())
         self.store_dir = tmp / "store"
@@ -56,13 +102,12 @@ class Device:
         self.port = broker.port
 
     def run(self, *extra: str) -> tuple[int, list[dict[str, Any]]]:
-        cmd = [sys.executable, str(WORKER), str(self.port), self.topics.prefix, str(self.store_dir),
-               json.dumps(self.keys.table), "kt", "2", *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode not in (0, -signal.SIGKILL):
-            raise AssertionError(f"worker exited {proc.returncode}: {proc.stderr[-2000:]}")
-        return proc.returncode, lines
+        argv = [str(self.port), self.topics.prefix, str(self.store_dir), json.dumps(self.keys.table), "kt", "2",
+                *extra]
+        rc, lines = self.worker.run(argv)
+        if rc not in (0, -signal.SIGKILL):
+            raise AssertionError(f"worker exited {rc}: {lines}")
+        return rc, lines
 
     def check(self) -> str:
         """The invariants after any kill; returns which model is active."""
@@ -83,8 +128,9 @@ def _offsets(seed: int = 6) -> list[int]:
     return sorted(fixed | {rng.randrange(2, N - 1) for _ in range(20)})
 
 
-def test_kill_at_byte_offsets_then_resume(crash_broker: Broker, tmp_path: Path, backend: str) -> None:
-    device = Device(crash_broker, tmp_path, backend)
+def test_kill_at_byte_offsets_then_resume(crash_broker: Broker, tmp_path: Path, backend: str,
+                                          worker: WorkerServer) -> None:
+    device = Device(crash_broker, tmp_path, backend, worker)
     previous: int | None = None
     for k in _offsets():
         rc, lines = device.run("--kill-at-byte", str(k))
@@ -116,8 +162,8 @@ def test_kill_at_byte_offsets_then_resume(crash_broker: Broker, tmp_path: Path, 
     ("after_activate", "new"),
 ])
 def test_kill_at_named_points_then_resume(point: str, after_kill: str, crash_broker: Broker, tmp_path: Path,
-                                          backend: str) -> None:
-    device = Device(crash_broker, tmp_path, backend)
+                                          backend: str, worker: WorkerServer) -> None:
+    device = Device(crash_broker, tmp_path, backend, worker)
     rc, _ = device.run("--kill-at", point)
     assert rc == -signal.SIGKILL
     assert device.check() == after_kill
