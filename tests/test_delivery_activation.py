@@ -290,7 +290,8 @@ def test_shadow_trial(frames: list[str], promoted: bool, reason: Reason | None, 
         assert report["items"] == 20 and report["agreement"] == 1.0
         assert report["latency_ms"]["candidate_p95"] > 0
         assert svc.store.active("colors").version == 2
-        assert "shadow" in [s["state"] for s in watch.states]
+        phases = [(s["state"], s.get("phase")) for s in watch.states if s["version"] == 2]
+        assert phases.index(("activating", "shadow")) < phases.index(("activating", "probation"))
     else:
         assert (final.state.value, final.reason) == ("rolled_back", reason), final
         assert svc.store.active("colors").version == 1

@@ -86,7 +86,7 @@ class Activation:
         previous = self.store.active(stored.name)
 
         def state(s: State, progress: float = 0.0) -> DeployState:
-            return DeployState(stored.name, stored.version, s, progress,
+            return DeployState(stored.name, stored.version, s, progress, phase="probation",
                                active=previous.version if previous else None, request=request)
 
         if self.swap is None:

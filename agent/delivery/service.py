@@ -198,7 +198,11 @@ class DeliveryService:
 
     def _enqueue(self, request: DeployRequest, persist: bool) -> None:
         if persist:
-            self.store.set_pending(request.name, request.as_dict())
+            entry = request.as_dict()
+            earlier = self.store.pending().get(request.name, {})
+            if earlier.get("version") == request.version and "sha256" in earlier:
+                entry["sha256"] = earlier["sha256"]  # keeps its partial file safe from gc()
+            self.store.set_pending(request.name, entry)
         self.report(DeployState(request.name, request.version, State.QUEUED, request=request.request,
                                 active=self._active_version(request.name)))
         self._queue.put(request)
@@ -289,6 +293,12 @@ class DeliveryService:
             self.report(st)
             return st
 
+        def downloading(progress: float) -> None:
+            state(State.DOWNLOADING, progress)
+
+        def shadowing(progress: float) -> None:
+            state(State.ACTIVATING, progress, phase="shadow")
+
         try:
             active = self.store.active(name)
             if active is not None and version_key(active.version) == version_key(version):
@@ -298,7 +308,7 @@ class DeliveryService:
             self.store.set_pending(name, {**request.as_dict(), "sha256": signed.sha256})
             state(State.DOWNLOADING, 0.0)
             stored, stats = self.downloader.download(
-                signed, self.stop, progress=lambda p: self._progress(state, State.DOWNLOADING, p))
+                signed, self.stop, progress=downloading)
             obtained = True
             state(State.VERIFYING, 0.0)
             hooks = self.hooks(name)
@@ -311,7 +321,7 @@ class DeliveryService:
                     raise DeliveryError(Reason.SWAP_FAILED, "no running pipeline for this model to shadow")
                 trial = ShadowTrial(prepared, request.shadow)
                 verdict = run_shadow(trial, hooks.attach, self.stop, self.settings.shadow_timeout_s,
-                                     progress=lambda p: self._progress(state, State.SHADOW, p))
+                                     progress=shadowing)
                 extra["shadow"] = verdict.as_dict()
                 if not verdict.promote:
                     assert verdict.reason is not None
@@ -332,10 +342,6 @@ class DeliveryService:
             final = State.ROLLED_BACK if obtained else State.FAILED
             logger.warning("%s@%s %s: %s", name, version, final.value, exc)
             return state(final, 0.0, reason=exc.reason, detail=exc.detail, extra=extra)
-
-    @staticmethod
-    def _progress(state: Callable[..., DeployState], s: State, p: float) -> None:
-        state(s, p)
 
     def _manifest(self, request: DeployRequest, active: StoredModel | None) -> Any:
         """The checked manifest, fetched again from the broker (also when resuming: it may have expired)."""

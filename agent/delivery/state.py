@@ -22,8 +22,7 @@ class State(StrEnum):
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
     ACTIVATING = "activating"
-    SHADOW = "shadow"
-    """Running beside the active model on the same items (a `--shadow` deploy)."""
+    """`phase` says which part: `shadow` (beside the active model, on the same items) or `probation`."""
     ACTIVE = "active"
     FAILED = "failed"
     """Refused before activation (download or checks); the active model never changed."""
@@ -48,6 +47,8 @@ class DeployState:
     """The version running now (after a failure or rollback: the one still or again in use)."""
     request: str | None = None
     """The id of the command that asked for this."""
+    phase: str | None = None
+    """Within `activating`: `shadow` or `probation`."""
     extra: dict[str, Any] = field(default_factory=dict)
     """State-specific figures (shadow agreement and latency, self-test latency)."""
 
@@ -64,6 +65,8 @@ class DeployState:
             d["active"] = self.active
         if self.request is not None:
             d["id"] = self.request
+        if self.phase is not None:
+            d["phase"] = self.phase
         d.update(self.extra)
         return d
 
@@ -86,7 +89,8 @@ class StateReporter:
         with self._lock:
             last = self._last
             if (last is not None and last.state == state.state and last.model == state.model
-                    and last.version == state.version and state.state not in TERMINAL
+                    and last.version == state.version and last.phase == state.phase
+                    and state.state not in TERMINAL
                     and state.progress < 1.0 and state.progress - last.progress < self._min_step):
                 return
             self._last = state
