@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from broker import Broker
 from delivery_kit import (
@@ -31,6 +32,7 @@ from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit
 from agent.delivery.service import DeliverySettings, DeployRequest, PipelineHooks
 from agent.delivery.signing import sign
+from agent.delivery.store import ModelStore
 from agent.delivery.topics import Topics
 from agent.fleet.publish import build, upload
 from agent.runtime import Model
@@ -380,3 +382,29 @@ def test_download_resumes_across_a_broker_restart(tmp_path: Path, keys: Keys, ba
         assert svc.store.verify_object(pub.manifest["sha256"])
     finally:
         broker.stop()
+
+
+def test_download_memory_is_bounded_by_the_window(link: PahoLink, topics: Topics, keys: Keys, tmp_path: Path,
+                                                  backend: str) -> None:
+    """A 2 MiB model through a window of 4 chunks of 16 KiB: Python never holds more than a few chunks."""
+    import tracemalloc
+
+    from agent.delivery.download import Downloader
+
+    blob = tmp_path / "blob.tflite"  # the payload path does not look inside the file
+    blob.write_bytes(np.random.default_rng(1).integers(0, 256, 2 * 1024 * 1024, dtype=np.uint8).tobytes())
+    pub = build(blob, name="blob", version=1, key=keys.private, chunk_size=16 * 1024, task="classify")
+    upload(link, pub, topics)
+    store = ModelStore(tmp_path / "store")
+    d = Downloader(link, store, keys.trusted, DevicePolicy(backend=backend), topics=topics,
+                   settings=DownloadSettings(window=4))
+    stop = threading.Event()
+    signed = d.fetch_manifest("blob", 1, stop)
+    tracemalloc.start()
+    try:
+        stored, stats = d.download(signed, stop)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stats.chunks_received == 128 and store.verify_object(stored.sha256)
+    assert peak < 512 * 1024, f"peak {peak} bytes of Python memory for a 2 MiB download"
