@@ -208,7 +208,8 @@ def _follow(args: argparse.Namespace, link: Any, view: Any, expected: set[str] |
     with Progress(TextColumn("{task.fields[device]:<20}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                   TextColumn("{task.fields[state]}"), console=console, transient=False) as progress:
         try:
-            while waiter.is_alive():
+            while True:
+                alive = waiter.is_alive()
                 waiter.join(0.2)
                 for v in view.snapshot():
                     row = _row(v)
@@ -216,6 +217,8 @@ def _follow(args: argparse.Namespace, link: Any, view: Any, expected: set[str] |
                         bars[v.device] = progress.add_task("", total=1.0, device=v.device, state="")
                     label = row["state"] + (f" ({row['reason']})" if row["reason"] else "")
                     progress.update(bars[v.device], completed=row["progress"] or 0.0, state=label)
+                if not alive:
+                    break  # one last pass after the end, so every device's final state is drawn
         except KeyboardInterrupt:
             stop.set()
             waiter.join()
