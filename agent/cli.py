@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from agent import __version__
 from agent.errors import BadInput, LeptonError
+from agent.fleet.commands import add_commands as add_delivery_commands
 
 logger = logging.getLogger("agent")
 
@@ -152,7 +153,7 @@ def _fleet_parser() -> argparse.ArgumentParser:
     _runtime_options(p)
     p.set_defaults(func=_cmd_compare)
 
-    from agent.fleet import add_connection_options
+    from agent.fleet.live import add_connection_options
 
     p = sub.add_parser("watch", help="print results (and status) as they arrive")
     p.add_argument("device", nargs="?", metavar="DEVICE", help="one device (default: all)")
@@ -172,6 +173,7 @@ def _fleet_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("pretty", "json"), default="pretty")
     add_connection_options(p)
     p.set_defaults(func=_cmd_fleet_cmd)
+    add_delivery_commands(sub)
     return parser
 
 
@@ -451,13 +453,13 @@ def _cmd_profile(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_watch(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.fleet import watch
+    from agent.fleet.live import watch
 
     return watch(args, out)
 
 
 def _cmd_fleet_cmd(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.fleet import cmd
+    from agent.fleet.live import cmd
 
     return cmd(args, out)
 

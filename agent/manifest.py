@@ -89,6 +89,19 @@ class Runtime(_Strict):
     """Oldest agent version that can run it."""
 
 
+class Delivery(_Strict):
+    """How a model travels over MQTT (docs/delivery.md); signed together with the rest of the manifest."""
+
+    chunk_size: Annotated[int, Field(ge=64, le=256 * 1024 * 1024)]
+    """Bytes per chunk; every chunk but the last has exactly this many."""
+    chunks: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...]
+    """sha256 of each chunk in order, so a bad chunk is refused on arrival and a partial file re-checked."""
+    published: float
+    """When the publisher signed it (Unix seconds)."""
+    expires: float | None = None
+    """After this (Unix seconds) devices refuse the manifest; None: never."""
+
+
 class Manifest(_Strict):
     """Our model manifest (DESIGN §4)."""
 
@@ -113,6 +126,8 @@ class Manifest(_Strict):
     """Alternative files of the same model (governor and deploy choose)."""
     signature: str | None = None
     key_id: str | None = None
+    delivery: Delivery | None = None
+    """Present on manifests published for delivery over MQTT."""
 
     @field_validator("file")
     @classmethod

@@ -105,6 +105,14 @@ class Broker:
                     self.proc.wait(0.02)
                     raise RuntimeError("mosquitto exited: " + " | ".join(self.log[-5:])) from None
 
+    def rss_kb(self) -> int:
+        """The broker's resident memory (for the delivery benchmark)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM: a clean broker shutdown (it saves its persistence file)."""
         if self.proc is not None and self.proc.poll() is None:

@@ -1,0 +1,1 @@
+"""Operator side: `lepton-fleet` keygen, publish, deploy, rollback, status (commands.py), watch and cmd (live.py)."""

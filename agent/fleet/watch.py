@@ -1,0 +1,136 @@
+"""Following devices' retained deploy states and replies: what `deploy`, `rollback` and `status` show."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.delivery.link import PahoLink
+from agent.delivery.state import TERMINAL
+from agent.delivery.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+_TERMINAL = {s.value for s in TERMINAL}
+
+
+@dataclass
+class DeviceView:
+    device: str
+    state: dict[str, Any] | None = None
+    """The latest deploy state (of our request, when following one)."""
+    reply: dict[str, Any] | None = None
+    online: bool | None = None
+    first_seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> bool:
+        if self.reply is not None and not self.reply.get("ok", False):
+            return True  # the command itself was refused
+        return self.state is not None and self.state.get("state") in _TERMINAL
+
+    @property
+    def succeeded(self) -> bool:
+        """Active, or rolled back on request (an explicit rollback has no reason)."""
+        if self.state is None:
+            return False
+        return self.state.get("state") == "active" or (
+            self.state.get("state") == "rolled_back" and self.state.get("reason") is None)
+
+
+def _json(payload: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _device_of(topic: str, topics: Topics) -> str | None:
+    parts = topic[len(topics.prefix) + 1:].split("/")
+    return parts[0] if len(parts) == 2 else None
+
+
+class FleetView:
+    """Devices' deploy states, replies and online status, as they arrive."""
+
+    def __init__(self, link: PahoLink, topics: Topics, request: str | None = None, model: str | None = None) -> None:
+        self.link, self.topics, self.request, self.model = link, topics, request, model
+        self.devices: dict[str, DeviceView] = {}
+        self.cond = threading.Condition()
+        link.subscribe(f"{topics.prefix}/+/deploy", self._on_deploy)
+        link.subscribe(f"{topics.prefix}/+/reply", self._on_reply)
+        link.subscribe(f"{topics.prefix}/+/status", self._on_status)
+
+    def _view(self, device: str) -> DeviceView:
+        if device not in self.devices:
+            self.devices[device] = DeviceView(device)
+        return self.devices[device]
+
+    def _on_deploy(self, topic: str, payload: bytes) -> None:
+        device, data = _device_of(topic, self.topics), _json(payload)
+        if device is None or data is None:
+            return
+        if self.request is not None and data.get("id") != self.request:
+            return  # a retained state of an earlier deployment
+        if self.model is not None and data.get("model") != self.model:
+            return
+        with self.cond:
+            self._view(device).state = data
+            self.cond.notify_all()
+
+    def _on_reply(self, topic: str, payload: bytes) -> None:
+        device, data = _device_of(topic, self.topics), _json(payload)
+        if device is None or data is None or self.request is None or data.get("id") != self.request:
+            return
+        with self.cond:
+            self._view(device).reply = data
+            self.cond.notify_all()
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        device, data = _device_of(topic, self.topics), _json(payload)
+        if device is None or data is None:
+            return
+        with self.cond:
+            if self.request is None or device in self.devices:
+                self._view(device).online = data.get("state") == "online"
+            self.cond.notify_all()
+
+    def sync(self, timeout: float = 10.0) -> bool:
+        """Wait until the retained messages of our subscriptions are in: our own message comes back after them."""
+        marker = f"{self.topics.prefix}/fleet/sync/{uuid.uuid4().hex}"
+        back = threading.Event()
+        self.link.subscribe(marker, lambda t, p: back.set(), qos=1)
+        self.link.publish(marker, b"{}", qos=1)
+        ok = back.wait(timeout)
+        self.link.unsubscribe(marker)
+        return ok
+
+    def snapshot(self) -> list[DeviceView]:
+        with self.cond:
+            return [DeviceView(d.device, d.state, d.reply, d.online, d.first_seen)
+                    for d in sorted(self.devices.values(), key=lambda v: v.device)]
+
+    def wait(self, expected: set[str] | None, settle_s: float, deadline: float, stop: threading.Event,
+             tick: float = 0.2) -> bool:
+        """Until every expected (or every seen, after `settle_s` with no new device) device is done."""
+        while not stop.is_set():
+            with self.cond:
+                seen = set(self.devices)
+                done = all(v.done for v in self.devices.values())
+                newest = max((v.first_seen for v in self.devices.values()), default=None)
+                now = time.monotonic()
+                if expected is not None:
+                    if expected <= seen and all(self.devices[d].done for d in expected):
+                        return True
+                elif seen and done and newest is not None and now - newest >= settle_s:
+                    return True
+                if now >= deadline:
+                    return False
+                self.cond.wait(min(tick, deadline - now))
+        return False
