@@ -434,11 +434,12 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     from agent.config import load
-    from agent.daemon import check_link, check_pipelines
+    from agent.daemon import check_delivery, check_link, check_pipelines
 
     eff = load(args.config)
     check_pipelines(eff)
     check_link(eff)
+    check_delivery(eff)
     out.write(json.dumps(eff.describe(), indent=2) + "\n")
     return 0
 

@@ -11,7 +11,8 @@ otherwise it is dropped and counted. An id already executed is answered from the
 record and not executed again.
 
 Each action registers a pydantic schema (`extra="forbid"`) with `register_action`; the
-daemon supplies the handlers. `deploy` and `rollback` register with the delivery work.
+daemon supplies the handlers. `deploy`, `rollback` and `models` are answered by the model
+delivery service (docs/delivery.md); their schemas are here with the others.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 from agent.config import PolicySettings, TopicName
 
@@ -115,6 +116,53 @@ class Bench(Command):
     runs: Annotated[int, Field(ge=1, le=1000)] = 50
 
 
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+"""A model name as delivery topics carry it (docs/delivery.md §2)."""
+
+
+def _version(v: int | str | None) -> int | str | None:
+    from agent.delivery.manifest import version_key
+
+    if v is not None:
+        version_key(v)  # ValueError says what is wrong
+    return v
+
+
+class ShadowTrialArgs(BaseModel):
+    """`deploy --shadow`: how long the trial runs and what promotes the model (the rest: config defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    items: Annotated[int, Field(ge=1)] | None = None
+    seconds: Annotated[float, Field(gt=0)] | None = None
+    min_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_latency_ratio: Annotated[float, Field(gt=0)] | None = None
+    max_latency_ms: Annotated[float, Field(gt=0)] | None = None
+
+
+class Deploy(Command):
+    action: Literal["deploy"]
+    model: ModelName
+    version: StrictInt | StrictStr
+    """An integer or semver (1.2.3, 1.2.3-rc.1)."""
+    shadow: ShadowTrialArgs | None = None
+
+    _check_version = field_validator("version")(_version)
+
+
+class Rollback(Command):
+    action: Literal["rollback"]
+    model: ModelName
+    version: StrictInt | StrictStr | None = None
+    """A version this device keeps; default: the previous one."""
+
+    _check_version = field_validator("version")(_version)
+
+
+class Models(Command):
+    action: Literal["models"]
+
+
 ACTIONS: dict[str, type[Command]] = {}
 
 
@@ -125,7 +173,7 @@ def register_action(schema: type[Command]) -> type[Command]:
     return schema
 
 
-for _schema in (Ping, Status, Start, Stop, Configure, Reload, Bench):
+for _schema in (Ping, Status, Start, Stop, Configure, Reload, Bench, Deploy, Rollback, Models):
     register_action(_schema)
 
 

@@ -222,6 +222,58 @@ class ProfileOverrides(_Strict):
     selftest_latency_ms: Annotated[float, Field(gt=0)] | None = None
 
 
+KeyId = Annotated[str, Field(pattern=r"^ed25519:[0-9a-f]{16}$")]
+"""`ed25519:` + the first 16 hex digits of the sha256 of the raw public key (docs/delivery.md §3)."""
+
+
+class KeyFile(_Strict):
+    """A trusted public key kept in a file."""
+
+    file: Path
+    """The `.pub` PEM that `lepton-fleet keygen` writes, or a file holding the base64 of the 32 raw bytes;
+    relative to the config file."""
+
+
+class ShadowDefaults(_Strict):
+    """What a shadow trial (`deploy --shadow`) uses for the settings its command leaves out."""
+
+    items: Annotated[int, Field(ge=1)] | None = 200
+    """Items (frames or audio windows) both models run on; a command giving only `seconds` unsets it."""
+    seconds: Annotated[float, Field(gt=0)] | None = None
+    """Wall-clock length of the trial (unset: run for `items`)."""
+    min_agreement: Annotated[float, Field(ge=0, le=1)] = 0.9
+    """Fraction of items on which the candidate must give the active model's answer to be promoted."""
+    max_latency_ratio: Annotated[float, Field(gt=0)] | None = 1.5
+    """Candidate p95 latency / active p95 latency must not exceed this."""
+    max_latency_ms: Annotated[float, Field(gt=0)] | None = None
+    """Candidate p95 latency must not exceed this many milliseconds (unset: not judged)."""
+    timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    """A trial that has not seen enough items by then is judged on what it saw."""
+
+
+class DeliverySection(_Strict):
+    """Models over the air (docs/delivery.md): the store, the download, activation and probation.
+
+    The size cap and the self-test latency budget come from the profile (`max_model_mb`,
+    `selftest_latency_ms`); the keys a manifest must be signed with are `[trusted_keys]`."""
+
+    enabled: bool = True
+    """Answer `deploy`, `rollback` and `models` commands (false: they are refused as `unsupported`)."""
+    store_dir: Path | None = None
+    """The content-addressed model store; default `<state_dir>/models`."""
+    probation_s: Annotated[float, Field(ge=0, le=86400)] = 120.0
+    """After a hot swap, a pipeline crash or stall within this many seconds rolls the model back."""
+    stall_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """In probation, no item processed for this long is a stall."""
+    manifest_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """Wait this long for a model's retained manifest before failing `not_found`."""
+    chunk_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    """A download window silent for this long is asked for again (six silent rounds: `not_found`)."""
+    window: Annotated[int, Field(ge=1, le=256)] = 8
+    """Chunk subscriptions open at once: bounds the bytes in flight to window x chunk size."""
+    shadow: ShadowDefaults = Field(default_factory=ShadowDefaults)
+
+
 class AgentConfig(_Strict):
     """The whole `agent.toml`."""
 
@@ -230,6 +282,10 @@ class AgentConfig(_Strict):
     spool: SpoolSection = Field(default_factory=SpoolSection)
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     profile: ProfileOverrides = Field(default_factory=ProfileOverrides)
+    delivery: DeliverySection = Field(default_factory=DeliverySection)
+    trusted_keys: dict[KeyId, str | KeyFile] = Field(default_factory=dict)
+    """Key id → Ed25519 public key (base64 of the 32 raw bytes, or `{file = "…"}`) that model manifests
+    may be signed with; a manifest signed by any other key is refused."""
     pipelines: tuple[PipelineSettings, ...] = ()
 
     @field_validator("pipelines")
@@ -273,7 +329,7 @@ class Effective(BaseModel):
             "profile": {"reason": self.profile_reason, **self.profile.model_dump(mode="json")},
             "spool": {"path": str(self.spool_path), "cap_bytes": self.spool_cap_bytes},
             "environment": self.env,
-            **{k: cfg[k] for k in ("agent", "mqtt", "supervisor", "pipelines")},
+            **{k: cfg[k] for k in ("agent", "mqtt", "supervisor", "delivery", "trusted_keys", "pipelines")},
         }
 
 
@@ -360,7 +416,7 @@ def toml_key(loc: tuple[Any, ...]) -> str:
 
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^\s*([A-Za-z0-9_.\-\"' ]+?)\s*=")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_.:\-\"' ]+?)\s*=")
 
 
 def find_line(text: str, loc: tuple[Any, ...]) -> int | None:
@@ -425,7 +481,7 @@ def _better(best: tuple[int, int] | None, want: tuple[Any, ...], have: tuple[Any
 
 
 def _resolve_paths(config: AgentConfig, base: Path) -> AgentConfig:
-    """Relative model and labels paths are relative to the config file's folder."""
+    """Relative model, labels and key file paths are relative to the config file's folder."""
 
     def rel(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else base / p
@@ -433,7 +489,9 @@ def _resolve_paths(config: AgentConfig, base: Path) -> AgentConfig:
     pipelines = tuple(
         p.model_copy(update={"model": rel(p.model), "labels": rel(p.labels)}) for p in config.pipelines
     )
-    return config.model_copy(update={"pipelines": pipelines})
+    keys = {kid: KeyFile(file=base / key.file) if isinstance(key, KeyFile) and not key.file.is_absolute() else key
+            for kid, key in config.trusted_keys.items()}
+    return config.model_copy(update={"pipelines": pipelines, "trusted_keys": keys})
 
 
 def _default_device_id() -> str:

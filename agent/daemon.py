@@ -1,14 +1,17 @@
 """`lepton-agent run`: the daemon. Pipelines, the MQTT link and the command worker under one stop event.
 
-Start: check the configuration (models, sources, TLS files, password) before anything
-runs, so a bad config exits 2 with one line; open the spool and the state; start the link,
-the command worker and the enabled pipelines. SIGTERM/SIGINT set the stop event; the
-ordered shutdown then halts the pipelines, publishes the retained `stopped` status, sends
-what it can of the spool, disconnects cleanly and exits, all within `SHUTDOWN_S`.
+Start: check the configuration (models, sources, TLS files, password, trusted keys) before
+anything runs, so a bad config exits 2 with one line; open the spool, the state and the model
+store; start the link, the command worker, the enabled pipelines (each on the store's active
+model of its name when there is one) and the model delivery service, which shares the link.
+SIGTERM/SIGINT set the stop event; the ordered shutdown then halts the pipelines, publishes the
+retained `stopped` status, sends what it can of the spool, disconnects cleanly and exits, all
+within `SHUTDOWN_S`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -17,13 +20,15 @@ from types import FrameType
 from typing import Any
 
 from agent import __version__
-from agent.commands import Bench, Command, CommandBus, CommandError, Configure, Handler, Start, Stop
+from agent.commands import Bench, Command, CommandBus, CommandError, Configure, Deploy, Handler, Start, Stop
 from agent.config import Effective, PipelineSettings, load, parse_broker_url
+from agent.delivery.service import DeliveryService, PipelineHooks
+from agent.delivery.store import ModelStore
 from agent.errors import BadInput
 from agent.link.mqtt import Link, read_password, tls_context
 from agent.link.spool import Spool
 from agent.link.topics import Topics
-from agent.manifest import load_spec
+from agent.manifest import ModelSpec, load_spec
 from agent.pipeline import Pipeline, build_runner
 from agent.policy import snapshot_encoder
 from agent.runtime import Backend, load_backend
@@ -65,6 +70,13 @@ def check_link(eff: Effective) -> str | None:
         raise BadInput(f"{where}{exc}") from None
 
 
+def check_delivery(eff: Effective) -> None:
+    """The trusted keys: each parses and its id is its key's (BadInput names the entry and line)."""
+    from agent.delivery.daemon import trusted_keys
+
+    trusted_keys(eff)
+
+
 class Agent:
     """The running daemon."""
 
@@ -82,6 +94,8 @@ class Agent:
         self.link: Link | None = None
         self.commands: CommandBus | None = None
         self.backend: Backend | None = None
+        self.store: ModelStore | None = None
+        self.delivery: DeliveryService | None = None
         # systemd: READY/STATUS/STOPPING, and WATCHDOG=1 only while every loop makes progress.
         self.notifier = Notifier()
         self.watchdog = Watchdog(self.notifier, watchdog_interval(), self.stop)
@@ -92,6 +106,7 @@ class Agent:
         """Everything that can fail on bad configuration, before anything starts (BadInput)."""
         check_pipelines(self.eff)
         password = check_link(self.eff)
+        check_delivery(self.eff)
         self.backend = load_backend(self.backend_name)
         state_dir = self.eff.config.agent.state_dir
         try:
@@ -100,6 +115,10 @@ class Agent:
             self.state = AgentState(state_dir / "agent.sqlite3")
         except OSError as exc:
             raise BadInput(f"agent.state_dir: {state_dir}: cannot use it ({exc.strerror})") from None
+        if self.eff.config.delivery.enabled:
+            from agent.delivery.daemon import open_store
+
+            self.store = open_store(self.eff)  # before the pipelines: they start on its active models
         for p in self.eff.config.pipelines:
             self.pipelines[p.name] = self._pipeline(p)
         self.commands = CommandBus(self._handlers(), self.state, self._reply, self.stop)
@@ -116,13 +135,35 @@ class Agent:
             stop=self.stop,
             password=password,
         )
+        if self.store is not None:
+            from agent.delivery.daemon import make_service
+
+            self.delivery = make_service(self.eff, self.link, self.store, self.backend.name, self.backend_name,
+                                         hooks=self._model_hooks, stop=self.stop)
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline:
         p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
                      backend=self.backend_name, sink=self._spool_result, stop=self.stop)
         p.on_state = self._announce
         p.watchdog = self.watchdog
+        if self.store is not None:
+            p.model_source = self._delivered
+            with contextlib.suppress(BadInput):  # reported when the loop starts
+                p.spec = p.configured_spec()  # for status, before the model loads
         return p
+
+    def _delivered(self, configured: ModelSpec) -> ModelSpec | None:
+        from agent.delivery.daemon import delivered_spec
+
+        return delivered_spec(self.store, configured) if self.store is not None else None
+
+    def _model_hooks(self, name: str) -> PipelineHooks | None:
+        """How delivery reaches the live pipelines running model `name` (None: none runs it now)."""
+        from agent.delivery.daemon import ModelPipelines
+
+        with self._lock:
+            chosen = [p for p in self.pipelines.values() if p.running and p.spec is not None and p.spec.name == name]
+        return ModelPipelines(chosen).hooks() if chosen else None
 
     def _spool_result(self, pipeline: str, payload: dict[str, Any]) -> None:
         assert self.spool is not None
@@ -141,6 +182,8 @@ class Agent:
         for p in self.pipelines.values():
             if p.settings.enabled:
                 p.start()
+        if self.delivery is not None:
+            self.delivery.start()  # after the pipelines: a resumed deployment finds them running
         # Ready once the first connection attempt has an outcome, whatever it is: the agent works offline too.
         self.link.attempted.wait(self.eff.config.mqtt.connect_timeout_s + 2.0)
         if not self.stop.is_set():
@@ -184,6 +227,9 @@ class Agent:
                 logger.warning("pipeline %s did not stop in time", p.name)
         if self.commands is not None:
             self.commands.close(0.3)
+        if self.delivery is not None:
+            # A download or probation in progress stops at once and resumes (or rolls back) at the next start.
+            self.delivery.join(max(0.1, min(1.0, deadline - time.monotonic() - 1.0)))
         if self.link is not None:
             goodbye = {**self.birth(), "state": "stopped"}
             self.link.close(goodbye, max(0.5, deadline - time.monotonic() - 0.3))
@@ -247,7 +293,31 @@ class Agent:
             "configure": self._cmd_configure,
             "reload": lambda c: self.reload(),
             "bench": self._cmd_bench,
+            "deploy": self._cmd_delivery,
+            "rollback": self._cmd_delivery,
+            "models": self._cmd_delivery,
         }
+
+    def _cmd_delivery(self, command: Command) -> dict[str, Any]:
+        """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""
+        from agent.delivery.daemon import shadow_request
+        from agent.delivery.reasons import DeliveryError, Reason
+
+        if self.delivery is None:
+            raise CommandError("unsupported", "model delivery is off in this agent's config (delivery.enabled)")
+        args = command.model_dump(exclude={"shadow"})
+        if isinstance(command, Deploy) and command.shadow is not None:
+            args["shadow"] = shadow_request(self.eff.config.delivery.shadow,
+                                            command.shadow.model_dump(exclude_none=True))
+        try:
+            result = self.delivery.handle(command.action, args)
+        except BadInput as exc:
+            raise CommandError("bad_request", str(exc)) from None
+        except DeliveryError as exc:
+            raise CommandError("not_found" if exc.reason is Reason.NOT_KEPT else "failed", str(exc)) from None
+        if command.action == "rollback":
+            self._announce()
+        return result
 
     def _chosen(self, name: str | None) -> list[Pipeline]:
         with self._lock:

@@ -9,6 +9,14 @@ ends parks it as `finished`.
 
 Threshold, fps and policy can be changed while it runs (`reconfigure`): the loop reads its
 settings object each round, and settings objects are frozen, so a change is one assignment.
+
+Model delivery (and anything else that replaces a model) acts through a few controls, safe
+from any thread: `swap_model()` installs a loaded runner between two items — the loop keeps
+its thread, its source and its `seq` — and returns an `undo` that puts the previous one back
+the same way; `health()` gives the counters a probation window judges; `attach()` lets an
+observer (a shadow trial) see every item after the active runner; `sample()` hands over a
+copy of a real item. Which model a (re)start loads: the one swapped in last, else what
+`model_source` says (the model store's active version), else the config's file.
 """
 
 from __future__ import annotations
@@ -21,10 +29,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from agent.config import PipelineSettings, SupervisorSection
-from agent.errors import BadInput
+from agent.errors import BadInput, LeptonError
 from agent.link.topics import SCHEMA_VERSION
 from agent.manifest import ModelSpec, load_spec
 from agent.policy import PolicyStats, ResultPolicy
@@ -44,6 +52,25 @@ _SOURCE_ITEMS = {"frames": "image", "audio": "audio"}
 
 Sink = Callable[[str, dict[str, Any]], None]
 """(pipeline name, result payload) → spooled for publishing."""
+
+SAMPLE_WAIT_S = 2.0
+"""`sample()` waits at most this long for the loop's next item."""
+
+
+class ItemObserver(Protocol):
+    """Sees every processed item after the active runner, in the loop's thread (a shadow trial)."""
+
+    def observe(self, item: Any, results: list[dict[str, Any]], latency_ms: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopHealth:
+    """Monotonic counters of the loop, for judging a model in probation."""
+
+    processed: int
+    errors: int
+    restarts: int
+    last_error: str | None
 
 
 def build_runner(model: Model, spec: ModelSpec, task: str | None) -> Runner:
@@ -75,6 +102,8 @@ class PipelineStats:
     restarts: int = 0
     errors: int = 0
     last_error: str | None = None
+    swaps: int = 0
+    """Models swapped in while running (deliveries, rollbacks)."""
     fps: float = 0.0
     """Processed items per second, smoothed."""
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -135,6 +164,19 @@ class Pipeline:
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._source: Source | None = None
+        self.model_source: Callable[[ModelSpec], ModelSpec | None] | None = None
+        """Given the config's model, the one to run instead when nothing was swapped in (the daemon
+        returns the model store's active version of that name); None: the config's."""
+        self._swap_lock = threading.Lock()
+        self._override: ModelSpec | None = None
+        """The model swapped in last: what a restart of the loop loads."""
+        self._pending: tuple[ModelSpec, Model | None, Runner] | None = None
+        """Swapped in and not yet picked up by the loop."""
+        self._runner: Runner | None = None
+        self._observer: ItemObserver | None = None
+        self._sample_wanted = threading.Event()
+        self._sample_ready = threading.Event()
+        self._sample: Any = None
 
     # -- control (any thread) ----------------------------------------------------------------
 
@@ -195,12 +237,95 @@ class Pipeline:
     def max_fps(self) -> float:
         return min(self.settings.fps or self.profile.max_fps, self.profile.max_fps)
 
+    # -- model replacement (any thread) ----------------------------------------------------------
+
+    @property
+    def runner(self) -> Runner | None:
+        """What the loop drives now (None before the first load)."""
+        return self._runner
+
+    def configured_spec(self) -> ModelSpec:
+        """The model a (re)start loads when nothing was swapped in (BadInput when the config's is bad)."""
+        spec = load_spec(self.settings.model, self.settings.labels)
+        if self.model_source is not None:
+            return self.model_source(spec) or spec
+        return spec
+
+    def prepare(self, spec: ModelSpec) -> tuple[Model, Runner]:
+        """Load `spec` with this pipeline's backend, threads and task: ready to swap in (BadInput)."""
+        # Never more interpreter threads than cores: oversubscribed XNNPACK threads spin against each other.
+        model = Model(spec.path, backend=self.backend, threads=min(self.profile.threads, os.cpu_count() or 1))
+        return model, build_runner(model, spec, self.settings.task)
+
+    def swap_model(self, spec: ModelSpec, runner: Runner, model: Model | None = None) -> Callable[[], None]:
+        """Install a loaded `runner` (for `spec`, with its `model`) between two items: the loop keeps its
+        thread, source and `seq`, and a restart reloads `spec`. Returns `undo`, which puts the previous
+        model back the same way."""
+        with self._swap_lock:
+            previous_override = self._override
+            previous = None
+            if self.spec is not None and self._runner is not None:
+                previous = (self.spec, self.model, self._runner)
+            self._override = spec
+            self._pending = (spec, model, runner)
+        logger.info("pipeline %s: swapping in %s %s", self.name, spec.name, spec.version)
+
+        def undo() -> None:
+            with self._swap_lock:
+                self._override = previous_override
+                self._pending = previous
+            logger.info("pipeline %s: swap of %s %s undone", self.name, spec.name, spec.version)
+
+        return undo
+
+    def health(self) -> LoopHealth:
+        s = self.stats
+        return LoopHealth(s.processed, s.errors, s.restarts, s.last_error)
+
+    def attach(self, observer: ItemObserver | None) -> None:
+        """Let `observer` see every processed item from the next one on (None: stop)."""
+        self._observer = observer
+
+    def sample(self, timeout: float = SAMPLE_WAIT_S) -> Any:
+        """A copy of the next item the loop processes, or None if none comes within `timeout`."""
+        self._sample, self._sample_ready = None, threading.Event()
+        ready = self._sample_ready
+        self._sample_wanted.set()
+        end = time.monotonic() + timeout
+        while not ready.wait(min(0.1, max(0.0, end - time.monotonic()))):
+            if self._stopping() or time.monotonic() >= end:
+                self._sample_wanted.clear()
+                return None
+        return self._sample
+
+    def _take_sample(self, data: Any) -> None:
+        # Copied: sources may hand out views of buffers they reuse. Only when asked: the hot path copies nothing.
+        self._sample_wanted.clear()
+        self._sample = data.copy() if hasattr(data, "copy") else data
+        self._sample_ready.set()
+
+    def _take_swap(self) -> Runner | None:
+        with self._swap_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        spec, model, runner = pending
+        self.spec, self.model, self._runner = spec, model, runner
+        self.task_key = getattr(getattr(runner, "task", None), "key", None) or spec.task
+        self.stats.swaps += 1
+        self._notify()  # the status names the model
+        return runner
+
     # -- the thread ----------------------------------------------------------------------------
 
     def _set_state(self, state: str) -> None:
         changed = state != self.stats.state
         self.stats.state = state
-        if changed and state in ("running", "stopped", "failed", "finished") and self.on_state is not None:
+        if changed and state in ("running", "stopped", "failed", "finished"):
+            self._notify()
+
+    def _notify(self) -> None:
+        if self.on_state is not None:
             try:
                 self.on_state()
             except Exception:
@@ -282,13 +407,23 @@ class Pipeline:
                 logger.exception("pipeline %s: closing the source failed", self.name)
 
     def load(self) -> Runner:
-        """Load the model and its runner (BadInput when the files or the task are wrong)."""
-        s = self.settings
-        spec = load_spec(s.model, s.labels)
-        # Never more interpreter threads than cores: oversubscribed XNNPACK threads spin against each other.
-        model = Model(spec.path, backend=self.backend, threads=min(self.profile.threads, os.cpu_count() or 1))
-        runner = build_runner(model, spec, s.task)
-        self.spec, self.model = spec, model
+        """Load the model and its runner (BadInput when the files or the task are wrong): the one swapped in
+        last, else the delivered one, else the config's."""
+        with self._swap_lock:
+            override, self._pending = self._override, None
+        spec = override or self.configured_spec()
+        try:
+            model, runner = self.prepare(spec)
+        except LeptonError as exc:
+            configured = load_spec(self.settings.model, self.settings.labels)
+            if override is not None or spec.path == configured.path:
+                raise
+            # A delivered model that no longer loads must not keep the pipeline down: the config's still can.
+            logger.error("pipeline %s: %s %s does not load (%s); running the configured model", self.name,
+                         spec.name, spec.version, exc)
+            spec = configured
+            model, runner = self.prepare(spec)
+        self.spec, self.model, self._runner = spec, model, runner
         self.task_key = getattr(getattr(runner, "task", None), "key", None) or spec.task
         return runner
 
@@ -313,6 +448,10 @@ class Pipeline:
         rate_t, rate_n = time.monotonic(), 0
         while not self._stopping():
             self._beat()
+            if self._pending is not None:  # a swap, taken between two items
+                swapped = self._take_swap()
+                if swapped is not None:
+                    runner, model_ref = swapped, {"name": self.spec.name, "version": self.spec.version}
             item = source.read(READ_TIMEOUT_S)
             if item is None:
                 continue
@@ -332,6 +471,12 @@ class Pipeline:
                 rate_t, rate_n = now, 0
             latency = runner.latency.as_dict()
             self.stats.latency_ms = latency
+            if self._sample_wanted.is_set():
+                self._take_sample(item.data)
+            observer = self._observer
+            if observer is not None:
+                lat = runner.latency
+                observer.observe(item.data, results, lat.pre + lat.invoke + lat.post)
             policy = self.policy
             for result in results:
                 out = policy.apply(result, now, item.data if frames else None)

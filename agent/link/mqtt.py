@@ -19,6 +19,10 @@ acknowledged is still in the spool, and is sent again from there, in order, as
   every 1-1.5 x `backoff_min_s`, so the agent is back within about a second of the broker.
   The backoff resets once a connection has lasted `STABLE_S`.
 - Every paho callback is wrapped: an exception is logged, counted and survived.
+- Other parts of the agent (model delivery) subscribe and publish through the same
+  connection with `subscribe`/`unsubscribe`/`publish` (agent.delivery.link.Link), safe from
+  any thread: the link thread sends the packets, keeps the filters and subscribes them again
+  after every reconnect, so the broker re-sends what is retained on them.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ OUTBOX_MAX = 1000
 
 F = TypeVar("F", bound=Callable[..., None])
 
+MessageCallback = Callable[[str, bytes], None]
+"""(topic, payload), called on the link thread: keep it short, never wait on the network."""
+
 
 @dataclass
 class LinkStats:
@@ -78,6 +85,9 @@ class LinkStats:
     """Results the broker answered with a failure reason code (dropped: retrying cannot help)."""
     callback_errors: int = 0
     outbox_dropped: int = 0
+    """Messages waiting for a connection that were dropped because too many were waiting."""
+    unrouted: int = 0
+    """Messages on topics nobody listens to any more (e.g. after an unsubscribe crossed them)."""
     last_connect_s: float | None = None
     """Wall time of the last successful CONNACK."""
     last_error: str | None = None
@@ -184,6 +194,8 @@ class _Session:
     last_inbound: float = 0.0
     probe_sent: float | None = None
     goodbye_mid: int | None = None
+    command_sub_mid: int | None = None
+    """The SUBSCRIBE of the command topics, whose SUBACK sets `Link.subscribed`."""
 
 
 class Link:
@@ -228,8 +240,16 @@ class Link:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._outbox: deque[tuple[str, bytes, bool]] = deque()
+        self._outbox: deque[tuple[str, bytes, int, bool]] = deque()
         self._outbox_lock = threading.Lock()
+        self._command_topics = frozenset(topics.command_topics(groups))
+        self._filters: dict[str, tuple[MessageCallback, int]] = {}
+        """Other subscribers' filters: re-subscribed on every connect."""
+        self._filter_ops: dict[str, tuple[bool, int]] = {}
+        """filter → (subscribe?, qos) still to send on the current connection. The last change of a filter is
+        all that counts (a SUBSCRIBE of a filter already held replaces it and re-sends its retained
+        messages), so this stays as small as the set of filters, however long the link is down."""
+        self._filters_lock = threading.Lock()
         self._announce = False
         self._closing = threading.Event()
         self._goodbye: dict[str, Any] | None = None
@@ -259,12 +279,30 @@ class Link:
 
     def send(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
         """Queue a QoS 1 message (a reply, a status) for the current or next connection."""
-        body = encode(payload)
+        self.publish(topic, encode(payload), qos=1, retain=retain)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Queue raw bytes for the current or next connection (never blocks; the oldest go when too many wait)."""
         with self._outbox_lock:
             if len(self._outbox) >= OUTBOX_MAX:
                 self._outbox.popleft()
                 self.stats.outbox_dropped += 1
-            self._outbox.append((topic, body, retain))
+            self._outbox.append((topic, payload, qos, retain))
+        self.wake()
+
+    def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None:
+        """Hear `topic_filter` on this connection and every later one: `callback(topic, payload)` runs on the
+        link thread. Each (re)subscribe makes the broker send what is retained on the filter again."""
+        with self._filters_lock:
+            self._filters[topic_filter] = (callback, qos)
+            self._filter_ops[topic_filter] = (True, qos)
+        self.wake()
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._filters_lock:
+            if self._filters.pop(topic_filter, None) is None:
+                return
+            self._filter_ops[topic_filter] = (False, 0)
         self.wake()
 
     def announce(self) -> None:
@@ -445,14 +483,25 @@ class Link:
         if self._announce and not self._closing.is_set():  # never an `online` after the goodbye
             self._announce = False
             self._publish_birth(s)
+        self._send_filter_ops(s)
         with self._outbox_lock:
             outgoing = list(self._outbox)
             self._outbox.clear()
-        for topic, body, retain in outgoing:
-            info = client.publish(topic, body, qos=1, retain=retain)
-            s.others[info.mid] = now
+        for topic, body, qos, retain in outgoing:
+            info = client.publish(topic, body, qos=qos, retain=retain)
+            if qos:
+                s.others[info.mid] = now
         self._send_results(s, now)
         self._check_liveness(s, now)
+
+    def _send_filter_ops(self, s: _Session) -> None:
+        with self._filters_lock:
+            ops, self._filter_ops = self._filter_ops, {}
+        for topic_filter, (subscribe, qos) in ops.items():
+            if subscribe:
+                s.client.subscribe(topic_filter, qos)
+            else:
+                s.client.unsubscribe(topic_filter)
 
     def _send_results(self, s: _Session, now: float) -> None:
         room = self.settings.max_inflight - len(s.inflight)
@@ -522,9 +571,10 @@ class Link:
         with self._outbox_lock:
             outgoing = list(self._outbox)
             self._outbox.clear()
-        for topic, body, retain in outgoing:
-            info = s.client.publish(topic, body, qos=1, retain=retain)
-            s.others[info.mid] = now
+        for topic, body, qos, retain in outgoing:
+            info = s.client.publish(topic, body, qos=qos, retain=retain)
+            if qos:
+                s.others[info.mid] = now
 
     def _end(self, s: _Session) -> None:
         if s.connected_at is not None:
@@ -558,7 +608,13 @@ class Link:
         s.more = True
         self.stats.connects += 1
         self.stats.last_connect_s = time.time()
-        client.subscribe([(t, 1) for t in self._subscriptions()])
+        _, s.command_sub_mid = client.subscribe([(t, 1) for t in self._subscriptions()])
+        with self._filters_lock:
+            # This connection starts from the whole set; queued changes were for the one before.
+            self._filter_ops.clear()
+            others = [(f, qos) for f, (_, qos) in self._filters.items()]
+        if others:
+            client.subscribe(others)
         self._publish_birth(s)
         self.connected.set()
         logger.info("mqtt %s: connected (bdseq %d)", s.url, s.bdseq)
@@ -597,7 +653,24 @@ class Link:
         if message.topic == self.topics.status:
             self._stale_will(s, message)
             return
-        self.on_command(message.topic, bytes(message.payload))
+        if message.topic in self._command_topics:
+            self.on_command(message.topic, bytes(message.payload))
+            return
+        self._deliver(message.topic, bytes(message.payload))
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        """To every other subscriber whose filter matches; one failing callback does not stop the others."""
+        with self._filters_lock:
+            targets = [cb for f, (cb, _) in self._filters.items() if mqtt.topic_matches_sub(f, topic)]
+        if not targets:
+            self.stats.unrouted += 1
+            return
+        for callback in targets:
+            try:
+                callback(topic, payload)
+            except Exception:
+                self.stats.callback_errors += 1
+                logger.exception("mqtt: handler for %s failed (survived)", topic)
 
     def _stale_will(self, s: _Session, message: mqtt.MQTTMessage) -> None:
         """Re-announce when the broker publishes an earlier connection's will after our birth.
@@ -621,6 +694,11 @@ class Link:
     def _on_subscribe(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
                       reasons: list[ReasonCode], properties: Properties | None) -> None:
         s.last_inbound = time.monotonic()
+        if mid != s.command_sub_mid:
+            for code in reasons:
+                if code.is_failure:
+                    logger.error("mqtt: a subscription was refused: %s", code)
+            return
         for topic, code in zip(self._subscriptions(), reasons, strict=False):
             if code.is_failure:
                 logger.error("mqtt: subscription to %s refused: %s", topic, code)

@@ -1,0 +1,202 @@
+"""The daemon's side of model delivery: the service made from the config, and the pipelines it reaches.
+
+`DeliveryService` sees pipelines only through `PipelineHooks` (docs/delivery.md §8). A model
+name may run in several pipelines (two cameras, one detector); `ModelPipelines` makes those
+look like one: the swap goes into each of them (the first takes the self-tested runner, the
+others load their own interpreter of the same file, since an interpreter belongs to one
+thread), their health counters are summed, and a shadow trial and the self-test's sample
+item use the first. Only pipelines whose loop is alive take part; a stopped one picks the
+store's active model up when it starts again (`delivered_spec`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import os
+import threading
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.config import Effective, KeyFile, ShadowDefaults, find_line
+from agent.delivery.activation import PipelineHealth, ProbationSettings, ShadowTrial
+from agent.delivery.download import DownloadSettings
+from agent.delivery.link import Link
+from agent.delivery.manifest import DevicePolicy
+from agent.delivery.selftest import Fit, Prepared, spec_for
+from agent.delivery.service import DeliveryService, DeliverySettings, PipelineHooks
+from agent.delivery.signing import TrustedKeys, key_id
+from agent.delivery.store import ModelStore
+from agent.delivery.topics import Topics
+from agent.errors import BadInput, LeptonError
+from agent.manifest import ModelSpec
+from agent.pipeline import Pipeline, build_runner
+from agent.runtime import Model
+from agent.tasks.base import Runner
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+# -- from the config ---------------------------------------------------------------------------
+
+
+def _public_key(entry: str | KeyFile) -> Ed25519PublicKey:
+    """The key from the config's text (base64 of the 32 raw bytes) or from a key file (PEM or base64)."""
+    if isinstance(entry, str):
+        data = entry.encode()
+    else:
+        try:
+            data = entry.file.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{entry.file}: cannot read the key file ({exc.strerror})") from None
+        if data.lstrip().startswith(b"-----BEGIN"):
+            try:
+                key = serialization.load_pem_public_key(data)
+            except ValueError:
+                raise ValueError(f"{entry.file}: not a PEM public key") from None
+            if not isinstance(key, Ed25519PublicKey):
+                raise ValueError(f"{entry.file}: not an Ed25519 public key")
+            return key
+    try:
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(data.strip(), validate=True))
+    except (binascii.Error, ValueError):
+        what = "" if isinstance(entry, str) else f"{entry.file}: "
+        raise ValueError(f"{what}not a base64 Ed25519 public key (32 raw bytes)") from None
+
+
+def trusted_keys(eff: Effective) -> TrustedKeys:
+    """The config's `[trusted_keys]`, each id checked against its key; BadInput names the entry and its line."""
+    text = ""
+    if eff.path is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = eff.path.read_text(encoding="utf-8")
+    keys: dict[str, Ed25519PublicKey] = {}
+    for kid, entry in eff.config.trusted_keys.items():
+        line = find_line(text, ("trusted_keys", kid)) if text else None
+        where = (f"{eff.path}: " if eff.path else "") + f'trusted_keys."{kid}"' + (f" (line {line})" if line else "")
+        try:
+            key = _public_key(entry)
+        except ValueError as exc:
+            raise BadInput(f"{where}: {exc}") from None
+        if key_id(key) != kid:
+            raise BadInput(f"{where}: the id does not match the key (its id is {key_id(key)})")
+        keys[kid] = key
+    return TrustedKeys(keys)
+
+
+def device_policy(eff: Effective, backend: str) -> DevicePolicy:
+    """What this device accepts: its backend, its profile class and the profile's size cap."""
+    return DevicePolicy(backend=backend, board=eff.profile.name, max_model_bytes=int(eff.profile.max_model_mb * MIB))
+
+
+def delivery_settings(eff: Effective, backend: str | None) -> DeliverySettings:
+    d = eff.config.delivery
+    return DeliverySettings(
+        download=DownloadSettings(window=d.window, manifest_timeout=d.manifest_timeout_s,
+                                  stall_timeout=d.chunk_timeout_s),
+        probation=ProbationSettings(window_s=d.probation_s, stall_s=d.stall_s),
+        latency_budget_ms=eff.profile.selftest_latency_ms,
+        shadow_timeout_s=d.shadow.timeout_s,
+        backend=backend,
+        threads=min(eff.profile.threads, os.cpu_count() or 1),
+    )
+
+
+def open_store(eff: Effective) -> ModelStore:
+    """The model store (`delivery.store_dir`, default `<state_dir>/models`); LeptonError when unusable."""
+    return ModelStore(eff.config.delivery.store_dir or eff.config.agent.state_dir / "models")
+
+
+def make_service(eff: Effective, link: Link, store: ModelStore, backend: str, backend_option: str | None,
+                 hooks: Any, stop: threading.Event) -> DeliveryService:
+    return DeliveryService(
+        link, store, trusted_keys(eff), device_policy(eff, backend),
+        device_id=eff.device_id, topics=Topics(eff.config.mqtt.prefix),
+        settings=delivery_settings(eff, backend_option), hooks=hooks, stop=stop,
+    )
+
+
+def shadow_request(defaults: ShadowDefaults, given: dict[str, Any]) -> dict[str, Any]:
+    """A deploy command's `shadow` object completed with the config's defaults.
+
+    A command that sets `seconds` and not `items` runs for those seconds, not for the default item count."""
+    merged: dict[str, Any] = defaults.model_dump(exclude={"timeout_s"})
+    if given.get("seconds") is not None and "items" not in given:
+        merged["items"] = None
+    merged.update(given)
+    return merged
+
+
+def delivered_spec(store: ModelStore, configured: ModelSpec) -> ModelSpec | None:
+    """The store's active model of the configured model's name, if it has one that is whole."""
+    active = store.active(configured.name)
+    if active is None:
+        return None
+    if not store.has_object(active.sha256):
+        logger.error("model store: %s %s is active but its file is gone; running the configured model",
+                     active.name, active.version)
+        return None
+    try:
+        return spec_for(store, active)
+    except (OSError, ValueError) as exc:
+        logger.error("model store: %s %s cannot be read (%s); running the configured model", active.name,
+                     active.version, exc)
+        return None
+
+
+# -- the pipelines of one model name ------------------------------------------------------------
+
+
+class ModelPipelines:
+    """The running pipelines of one model name, as one `PipelineHooks` for the delivery service."""
+
+    def __init__(self, pipelines: list[Pipeline]) -> None:
+        assert pipelines
+        self.pipelines = pipelines
+        self.lead = pipelines[0]
+
+    def hooks(self) -> PipelineHooks:
+        return PipelineHooks(swap=self.swap, health=self.health, attach=self.attach, fit=self.fit,
+                             sample=self.lead.sample, make_runner=self.make_runner)
+
+    def make_runner(self, model: Model, spec: ModelSpec) -> Runner:
+        return build_runner(model, spec, self.lead.settings.task)
+
+    def swap(self, prepared: Prepared) -> Any:
+        undos = [self.lead.swap_model(prepared.spec, prepared.runner, prepared.model)]
+        try:
+            for p in self.pipelines[1:]:
+                model, runner = p.prepare(prepared.spec)
+                undos.append(p.swap_model(prepared.spec, runner, model))
+        except LeptonError:
+            for undo in reversed(undos):
+                undo()
+            raise
+
+        def undo_all() -> None:
+            for undo in reversed(undos):
+                undo()
+
+        return undo_all
+
+    def health(self) -> PipelineHealth:
+        states = [p.health() for p in self.pipelines]
+        errors = [h.last_error for h in states if h.last_error]
+        return PipelineHealth(items=sum(h.processed for h in states), errors=sum(h.errors for h in states),
+                              restarts=sum(h.restarts for h in states), last_error=errors[0] if errors else None)
+
+    def attach(self, trial: ShadowTrial | None) -> None:
+        self.lead.attach(trial)
+
+    def fit(self) -> Fit | None:
+        model, runner = self.lead.model, self.lead.runner
+        return Fit.like(model, runner) if model is not None else None
+
+
+__all__ = ["ModelPipelines", "delivered_spec", "make_service", "open_store", "shadow_request", "trusted_keys"]
