@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import BadInput
 from agent.profiles import Profile, detect_profile, load_profile
@@ -222,7 +222,13 @@ class ProfileOverrides(_Strict):
     selftest_latency_ms: Annotated[float, Field(gt=0)] | None = None
 
 
-KeyId = Annotated[str, Field(pattern=r"^ed25519:[0-9a-f]{16}$")]
+def _key_id(v: str) -> str:
+    if not re.fullmatch(r"ed25519:[0-9a-f]{16}", v):
+        raise ValueError("a key id is ed25519: and 16 hex digits, as `lepton-fleet keygen` prints it")
+    return v
+
+
+KeyId = Annotated[str, AfterValidator(_key_id)]
 """`ed25519:` + the first 16 hex digits of the sha256 of the raw public key (docs/delivery.md §3)."""
 
 
@@ -408,6 +414,8 @@ def toml_key(loc: tuple[Any, ...]) -> str:
     """('pipelines', 0, 'policy', 'max_rate') → `pipelines[0].policy.max_rate`."""
     out = ""
     for part in loc:
+        if part == "[key]":
+            continue  # the error is in a table's key itself: name the key
         if isinstance(part, int):
             out += f"[{part}]"
         else:

@@ -313,6 +313,9 @@ class Pipeline:
         self.spec, self.model, self._runner = spec, model, runner
         self.task_key = getattr(getattr(runner, "task", None), "key", None) or spec.task
         self.stats.swaps += 1
+        # A fresh policy: the new model's first result goes out even when its labels are unchanged,
+        # so whoever watches sees which model answers now.
+        self.policy = ResultPolicy(self.settings.policy, self.settings.threshold, self.stats.policy)
         self._notify()  # the status names the model
         return runner
 
