@@ -20,7 +20,18 @@ from types import FrameType
 from typing import Any
 
 from agent import __version__
-from agent.commands import Bench, Command, CommandBus, CommandError, Configure, Deploy, Handler, Start, Stop
+from agent.commands import (
+    Bench,
+    Command,
+    CommandBus,
+    CommandError,
+    Configure,
+    Deploy,
+    Handler,
+    Rollback,
+    Start,
+    Stop,
+)
 from agent.config import Effective, PipelineSettings, load, parse_broker_url
 from agent.delivery.service import DeliveryService, PipelineHooks
 from agent.delivery.store import ModelStore
@@ -139,7 +150,7 @@ class Agent:
             from agent.delivery.daemon import make_service
 
             self.delivery = make_service(self.eff, self.link, self.store, self.backend.name, self.backend_name,
-                                         hooks=self._model_hooks, stop=self.stop)
+                                         hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop)
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline:
         p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
@@ -156,6 +167,13 @@ class Agent:
         from agent.delivery.daemon import delivered_spec
 
         return delivered_spec(self.store, configured) if self.store is not None else None
+
+    def _configured_version(self, name: str) -> Any:
+        from agent.delivery.daemon import configured_version
+
+        with self._lock:
+            pipelines = list(self.pipelines.values())
+        return configured_version(pipelines, name)
 
     def _model_hooks(self, name: str) -> PipelineHooks | None:
         """How delivery reaches the live pipelines running model `name` (None: none runs it now)."""
@@ -179,6 +197,8 @@ class Agent:
         self.link.heartbeat = self.watchdog.register("mqtt")
         self.link.start()
         self.commands.start()
+        if self.delivery is not None:
+            self.delivery.recover()  # a model left on trial by a stop or crash is not what the pipelines start on
         for p in self.pipelines.values():
             if p.settings.enabled:
                 p.start()
@@ -300,7 +320,7 @@ class Agent:
 
     def _cmd_delivery(self, command: Command) -> dict[str, Any]:
         """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""
-        from agent.delivery.daemon import shadow_request
+        from agent.delivery.daemon import rollback_to_configured, shadow_request
         from agent.delivery.reasons import DeliveryError, Reason
 
         if self.delivery is None:
@@ -310,7 +330,18 @@ class Agent:
             args["shadow"] = shadow_request(self.eff.config.delivery.shadow,
                                             command.shadow.model_dump(exclude_none=True))
         try:
-            result = self.delivery.handle(command.action, args)
+            try:
+                result = self.delivery.handle(command.action, args)
+            except DeliveryError as exc:
+                # The store keeps nothing older: the config's own model is the first known good.
+                if not (isinstance(command, Rollback) and exc.reason is Reason.NOT_KEPT):
+                    raise
+                with self._lock:
+                    pipelines = list(self.pipelines.values())
+                restored = rollback_to_configured(self.delivery, pipelines, command.model, command.version, command.id)
+                if restored is None:
+                    raise
+                result = restored
         except BadInput as exc:
             raise CommandError("bad_request", str(exc)) from None
         except DeliveryError as exc:

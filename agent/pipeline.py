@@ -187,6 +187,10 @@ class Pipeline:
     def start(self) -> None:
         if self.running:
             return
+        with self._swap_lock:
+            # A fresh start asks `model_source` again (a rollback may have happened while stopped);
+            # only the loop's own restarts keep what was swapped in.
+            self._override, self._pending = None, None
         self._halt.clear()
         self.budget.reset()
         self.stats.state = "starting"

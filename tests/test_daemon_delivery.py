@@ -24,7 +24,7 @@ from agent.delivery.topics import Topics
 DEVICE = "cam-1"
 
 
-def _pipeline(name: str, fixtures: Path, hold: int = 4, fps: float = 20) -> str:
+def _pipeline(name: str, fixtures: Path, hold: int = 4, fps: float = 20, options: str = "") -> str:
     return f"""
 [[pipelines]]
 name = "{name}"
@@ -36,13 +36,15 @@ fps = {fps}
 hold = {hold}
 width = 64
 height = 48
+{options}
 [pipelines.policy]
 on_change = true
 max_rate = 100
 """
 
 
-def write_config(tmp: Path, port: int, prefix: str, keys: Keys, pipelines: str, probation_s: float = 2.0) -> Path:
+def write_config(tmp: Path, port: int, prefix: str, keys: Keys, pipelines: str, probation_s: float = 2.0,
+                 stall_s: float = 10.0) -> Path:
     path = tmp / "agent.toml"
     path.write_text(f"""
 [agent]
@@ -54,7 +56,7 @@ prefix = "{prefix}"
 keepalive_s = 5
 [delivery]
 probation_s = {probation_s}
-stall_s = 10
+stall_s = {stall_s}
 [trusted_keys]
 "{keys.kid}" = "{public_text(keys.private.public_key())}"
 {pipelines}
@@ -202,6 +204,7 @@ def test_bad_models_roll_back_by_themselves_and_rollback_returns(tmp_path: Path,
         publish(link, topics, variant(tmp_path, fixtures, "fails_on_dark.tflite", version=4), "colors", 4, keys)
         # Other bytes than v2's: the store keeps models by content, so v2 stays the previous one.
         publish(link, topics, variant(tmp_path, fixtures, pad=16, version=5), "colors", 5, keys)
+        publish(link, topics, variant(tmp_path, fixtures, pad=8, version=0), "colors", 0, keys)
 
     with Watcher(broker.port, [f"{prefix}/{DEVICE}/#"]) as w, Daemon(config) as daemon:
         w.wait_json("/results/cycling", lambda m: len(m) >= 3, timeout=60)
@@ -232,14 +235,71 @@ def test_bad_models_roll_back_by_themselves_and_rollback_returns(tmp_path: Path,
         assert rc == 1 and row["reason"] == "not_found" and "not_kept" in row["detail"]
         rc, (models,) = fleet(broker, prefix, "cmd", DEVICE, "models", timeout=20)
         assert models["result"]["models"]["colors"] == {"active": 2, "previous": 5, "trial": None}
+
+        # Further back than the store keeps: the config's own model (v1) is the first known good.
+        seq_before = max(r["seq"] for r in results(w, "steady"))
+        rc, (row,) = fleet(broker, prefix, "rollback", "colors", "--to", DEVICE, "--version", "1")
+        assert rc == 0 and (row["state"], row["active"]) == ("rolled_back", 1), row
+        got = w.wait_json("/results/steady", lambda m: any(r["seq"] > seq_before for r in m), timeout=30)
+        assert [r["model"]["version"] for r in got if r["seq"] > seq_before] == [1]
+        rc, (models,) = fleet(broker, prefix, "cmd", DEVICE, "models", timeout=20)
+        assert models["result"]["models"]["colors"] == {"active": None, "previous": 2, "trial": None}
+        # The configured version counts as the active one: the same again is a no-op, an older one a replay.
+        rc, (row,) = fleet(broker, prefix, "deploy", "colors@1", "--to", DEVICE)
+        assert rc == 0 and row["state"] == "active" and row["detail"] == "already active"
+        rc, (row,) = fleet(broker, prefix, "deploy", "colors@0", "--to", DEVICE)
+        assert rc == 1 and (row["state"], row["reason"], row["active"]) == ("failed", "not_newer", 1)
         assert daemon.terminate(signal.SIGTERM) == 0
 
     # The steady pipeline never failed; it ran 2, then 4 for a moment, then 2, 5 and 2 again: one loop, no gap.
     steady = no_gap(results(w, "steady"))
-    assert steady[0] == 1 and steady[-1] == 2 and 3 not in steady
+    assert steady[0] == 1 and steady[-1] == 1 and 3 not in steady and 0 not in steady
     cycling = [r for r in results(w, "cycling") if not r.get("historical")]
     assert [r["seq"] for r in cycling] == list(range(1, len(cycling) + 1))
     assert "Traceback (most recent call last)" in (tmp_path / "agent.log").read_text()  # the crash, logged
+
+
+def test_a_stall_in_probation_rolls_back(tmp_path: Path, broker: Broker, fixtures: Path, keys: Keys,
+                                        prefix: str) -> None:
+    # The camera wedges after ten frames (its read blocks until closed): the new model sees no item.
+    pipeline = _pipeline("colors", fixtures, options="stall_after = 10")
+    config = write_config(tmp_path, broker.port, prefix, keys, pipeline, probation_s=30, stall_s=1)
+    with connect(broker.port) as link:
+        publish(link, Topics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, keys)
+    with Watcher(broker.port, [f"{prefix}/{DEVICE}/#"]) as w, Daemon(config) as daemon:
+        w.wait_json("/results/colors", lambda m: len(m) >= 3, timeout=60)
+        rc, (row,) = fleet(broker, prefix, "deploy", "colors@2", "--to", DEVICE)
+        assert rc == 1 and (row["state"], row["reason"], row["active"]) == ("rolled_back", "pipeline_stalled", 1)
+        rc, (models,) = fleet(broker, prefix, "cmd", DEVICE, "models", timeout=20)
+        assert models["result"]["models"]["colors"] == {"active": None, "previous": None, "trial": None}
+        assert daemon.terminate(signal.SIGTERM) == 0
+
+
+def test_an_agent_killed_in_probation_comes_back_on_the_previous_model(tmp_path: Path, broker: Broker,
+                                                                       fixtures: Path, keys: Keys,
+                                                                       prefix: str) -> None:
+    config = write_config(tmp_path, broker.port, prefix, keys, _pipeline("colors", fixtures), probation_s=120)
+    with connect(broker.port) as link:
+        publish(link, Topics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, keys)
+    with Watcher(broker.port, [f"{prefix}/{DEVICE}/#"]) as w:
+        with Daemon(config) as daemon:
+            w.wait_json("/results/colors", lambda m: len(m) >= 3, timeout=60)
+            rc, _ = fleet(broker, prefix, "deploy", "colors@2", "--to", DEVICE, "--no-wait")
+            assert rc == 0
+            wait_state(w, 2, "activating")
+            w.wait_json("/results/colors", lambda m: m[-1]["model"]["version"] == 2, timeout=30)
+            daemon.terminate(signal.SIGKILL)  # whatever killed it, the model on trial is not trusted
+        seq_killed = max(r["seq"] for r in results(w))
+        with Daemon(config) as daemon:
+            undone = wait_state(w, 2, "rolled_back")
+            assert (undone["reason"], undone.get("active")) == ("restarted_in_probation", 1)
+            got = w.wait_json("/results/colors", lambda m: sum(r["seq"] > seq_killed for r in m) >= 3, timeout=60)
+            assert {r["model"]["version"] for r in got if r["seq"] > seq_killed and not r.get("historical")} == {1}
+            # Not resumed either: a model that brought the agent down would do it again.
+            rc, (models,) = fleet(broker, prefix, "cmd", DEVICE, "models", timeout=20)
+            assert models["result"]["pending"] == {}
+            assert models["result"]["models"]["colors"] == {"active": None, "previous": None, "trial": None}
+            assert daemon.terminate(signal.SIGTERM) == 0
 
 
 @pytest.mark.parametrize(("labels", "state", "reason", "agreement"), [

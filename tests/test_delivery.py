@@ -343,9 +343,8 @@ def test_download_resumes_across_a_broker_restart(tmp_path: Path, keys: Keys, ba
     """The broker goes away mid-download and comes back (retained messages persisted); the device carries on."""
     from agent.delivery import failpoints
 
-    persist = tmp_path / "mosquitto"
-    extra = f"persistence true\npersistence_location {persist}/\nautosave_interval 0"
-    broker = Broker(persist, extra=extra).start()
+    # Broker(persistence=True) keeps its retained messages in its folder across stop/start.
+    broker = Broker(tmp_path / "mosquitto", persistence=True).start()
     topics = Topics(unique_prefix())
     try:
         with connect(broker.port) as op:

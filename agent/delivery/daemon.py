@@ -26,14 +26,16 @@ from agent.config import Effective, KeyFile, ShadowDefaults, find_line
 from agent.delivery.activation import PipelineHealth, ProbationSettings, ShadowTrial
 from agent.delivery.download import DownloadSettings
 from agent.delivery.link import Link
-from agent.delivery.manifest import DevicePolicy
+from agent.delivery.manifest import DevicePolicy, Version, version_key
+from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit, Prepared, spec_for
 from agent.delivery.service import DeliveryService, DeliverySettings, PipelineHooks
 from agent.delivery.signing import TrustedKeys, key_id
+from agent.delivery.state import DeployState, State
 from agent.delivery.store import ModelStore
 from agent.delivery.topics import Topics
 from agent.errors import BadInput, LeptonError
-from agent.manifest import ModelSpec
+from agent.manifest import ModelSpec, load_spec
 from agent.pipeline import Pipeline, build_runner
 from agent.runtime import Model
 from agent.tasks.base import Runner
@@ -114,11 +116,11 @@ def open_store(eff: Effective) -> ModelStore:
 
 
 def make_service(eff: Effective, link: Link, store: ModelStore, backend: str, backend_option: str | None,
-                 hooks: Any, stop: threading.Event) -> DeliveryService:
+                 hooks: Any, baseline: Any, stop: threading.Event) -> DeliveryService:
     return DeliveryService(
         link, store, trusted_keys(eff), device_policy(eff, backend),
         device_id=eff.device_id, topics=Topics(eff.config.mqtt.prefix),
-        settings=delivery_settings(eff, backend_option), hooks=hooks, stop=stop,
+        settings=delivery_settings(eff, backend_option), hooks=hooks, baseline=baseline, stop=stop,
     )
 
 
@@ -134,8 +136,10 @@ def shadow_request(defaults: ShadowDefaults, given: dict[str, Any]) -> dict[str,
 
 
 def delivered_spec(store: ModelStore, configured: ModelSpec) -> ModelSpec | None:
-    """The store's active model of the configured model's name, if it has one that is whole."""
-    active = store.active(configured.name)
+    """The model of the configured model's name that the store says runs: the one on trial while a
+    probation window is open (a pipeline started in it must run what is judged), else the active one."""
+    slot = store.slot(configured.name)
+    active = slot.trial or slot.active
     if active is None:
         return None
     if not store.has_object(active.sha256):
@@ -148,6 +152,55 @@ def delivered_spec(store: ModelStore, configured: ModelSpec) -> ModelSpec | None
         logger.error("model store: %s %s cannot be read (%s); running the configured model", active.name,
                      active.version, exc)
         return None
+
+
+def configured_spec(pipeline: Pipeline) -> ModelSpec | None:
+    """The model the pipeline's config names (None when its files are bad)."""
+    try:
+        return load_spec(pipeline.settings.model, pipeline.settings.labels)
+    except BadInput:
+        return None
+
+
+def configured_version(pipelines: list[Pipeline], name: str) -> Version | None:
+    """The version of `name` the config gives its pipelines: what they run when the store has none."""
+    for p in pipelines:
+        spec = configured_spec(p)
+        if spec is not None and spec.name == name and spec.version is not None:
+            try:
+                version_key(spec.version)
+            except ValueError:
+                return None
+            return spec.version
+    return None
+
+
+def rollback_to_configured(service: DeliveryService, pipelines: list[Pipeline], name: str, version: Version | None,
+                           request: str | None) -> dict[str, Any] | None:
+    """Back to the model the config names, when the store keeps no older version: the config's model is
+    the device's first known good. None when the config has no versioned model of that name (or another
+    version than asked for)."""
+    chosen = [(p, spec) for p in pipelines if (spec := configured_spec(p)) is not None and spec.name == name]
+    if not chosen or chosen[0][1].version is None:
+        return None
+    target = chosen[0][1].version
+    if version is not None and version_key(version) != version_key(target):
+        return None
+    undos = []
+    try:
+        for p, spec in chosen:
+            if p.running:  # a stopped pipeline loads it when it starts (the store no longer names a model)
+                model, runner = p.prepare(spec)
+                undos.append(p.swap_model(spec, runner, model))
+    except LeptonError as exc:
+        for undo in reversed(undos):
+            undo()
+        raise DeliveryError(Reason.LOAD_FAILED, f"the configured model does not load: {exc}") from None
+    before = service.store.deactivate(name)
+    service.report(DeployState(name, target, State.ROLLED_BACK, progress=1.0, active=target, request=request,
+                               detail=f"explicit rollback from {before.version if before else 'nothing'} "
+                                      f"to the configured model"))
+    return {"model": name, "active": target, "from": before.version if before else None, "configured": True}
 
 
 # -- the pipelines of one model name ------------------------------------------------------------
@@ -199,4 +252,5 @@ class ModelPipelines:
         return Fit.like(model, runner) if model is not None else None
 
 
-__all__ = ["ModelPipelines", "delivered_spec", "make_service", "open_store", "shadow_request", "trusted_keys"]
+__all__ = ["ModelPipelines", "configured_version", "delivered_spec", "make_service", "open_store",
+           "rollback_to_configured", "shadow_request", "trusted_keys"]

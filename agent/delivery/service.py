@@ -125,6 +125,7 @@ class DeliveryService:
         settings: DeliverySettings | None = None,
         hooks: Callable[[str], PipelineHooks | None] = lambda name: None,
         stop: threading.Event | None = None,
+        baseline: Callable[[str], Version | None] = lambda name: None,
     ) -> None:
         self.link = link
         self.store = store
@@ -135,6 +136,9 @@ class DeliveryService:
         self.settings = settings or DeliverySettings()
         self.hooks = hooks
         self.stop = stop or threading.Event()
+        self.baseline = baseline
+        """The version a model name runs when the store has no active one (the daemon: the config's model).
+        It counts as the active version for `not_newer` and "already active"."""
         self.downloader = Downloader(link, store, trusted, policy, topics=self.topics,
                                      settings=self.settings.download)
         self.report = StateReporter(
@@ -169,10 +173,14 @@ class DeliveryService:
             trial = self.store.abort_trial(name)
             if trial is not None:
                 undone.append(trial)
-                active = self.store.active(name)
+                # Not resumed either: if the model is what brought the agent down, running it again would
+                # bring it down again, and again.
+                pending = self.store.pending().get(name, {})
+                if _same_version(pending.get("version"), trial.version):
+                    self.store.clear_pending(name)
                 self.report(DeployState(name, trial.version, State.ROLLED_BACK, reason=Reason.RESTARTED_IN_PROBATION,
                                         detail="the agent restarted before the probation window passed",
-                                        active=active.version if active else None))
+                                        active=self._active_version(name), request=pending.get("id")))
         return undone
 
     # -- commands -----------------------------------------------------------------
@@ -271,7 +279,7 @@ class DeliveryService:
 
     def _active_version(self, name: str) -> Version | None:
         active = self.store.active(name)
-        return active.version if active else None
+        return active.version if active else self.baseline(name)
 
     def _self_test(self, stored: StoredModel, hooks: PipelineHooks | None) -> Any:
         return self_test(
@@ -300,8 +308,8 @@ class DeliveryService:
             state(State.ACTIVATING, progress, phase="shadow")
 
         try:
-            active = self.store.active(name)
-            if active is not None and version_key(active.version) == version_key(version):
+            active = self._active_version(name)
+            if active is not None and version_key(active) == version_key(version):
                 self.store.clear_pending(name)
                 return state(State.ACTIVE, 1.0, detail="already active")
             signed = self._manifest(request, active)
@@ -343,16 +351,22 @@ class DeliveryService:
             logger.warning("%s@%s %s: %s", name, version, final.value, exc)
             return state(final, 0.0, reason=exc.reason, detail=exc.detail, extra=extra)
 
-    def _manifest(self, request: DeployRequest, active: StoredModel | None) -> Any:
+    def _manifest(self, request: DeployRequest, active: Version | None) -> Any:
         """The checked manifest, fetched again from the broker (also when resuming: it may have expired)."""
-        return self.downloader.fetch_manifest(request.name, request.version, self.stop,
-                                              active=active.version if active else None)
+        return self.downloader.fetch_manifest(request.name, request.version, self.stop, active=active)
 
 
 class _Rejected(DeliveryError):
     def __init__(self, reason: Reason, detail: str, extra: dict[str, Any]) -> None:
         super().__init__(reason, detail)
         self.extra = extra
+
+
+def _same_version(a: Any, b: Version) -> bool:
+    try:
+        return a is not None and version_key(a) == version_key(b)
+    except ValueError:
+        return False
 
 
 def new_request_id() -> str:

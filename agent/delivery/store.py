@@ -244,6 +244,15 @@ class ModelStore:
             self._set_slot(name, Slot(active=target, previous=previous))
             return target
 
+    def deactivate(self, name: str) -> StoredModel | None:
+        """Run nothing of `name` from the store (its pipelines go back to the model their config names);
+        the active model is kept as the previous one. Returns it."""
+        with self._lock:
+            s = self.slot(name)
+            if s.active is not None:
+                self._set_slot(name, Slot(previous=s.active))
+            return s.active
+
     # -- pending deployments (resumed after a restart) --------------------------
 
     def pending(self) -> dict[str, dict[str, Any]]:
