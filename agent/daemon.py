@@ -325,6 +325,13 @@ class Agent:
 
         if self.delivery is None:
             raise CommandError("unsupported", "model delivery is off in this agent's config (delivery.enabled)")
+        if isinstance(command, Rollback):
+            busy = self.delivery.store.pending().get(command.model)
+            if busy is not None:
+                # The deployment owns the pipelines and the store's record until it ends; a rollback now would
+                # be undone by its commit or its own undo. It rolls back by itself if it fails its probation.
+                raise CommandError("failed", f"{command.model}@{busy.get('version')} is being deployed; roll back "
+                                             f"once its deployment has ended (it rolls back by itself if it fails)")
         args = command.model_dump(exclude={"shadow"})
         if isinstance(command, Deploy) and command.shadow is not None:
             args["shadow"] = shadow_request(self.eff.config.delivery.shadow,

@@ -288,6 +288,9 @@ def test_an_agent_killed_in_probation_comes_back_on_the_previous_model(tmp_path:
             assert rc == 0
             wait_state(w, 2, "activating")
             w.wait_json("/results/colors", lambda m: m[-1]["model"]["version"] == 2, timeout=30)
+            # The deployment owns the model until it ends: a rollback now is refused, not half done.
+            rc, (row,) = fleet(broker, prefix, "rollback", "colors", "--to", DEVICE)
+            assert rc == 1 and row["state"] == "refused" and "is being deployed" in row["detail"], row
             daemon.terminate(signal.SIGKILL)  # whatever killed it, the model on trial is not trusted
         seq_killed = max(r["seq"] for r in results(w))
         with Daemon(config) as daemon:
@@ -404,3 +407,27 @@ def test_link_serves_other_subscribers_across_reconnects(tmp_path: Path) -> None
         assert a.link.stats.callback_errors >= 1  # boom, survived
         assert a.commands == []  # nothing of this reached the command handler
         _close(a)
+
+
+def test_delivery_off_refuses_its_commands(tmp_path: Path, fixtures: Path) -> None:
+    from agent.config import load
+    from agent.daemon import Agent
+
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[agent]\ndevice_id = "d"\nstate_dir = "{tmp_path / "state"}"\n[delivery]\nenabled = false\n'
+                    f'[[pipelines]]\nname = "colors"\nsource = "test:colors"\n'
+                    f'model = "{fixtures / "colors_int8.json"}"\n')
+    agent = Agent(load(path))
+    agent.prepare()  # nothing is started: no link, no pipeline thread
+    try:
+        assert agent.commands is not None and agent.store is None
+        reply = agent.commands.handle("lepton/d/cmd", b'{"id": "1", "action": "deploy", "model": "colors", '
+                                                      b'"version": 2}')
+        assert reply is not None and reply["error"]["code"] == "unsupported", reply
+        reply = agent.commands.handle("lepton/d/cmd", b'{"id": "2", "action": "rollback", "model": "a/b"}')
+        assert reply is not None and reply["error"]["code"] == "bad_request" and "model" in reply["error"]["message"]
+        assert not (tmp_path / "state" / "models").exists()
+    finally:
+        assert agent.spool is not None and agent.state is not None
+        agent.spool.close()
+        agent.state.close()
