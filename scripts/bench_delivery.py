@@ -4,7 +4,10 @@
 1. One device: a 4 MB model pulled over MQTT, every chunk and the whole file
    verified and the file fsynced into the store, against one `mosquitto_pub -f`
    of the same file (QoS 1) to a subscriber, through the same broker, in the same
-   run, alternating; the ratio is our throughput over the C client's.
+   run, alternating; the ratio is our throughput over the C client's. The pull
+   runs twice each round: over `PahoLink` (paho's own network thread, what the
+   tools use) and over the daemon's own link (`agent.link.mqtt.Link`, the
+   connection `lepton-agent run` shares with results and commands).
 2. A fleet: N devices (one process, one MQTT client each) pull the same model at
    once: seconds until all have it verified on disk, and the broker's RSS.
 
@@ -89,7 +92,34 @@ def mosquitto_pub_once(port: int, model: Path, topic: str, sub: PahoLink) -> flo
     return took
 
 
-def download_once(link: PahoLink, store_dir: Path, trusted: TrustedKeys, backend: str, topics: Topics,
+def daemon_link(port: int, tmp: Path) -> tuple[Any, Any]:
+    """The daemon's MQTT link as `lepton-agent run` wires it (spool, state), connected; and how to close it."""
+    from agent.config import MqttSection
+    from agent.link.mqtt import Link
+    from agent.link.spool import Spool
+    from agent.link.topics import Topics as DeviceTopics
+    from agent.state import AgentState
+
+    spool = Spool(tmp / "spool.sqlite3", 1 << 22)
+    state = AgentState(tmp / "agent.sqlite3")
+    stop = threading.Event()
+    link = Link(MqttSection(broker=(f"mqtt://127.0.0.1:{port}",)), topics=DeviceTopics("bench", "dev"), groups=(),
+                client_id="bench-daemon-link", spool=spool, next_bdseq=state.next_bdseq, birth=dict,
+                on_command=lambda t, p: None, stop=stop)
+    link.start()
+    if not link.connected.wait(10):
+        raise SystemExit("bench_delivery: the daemon link did not connect")
+
+    def close() -> None:
+        stop.set()
+        link.close({"state": "stopped"}, 2)
+        spool.close()
+        state.close()
+
+    return link, close
+
+
+def download_once(link: Any, store_dir: Path, trusted: TrustedKeys, backend: str, topics: Topics,
                   name: str) -> float:
     shutil.rmtree(store_dir, ignore_errors=True)
     store = ModelStore(store_dir)
@@ -130,16 +160,24 @@ def main() -> int:
             t0 = time.perf_counter()
             upload(link, pub, topics)
             upload_s = time.perf_counter() - t0
-            ref, ours = [], []
-            for _ in range(args.reps):
-                ref.append(mosquitto_pub_once(broker.port, model, "bench/reference", sub))
-                ours.append(download_once(link, tmp / "store", trusted, backend, topics, "big"))
-            ref_s, ours_s = statistics.median(ref), statistics.median(ours)
+            ref, ours, daemon = [], [], []
+            agent_link, close_agent_link = daemon_link(broker.port, tmp)
+            try:
+                for _ in range(args.reps):
+                    ref.append(mosquitto_pub_once(broker.port, model, "bench/reference", sub))
+                    ours.append(download_once(link, tmp / "store", trusted, backend, topics, "big"))
+                    daemon.append(download_once(agent_link, tmp / "store", trusted, backend, topics, "big"))
+            finally:
+                close_agent_link()
+            ref_s, ours_s, daemon_s = statistics.median(ref), statistics.median(ours), statistics.median(daemon)
             mb = size / 1e6
             report["single"] = {
                 "mosquitto_pub_s": round(ref_s, 4), "mosquitto_pub_mb_s": round(mb / ref_s, 1),
                 "download_verified_on_disk_s": round(ours_s, 4), "download_mb_s": round(mb / ours_s, 1),
                 "throughput_ratio": round(ref_s / ours_s, 3),
+                "daemon_link_s": round(daemon_s, 4), "daemon_link_mb_s": round(mb / daemon_s, 1),
+                "daemon_link_throughput_ratio": round(ref_s / daemon_s, 3),
+                "daemon_link_vs_paho_link": round(ours_s / daemon_s, 3),
                 "upload_s": round(upload_s, 4),
                 "end_to_end_ratio": round(ref_s / (ours_s + upload_s), 3),
             }

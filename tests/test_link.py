@@ -182,6 +182,8 @@ def test_commands_heard_again_after_reconnect(tmp_path: Path, own_broker: Broker
     assert a.link.subscribed.wait(10)
     for topic in ("lepton/dev1/cmd", "lepton/group/g1/cmd", "lepton/all/cmd", "lepton/group/g2/cmd"):
         publish.single(topic, b'{"id": "1", "action": "ping"}', qos=1, hostname="127.0.0.1", port=own_broker.port)
+    # Heard before the broker goes: a broker stopped right after a PUBACK may never forward that message.
+    assert wait_until(lambda: len(a.commands) >= 3, 10), a.commands
     first_bdseq = a.link.bdseq
     own_broker.stop()
     own_broker.start()
@@ -200,6 +202,7 @@ def test_commands_heard_again_after_reconnect(tmp_path: Path, own_broker: Broker
             break
     topics = [t for t, _ in a.commands]
     assert topics == ["lepton/dev1/cmd", "lepton/group/g1/cmd", "lepton/all/cmd", "lepton/dev1/cmd"]
+    assert a.link.stats.unrouted == 0
     _close(a)
 
 
