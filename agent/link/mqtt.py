@@ -417,6 +417,12 @@ class Link:
             client.connect(host, port, keepalive=self.settings.keepalive_s, clean_start=True, properties=props)
         else:
             client.connect(host, port, keepalive=self.settings.keepalive_s)
+        sock: Any = client.socket()
+        if sock is not None:
+            # Small packets go out at once: with Nagle, a SUBSCRIBE written right after a PUBACK waits for the
+            # broker's delayed ACK (~40 ms), which paced model downloads (a chunk per round trip) to a crawl.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return session
 
     def _bind(self, s: _Session) -> None:
