@@ -19,3 +19,5 @@ def test_demo_shows_live_results() -> None:
     assert len(lines) >= 3, proc.stdout
     assert {"red", "green", "blue"} & {word for line in lines for word in line.split()}
     assert "status online" in proc.stdout
+    # The wake word pipeline hears "hey jarvis" in the looping real recording.
+    assert any(" wakeword #" in line for line in proc.stdout.splitlines()), proc.stdout
