@@ -271,7 +271,8 @@ def _cmd_infer_audio(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"{'SOURCE':<32} {'T':>8}  RESULT\n")
     for uri in args.inputs:
         try:
-            source = open_source(uri, {"backend": args.mic_backend}, modules=AUDIO_SOURCE_MODULES)
+            options = {"backend": args.mic_backend} if uri.startswith("mic:") else {}
+            source = open_source(uri, options, modules=AUDIO_SOURCE_MODULES)
             source.open()
         except BadInput as exc:
             failed += 1
