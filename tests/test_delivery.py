@@ -344,8 +344,7 @@ def test_download_resumes_across_a_broker_restart(tmp_path: Path, keys: Keys, ba
     from agent.delivery import failpoints
 
     persist = tmp_path / "mosquitto"
-    extra = f"persistence true\npersistence_location {persist}/\nautosave_interval 0"
-    broker = Broker(persist, extra=extra).start()
+    broker = Broker(persist, persistence=True).start()
     topics = Topics(unique_prefix())
     try:
         with connect(broker.port) as op:
