@@ -40,6 +40,16 @@ class Preprocess(_Strict):
     """Per channel (or one value for all), in pixel units 0..255."""
     std: tuple[float, ...] = (127.5, 127.5, 127.5)
     """Per channel (or one value for all), in pixel units; must not be 0."""
+    roi: tuple[float, float, float, float] | None = None
+    """Region of interest `[xmin, ymin, xmax, ymax]`, normalised 0..1 in the frame; only it is fed to
+    the model, and boxes are still reported in whole-frame coordinates. None: the whole frame."""
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_inside(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        if v is not None and not (0.0 <= v[0] < v[2] <= 1.0 and 0.0 <= v[1] < v[3] <= 1.0):
+            raise ValueError("must be [xmin, ymin, xmax, ymax] with 0 <= min < max <= 1")
+        return v
 
     @field_validator("std")
     @classmethod

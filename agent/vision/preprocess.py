@@ -5,7 +5,8 @@ preallocated buffer, convert the colour order on that small image, then one
 look-up table maps each pixel byte to the model's input value — normalisation
 ((p - mean) / std) and quantization (q = p' / scale + zero_point) fused into a
 256-entry table per channel — writing into the tensor. Nothing frame-sized is
-allocated after the first frame of a given size.
+allocated after the first frame of a given size. A region of interest is a
+slice (a view) of the frame, so cropping costs nothing either.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 from agent.errors import BadInput
 from agent.manifest import Preprocess
 from agent.runtime import Model, TensorInfo
+from agent.vision.cv import cv2
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ class ImagePreprocessor:
             raise BadInput(f"{model.path}: preprocess.color is GRAY but the model takes 3 channels")
         self.letterbox = pre.resize == "letterbox"
         self.pad_value = pad_value
+        self.roi = pre.roi
+        self._crop = (0, 0, 0, 0)  # y0, y1, x0, x1 of the region of interest in the current frame size
         self._lut = value_lut(info, pre, geometry.channels)
         self._model = model
         self._input_index = input_index
@@ -136,6 +139,14 @@ class ImagePreprocessor:
         key = (channels, frame_h, frame_w)
         if (channels, self.color) not in _COLOR_CODES:
             raise BadInput(f"frame has {channels} channels; expected 1, 3 or 4")
+        full_h, full_w = frame_h, frame_w
+        if self.roi is not None:
+            x0, y0, x1, y1 = self.roi
+            cx0, cx1 = min(round(x0 * full_w), full_w - 1), max(round(x1 * full_w), 1)
+            cy0, cy1 = min(round(y0 * full_h), full_h - 1), max(round(y1 * full_h), 1)
+            cx1, cy1 = max(cx1, cx0 + 1), max(cy1, cy0 + 1)
+            self._crop = (cy0, cy1, cx0, cx1)
+            frame_h, frame_w = cy1 - cy0, cx1 - cx0
         self._code = _COLOR_CODES[(channels, self.color)]
         shape: tuple[int, ...] = (g.height, g.width) if channels == 1 else (g.height, g.width, channels)
         self._resized = np.empty(shape, np.uint8)
@@ -150,6 +161,12 @@ class ImagePreprocessor:
             self.mapping = (g.width / nw, -px / nw, g.height / nh, -py / nh)
         else:
             self.mapping = (1.0, 0.0, 1.0, 0.0)
+        if self.roi is not None:
+            # Region-normalised → frame-normalised: x = x0 + w * x_region, composed into the same affine map.
+            cy0, cy1, cx0, cx1 = self._crop
+            rw, rh = (cx1 - cx0) / full_w, (cy1 - cy0) / full_h
+            ax, bx, ay, by = self.mapping
+            self.mapping = (ax * rw, cx0 / full_w + bx * rw, ay * rh, cy0 / full_h + by * rh)
         final_needs_lut = self._lut is not None or self._nchw is not None
         if self._code is not None and final_needs_lut:
             self._colored = np.empty((g.height, g.width) if g.channels == 1 else (g.height, g.width, 3), np.uint8)
@@ -167,6 +184,9 @@ class ImagePreprocessor:
             self._bind()
         if self._key != (channels, frame.shape[0], frame.shape[1]):
             self._prepare(frame.shape[0], frame.shape[1], channels)
+        if self.roi is not None:
+            cy0, cy1, cx0, cx1 = self._crop
+            frame = frame[cy0:cy1, cx0:cx1]
         g = self.geometry
         last_stage_is_resize = self._code is None and self._lut is None and self._nchw is None and not self.letterbox
         if last_stage_is_resize:
