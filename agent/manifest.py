@@ -30,6 +30,9 @@ class Preprocess(_Strict):
     """Channel order the model was trained on (frames arrive as BGR)."""
     resize: Literal["stretch", "letterbox"] = "stretch"
     """Stretch to the input size, or keep aspect ratio and pad."""
+    interpolation: Literal["linear", "area"] = "linear"
+    """Resampling: `linear` (bilinear), or `area` (pixel averaging when shrinking: no aliasing, closer
+    to the antialiased resize many reference pipelines use)."""
     layout: Literal["NHWC", "NCHW", "auto"] = "auto"
     """Tensor layout; `auto` reads it from the input shape."""
     normalize: Literal["quantization", "mean_std"] | None = None

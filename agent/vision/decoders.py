@@ -258,7 +258,7 @@ class BlazeFace(Decoder):
     """
 
     class_names = ("face",)
-    default_preprocess: ClassVar[dict[str, Any]] = {"resize": "letterbox"}
+    default_preprocess: ClassVar[dict[str, Any]] = {"resize": "letterbox", "interpolation": "area"}
 
     @classmethod
     def fits(cls, model: Model) -> bool:

@@ -105,6 +105,7 @@ class ImagePreprocessor:
         self.letterbox = pre.resize == "letterbox"
         self.pad_value = pad_value
         self.roi = pre.roi
+        self.interpolation = cv2.INTER_AREA if pre.interpolation == "area" else cv2.INTER_LINEAR
         self._crop = (0, 0, 0, 0)  # y0, y1, x0, x1 of the region of interest in the current frame size
         self._lut = value_lut(info, pre, geometry.channels)
         self._model = model
@@ -191,15 +192,15 @@ class ImagePreprocessor:
         last_stage_is_resize = self._code is None and self._lut is None and self._nchw is None and not self.letterbox
         if last_stage_is_resize:
             # The frame already has the model's colour order and raw bytes are the input.
-            cv2.resize(frame, (g.width, g.height), dst=self._target, interpolation=cv2.INTER_LINEAR)
+            cv2.resize(frame, (g.width, g.height), dst=self._target, interpolation=self.interpolation)
             return
         if self._patch is not None:
             cv2.resize(frame, (self._patch.shape[1], self._patch.shape[0]), dst=self._patch,
-                       interpolation=cv2.INTER_LINEAR)
+                       interpolation=self.interpolation)
             py, px = self._patch_at
             np.copyto(self._resized[py : py + self._patch.shape[0], px : px + self._patch.shape[1]], self._patch)
         else:
-            cv2.resize(frame, (g.width, g.height), dst=self._resized, interpolation=cv2.INTER_LINEAR)
+            cv2.resize(frame, (g.width, g.height), dst=self._resized, interpolation=self.interpolation)
         src = self._resized
         if self._code is not None:
             dst = self._colored if self._colored is not None else self._target
