@@ -37,8 +37,8 @@ def test_float_mean_std(fixtures: Path) -> None:
     pre(frame)
     h, w = model.inputs[0].shape[1:3]
     ref = cv2.cvtColor(cv2.resize(frame, (w, h)), cv2.COLOR_BGR2RGB).astype(np.float32)
-    ref = (ref - np.array([10, 20, 30], np.float32)) / np.array([2, 4, 8], np.float32)
-    assert np.allclose(model.input()[0], ref, atol=1e-5)
+    expected = (ref - np.array([10, 20, 30], np.float32)) / np.array([2, 4, 8], np.float32)
+    assert np.allclose(model.input()[0], expected, atol=1e-5)
 
 
 def test_int8_mean_std_is_quantized_with_the_input_scale(fixtures: Path) -> None:

@@ -234,6 +234,7 @@ class LiveSource(Source):
                         continue
                     self.connected = True
                     failures = 0
+                started = time.monotonic()
                 try:
                     grabbed = device.grab()
                 except Exception:
@@ -248,10 +249,13 @@ class LiveSource(Source):
                     with self._changed:
                         self.stats.errors += 1
                         self._changed.notify_all()
-                    if failures >= MAX_READ_FAILURES:
+                    # A failure that took the whole timeout is a stall: the device is gone, reopen now.
+                    # One that came at once is a corrupt frame: skip it, unless they keep coming.
+                    stalled = time.monotonic() - started >= self.settings.timeout * 0.8
+                    if stalled or failures >= MAX_READ_FAILURES:
                         self._release(device)
                         device = None
-                        self._count_restart(f"no frames after {failures} attempts")
+                        self._count_restart("stalled" if stalled else f"{failures} failed reads in a row")
                         if self._stop.wait(backoff):
                             break
                         backoff = min(backoff * 2.0, self.settings.backoff_max)
