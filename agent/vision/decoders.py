@@ -252,13 +252,13 @@ class BlazeFace(Decoder):
 
     As MediaPipe's TensorsToDetectionsCalculator with the face detection graph's
     options: box centre = raw / input size * anchor size + anchor centre, size =
-    raw / input size * anchor size; score = sigmoid(clip(logit, ±100)); then
+    raw / input size * anchor size; score = sigmoid(logit); then
     weighted NMS with IoU 0.3. Only anchors whose logit clears the threshold are
     decoded.
     """
 
     class_names = ("face",)
-    default_preprocess: ClassVar[dict[str, Any]] = {"resize": "letterbox", "interpolation": "area"}
+    default_preprocess: ClassVar[dict[str, Any]] = {"resize": "letterbox"}
 
     @classmethod
     def fits(cls, model: Model) -> bool:
@@ -277,7 +277,8 @@ class BlazeFace(Decoder):
         self._reg, self._score = (0, 1) if first.shape[-1] > second.shape[-1] else (1, 0)
         count = model.outputs[self._reg].shape[1]
         self.anchors = self._anchors(model, height, width, count)
-        self.scale = np.array([width, height], np.float32)
+        # x = raw / input size * anchor size + anchor centre: the per-anchor factor, computed once.
+        self._factor = (self.anchors[:, 2:4] / np.array([width, height], np.float32)).astype(np.float32)
         self.iou_threshold = self._param("iou_threshold", 0.3)
         # Compare logits, not probabilities: sigmoid(x) > t  ⇔  x > logit(t).
         t = min(max(self.threshold, 1e-6), 1 - 1e-6)
@@ -309,12 +310,12 @@ class BlazeFace(Decoder):
         if cand.size == 0:
             return _EMPTY
         raw = self._regressors.read()[0, cand, :4]  # x, y, w, h of the box; keypoints are not reported
-        anchors = self.anchors[cand]
-        centre = raw[:, 0:2] / self.scale * anchors[:, 2:4] + anchors[:, 0:2]
-        half = raw[:, 2:4] / self.scale * anchors[:, 2:4] * 0.5
+        factor = self._factor[cand]
+        centre = raw[:, 0:2] * factor + self.anchors[cand, 0:2]
+        half = raw[:, 2:4] * factor * 0.5
         boxes = np.concatenate([centre - half, centre + half], axis=1)
-        valid = (half > 0).all(axis=1)
-        scores = 1.0 / (1.0 + np.exp(-np.clip(logits[cand], -100.0, 100.0)))
-        boxes, scores = weighted_nms(boxes[valid], scores[valid].astype(np.float32), self.iou_threshold,
-                                     self.max_results)
-        return Detections(boxes.astype(np.float32), scores, np.zeros(scores.shape[0], np.intp))
+        valid = (half[:, 0] > 0) & (half[:, 1] > 0)
+        # Candidates are above logit(threshold), so exp(-x) cannot overflow: no clipping needed.
+        scores = (1.0 / (1.0 + np.exp(-logits[cand]))).astype(np.float32)
+        boxes, scores = weighted_nms(boxes[valid], scores[valid], self.iou_threshold, self.max_results)
+        return Detections(boxes, scores, np.zeros(scores.shape[0], np.intp))

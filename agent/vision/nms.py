@@ -18,11 +18,14 @@ def iou_one_to_many(box: Array, boxes: Array) -> Array:
     """IoU of one box with each of `boxes` (0 where the union is empty)."""
     iw = np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0])
     ih = np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])
-    inter = np.clip(iw, 0.0, None) * np.clip(ih, 0.0, None)
+    np.maximum(iw, 0.0, out=iw)
+    np.maximum(ih, 0.0, out=ih)
+    inter = iw * ih
     area = (box[2] - box[0]) * (box[3] - box[1])
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     union = area + areas - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    # No overlap gives 0 whatever the union; a tiny floor keeps empty boxes from dividing by zero.
+    return inter / np.maximum(union, 1e-12)
 
 
 def nms(boxes: Array, scores: Array, iou_threshold: float, max_results: int, classes: Array | None = None) -> Array:

@@ -157,7 +157,11 @@ class ImagePreprocessor:
             nw, nh = max(1, round(frame_w * scale)), max(1, round(frame_h * scale))
             px, py = (g.width - nw) // 2, (g.height - nh) // 2
             self._resized.fill(self.pad_value)
-            self._patch = np.empty((nh, nw, *shape[2:]), np.uint8)
+            if px == 0:
+                # Full-width content (a landscape frame): its rows are contiguous, resize straight into them.
+                self._patch = self._resized[py : py + nh]
+            else:
+                self._patch = np.empty((nh, nw, *shape[2:]), np.uint8)
             self._patch_at = (py, px)
             self.mapping = (g.width / nw, -px / nw, g.height / nh, -py / nh)
         else:
@@ -198,7 +202,8 @@ class ImagePreprocessor:
             cv2.resize(frame, (self._patch.shape[1], self._patch.shape[0]), dst=self._patch,
                        interpolation=self.interpolation)
             py, px = self._patch_at
-            np.copyto(self._resized[py : py + self._patch.shape[0], px : px + self._patch.shape[1]], self._patch)
+            if px:
+                np.copyto(self._resized[py : py + self._patch.shape[0], px : px + self._patch.shape[1]], self._patch)
         else:
             cv2.resize(frame, (g.width, g.height), dst=self._resized, interpolation=self.interpolation)
         src = self._resized
@@ -220,5 +225,6 @@ class ImagePreprocessor:
         boxes[:, 0::2] += bx
         boxes[:, 1::2] *= ay
         boxes[:, 1::2] += by
-        np.clip(boxes, 0.0, 1.0, out=boxes)
+        np.maximum(boxes, 0.0, out=boxes)
+        np.minimum(boxes, 1.0, out=boxes)
         return boxes
