@@ -44,9 +44,15 @@ def _measure(spec_path: Path, frame: np.ndarray, whole: bool = True) -> tuple[in
     return current - base, peak - base
 
 
+def _imread(path: Path) -> np.ndarray:
+    frame = cv2.imread(str(path))
+    assert frame is not None, path
+    return frame
+
+
 @pytest.mark.parametrize("size", [(480, 640), (1080, 1920)])
 def test_classification_hot_path(fixtures: Path, size: tuple[int, int]) -> None:
-    frame = cv2.resize(cv2.imread(str(fixtures / "images" / "green_1.png")), size[::-1])
+    frame = cv2.resize(_imread(fixtures / "images" / "green_1.png"), size[::-1])
     grown, peak = _measure(fixtures / "colors_int8.json", frame)
     assert frame.nbytes >= 921_600
     assert peak < SMALL, peak  # a copy of the frame would be ≥ 921,600 bytes
@@ -57,7 +63,27 @@ def test_float_tensor_is_written_in_place(models_dir: Path, fixtures: Path) -> N
     # BlazeFace full-range takes a 192x192x3 float32 input: 442,368 bytes. A per-frame copy of the
     # tensor, or a float image made before quantization, would show in the peak. (Its raw-tensor
     # result lists 2,304 scores, which is output, not hot-path work: only preprocess + invoke here.)
-    frame = cv2.imread(str(fixtures / "images" / "red_1.png"))
+    frame = _imread(fixtures / "images" / "red_1.png")
     grown, peak = _measure(models_dir / "face" / "face_detection_full_range.tflite", frame, whole=False)
+    assert peak < SMALL, peak
+    assert grown < 1024, grown
+
+
+def test_face_detection_hot_path(models_dir: Path) -> None:
+    # The whole detect pipeline on a 640x480 frame with a face: letterbox, LUT, invoke, anchors, weighted
+    # NMS, boxes mapped back. Only the handful of candidates and the result dict may be allocated.
+    from skimage import data
+
+    photo = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+    frame = np.zeros((480, 640, 3), np.uint8)
+    frame[:, 80:560] = cv2.resize(photo, (480, 480))
+    grown, peak = _measure(models_dir / "face" / "face_detection_short_range.tflite", frame)
+    assert peak < SMALL, peak
+    assert grown < 1024, grown
+
+
+def test_yolo_detection_hot_path(fixtures: Path) -> None:
+    frame = _imread(fixtures / "images" / "squares_wide.png")
+    grown, peak = _measure(fixtures / "squares_yolov8_int8.json", frame)
     assert peak < SMALL, peak
     assert grown < 1024, grown
