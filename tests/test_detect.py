@@ -113,9 +113,9 @@ def test_threshold_option_and_table_output(fixtures: Path) -> None:
 
 def test_model_matching_no_decoder_is_bad_input(fixtures: Path, tmp_path: Path) -> None:
     image = str(fixtures / "images" / "red_1.png")
-    r = run_cli("infer", str(fixtures / "colors_int8.json"), image, "--task", "detect")
+    r = run_cli("infer", str(fixtures / "colors_int8.tflite"), image, "--task", "detect")
     assert r.rc == 2 and len(r.err_lines) == 1, r.err
-    assert "outputs [1, 3] match no detection decoder" in r.err_lines[0]
+    assert "colors_int8.tflite: outputs [1, 3] match no detection decoder" in r.err_lines[0]
     manifest = json.loads((fixtures / "squares_yolov5_int8.json").read_text())
     manifest["postprocess"]["decoder"] = "retinanet"
     shutil.copy(fixtures / "squares_yolov5_int8.tflite", tmp_path)
