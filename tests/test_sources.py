@@ -236,6 +236,8 @@ def test_realtime_video_ends_when_not_looping(fixtures: Path) -> None:
                 source.read(WAIT)
         assert source.captured == 12
         assert source.stats.items + source.stats.dropped == 12
+    with source:  # a closed source opens again from the start
+        assert _read(source).index == 0
 
 
 def test_fps_cap_spaces_the_frames_handed_over(fixtures: Path) -> None:

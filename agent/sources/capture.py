@@ -166,6 +166,8 @@ class LiveSource(Source):
                 raise BadInput(f"{self.name}: {exc}") from None
             self.connected = True
         self._stop.clear()
+        with self._changed:
+            self._ended, self._latest, self._captured = False, None, 0
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, args=(device,), name=f"capture {self.name}", daemon=True)
         self._thread.start()
