@@ -1022,14 +1022,18 @@ class SquaresSSD(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([1, DETECT_SIZE, DETECT_SIZE, 3], tf.float32, name="image")])
     def __call__(self, image: tf.Tensor) -> Any:
         # Input in [-1, 1] like the SSD MobileNet family.
-        boxes, obj, probs = decode_cells(self.net(image * 0.5 + 0.5))
+        raw = self.net(image * 0.5 + 0.5)
+        boxes, obj, probs = decode_cells(raw)
+        flat = tf.reshape(raw, (1, DETECT_GRID * DETECT_GRID, 8))
         a = self.anchors
+        # The anchors have the grid's anchor size, so log(h / anchor h) is the raw th itself: no LOG op
+        # (whose int8 version tflite-runtime 2.14 does not have).
         encodings = tf.stack(
             [
                 (boxes[..., 1] - a[:, 0]) / a[:, 2] * SSD_SCALES[0],
                 (boxes[..., 0] - a[:, 1]) / a[:, 3] * SSD_SCALES[1],
-                tf.math.log(boxes[..., 3] / a[:, 2]) * SSD_SCALES[2],
-                tf.math.log(boxes[..., 2] / a[:, 3]) * SSD_SCALES[3],
+                flat[..., 3] * SSD_SCALES[2],
+                flat[..., 2] * SSD_SCALES[3],
             ],
             axis=-1,
         )
@@ -1248,6 +1252,7 @@ def make_detection_models(out: Path) -> None:
         require(quality[0] >= DETECT_MIN_RECALL and quality[1] >= DETECT_MIN_RECALL, f"{file_name}: quality {quality}")
         if layout == "ssd":
             require("TFLite_Detection_PostProcess" in ops, f"{file_name} has no TFLite_Detection_PostProcess: {ops}")
+            require("LOG" not in ops, f"{file_name} has a LOG op, which tflite-runtime 2.14 cannot run")
         write_detector(out, file_name, content, layout, resize, quality)
         runners[file_name] = runner
     write_square_images(out, runners)
