@@ -180,7 +180,7 @@ def _items(source: Any, limit: int | None, stall_s: float | None = None) -> Iter
             continue
         if item is None:  # a live source between frames (it reconnects by itself)
             if stall_s is not None and time.monotonic() - waited_since > stall_s:
-                raise LeptonError(f"{source.uri}: no frame for {stall_s:.0f} s")
+                raise LeptonError(f"{getattr(source, 'name', source.uri)}: no frame for {stall_s:.0f} s")
             continue
         count, waited_since = count + 1, time.monotonic()
         yield item
@@ -213,7 +213,7 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
                 result = inference.run(item.data)
             except BadInput as exc:
                 failed += 1
-                print(f"lepton-agent: {item.file or source.uri}: {exc}", file=sys.stderr)
+                print(f"lepton-agent: {item.file or getattr(source, 'name', source.uri)}: {exc}", file=sys.stderr)
                 continue
             line: dict[str, Any] = {"source": source.uri, "frame": item.index}
             if item.file is not None:

@@ -338,13 +338,16 @@ class Model:
 
     def float_ops(self) -> list[str]:
         """Ops that compute in floating point (empty for a fully integer model)."""
-        dtypes = {int(d["index"]): np.dtype(d["dtype"]) for d in self._interp.get_tensor_details()}
+        # Only each tensor's type: get_tensor_details() also reads sparsity parameters, which crash
+        # tflite-runtime 2.14 (a segmentation fault) on sparse models such as BlazeFace full-range sparse.
+        tensor_type = self._interp._interpreter.TensorType
         found: dict[str, None] = {}
         for op in self.ops:
             if op.name in _BOUNDARY_OPS or op.name in _STATE_OPS:
                 continue
             for idx in op.inputs + op.outputs:
-                dt = dtypes.get(idx)
+                raw = tensor_type(idx, 0) if idx >= 0 else None
+                dt = np.dtype(raw) if raw else None
                 if dt is not None and dt.kind == "f":
                     found[op.name] = None
                     break
