@@ -277,8 +277,11 @@ class BlazeFace(Decoder):
         self._reg, self._score = (0, 1) if first.shape[-1] > second.shape[-1] else (1, 0)
         count = model.outputs[self._reg].shape[1]
         self.anchors = self._anchors(model, height, width, count)
-        # x = raw / input size * anchor size + anchor centre: the per-anchor factor, computed once.
-        self._factor = (self.anchors[:, 2:4] / np.array([width, height], np.float32)).astype(np.float32)
+        # corners = (raw x, y, w, h) @ _CORNERS * scale + centre, with scale = anchor size / input size and
+        # centre = the anchor's, per anchor and computed once: four numpy calls per frame for all candidates.
+        scale = self.anchors[:, 2:4] / np.array([width, height], np.float32)
+        self._scale4 = np.ascontiguousarray(np.tile(scale, 2), dtype=np.float32)
+        self._centre4 = np.ascontiguousarray(np.tile(self.anchors[:, 0:2], 2), dtype=np.float32)
         self.iou_threshold = self._param("iou_threshold", 0.3)
         # Compare logits, not probabilities: sigmoid(x) > t  ⇔  x > logit(t).
         t = min(max(self.threshold, 1e-6), 1 - 1e-6)
@@ -310,12 +313,20 @@ class BlazeFace(Decoder):
         if cand.size == 0:
             return _EMPTY
         raw = self._regressors.read()[0, cand, :4]  # x, y, w, h of the box; keypoints are not reported
-        factor = self._factor[cand]
-        centre = raw[:, 0:2] * factor + self.anchors[cand, 0:2]
-        half = raw[:, 2:4] * factor * 0.5
-        boxes = np.concatenate([centre - half, centre + half], axis=1)
-        valid = (half[:, 0] > 0) & (half[:, 1] > 0)
+        boxes = raw @ _CORNERS
+        boxes *= self._scale4[cand]
+        boxes += self._centre4[cand]
         # Candidates are above logit(threshold), so exp(-x) cannot overflow: no clipping needed.
-        scores = (1.0 / (1.0 + np.exp(-logits[cand]))).astype(np.float32)
-        boxes, scores = weighted_nms(boxes[valid], scores[valid], self.iou_threshold, self.max_results)
+        scores = np.exp(-logits[cand])
+        scores += 1.0
+        np.reciprocal(scores, out=scores)
+        valid = raw[:, 2] > 0
+        valid &= raw[:, 3] > 0
+        if not valid.all():
+            boxes, scores = boxes[valid], scores[valid]
+        boxes, scores = weighted_nms(boxes, scores, self.iou_threshold, self.max_results)
         return Detections(boxes, scores, np.zeros(scores.shape[0], np.intp))
+
+
+# (x, y, w, h) → (x - w/2, y - h/2, x + w/2, y + h/2)
+_CORNERS = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]], np.float32)
