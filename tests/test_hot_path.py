@@ -67,3 +67,23 @@ def test_float_tensor_is_written_in_place(models_dir: Path, fixtures: Path) -> N
     grown, peak = _measure(models_dir / "face" / "face_detection_full_range.tflite", frame, whole=False)
     assert peak < SMALL, peak
     assert grown < 1024, grown
+
+
+def test_face_detection_hot_path(models_dir: Path) -> None:
+    # The whole detect pipeline on a 640x480 frame with a face: letterbox, LUT, invoke, anchors, weighted
+    # NMS, boxes mapped back. Only the handful of candidates and the result dict may be allocated.
+    from skimage import data
+
+    photo = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+    frame = np.zeros((480, 640, 3), np.uint8)
+    frame[:, 80:560] = cv2.resize(photo, (480, 480))
+    grown, peak = _measure(models_dir / "face" / "face_detection_short_range.tflite", frame)
+    assert peak < SMALL, peak
+    assert grown < 1024, grown
+
+
+def test_yolo_detection_hot_path(fixtures: Path) -> None:
+    frame = _imread(fixtures / "images" / "squares_wide.png")
+    grown, peak = _measure(fixtures / "squares_yolov8_int8.json", frame)
+    assert peak < SMALL, peak
+    assert grown < 1024, grown
