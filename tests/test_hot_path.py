@@ -43,6 +43,8 @@ def _measure(spec_path: Path, frame: np.ndarray, whole: bool = True) -> tuple[in
         step()
     tracemalloc.start()
     try:
+        for _ in range(100):  # objects made once, lazily, after tracing starts are not per-frame growth
+            step()
         base, _ = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         for _ in range(FRAMES):
