@@ -106,6 +106,15 @@ class Backoff:
         return min(self.high, delay * self._rng.uniform(1.0, 1.25))
 
 
+QUICK_CLOSE_S = 2.0
+"""A connection the peer closes this soon after accepting it, before any CONNACK, counts as refused."""
+
+
+def _closed_before_connack(s: _Session) -> bool:
+    return (s.connected_at is None and not s.reason.startswith("refused by the broker")
+            and time.monotonic() - s.started < QUICK_CLOSE_S)
+
+
 def read_password(auth_file: Path | None, env_name: str | None, env: dict[str, str] | None = None) -> str | None:
     """The broker password from its file (first line) or variable; BadInput names where it was looked for."""
     if auth_file is not None:
@@ -300,15 +309,21 @@ class Link:
             url = self.settings.broker[self._url_index % len(self.settings.broker)]
             session: _Session | None = None
             refused = False
+            failed = False
             try:
                 session = self._connect(url)
                 self._serve(session)
             except Exception as exc:
+                failed = True
                 refused = isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED
                 self._note_failure(url, exc, refused)
             finally:
                 if session is not None:
                     self._end(session)
+            if not failed and session is not None and _closed_before_connack(session):
+                # Accepted, then closed with nothing said: a proxy, NAT or load balancer with no broker
+                # behind it. That is "nobody listening" as much as a refusal is: retry soon, not later.
+                refused = True
             up = session is not None and session.connected_at is not None
             if up and session is not None and session.connected_at is not None:
                 if time.monotonic() - session.connected_at >= STABLE_S:
