@@ -31,7 +31,6 @@ from typing import Any
 
 from agent.config import GovernorSection
 from agent.errors import BadInput
-from agent.manifest import load_spec
 from agent.pipeline import Pipeline
 from agent.profiles import Profile
 from agent.variants import ModelVariant, cheaper_variants
@@ -162,16 +161,13 @@ class Governor:
     # -- what a level means for a pipeline -----------------------------------------------------------
 
     def _plan(self, pipeline: Pipeline) -> _Plan:
-        key = (id(pipeline), pipeline.settings.model, pipeline.settings.labels)
+        base = pipeline.base_spec
+        key = (id(pipeline), None if base is None else base.path, None if base is None else base.manifest_path)
         plan = self._plans.get(pipeline.name)
         if plan is None or plan.key != key:
             variants: list[ModelVariant] = []
-            if self.settings.variant_level > 0:
-                try:
-                    base = load_spec(pipeline.settings.model, pipeline.settings.labels)
-                    variants = cheaper_variants(base, self.settings.min_agreement)
-                except BadInput as exc:
-                    logger.debug("governor: pipeline %s: %s", pipeline.name, exc)
+            if self.settings.variant_level > 0 and base is not None:
+                variants = cheaper_variants(base, self.settings.min_agreement)
             plan = _Plan(key, variants)
             self._plans[pipeline.name] = plan
         return plan
@@ -220,16 +216,16 @@ class Governor:
             if not pipeline.vision:
                 continue
             fps, variant = self.target(pipeline)
-            pipeline.govern_fps(fps)
             wanted = None if variant is None else variant.file
-            if wanted != pipeline.variant and pipeline.running:
-                self._switch(pipeline, variant)
+            if wanted != pipeline.chosen_variant and pipeline.running and not self._switch(pipeline, variant):
+                fps, _ = self.target(pipeline)  # without the variant that failed, this level is an fps step
+            pipeline.govern_fps(fps)
             if self.paused and not pipeline.paused:
                 pipeline.pause()
             elif not self.paused and pipeline.paused:
                 pipeline.resume()
 
-    def _switch(self, pipeline: Pipeline, variant: ModelVariant | None) -> None:
+    def _switch(self, pipeline: Pipeline, variant: ModelVariant | None) -> bool:
         try:
             pipeline.use_variant(variant)
         except BadInput as exc:
@@ -237,12 +233,13 @@ class Governor:
                 self._plan(pipeline).broken.add(variant.file)
             logger.error("governor: pipeline %s: cannot switch to %s: %s", pipeline.name,
                          "the base model" if variant is None else f"variant {variant.file}", exc)
-            return
+            return False
         what = "base model" if variant is None else f"variant {variant.file}"
         logger.warning("governor: pipeline %s now runs the %s (level %d)", pipeline.name, what, self.level)
         self.changes += 1
         self.history.append(Change(time.time(), self.level, self.paused, f"{pipeline.name}: {what}",
                                    self.reason or "pressure gone"))
+        return True
 
     def tick(self, reading: Reading, now: float | None = None) -> list[Change]:
         changes = self.decide(reading, time.monotonic() if now is None else now)
@@ -259,7 +256,7 @@ class Governor:
             if pipeline.vision:
                 fps, _variant = self.target(pipeline)
                 pipelines[pipeline.name] = {"fps": round(pipeline.max_fps, 3), "capped": fps is not None,
-                                            "variant": pipeline.variant, "paused": pipeline.paused}
+                                            "variant": pipeline.chosen_variant, "paused": pipeline.paused}
         return {
             "enabled": True,
             "level": self.level,

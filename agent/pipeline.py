@@ -157,6 +157,8 @@ class Pipeline:
         """The variant file running instead of the manifest's own (None: the base model)."""
         self._paused = threading.Event()
         self._swap_lock = threading.Lock()
+        self.base_spec: ModelSpec | None = self.spec
+        """The model variants are cheaper versions of: the config's, or the last one swapped in as a base."""
         self._override: tuple[ModelSpec, str | None] | None = None
         self._pending: tuple[ModelSpec, Model | None, Runner, str | None] | None = None
         self._runner: Runner | None = None
@@ -269,26 +271,34 @@ class Pipeline:
         thread, source and `seq`; a restart reloads `spec`. Returns `undo`, which puts the previous model
         back the same way. `variant` names the variant file it is (None: the manifest's own model)."""
         with self._swap_lock:
-            previous_override = self._override
+            previous_override, previous_base = self._override, self.base_spec
             previous = None
             if self.spec is not None and self._runner is not None:
                 previous = (self.spec, self.model, self._runner, self.variant)
             self._override = (spec, variant)
             self._pending = (spec, model, runner, variant)
+            if variant is None:
+                self.base_spec = spec
         logger.info("pipeline %s: swapping in %s %s%s", self.name, spec.name, spec.version,
                     f" (variant {variant})" if variant else "")
 
         def undo() -> None:
             with self._swap_lock:
-                self._override = previous_override
+                self._override, self.base_spec = previous_override, previous_base
                 self._pending = previous
             logger.info("pipeline %s: swap undone", self.name)
 
         return undo
 
+    @property
+    def chosen_variant(self) -> str | None:
+        """The variant swapped in (or about to be, at the next item); None: the base model."""
+        override = self._override
+        return None if override is None else override[1]
+
     def use_variant(self, variant: ModelVariant | None) -> None:
-        """Load the manifest's `variant` (None: the base model) and swap it in (BadInput on bad files)."""
-        base = load_spec(self.settings.model, self.settings.labels)
+        """Load `variant` of the base model (None: the base itself) and swap it in (BadInput on bad files)."""
+        base = self.base_spec or load_spec(self.settings.model, self.settings.labels)
         spec = base if variant is None else variant_spec(base, variant)
         model, runner = self.prepare(spec)
         self.swap_model(spec, runner, model, None if variant is None else variant.file)
@@ -370,8 +380,11 @@ class Pipeline:
         one if there was a swap, else the config's."""
         with self._swap_lock:
             override, self._pending = self._override, None
-        spec, variant = override if override is not None else (load_spec(self.settings.model,
-                                                                          self.settings.labels), None)
+        if override is not None:
+            spec, variant = override
+        else:
+            spec, variant = load_spec(self.settings.model, self.settings.labels), None
+            self.base_spec = spec
         model, runner = self.prepare(spec)
         self.spec, self.model, self.variant, self._runner = spec, model, variant, runner
         self.task_key = getattr(getattr(runner, "task", None), "key", None) or spec.task
