@@ -118,7 +118,7 @@ def test_telemetry_schema_values_and_the_governor(tmp_path: Path, broker: Broker
         assert first["disk_free_mb"] == pytest.approx(st.f_bavail * st.f_frsize / 2**20, rel=0.05)
         assert first["load1"] == pytest.approx(float(Path("/proc/loadavg").read_text().split()[0]), abs=1.5)
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-        assert uptime - 60 <= first["system_uptime_s"] <= uptime
+        assert uptime - 120 <= first["system_uptime_s"] <= uptime + 0.1  # reported to 0.1 s, some seconds ago
         assert 0 < first["uptime_s"] < 120 and first["spool"]["dropped"] == 0
         colors = first["pipelines"]["colors"]
         assert colors["state"] == "running" and colors["max_fps"] == 30.0 and colors["variant"] is None
