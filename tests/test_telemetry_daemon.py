@@ -253,6 +253,26 @@ def test_home_assistant_discovery(tmp_path: Path, fixtures: Path) -> None:
             assert w.wait_for(lambda m: len(_ha_messages(w)) >= before + len(configs), timeout=30)
             publish.single("homeassistant/status", "offline", hostname="127.0.0.1", port=own.port)
 
+            # A reload adds a pipeline: its sensors appear; removed again, they are removed (empty configs).
+            original = config.read_text()
+            config.write_text(original + f"""
+[[pipelines]]
+name = "pattern"
+source = "test:pattern"
+model = "{fixtures / 'colors_int8.json'}"
+[pipelines.source_options]
+fps = 5
+""")
+            rc, (reload,) = fleet(own.port, "cmd", "d.ha", "reload")
+            assert rc == 0 and reload["result"]["added"] == ["pattern"]
+            assert w.wait_for(lambda m: any(t.endswith("/pattern_last_result/config") and p for t, p, _ in m), 30)
+            config.write_text(original)
+            rc, (reload,) = fleet(own.port, "cmd", "d.ha", "reload")
+            assert rc == 0 and reload["result"]["removed"] == ["pattern"]
+            gone = {"pattern_fps", "pattern_latency", "pattern_last_result"}
+            assert w.wait_for(lambda m: {t.split("/")[3] for t, p, _ in m if t.startswith("homeassistant/")
+                                         and not p} == gone, 30)
+
             # The broker restarts: the agent reconnects and sends them again.
             before = len(_ha_messages(w))
             w.stop()
@@ -264,7 +284,7 @@ def test_home_assistant_discovery(tmp_path: Path, fixtures: Path) -> None:
                                    >= len(configs), timeout=60)
             finally:
                 w2.stop()
-            assert before >= 2 * len(configs)
+            assert before >= 2 * len(configs) + 3
             assert daemon.terminate() == 0
     assert "Traceback" not in (tmp_path / "agent.log").read_text()
 
