@@ -136,7 +136,7 @@ class Agent:
         if cfg.homeassistant.enabled:
             self.discovery = Discovery(
                 link, self.topics, cfg.homeassistant, device=self.eff.device_id,
-                model=profile.description or profile.name, pipelines=lambda: list(self.pipelines),
+                model=profile.description or profile.name, pipelines=lambda: [p.name for p in self._pipeline_list()],
                 telemetry=cfg.telemetry.enabled, telemetry_interval_s=profile.telemetry_interval_s,
                 root=cfg.telemetry.root)
             self.discovery.attach()

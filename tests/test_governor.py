@@ -230,3 +230,42 @@ def test_a_broken_variant_is_skipped_not_retried(tmp_path: Path, fixtures: Path)
     stop.set()
     cam.p.halt()
     assert cam.p.join(10)
+
+
+def test_monitor_survives_a_failing_tick_and_counts_it(tmp_path: Path) -> None:
+    calls = {"spool": 0}
+    published: list[dict[str, Any]] = []
+    cond = threading.Condition()
+
+    def spool() -> dict[str, Any]:
+        calls["spool"] += 1
+        if calls["spool"] == 1:
+            raise RuntimeError("spool database is locked")
+        return {"queued": 2, "dropped": 0, "bytes": 10}
+
+    def publish(payload: dict[str, Any]) -> None:
+        with cond:
+            published.append(payload)
+            cond.notify_all()
+
+    stop = threading.Event()
+    _zone(tmp_path, 41.0)
+    monitor = Monitor(pipelines=list, spool=spool, publish=publish, governor=None, root=tmp_path,
+                      disk_path=tmp_path, telemetry_interval_s=1, governor_interval_s=5, profile="p", stop=stop)
+    monitor.start()
+    try:
+        with cond:
+            assert cond.wait_for(lambda: len(published) >= 2, 30)
+    finally:
+        stop.set()
+        monitor.join(5)
+    assert monitor.errors == 1 and published[0]["monitor_errors"] == 1
+    assert published[0]["spool"] == {"queued": 2, "dropped": 0, "bytes": 10} and published[0]["temp_c"] == 41.0
+    assert published[0]["governor"]["enabled"] is False
+    # The payload with the governor off also meets the documented schema (the link adds `v`).
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent.parent / "docs" / "telemetry.schema.json").read_text())
+    jsonschema.validate({**published[1], "v": 1}, schema)

@@ -65,6 +65,7 @@ class Discovery:
         self.node = node_id(device)
         self.sent = 0
         self._announced: set[str] = set()
+        self._has_temperature = False  # sticky: a zone that fails one read must not remove the sensor
         self._lock = threading.Lock()  # the link thread (connects, HA online) and the monitor (refresh) send
 
     @property
@@ -128,7 +129,8 @@ class Discovery:
                                                icon="mdi:chip"))
             add("memory", self._measurement("memory", "Memory used", "{{ value_json.mem_percent }}", "%",
                                             icon="mdi:memory"))
-            if read_temperature(self.root) is not None:
+            self._has_temperature = self._has_temperature or read_temperature(self.root) is not None
+            if self._has_temperature:
                 add("temperature", self._measurement("temperature", "SoC temperature", "{{ value_json.temp_c }}",
                                                      "°C", device_class="temperature"))
             add("governor_level", self._measurement("governor_level", "Governor level",
