@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.commands import Bench, Command, CommandBus, CommandError, Configure, Handler, Start, Stop
@@ -32,6 +32,9 @@ from agent.policy import snapshot_encoder
 from agent.runtime import Backend, load_backend
 from agent.sources.base import open_source
 from agent.state import AgentState
+
+if TYPE_CHECKING:
+    from agent.prometheus import PrometheusEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class Agent:
         self.governor: Governor | None = None
         self.monitor: Monitor | None = None
         self.discovery: Discovery | None = None
-        self.prometheus: Any = None
+        self.prometheus: PrometheusEndpoint | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
 
