@@ -113,6 +113,10 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("profile", help="the detected device class and why")
+    p.add_argument("--config", metavar="PATH", help="also apply this agent.toml (its profile choice and overrides)")
+    p.add_argument("--root", metavar="DIR", help="read /proc under DIR instead of / (default: the config's "
+                   "telemetry.root)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_cmd_profile)
     return parser
 
@@ -498,11 +502,22 @@ def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.profiles import detect_profile, load_profile
+    from pathlib import Path
 
-    name, reason = detect_profile()
-    out.write(json.dumps({"profile": name, "reason": reason, **load_profile(name).model_dump(mode="json")},
-                         indent=2) + "\n")
+    from agent.profiles import profile_report
+
+    report = profile_report(config=args.config, root=Path(args.root) if args.root else None)
+    if args.format == "json":
+        out.write(json.dumps(report, indent=2) + "\n")
+        return 0
+    out.write(f"profile  {report['profile']}  ({report['description']})\n")
+    out.write(f"why      {report['reason']}\n")
+    for key, value in report["evidence"].items():
+        out.write(f"  {key.replace('_', ' ')}: {value if value is not None else '(not there)'}\n")
+    skip = {"profile", "description", "reason", "evidence", "match", "name"}
+    for key, value in report.items():
+        if key not in skip:
+            out.write(f"{key:<22} {value}\n")
     return 0
 
 

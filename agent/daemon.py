@@ -14,22 +14,28 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.commands import Bench, Command, CommandBus, CommandError, Configure, Handler, Start, Stop
 from agent.config import Effective, PipelineSettings, load, parse_broker_url
 from agent.errors import BadInput
+from agent.governor import Governor
+from agent.link.homeassistant import Discovery
 from agent.link.mqtt import Link, read_password, tls_context
 from agent.link.spool import Spool
 from agent.link.topics import Topics
 from agent.manifest import load_spec
+from agent.monitor import Monitor
 from agent.pipeline import Pipeline, build_runner
 from agent.policy import snapshot_encoder
 from agent.runtime import Backend, load_backend
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
 from agent.sources.base import open_source
 from agent.state import AgentState
+
+if TYPE_CHECKING:
+    from agent.prometheus import PrometheusEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +91,10 @@ class Agent:
         # systemd: READY/STATUS/STOPPING, and WATCHDOG=1 only while every loop makes progress.
         self.notifier = Notifier()
         self.watchdog = Watchdog(self.notifier, watchdog_interval(), self.stop)
+        self.governor: Governor | None = None
+        self.monitor: Monitor | None = None
+        self.discovery: Discovery | None = None
+        self.prometheus: PrometheusEndpoint | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -116,10 +126,54 @@ class Agent:
             stop=self.stop,
             password=password,
         )
+        self._prepare_reporting()
+
+    def _prepare_reporting(self) -> None:
+        """Telemetry, the governor, Home Assistant discovery and the Prometheus endpoint (issue 7)."""
+        assert self.link is not None
+        cfg, profile = self.eff.config, self.eff.profile
+        if cfg.governor.enabled:
+            self.governor = Governor(cfg.governor, profile, self._pipeline_list)
+        link = self.link
+        if cfg.telemetry.enabled or self.governor is not None or cfg.prometheus.enabled:
+            self.monitor = Monitor(
+                pipelines=self._pipeline_list, spool=self._spool_figures,
+                publish=(lambda payload: link.offer(self.topics.telemetry, payload)) if cfg.telemetry.enabled else None,
+                governor=self.governor, root=cfg.telemetry.root,
+                disk_path=cfg.telemetry.disk_path or cfg.agent.state_dir,
+                telemetry_interval_s=profile.telemetry_interval_s, governor_interval_s=cfg.governor.interval_s,
+                profile=profile.name, stop=self.stop)
+        if cfg.homeassistant.enabled:
+            self.discovery = Discovery(
+                link, self.topics, cfg.homeassistant, device=self.eff.device_id,
+                model=profile.description or profile.name, pipelines=lambda: [p.name for p in self._pipeline_list()],
+                telemetry=cfg.telemetry.enabled, telemetry_interval_s=profile.telemetry_interval_s,
+                root=cfg.telemetry.root)
+            self.discovery.attach()
+            if self.monitor is not None:
+                self.monitor.on_tick.append(self.discovery.refresh)
+        if cfg.prometheus.enabled:
+            from agent.prometheus import PrometheusEndpoint
+
+            monitor = self.monitor
+            self.prometheus = PrometheusEndpoint(cfg.prometheus.host, cfg.prometheus.port, self.eff.device_id,
+                                                 lambda: None if monitor is None else monitor.latest)
+            self.prometheus.start()  # BadInput (exit 2) when the extra is missing or the port is taken
+
+    def _pipeline_list(self) -> list[Pipeline]:
+        with self._lock:
+            return list(self.pipelines.values())
+
+    def _spool_figures(self) -> dict[str, Any] | None:
+        if self.spool is None:
+            return None
+        st = self.spool.stats()
+        return {"queued": st.queued, "dropped": st.dropped, "bytes": st.bytes}
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline:
         p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
-                     backend=self.backend_name, sink=self._spool_result, stop=self.stop)
+                     backend=self.backend_name, sink=self._spool_result, stop=self.stop,
+                     ring_size=self.eff.config.telemetry.ring_size)
         p.on_state = self._announce
         p.watchdog = self.watchdog
         return p
@@ -141,6 +195,8 @@ class Agent:
         for p in self.pipelines.values():
             if p.settings.enabled:
                 p.start()
+        if self.monitor is not None:
+            self.monitor.start()
         # Ready once the first connection attempt has an outcome, whatever it is: the agent works offline too.
         self.link.attempted.wait(self.eff.config.mqtt.connect_timeout_s + 2.0)
         if not self.stop.is_set():
@@ -184,6 +240,10 @@ class Agent:
                 logger.warning("pipeline %s did not stop in time", p.name)
         if self.commands is not None:
             self.commands.close(0.3)
+        if self.prometheus is not None:
+            self.prometheus.close()
+        if self.monitor is not None:
+            self.monitor.join(0.5)
         if self.link is not None:
             goodbye = {**self.birth(), "state": "stopped"}
             self.link.close(goodbye, max(0.5, deadline - time.monotonic() - 0.3))
@@ -228,6 +288,7 @@ class Agent:
                                               "bytes": spool.bytes, "cap_bytes": self.eff.spool_cap_bytes},
             link=None if self.link is None else {**self.link.stats.as_dict(), "bdseq": self.link.bdseq},
             commands=None if self.commands is None else self.commands.stats.as_dict(),
+            governor=None if self.governor is None else self.governor.state(),
         )
         return out
 
@@ -312,7 +373,8 @@ class Agent:
         except BadInput as exc:
             raise CommandError("bad_config", str(exc)) from None
         old, new = self.eff.config, fresh.config
-        restart_needed = [k for k in ("agent", "mqtt", "spool", "profile") if getattr(old, k) != getattr(new, k)]
+        restart_needed = [k for k in ("agent", "mqtt", "spool", "profile", "telemetry", "governor", "homeassistant",
+                                      "prometheus") if getattr(old, k) != getattr(new, k)]
         before = {p.name: p for p in old.pipelines}
         after = {p.name: p for p in new.pipelines}
         report: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "unchanged": []}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import tracemalloc
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def _measure(spec_path: Path, frame: np.ndarray, whole: bool = True) -> tuple[in
 
     for _ in range(20):  # warm-up: buffers for this frame size are made here, once
         step()
+    gc.collect()
     tracemalloc.start()
     try:
         for _ in range(100):  # objects made once, lazily, after tracing starts are not per-frame growth
@@ -49,6 +51,10 @@ def _measure(spec_path: Path, frame: np.ndarray, whole: bool = True) -> tuple[in
         tracemalloc.reset_peak()
         for _ in range(FRAMES):
             step()
+        # A full collection empties CPython's free lists (floats, tuples, dicts kept for reuse) and
+        # pending garbage: memory they hold is not the hot path's, and without this the figure
+        # varied with whatever else the process had done (1-6 KB, failing 1 KB on main).
+        gc.collect()
         current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

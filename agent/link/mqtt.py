@@ -19,6 +19,9 @@ acknowledged is still in the spool, and is sent again from there, in order, as
   every 1-1.5 x `backoff_min_s`, so the agent is back within about a second of the broker.
   The backoff resets once a connection has lasted `STABLE_S`.
 - Every paho callback is wrapped: an exception is logged, counted and survived.
+- Periodic figures (telemetry) go through `offer()`: QoS 0, latest only — while the link is
+  down a newer message replaces the older one instead of queueing. Other parts of the agent
+  may `watch()` extra topics (Home Assistant's birth) and add `on_connected` hooks (discovery).
 """
 
 from __future__ import annotations
@@ -193,6 +196,7 @@ class _Session:
     last_inbound: float = 0.0
     probe_sent: float | None = None
     goodbye_mid: int | None = None
+    watch_mid: int | None = None
 
 
 class Link:
@@ -248,6 +252,10 @@ class Link:
         self._bdseq = -1
         self._url_index = 0
         self._rows_waiting = True
+        self._latest: dict[str, tuple[bytes, bool]] = {}
+        self._watches: dict[str, Callable[[bytes], None]] = {}
+        self.on_connected: list[Callable[[], None]] = []
+        """Called in the link thread after each successful connect and birth (e.g. to send discovery)."""
         spool.on_append = self._spool_grew
 
     # -- the API other threads use ------------------------------------------------------------
@@ -268,13 +276,28 @@ class Link:
 
     def send(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
         """Queue a QoS 1 message (a reply, a status) for the current or next connection."""
-        body = encode(payload)
+        self.send_raw(topic, encode(payload), retain)
+
+    def send_raw(self, topic: str, body: bytes, retain: bool = False) -> None:
+        """Queue a QoS 1 message whose body is given as is (no `ts`/`v`: Home Assistant discovery)."""
         with self._outbox_lock:
             if len(self._outbox) >= OUTBOX_MAX:
                 self._outbox.popleft()
                 self.stats.outbox_dropped += 1
             self._outbox.append((topic, body, retain))
         self.wake()
+
+    def offer(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
+        """Publish at QoS 0 when connected; an unsent older message on the same topic is replaced."""
+        body = encode(payload)
+        with self._outbox_lock:
+            self._latest[topic] = (body, retain)
+        self.wake()
+
+    def watch(self, topic: str, callback: Callable[[bytes], None]) -> None:
+        """Subscribe to `topic` (exact, no wildcards) on every connection and hand its payloads to
+        `callback` in the link thread. Call before `start()`."""
+        self._watches[topic] = callback
 
     def announce(self) -> None:
         """Publish the birth status again (pipelines or models changed)."""
@@ -463,9 +486,13 @@ class Link:
         with self._outbox_lock:
             outgoing = list(self._outbox)
             self._outbox.clear()
+            latest = list(self._latest.items())
+            self._latest.clear()
         for topic, body, retain in outgoing:
             info = client.publish(topic, body, qos=1, retain=retain)
             s.others[info.mid] = now
+        for topic, (body, retain) in latest:
+            client.publish(topic, body, qos=0, retain=retain)
         self._send_results(s, now)
         self._check_liveness(s, now)
 
@@ -574,9 +601,17 @@ class Link:
         self.stats.connects += 1
         self.stats.last_connect_s = time.time()
         client.subscribe([(t, 1) for t in self._subscriptions()])
+        if self._watches:
+            s.watch_mid = client.subscribe([(t, 1) for t in self._watches])[1]
         self._publish_birth(s)
         self.connected.set()
         logger.info("mqtt %s: connected (bdseq %d)", s.url, s.bdseq)
+        for hook in self.on_connected:
+            try:
+                hook()
+            except Exception:
+                self.stats.callback_errors += 1
+                logger.exception("mqtt: on_connected hook failed (survived)")
 
     def _publish_birth(self, s: _Session) -> None:
         payload = {**self.birth(), "state": "online", "bdseq": s.bdseq}
@@ -612,6 +647,10 @@ class Link:
         if message.topic == self.topics.status:
             self._stale_will(s, message)
             return
+        watcher = self._watches.get(message.topic)
+        if watcher is not None:
+            watcher(bytes(message.payload))
+            return
         self.on_command(message.topic, bytes(message.payload))
 
     def _stale_will(self, s: _Session, message: mqtt.MQTTMessage) -> None:
@@ -636,7 +675,8 @@ class Link:
     def _on_subscribe(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
                       reasons: list[ReasonCode], properties: Properties | None) -> None:
         s.last_inbound = time.monotonic()
-        for topic, code in zip(self._subscriptions(), reasons, strict=False):
+        topics = list(self._watches) if mid == s.watch_mid else self._subscriptions()
+        for topic, code in zip(topics, reasons, strict=False):
             if code.is_failure:
                 logger.error("mqtt: subscription to %s refused: %s", topic, code)
         self.subscribed.set()
