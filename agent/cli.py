@@ -6,7 +6,8 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 from agent import __version__
@@ -81,9 +82,12 @@ def _agent_parser() -> argparse.ArgumentParser:
     _runtime_options(p)
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("infer", help="run a model on images, folders, globs or video files")
+    p = sub.add_parser("infer", help="run a model on images, folders, globs, videos, cameras or streams")
     _model_options(p)
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image, folder, glob, video, camera:N, /dev/videoN, csi:0, picamera2:N, rtsp://, http://")
+    p.add_argument("--frames", type=_positive, help="stop each input after this many frames (cameras and "
+                   "streams run until interrupted otherwise)")
     p.add_argument("--threshold", type=_threshold, help="minimum score, 0..1")
     p.add_argument("--top-k", type=_positive, help="classes to report")
     p.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
@@ -109,6 +113,10 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("profile", help="the detected device class and why")
+    p.add_argument("--config", metavar="PATH", help="also apply this agent.toml (its profile choice and overrides)")
+    p.add_argument("--root", metavar="DIR", help="read /proc under DIR instead of / (default: the config's "
+                   "telemetry.root)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_cmd_profile)
     return parser
 
@@ -271,7 +279,8 @@ def _cmd_infer_audio(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"{'SOURCE':<32} {'T':>8}  RESULT\n")
     for uri in args.inputs:
         try:
-            source = open_source(uri, {"backend": args.mic_backend}, modules=AUDIO_SOURCE_MODULES)
+            options = {"backend": args.mic_backend} if uri.startswith("mic:") else {}
+            source = open_source(uri, options, modules=AUDIO_SOURCE_MODULES)
             source.open()
         except BadInput as exc:
             failed += 1
@@ -296,12 +305,56 @@ def _cmd_infer_audio(args: argparse.Namespace, out: TextIO) -> int:
     return 2 if failed else 0
 
 
+def _open_sources(uris: list[str]) -> list[Any]:
+    """A source per INPUT, all opened before any work starts; BadInput names the first that is wrong."""
+    from agent.sources.base import open_source
+
+    sources: list[Any] = []
+    try:
+        for uri in uris:
+            source = open_source(uri)
+            source.open()
+            sources.append(source)
+    except BaseException:
+        for source in sources:
+            source.close()
+        raise
+    return sources
+
+
+def _items(source: Any, limit: int | None, stall_s: float | None = None) -> Iterator[Any]:
+    """Items of one source until it ends or `limit`; a frame that cannot be decoded comes as its BadInput."""
+    from agent.sources.base import EndOfStream
+
+    count, waited_since = 0, time.monotonic()
+    while limit is None or count < limit:
+        try:
+            item = source.read(timeout=0.5)
+        except EndOfStream:
+            return
+        except BadInput as exc:
+            yield exc
+            continue
+        if item is None:  # a live source between frames (it reconnects by itself)
+            if stall_s is not None and time.monotonic() - waited_since > stall_s:
+                raise LeptonError(f"{getattr(source, 'name', source.uri)}: no frame for {stall_s:.0f} s")
+            continue
+        count, waited_since = count + 1, time.monotonic()
+        yield item
+
+
 def _cmd_infer(args: argparse.Namespace, out: TextIO) -> int:
     if _audio_run(args):
         return _cmd_infer_audio(args, out)
-    from agent.sources.files import iter_frames, resolve_inputs
+    sources = _open_sources(args.inputs)
+    try:
+        return _infer(args, sources, out)
+    finally:
+        for source in sources:
+            source.close()
 
-    inputs = resolve_inputs(args.inputs)
+
+def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
     spec, inference = _inference(args)
     if inference.task.item_kind != "image":
         raise BadInput(f"{args.model}: task {inference.task.key!r} does not take images")
@@ -309,29 +362,30 @@ def _cmd_infer(args: argparse.Namespace, out: TextIO) -> int:
     failed = 0
     if args.format == "table":
         out.write(f"{'SOURCE':<32} {'FRAME':>5}  {'MS':>7}  RESULT\n")
-    for frame in iter_frames(inputs):
-        if frame.image is None:
-            failed += 1
-            print(f"lepton-agent: {frame.error}", file=sys.stderr)
-            continue
-        try:
-            result = inference.run(frame.image)
-        except BadInput as exc:
-            failed += 1
-            print(f"lepton-agent: {frame.file or frame.source}: {exc}", file=sys.stderr)
-            continue
-        line: dict[str, Any] = {"source": frame.source, "frame": frame.index}
-        if frame.file is not None:
-            line["file"] = frame.file
-        line.update(model=model_ref, latency_ms=inference.latency.as_dict(), **result)
-        if args.format == "jsonl":
-            out.write(json.dumps(line) + "\n")
-        else:
-            lat = inference.latency
-            total = lat.pre + lat.invoke + lat.post
-            name = frame.file or frame.source
-            out.write(f"{name:<32} {frame.index:>5}  {total:>7.2f}  {_summary(result)}\n")
-        out.flush()
+    for source in sources:
+        for item in _items(source, args.frames):
+            if isinstance(item, BadInput):
+                failed += 1
+                print(f"lepton-agent: {item}", file=sys.stderr)
+                continue
+            try:
+                result = inference.run(item.data)
+            except BadInput as exc:
+                failed += 1
+                print(f"lepton-agent: {item.file or getattr(source, 'name', source.uri)}: {exc}", file=sys.stderr)
+                continue
+            line: dict[str, Any] = {"source": source.uri, "frame": item.index}
+            if item.file is not None:
+                line["file"] = item.file
+            line.update(model=model_ref, latency_ms=inference.latency.as_dict(), **result)
+            if args.format == "jsonl":
+                out.write(json.dumps(line) + "\n")
+            else:
+                lat = inference.latency
+                total = lat.pre + lat.invoke + lat.post
+                name = item.file or source.uri
+                out.write(f"{name[-32:]:<32} {item.index:>5}  {total:>7.2f}  {_summary(result)}\n")
+            out.flush()
     return 2 if failed else 0
 
 
@@ -377,15 +431,19 @@ def _cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     if _audio_run(args):
         return _cmd_bench_audio(args, out)
     from agent.bench import bench
-    from agent.sources.files import iter_frames, resolve_inputs
 
-    inputs = resolve_inputs(args.inputs) if args.inputs else []
-    _, inference = _inference(args)
-    items = []
-    for frame in iter_frames(inputs):
-        if frame.image is None:
-            raise BadInput(frame.error or f"{frame.source}: cannot decode")
-        items.append(frame.image)
+    sources = _open_sources(args.inputs) if args.inputs else []
+    try:
+        _, inference = _inference(args)
+        items = []
+        for source in sources:
+            for item in _items(source, args.runs, stall_s=30.0):
+                if isinstance(item, BadInput):
+                    raise item
+                items.append(item.data.copy())  # sources reuse their frame buffers
+    finally:
+        for source in sources:
+            source.close()
     report = bench(inference, items, runs=args.runs, warmup=max(0, args.warmup))
     if args.format == "json":
         out.write(json.dumps(report) + "\n")
@@ -445,11 +503,22 @@ def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.profiles import detect_profile, load_profile
+    from pathlib import Path
 
-    name, reason = detect_profile()
-    out.write(json.dumps({"profile": name, "reason": reason, **load_profile(name).model_dump(mode="json")},
-                         indent=2) + "\n")
+    from agent.profiles import profile_report
+
+    report = profile_report(config=args.config, root=Path(args.root) if args.root else None)
+    if args.format == "json":
+        out.write(json.dumps(report, indent=2) + "\n")
+        return 0
+    out.write(f"profile  {report['profile']}  ({report['description']})\n")
+    out.write(f"why      {report['reason']}\n")
+    for key, value in report["evidence"].items():
+        out.write(f"  {key.replace('_', ' ')}: {value if value is not None else '(not there)'}\n")
+    skip = {"profile", "description", "reason", "evidence", "match", "name"}
+    for key, value in report.items():
+        if key not in skip:
+            out.write(f"{key:<22} {value}\n")
     return 0
 
 

@@ -52,7 +52,8 @@ class AgentSection(_Strict):
     state_dir: Path = DEFAULT_STATE_DIR
     """Spool, command record and model store live here. Env `LEPTON_STATE_DIR`."""
     profile: str = "auto"
-    """Device class (`firmware_profiles/<class>.toml`), or `auto` to choose by architecture."""
+    """Device class (`firmware_profiles/<class>.toml`), or `auto`: detected from the board's device-tree
+    model, /proc/cpuinfo and the architecture (`lepton-agent profile` says which and why)."""
     backend: Literal["auto", "ai-edge-litert", "tflite-runtime", "tensorflow"] = "auto"
     """Interpreter package; `auto` takes the first installed (`LEPTON_BACKEND` overrides)."""
 
@@ -206,6 +207,63 @@ class SupervisorSection(_Strict):
     window_s: Annotated[float, Field(gt=0)] = 300.0
 
 
+class TelemetrySection(_Strict):
+    """What the agent reports about itself on `lepton/<dev>/telemetry` (schema: docs/telemetry.md)."""
+
+    enabled: bool = True
+    """Publish telemetry every `telemetry_interval_s` of the profile."""
+    root: Path = Path("/")
+    """Root of the /proc and /sys trees read for telemetry, the governor and profile detection
+    (tests point it at a fake tree)."""
+    disk_path: Path | None = None
+    """The file system whose free space is reported; default: the state directory's."""
+    ring_size: Annotated[int, Field(ge=16, le=65536)] = 512
+    """Latency samples kept per pipeline and stage for the percentiles (fixed memory)."""
+
+
+class GovernorSection(_Strict):
+    """Slows, pauses and lightens the vision loops when the SoC runs hot or the agent takes too much CPU."""
+
+    enabled: bool = True
+    interval_s: Annotated[float, Field(ge=0.2, le=300)] = 5.0
+    """How often temperature and the agent's CPU share are read and a step is considered."""
+    fps_step: Annotated[float, Field(gt=0.05, lt=1.0)] = 0.7
+    """Each step down multiplies a vision pipeline's fps by this."""
+    min_fps: Annotated[float, Field(gt=0, le=240)] = 0.5
+    """Steps never take a pipeline below this fps."""
+    max_level: Annotated[int, Field(ge=1, le=20)] = 6
+    """Steps down at most (level 0: full speed)."""
+    variant_level: Annotated[int, Field(ge=0, le=20)] = 2
+    """From this level on, pipelines whose manifest lists cheaper `variants` run them (0: never)."""
+    min_agreement: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Variants whose measured `agreement` with the base is lower are never used."""
+    thermal_hysteresis_c: Annotated[float, Field(ge=0.5, le=30)] = 5.0
+    """A step back up needs the temperature this far below the soft limit (a resume: below the hard limit)."""
+    cpu_hysteresis_percent: Annotated[float, Field(ge=1, le=50)] = 10.0
+    """A step back up needs the agent's CPU share (also as predicted after the step) this far under budget."""
+    step_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    """Least time between two steps down while the pressure lasts (the SoC takes a while to cool)."""
+    recover_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    """Least time after any change before a step back up."""
+
+
+class HomeAssistantSection(_Strict):
+    """Home Assistant MQTT discovery: sensors for this device, re-sent when Home Assistant comes online."""
+
+    enabled: bool = False
+    discovery_prefix: TopicName = "homeassistant"
+    """Home Assistant's discovery prefix; its birth topic is `<prefix>/status`."""
+
+
+class PrometheusSection(_Strict):
+    """An HTTP endpoint with the telemetry figures for Prometheus (needs the `prometheus` extra)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    """Address to listen on; loopback unless a scraper elsewhere needs it."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 9108
+
+
 class ProfileOverrides(_Strict):
     """Profile values this device overrides (any `firmware_profiles` field)."""
 
@@ -220,6 +278,7 @@ class ProfileOverrides(_Strict):
     thermal_hard_c: Annotated[float, Field(ge=30, le=125)] | None = None
     spool_cap_bytes: Annotated[int, Field(ge=64 * 1024)] | None = None
     selftest_latency_ms: Annotated[float, Field(gt=0)] | None = None
+    cpu_budget_percent: Annotated[float, Field(gt=0, le=100)] | None = None
 
 
 def _key_id(v: str) -> str:
@@ -288,6 +347,10 @@ class AgentConfig(_Strict):
     spool: SpoolSection = Field(default_factory=SpoolSection)
     supervisor: SupervisorSection = Field(default_factory=SupervisorSection)
     profile: ProfileOverrides = Field(default_factory=ProfileOverrides)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    governor: GovernorSection = Field(default_factory=GovernorSection)
+    homeassistant: HomeAssistantSection = Field(default_factory=HomeAssistantSection)
+    prometheus: PrometheusSection = Field(default_factory=PrometheusSection)
     delivery: DeliverySection = Field(default_factory=DeliverySection)
     trusted_keys: dict[KeyId, str | KeyFile] = Field(default_factory=dict)
     """Key id → Ed25519 public key (base64 of the 32 raw bytes, or `{file = "…"}`) that model manifests
@@ -335,7 +398,8 @@ class Effective(BaseModel):
             "profile": {"reason": self.profile_reason, **self.profile.model_dump(mode="json")},
             "spool": {"path": str(self.spool_path), "cap_bytes": self.spool_cap_bytes},
             "environment": self.env,
-            **{k: cfg[k] for k in ("agent", "mqtt", "supervisor", "delivery", "trusted_keys", "pipelines")},
+            **{k: cfg[k] for k in ("agent", "mqtt", "supervisor", "telemetry", "governor", "homeassistant",
+                                   "prometheus", "delivery", "trusted_keys", "pipelines")},
         }
 
 
@@ -510,13 +574,17 @@ def _default_device_id() -> str:
 def effective(config: AgentConfig, path: Path | None, env: dict[str, str] | None = None) -> Effective:
     """Merge the config over its profile; BadInput when the profile cannot be loaded."""
     if config.agent.profile == "auto":
-        name, reason = detect_profile()
+        name, reason = detect_profile(config.telemetry.root)
     else:
         name, reason = config.agent.profile, "set in the config"
     profile = load_profile(name)
     overrides = config.profile.model_dump(exclude_none=True)
     if overrides:
-        profile = Profile.model_validate({**profile.model_dump(), **overrides})
+        try:
+            profile = Profile.model_validate({**profile.model_dump(), **overrides})
+        except ValidationError as exc:
+            where = f"{path}: " if path else ""
+            raise BadInput(f"{where}profile: {exc.errors()[0]['msg']}") from None
         reason += f"; overridden by the config: {', '.join(sorted(overrides))}"
     device_id = config.agent.device_id or _default_device_id()
     state = config.agent.state_dir

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.commands import (
@@ -36,16 +36,22 @@ from agent.config import Effective, PipelineSettings, load, parse_broker_url
 from agent.delivery.service import DeliveryService, PipelineHooks
 from agent.delivery.store import ModelStore
 from agent.errors import BadInput
+from agent.governor import Governor
+from agent.link.homeassistant import Discovery
 from agent.link.mqtt import Link, read_password, tls_context
 from agent.link.spool import Spool
 from agent.link.topics import Topics
 from agent.manifest import ModelSpec, load_spec
+from agent.monitor import Monitor
 from agent.pipeline import Pipeline, build_runner
 from agent.policy import snapshot_encoder
 from agent.runtime import Backend, load_backend
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
 from agent.sources.base import open_source
 from agent.state import AgentState
+
+if TYPE_CHECKING:
+    from agent.prometheus import PrometheusEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +116,10 @@ class Agent:
         # systemd: READY/STATUS/STOPPING, and WATCHDOG=1 only while every loop makes progress.
         self.notifier = Notifier()
         self.watchdog = Watchdog(self.notifier, watchdog_interval(), self.stop)
+        self.governor: Governor | None = None
+        self.monitor: Monitor | None = None
+        self.discovery: Discovery | None = None
+        self.prometheus: PrometheusEndpoint | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -151,10 +161,54 @@ class Agent:
 
             self.delivery = make_service(self.eff, self.link, self.store, self.backend.name, self.backend_name,
                                          hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop)
+        self._prepare_reporting()
+
+    def _prepare_reporting(self) -> None:
+        """Telemetry, the governor, Home Assistant discovery and the Prometheus endpoint (issue 7)."""
+        assert self.link is not None
+        cfg, profile = self.eff.config, self.eff.profile
+        if cfg.governor.enabled:
+            self.governor = Governor(cfg.governor, profile, self._pipeline_list)
+        link = self.link
+        if cfg.telemetry.enabled or self.governor is not None or cfg.prometheus.enabled:
+            self.monitor = Monitor(
+                pipelines=self._pipeline_list, spool=self._spool_figures,
+                publish=(lambda payload: link.offer(self.topics.telemetry, payload)) if cfg.telemetry.enabled else None,
+                governor=self.governor, root=cfg.telemetry.root,
+                disk_path=cfg.telemetry.disk_path or cfg.agent.state_dir,
+                telemetry_interval_s=profile.telemetry_interval_s, governor_interval_s=cfg.governor.interval_s,
+                profile=profile.name, stop=self.stop)
+        if cfg.homeassistant.enabled:
+            self.discovery = Discovery(
+                link, self.topics, cfg.homeassistant, device=self.eff.device_id,
+                model=profile.description or profile.name, pipelines=lambda: [p.name for p in self._pipeline_list()],
+                telemetry=cfg.telemetry.enabled, telemetry_interval_s=profile.telemetry_interval_s,
+                root=cfg.telemetry.root)
+            self.discovery.attach()
+            if self.monitor is not None:
+                self.monitor.on_tick.append(self.discovery.refresh)
+        if cfg.prometheus.enabled:
+            from agent.prometheus import PrometheusEndpoint
+
+            monitor = self.monitor
+            self.prometheus = PrometheusEndpoint(cfg.prometheus.host, cfg.prometheus.port, self.eff.device_id,
+                                                 lambda: None if monitor is None else monitor.latest)
+            self.prometheus.start()  # BadInput (exit 2) when the extra is missing or the port is taken
+
+    def _pipeline_list(self) -> list[Pipeline]:
+        with self._lock:
+            return list(self.pipelines.values())
+
+    def _spool_figures(self) -> dict[str, Any] | None:
+        if self.spool is None:
+            return None
+        st = self.spool.stats()
+        return {"queued": st.queued, "dropped": st.dropped, "bytes": st.bytes}
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline:
         p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
-                     backend=self.backend_name, sink=self._spool_result, stop=self.stop)
+                     backend=self.backend_name, sink=self._spool_result, stop=self.stop,
+                     ring_size=self.eff.config.telemetry.ring_size)
         p.on_state = self._announce
         p.watchdog = self.watchdog
         if self.store is not None:
@@ -171,16 +225,13 @@ class Agent:
     def _configured_version(self, name: str) -> Any:
         from agent.delivery.daemon import configured_version
 
-        with self._lock:
-            pipelines = list(self.pipelines.values())
-        return configured_version(pipelines, name)
+        return configured_version(self._pipeline_list(), name)
 
     def _model_hooks(self, name: str) -> PipelineHooks | None:
         """How delivery reaches the live pipelines running model `name` (None: none runs it now)."""
         from agent.delivery.daemon import ModelPipelines
 
-        with self._lock:
-            chosen = [p for p in self.pipelines.values() if p.running and p.spec is not None and p.spec.name == name]
+        chosen = [p for p in self._pipeline_list() if p.running and p.spec is not None and p.spec.name == name]
         return ModelPipelines(chosen).hooks() if chosen else None
 
     def _spool_result(self, pipeline: str, payload: dict[str, Any]) -> None:
@@ -204,6 +255,8 @@ class Agent:
                 p.start()
         if self.delivery is not None:
             self.delivery.start()  # after the pipelines: a resumed deployment finds them running
+        if self.monitor is not None:
+            self.monitor.start()
         # Ready once the first connection attempt has an outcome, whatever it is: the agent works offline too.
         self.link.attempted.wait(self.eff.config.mqtt.connect_timeout_s + 2.0)
         if not self.stop.is_set():
@@ -250,6 +303,10 @@ class Agent:
         if self.delivery is not None:
             # A download or probation in progress stops at once and resumes (or rolls back) at the next start.
             self.delivery.join(max(0.1, min(1.0, deadline - time.monotonic() - 1.0)))
+        if self.prometheus is not None:
+            self.prometheus.close()
+        if self.monitor is not None:
+            self.monitor.join(0.5)
         if self.link is not None:
             goodbye = {**self.birth(), "state": "stopped"}
             self.link.close(goodbye, max(0.5, deadline - time.monotonic() - 0.3))
@@ -294,6 +351,7 @@ class Agent:
                                               "bytes": spool.bytes, "cap_bytes": self.eff.spool_cap_bytes},
             link=None if self.link is None else {**self.link.stats.as_dict(), "bdseq": self.link.bdseq},
             commands=None if self.commands is None else self.commands.stats.as_dict(),
+            governor=None if self.governor is None else self.governor.state(),
         )
         return out
 
@@ -343,9 +401,8 @@ class Agent:
                 # The store keeps nothing older: the config's own model is the first known good.
                 if not (isinstance(command, Rollback) and exc.reason is Reason.NOT_KEPT):
                     raise
-                with self._lock:
-                    pipelines = list(self.pipelines.values())
-                restored = rollback_to_configured(self.delivery, pipelines, command.model, command.version, command.id)
+                restored = rollback_to_configured(self.delivery, self._pipeline_list(), command.model,
+                                                  command.version, command.id)
                 if restored is None:
                     raise
                 result = restored
@@ -420,7 +477,8 @@ class Agent:
         except BadInput as exc:
             raise CommandError("bad_config", str(exc)) from None
         old, new = self.eff.config, fresh.config
-        restart_needed = [k for k in ("agent", "mqtt", "spool", "profile") if getattr(old, k) != getattr(new, k)]
+        restart_needed = [k for k in ("agent", "mqtt", "spool", "profile", "telemetry", "governor", "homeassistant",
+                                      "prometheus") if getattr(old, k) != getattr(new, k)]
         before = {p.name: p for p in old.pipelines}
         after = {p.name: p for p in new.pipelines}
         report: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "unchanged": []}

@@ -30,6 +30,9 @@ class Preprocess(_Strict):
     """Channel order the model was trained on (frames arrive as BGR)."""
     resize: Literal["stretch", "letterbox"] = "stretch"
     """Stretch to the input size, or keep aspect ratio and pad."""
+    interpolation: Literal["linear", "area"] = "linear"
+    """Resampling: `linear` (bilinear), or `area` (pixel averaging when shrinking: no aliasing, closer
+    to the antialiased resize many reference pipelines use)."""
     layout: Literal["NHWC", "NCHW", "auto"] = "auto"
     """Tensor layout; `auto` reads it from the input shape."""
     normalize: Literal["quantization", "mean_std"] | None = None
@@ -40,6 +43,16 @@ class Preprocess(_Strict):
     """Per channel (or one value for all), in pixel units 0..255."""
     std: tuple[float, ...] = (127.5, 127.5, 127.5)
     """Per channel (or one value for all), in pixel units; must not be 0."""
+    roi: tuple[float, float, float, float] | None = None
+    """Region of interest `[xmin, ymin, xmax, ymax]`, normalised 0..1 in the frame; only it is fed to
+    the model, and boxes are still reported in whole-frame coordinates. None: the whole frame."""
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_inside(cls, v: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        if v is not None and not (0.0 <= v[0] < v[2] <= 1.0 and 0.0 <= v[1] < v[3] <= 1.0):
+            raise ValueError("must be [xmin, ymin, xmax, ymax] with 0 <= min < max <= 1")
+        return v
 
     @field_validator("std")
     @classmethod

@@ -10,13 +10,18 @@ ends parks it as `finished`.
 Threshold, fps and policy can be changed while it runs (`reconfigure`): the loop reads its
 settings object each round, and settings objects are frozen, so a change is one assignment.
 
-Model delivery (and anything else that replaces a model) acts through a few controls, safe
-from any thread: `swap_model()` installs a loaded runner between two items — the loop keeps
-its thread, its source and its `seq` — and returns an `undo` that puts the previous one back
-the same way; `health()` gives the counters a probation window judges; `attach()` lets an
-observer (a shadow trial) see every item after the active runner; `sample()` hands over a
-copy of a real item. Which model a (re)start loads: the one swapped in last, else what
-`model_source` says (the model store's active version), else the config's file.
+The governor acts through three more controls, all safe from any thread: `govern_fps()`
+caps the fps below the configured one, `pause()`/`resume()` close and reopen a vision
+source (an audio pipeline ignores both), and `swap_model()` installs another loaded model
+between two items — the loop keeps its thread, its source and its `seq` — returning an
+`undo` that puts the previous one back the same way (model delivery uses it too).
+Latency of every item goes into fixed-size rings (`rings`) for the telemetry percentiles.
+
+Model delivery adds: `health()`, the counters a probation window judges; `attach()`, an
+observer (a shadow trial) that sees every item after the active runner; `sample()`, a copy
+of a real item for a self-test. Which model a (re)start loads: the one swapped in last, else
+what `model_source` says (the model store's active version), else the config's file; a
+fresh `start()` forgets what was swapped in and asks again.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from agent.runtime import Model
 from agent.sdnotify import Heartbeat, Watchdog
 from agent.sources.base import EndOfStream, Source, open_source
 from agent.tasks.base import Runner
+from agent.telemetry import StageRings
+from agent.variants import ModelVariant, variant_spec
 
 logger = logging.getLogger(__name__)
 
@@ -90,20 +97,24 @@ class PipelineStats:
     """What status reports about one pipeline."""
 
     state: str = "stopped"
-    """starting | running | restarting | stopped | failed | finished"""
+    """starting | running | paused | restarting | stopped | failed | finished"""
     items: int = 0
     """Items read from the source."""
     processed: int = 0
     """Items run through the model."""
     skipped: int = 0
     """Items not processed because of the fps limit."""
+    source_dropped: int = 0
+    """Items the source itself dropped (stale frames replaced before they were read, audio overruns)."""
+    pauses: int = 0
+    """Times the governor paused the loop."""
+    swaps: int = 0
+    """Models swapped in while running (governor variants, deliveries)."""
     results: int = 0
     """Results handed to the spool."""
     restarts: int = 0
     errors: int = 0
     last_error: str | None = None
-    swaps: int = 0
-    """Models swapped in while running (deliveries, rollbacks)."""
     fps: float = 0.0
     """Processed items per second, smoothed."""
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -141,7 +152,7 @@ class Pipeline:
     """One supervised loop. `start()`, `halt()`, `join()`; `reconfigure()` while it runs."""
 
     def __init__(self, settings: PipelineSettings, *, profile: Profile, supervisor: SupervisorSection,
-                 backend: str | None, sink: Sink, stop: threading.Event) -> None:
+                 backend: str | None, sink: Sink, stop: threading.Event, ring_size: int = 512) -> None:
         self.settings = settings
         self.name = settings.name
         self.profile = profile
@@ -164,15 +175,26 @@ class Pipeline:
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._source: Source | None = None
+        self.source_kind: str | None = None
+        """`frames` or `audio`, known before the first start (None: the source cannot be built)."""
+        with contextlib.suppress(BadInput):
+            self.source_kind = open_source(settings.source, dict(settings.source_options)).kind
+        self.rings = StageRings(ring_size)
+        self.governed_fps: float | None = None
+        """The governor's fps cap (None: not capped)."""
+        self.variant: str | None = None
+        """The variant file running instead of the manifest's own (None: the base model)."""
+        self._paused = threading.Event()
+        self._swap_lock = threading.Lock()
+        self.base_spec: ModelSpec | None = self.spec
+        """The model variants are cheaper versions of: the config's, or the last one swapped in as a base."""
+        self._override: tuple[ModelSpec, str | None] | None = None
+        self._pending: tuple[ModelSpec, Model | None, Runner, str | None] | None = None
+        self._runner: Runner | None = None
+        self._dropped_before = 0
         self.model_source: Callable[[ModelSpec], ModelSpec | None] | None = None
         """Given the config's model, the one to run instead when nothing was swapped in (the daemon
         returns the model store's active version of that name); None: the config's."""
-        self._swap_lock = threading.Lock()
-        self._override: ModelSpec | None = None
-        """The model swapped in last: what a restart of the loop loads."""
-        self._pending: tuple[ModelSpec, Model | None, Runner] | None = None
-        """Swapped in and not yet picked up by the loop."""
-        self._runner: Runner | None = None
         self._observer: ItemObserver | None = None
         self._sample_wanted = threading.Event()
         self._sample_ready = threading.Event()
@@ -232,16 +254,114 @@ class Pipeline:
     def describe(self) -> dict[str, Any]:
         s = self.settings
         d: dict[str, Any] = {"name": self.name, "state": self.stats.state, "source": s.source,
-                             "task": self.task_key, "threshold": s.threshold, "fps": self.max_fps}
+                             "task": self.task_key, "threshold": s.threshold, "fps": round(self.max_fps, 3)}
         if self.spec is not None:
-            d["model"] = {"name": self.spec.name, "version": self.spec.version}
+            d["model"] = self.model_ref()
         return d
+
+    def model_ref(self) -> dict[str, Any]:
+        """`{name, version}` of the running model, with `variant` (its file) when a cheaper variant runs."""
+        assert self.spec is not None
+        ref: dict[str, Any] = {"name": self.spec.name, "version": self.spec.version}
+        if self.variant is not None:
+            ref["variant"] = self.variant
+        return ref
+
+    @property
+    def configured_fps(self) -> float:
+        """The fps the config (or a `configure` command) asks for, capped by the profile."""
+        return min(self.settings.fps or self.profile.max_fps, self.profile.max_fps)
 
     @property
     def max_fps(self) -> float:
-        return min(self.settings.fps or self.profile.max_fps, self.profile.max_fps)
+        """The fps the loop runs at most: the configured one, lowered by the governor."""
+        governed = self.governed_fps
+        return self.configured_fps if governed is None else min(self.configured_fps, governed)
 
-    # -- model replacement (any thread) ----------------------------------------------------------
+    @property
+    def vision(self) -> bool:
+        return self.source_kind == "frames"
+
+    # -- the governor's and delivery's controls (any thread) ------------------------------------
+
+    def govern_fps(self, fps: float | None) -> None:
+        """Cap the fps (None lifts the cap); takes effect at the next frame."""
+        self.governed_fps = fps
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def pause(self) -> None:
+        """Close a vision source and wait (the loop notices within READ_TIMEOUT_S); audio ignores it."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def prepare(self, spec: ModelSpec) -> tuple[Model, Runner]:
+        """Load `spec` with this pipeline's backend, threads and task: ready to swap in (BadInput)."""
+        # Never more interpreter threads than cores: oversubscribed XNNPACK threads spin against each other.
+        model = Model(spec.path, backend=self.backend, threads=min(self.profile.threads, os.cpu_count() or 1))
+        return model, build_runner(model, spec, self.settings.task)
+
+    def swap_model(self, spec: ModelSpec, runner: Runner, model: Model | None = None,
+                   variant: str | None = None) -> Callable[[], None]:
+        """Install a loaded `runner` (for `spec`, with its `model`) between two items: the loop keeps its
+        thread, source and `seq`; a restart reloads `spec`. Returns `undo`, which puts the previous model
+        back the same way. `variant` names the variant file it is (None: the manifest's own model)."""
+        with self._swap_lock:
+            previous_override, previous_base = self._override, self.base_spec
+            previous = None
+            if self.spec is not None and self._runner is not None:
+                previous = (self.spec, self.model, self._runner, self.variant)
+            self._override = (spec, variant)
+            self._pending = (spec, model, runner, variant)
+            if variant is None:
+                self.base_spec = spec
+        logger.info("pipeline %s: swapping in %s %s%s", self.name, spec.name, spec.version,
+                    f" (variant {variant})" if variant else "")
+
+        def undo() -> None:
+            with self._swap_lock:
+                self._override, self.base_spec = previous_override, previous_base
+                self._pending = previous
+            logger.info("pipeline %s: swap undone", self.name)
+
+        return undo
+
+    @property
+    def chosen_variant(self) -> str | None:
+        """The variant swapped in (or about to be, at the next item); None: the base model."""
+        override = self._override
+        return None if override is None else override[1]
+
+    def use_variant(self, variant: ModelVariant | None) -> None:
+        """Load `variant` of the base model (None: the base itself) and swap it in (BadInput on bad files)."""
+        base = self.base_spec or self.configured_spec()
+        spec = base if variant is None else variant_spec(base, variant)
+        model, runner = self.prepare(spec)
+        self.swap_model(spec, runner, model, None if variant is None else variant.file)
+
+    def _take_swap(self) -> Runner | None:
+        with self._swap_lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        spec, model, runner, variant = pending
+        another = self.spec is None or (self.spec.name, self.spec.version) != (spec.name, spec.version)
+        self.spec, self.model, self.variant, self._runner = spec, model, variant, runner
+        self.task_key = getattr(getattr(runner, "task", None), "key", None) or spec.task
+        self.rings.clear()  # the percentiles describe the model that runs now
+        self.stats.swaps += 1
+        if another:
+            # A fresh policy: the new model's first result goes out even when its labels are unchanged,
+            # so whoever watches sees which model answers now; and the status names it.
+            self.policy = ResultPolicy(self.settings.policy, self.settings.threshold, self.stats.policy)
+            self._notify()
+        return runner
+
+    # -- model delivery's controls (any thread) ----------------------------------------------------
 
     @property
     def runner(self) -> Runner | None:
@@ -254,33 +374,6 @@ class Pipeline:
         if self.model_source is not None:
             return self.model_source(spec) or spec
         return spec
-
-    def prepare(self, spec: ModelSpec) -> tuple[Model, Runner]:
-        """Load `spec` with this pipeline's backend, threads and task: ready to swap in (BadInput)."""
-        # Never more interpreter threads than cores: oversubscribed XNNPACK threads spin against each other.
-        model = Model(spec.path, backend=self.backend, threads=min(self.profile.threads, os.cpu_count() or 1))
-        return model, build_runner(model, spec, self.settings.task)
-
-    def swap_model(self, spec: ModelSpec, runner: Runner, model: Model | None = None) -> Callable[[], None]:
-        """Install a loaded `runner` (for `spec`, with its `model`) between two items: the loop keeps its
-        thread, source and `seq`, and a restart reloads `spec`. Returns `undo`, which puts the previous
-        model back the same way."""
-        with self._swap_lock:
-            previous_override = self._override
-            previous = None
-            if self.spec is not None and self._runner is not None:
-                previous = (self.spec, self.model, self._runner)
-            self._override = spec
-            self._pending = (spec, model, runner)
-        logger.info("pipeline %s: swapping in %s %s", self.name, spec.name, spec.version)
-
-        def undo() -> None:
-            with self._swap_lock:
-                self._override = previous_override
-                self._pending = previous
-            logger.info("pipeline %s: swap of %s %s undone", self.name, spec.name, spec.version)
-
-        return undo
 
     def health(self) -> LoopHealth:
         s = self.stats
@@ -308,27 +401,12 @@ class Pipeline:
         self._sample = data.copy() if hasattr(data, "copy") else data
         self._sample_ready.set()
 
-    def _take_swap(self) -> Runner | None:
-        with self._swap_lock:
-            pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        spec, model, runner = pending
-        self.spec, self.model, self._runner = spec, model, runner
-        self.task_key = getattr(getattr(runner, "task", None), "key", None) or spec.task
-        self.stats.swaps += 1
-        # A fresh policy: the new model's first result goes out even when its labels are unchanged,
-        # so whoever watches sees which model answers now.
-        self.policy = ResultPolicy(self.settings.policy, self.settings.threshold, self.stats.policy)
-        self._notify()  # the status names the model
-        return runner
-
     # -- the thread ----------------------------------------------------------------------------
 
     def _set_state(self, state: str) -> None:
         changed = state != self.stats.state
         self.stats.state = state
-        if changed and state in ("running", "stopped", "failed", "finished"):
+        if changed and state in ("running", "paused", "stopped", "failed", "finished"):
             self._notify()
 
     def _notify(self) -> None:
@@ -408,17 +486,18 @@ class Pipeline:
     def _close_source(self) -> None:
         source, self._source = self._source, None
         if source is not None:
+            self._dropped_before += source.stats.dropped
             try:
                 source.close()
             except Exception:
                 logger.exception("pipeline %s: closing the source failed", self.name)
 
     def load(self) -> Runner:
-        """Load the model and its runner (BadInput when the files or the task are wrong): the one swapped in
-        last, else the delivered one, else the config's."""
+        """Load the model and its runner (BadInput when the files or the task are wrong): the swapped-in
+        one if there was a swap, else the delivered one (`model_source`), else the config's."""
         with self._swap_lock:
             override, self._pending = self._override, None
-        spec = override or self.configured_spec()
+        spec, variant = override if override is not None else (self.configured_spec(), None)
         try:
             model, runner = self.prepare(spec)
         except LeptonError as exc:
@@ -430,7 +509,9 @@ class Pipeline:
                          spec.name, spec.version, exc)
             spec = configured
             model, runner = self.prepare(spec)
-        self.spec, self.model, self._runner = spec, model, runner
+        if override is None:
+            self.base_spec = spec
+        self.spec, self.model, self.variant, self._runner = spec, model, variant, runner
         self.task_key = getattr(getattr(runner, "task", None), "key", None) or spec.task
         return runner
 
@@ -443,26 +524,49 @@ class Pipeline:
             raise BadInput(f"pipeline {self.name}: source {self.settings.source} gives {source.kind}, "
                            f"the model's task takes {runner.item_kind}")
         self._source = source
+        self.source_kind = source.kind
         source.open()
         self._set_state("running")
         self._loop(source, runner)
 
+    def _wait_paused(self, source: Source) -> None:
+        """Paused by the governor: the source is closed until resumed (or stopped)."""
+        self.stats.pauses += 1
+        self.stats.fps = 0.0
+        source.close()
+        self._set_state("paused")
+        logger.info("pipeline %s: paused", self.name)
+        while self._paused.is_set() and not self._stopping():
+            self._beat()  # paused on purpose is not hung: keep the systemd watchdog fed
+            self._halt.wait(READ_TIMEOUT_S)
+        if self._stopping():
+            return
+        source.open()
+        self._set_state("running")
+        logger.info("pipeline %s: resumed", self.name)
+
     def _loop(self, source: Source, runner: Runner) -> None:
         assert self.spec is not None
-        model_ref = {"name": self.spec.name, "version": self.spec.version}
+        model_ref = self.model_ref()
         frames = source.kind == "frames"
+        rings = self.rings
         next_due = 0.0
         rate_t, rate_n = time.monotonic(), 0
         while not self._stopping():
             self._beat()
-            if self._pending is not None:  # a swap, taken between two items
+            if self._pending is not None:
                 swapped = self._take_swap()
                 if swapped is not None:
-                    runner, model_ref = swapped, {"name": self.spec.name, "version": self.spec.version}
+                    runner, model_ref = swapped, self.model_ref()
+            if frames and self._paused.is_set():
+                self._wait_paused(source)
+                rate_t, rate_n = time.monotonic(), 0
+                continue
             item = source.read(READ_TIMEOUT_S)
             if item is None:
                 continue
             self.stats.items += 1
+            self.stats.source_dropped = self._dropped_before + source.stats.dropped
             now = time.monotonic()
             if frames:
                 interval = 1.0 / self.max_fps
@@ -476,13 +580,14 @@ class Pipeline:
             if now - rate_t >= 1.0:
                 self.stats.fps = 0.5 * self.stats.fps + 0.5 * rate_n / (now - rate_t)
                 rate_t, rate_n = now, 0
-            latency = runner.latency.as_dict()
+            lat = runner.latency
+            rings.add(lat.pre, lat.invoke, lat.post)
+            latency = lat.as_dict()
             self.stats.latency_ms = latency
             if self._sample_wanted.is_set():
                 self._take_sample(item.data)
             observer = self._observer
             if observer is not None:
-                lat = runner.latency
                 observer.observe(item.data, results, lat.pre + lat.invoke + lat.post)
             policy = self.policy
             for result in results:

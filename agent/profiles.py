@@ -1,46 +1,49 @@
 """Device profiles: what a class of board can afford (threads, fps, memory, spool, thermal limits).
 
-One TOML file per device class lives in `firmware_profiles/<class>.toml`. For now the
-class is chosen by CPU architecture (or named by the config's `profile`); matching on the
-device tree and cpuinfo comes with the full profile work (issue 7), which extends `Profile`
-and `detect_profile()` here.
+One TOML file per device class lives in `firmware_profiles/<class>.toml`. The class is
+detected from the board's device-tree model (`/proc/device-tree/model`, or the `Model`
+line of `/proc/cpuinfo` where the device tree is not exposed), from `/proc/cpuinfo` and
+from the CPU architecture, or named by the config's `agent.profile`. A profile whose
+board rules match beats one that matches on the architecture alone; `detect()` says
+which rule decided, so `lepton-agent profile` can tell the operator why.
+
+Where the files are: `LEPTON_PROFILES_DIR`, else the source checkout's
+`firmware_profiles/`, else `<prefix>/share/firmware_profiles` beside the venv that runs
+us (where scripts/install.sh puts them for a non-editable install).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import sys
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import BadInput
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "firmware_profiles"
 """Where the profile files live in a source checkout; `LEPTON_PROFILES_DIR` overrides."""
 
-# machine() → profile class when nothing more specific is known.
-_ARCH_CLASSES = {
-    "x86_64": "generic-x86_64",
-    "amd64": "generic-x86_64",
-    "aarch64": "generic-arm64",
-    "arm64": "generic-arm64",
-}
+FALLBACK_PROFILE = "generic-arm64"
+"""The most frugal generic class, for an architecture no profile names."""
 
 
 class Match(BaseModel):
-    """How a profile recognises its board; every given rule must hold."""
+    """How a profile recognises its board; every given rule must hold (each rule: any of its strings)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     arch: tuple[str, ...] = ()
     """`platform.machine()` values, e.g. `aarch64`."""
     device_tree_model: tuple[str, ...] = ()
-    """Substrings of /proc/device-tree/model (used by the board profiles)."""
+    """Substrings of /proc/device-tree/model (or of cpuinfo's `Model` line when there is no device tree)."""
     cpuinfo: tuple[str, ...] = ()
-    """Substrings of /proc/cpuinfo (used by the board profiles)."""
+    """Substrings of /proc/cpuinfo."""
 
 
 class Profile(BaseModel):
@@ -63,21 +66,48 @@ class Profile(BaseModel):
     max_model_mb: Annotated[float, Field(gt=0)]
     """Largest model file the device accepts (delivery refuses bigger ones)."""
     memory_budget_mb: Annotated[float, Field(gt=0)]
-    """Resident memory the agent should stay under."""
+    """Resident memory the agent should stay under (install.sh turns it into systemd's MemoryMax=)."""
     telemetry_interval_s: Annotated[float, Field(ge=1, le=3600)]
     """Seconds between telemetry messages."""
     thermal_soft_c: Annotated[float, Field(ge=30, le=120)]
-    """SoC temperature at which the agent starts to slow its loops."""
+    """SoC temperature at which the governor starts to slow the vision loops."""
     thermal_hard_c: Annotated[float, Field(ge=30, le=125)]
-    """SoC temperature at which the agent pauses its loops."""
+    """SoC temperature at which the governor pauses the vision loops."""
     spool_cap_bytes: Annotated[int, Field(ge=64 * 1024)]
     """Payload bytes the store-and-forward spool may hold; the oldest results go first beyond it."""
     selftest_latency_ms: Annotated[float, Field(gt=0)]
     """A new model's single inference must finish within this in its self-test."""
+    cpu_budget_percent: Annotated[float, Field(gt=0, le=100)] = 60.0
+    """The agent's share of all cores (0-100) above which the governor slows the vision loops."""
+
+    @model_validator(mode="after")
+    def _limits_in_order(self) -> Profile:
+        if self.thermal_soft_c >= self.thermal_hard_c:
+            raise ValueError(f"thermal_soft_c ({self.thermal_soft_c:g}) must be below thermal_hard_c "
+                             f"({self.thermal_hard_c:g})")
+        return self
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The profile chosen for this machine, why, and what was read to decide."""
+
+    name: str
+    reason: str
+    evidence: dict[str, str | None] = field(default_factory=dict)
+    """`device_tree_model`, `cpuinfo_model`, `arch` as read (None: not there)."""
 
 
 def profiles_dir() -> Path:
-    return Path(os.environ.get("LEPTON_PROFILES_DIR") or PROFILES_DIR)
+    """The folder holding the profile files (see the module's docstring for the order)."""
+    env = os.environ.get("LEPTON_PROFILES_DIR")
+    if env:
+        return Path(env)
+    if PROFILES_DIR.is_dir():
+        return PROFILES_DIR
+    # A venv at <prefix>/venv installed by scripts/install.sh: <prefix>/share/firmware_profiles.
+    installed = Path(sys.prefix).parent / "share" / "firmware_profiles"
+    return installed if installed.is_dir() else PROFILES_DIR
 
 
 def available_profiles(folder: Path | None = None) -> list[str]:
@@ -101,13 +131,96 @@ def load_profile(name: str, folder: Path | None = None) -> Profile:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        raise BadInput(f"{path}: {loc}: {err['msg']}") from None
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise BadInput(f"{path}: {loc + ': ' if loc else ''}{msg}") from None
 
 
-def detect_profile() -> tuple[str, str]:
+# -- what the machine says about itself -----------------------------------------------------
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        # The device tree's strings end in NUL.
+        return path.read_bytes().decode("utf-8", errors="replace").replace("\0", "").strip() or None
+    except OSError:
+        return None
+
+
+def cpuinfo_model(cpuinfo: str | None) -> str | None:
+    """The `Model : …` line Raspberry Pi kernels add to /proc/cpuinfo."""
+    for line in (cpuinfo or "").splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "Model" and value.strip():
+            return value.strip()
+    return None
+
+
+def detect(root: Path = Path("/"), machine: str | None = None, folder: Path | None = None) -> Detection:
+    """Choose the profile for the machine whose /proc is under `root` and whose architecture is
+    `machine` (default: this one's). Board rules beat architecture rules; BadInput when a
+    profile file is broken."""
+    folder = folder or profiles_dir()
+    arch = (machine or platform.machine()).lower()
+    dt_model = _read_text(root / "proc/device-tree/model")
+    cpuinfo = _read_text(root / "proc/cpuinfo")
+    cpu_model = cpuinfo_model(cpuinfo)
+    board = dt_model or cpu_model
+    board_source = "device-tree model" if dt_model else "cpuinfo Model"
+    evidence: dict[str, str | None] = {"device_tree_model": dt_model, "cpuinfo_model": cpu_model, "arch": arch}
+
+    best: tuple[int, str, str] | None = None  # (specificity, name, reason)
+    for name in available_profiles(folder):
+        rules = load_profile(name, folder).match
+        reasons: list[str] = []
+        specificity = 0
+        if rules.device_tree_model:
+            hit = next((s for s in rules.device_tree_model if board and s in board), None)
+            if hit is None:
+                continue
+            reasons.append(f"{board_source} {board!r} contains {hit!r}")
+            specificity += 4
+        if rules.cpuinfo:
+            hit = next((s for s in rules.cpuinfo if cpuinfo and s in cpuinfo), None)
+            if hit is None:
+                continue
+            reasons.append(f"/proc/cpuinfo mentions {hit!r}")
+            specificity += 2
+        if rules.arch:
+            if arch not in rules.arch:
+                continue
+            reasons.append(f"architecture {arch}")
+            specificity += 1
+        if specificity == 0:
+            continue  # a profile without rules is chosen only by name
+        if best is None or specificity > best[0]:
+            best = (specificity, name, "; ".join(reasons))
+    if best is not None:
+        return Detection(best[1], best[2], evidence)
+    what = f"board {board!r}, architecture {arch!r}" if board else f"architecture {arch!r}"
+    return Detection(FALLBACK_PROFILE, f"no profile matches ({what}); using the most frugal generic one",
+                     evidence)
+
+
+def detect_profile(root: Path = Path("/"), machine: str | None = None) -> tuple[str, str]:
     """The profile class for this machine and the reason it was chosen."""
-    machine = platform.machine().lower()
-    name = _ARCH_CLASSES.get(machine)
-    if name is None:
-        return "generic-arm64", f"architecture {machine!r} has no profile; using the most frugal generic one"
-    return name, f"architecture {machine}"
+    found = detect(root, machine)
+    return found.name, found.reason
+
+
+def profile_report(config: str | Path | None = None, root: Path | None = None) -> dict[str, Any]:
+    """What `lepton-agent profile` prints: the profile in force, why, what was read, and every value.
+    With `config`, the config's choice (`agent.profile`) and its `[profile]` overrides apply."""
+    from agent.config import effective, read_config
+
+    if config is not None:
+        cfg, applied = read_config(Path(config))
+        if root is not None:
+            cfg = cfg.model_copy(update={"telemetry": cfg.telemetry.model_copy(update={"root": root})})
+        eff = effective(cfg, Path(config), applied)
+        profile, reason = eff.profile, eff.profile_reason
+        evidence = detect(cfg.telemetry.root).evidence
+    else:
+        found = detect(root or Path("/"))
+        profile, reason, evidence = load_profile(found.name), found.reason, found.evidence
+    return {"profile": profile.name, "reason": reason, "evidence": evidence,
+            **profile.model_dump(mode="json", exclude={"name"})}

@@ -110,13 +110,82 @@ class LatencyRing:
         values = np.percentile(window, ps)
         return {f"p{p}": round(float(v), 3) for p, v in zip(ps, values, strict=True)}
 
+    def clear(self) -> None:
+        with self._lock:
+            self._next = 0
+            self._count = 0
+
     def __len__(self) -> int:
         return self._count
 
 
+class StageRings:
+    """Latency rings of one pipeline: the whole item and each stage (pre, invoke, post)."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.total = LatencyRing(size)
+        self.pre = LatencyRing(size)
+        self.invoke = LatencyRing(size)
+        self.post = LatencyRing(size)
+
+    def add(self, pre: float, invoke: float, post: float) -> None:
+        self.pre.add(pre)
+        self.invoke.add(invoke)
+        self.post.add(post)
+        self.total.add(pre + invoke + post)
+
+    def clear(self) -> None:
+        for ring in (self.total, self.pre, self.invoke, self.post):
+            ring.clear()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """`latency_ms` {p50, p95, p99} of the whole item, `pre_ms`, `invoke_ms`, `post_ms` {p50, p95}."""
+        return {
+            "latency_ms": self.total.percentiles(50, 95, 99),
+            "pre_ms": self.pre.percentiles(50, 95),
+            "invoke_ms": self.invoke.percentiles(50, 95),
+            "post_ms": self.post.percentiles(50, 95),
+        }
+
+
+class CpuShare:
+    """This process's share of all cores (0-100) between two calls, from its CPU times."""
+
+    def __init__(self, process: psutil.Process | None = None, cores: int | None = None) -> None:
+        self._process = process or psutil.Process()
+        self.cores = cores or os.cpu_count() or 1
+        self._last = self._read()
+
+    def _read(self) -> tuple[float, float]:
+        t = self._process.cpu_times()
+        return time.monotonic(), t.user + t.system
+
+    def sample(self) -> float:
+        """Percent of the machine's CPU this process used since the previous call."""
+        now, used = self._read()
+        then, used_then = self._last
+        self._last = (now, used)
+        wall = now - then
+        if wall <= 0:
+            return 0.0
+        return round(min(100.0, 100.0 * (used - used_then) / wall / self.cores), 1)
+
+
+def read_uptime(root: Path = Path("/")) -> float | None:
+    """Seconds since the machine booted (/proc/uptime)."""
+    try:
+        return round(float((root / "proc/uptime").read_text().split()[0]), 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class SystemSampler:
-    """psutil figures for the machine and this process; call `sample()` once per telemetry interval."""
+    """psutil figures for the machine and this process; call `sample()` once per telemetry interval.
+
+    CPU figures are averages since the previous call. `agent_cpu_percent` is this process's
+    share of all cores (0-100), the figure the governor holds against the profile's budget.
+    """
 
     root: Path = Path("/")
     disk_path: Path = Path("/")
@@ -124,9 +193,9 @@ class SystemSampler:
     def __post_init__(self) -> None:
         self._process = psutil.Process()
         self._started = time.monotonic()
+        self._share = CpuShare(self._process)
         # The first cpu_percent() call only sets the reference point.
         psutil.cpu_percent(interval=None)
-        self._process.cpu_percent(interval=None)
 
     def sample(self) -> dict[str, Any]:
         mem = psutil.virtual_memory()
@@ -140,7 +209,7 @@ class SystemSampler:
             disk_free_mb = None
         return {
             "cpu_percent": round(psutil.cpu_percent(interval=None), 1),
-            "agent_cpu_percent": round(self._process.cpu_percent(interval=None), 1),
+            "agent_cpu_percent": self._share.sample(),
             "load1": round(load1, 2),
             "mem_percent": round(mem.percent, 1),
             "rss_mb": round(self._process.memory_info().rss / 2**20, 1),
@@ -148,4 +217,5 @@ class SystemSampler:
             "throttled": read_throttled(self.root, vcgencmd="vcgencmd" if self.root == Path("/") else None),
             "disk_free_mb": None if disk_free_mb is None else round(disk_free_mb, 1),
             "uptime_s": round(time.monotonic() - self._started, 1),
+            "system_uptime_s": read_uptime(self.root),
         }

@@ -4,11 +4,12 @@
 #   sudo scripts/install.sh                       # /opt/lepton, /etc/lepton, systemd unit enabled and started
 #   scripts/install.sh --prefix DIR --confdir DIR --no-systemd     # e.g. CI, into a temp dir
 #   sudo scripts/install.sh --uninstall [--purge]  # remove what it added; --purge also config and state
+#   scripts/install.sh --prefix DIR --print-unit   # print the systemd unit as it would be installed, and exit
 #
 # Options: --prefix DIR (default /opt/lepton), --confdir DIR (default /etc/lepton), --statedir DIR
 # (default /var/lib/lepton: what --purge removes; systemd's StateDirectory= makes it),
 # --backend auto|litert|tflite (default auto: ai-edge-litert where a wheel exists, else tflite-runtime),
-# --no-systemd (no user, no unit), --no-apt (skip apt-get), --uninstall, --purge.
+# --no-systemd (no user, no unit), --no-apt (skip apt-get), --uninstall, --purge, --print-unit.
 set -euo pipefail
 
 PREFIX=/opt/lepton
@@ -19,6 +20,7 @@ SYSTEMD=1
 APT=1
 UNINSTALL=0
 PURGE=0
+PRINT_UNIT=0
 UNIT_DIR=/etc/systemd/system
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -34,13 +36,27 @@ while [ $# -gt 0 ]; do
     --no-apt) APT=0; shift ;;
     --uninstall) UNINSTALL=1; shift ;;
     --purge) PURGE=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --print-unit) PRINT_UNIT=1; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
 case "$BACKEND" in auto|litert|tflite) ;; *) die "--backend must be auto, litert or tflite, not $BACKEND" ;; esac
 case "$PREFIX" in /*) ;; *) PREFIX=$(pwd)/$PREFIX ;; esac
 case "$CONFDIR" in /*) ;; *) CONFDIR=$(pwd)/$CONFDIR ;; esac
+
+PROFILES=$PREFIX/share/firmware_profiles
+
+# The unit for this prefix: paths rewritten, and the profiles the non-editable install cannot find
+# beside its package pointed at.
+render_unit() {
+  sed -e "s#/opt/lepton/venv/bin/lepton-agent#$PREFIX/venv/bin/lepton-agent#" \
+      -e "s#file:/opt/lepton/share/README.md#file:$PREFIX/share/README.md#" \
+      -e "s#/etc/lepton/agent.toml#$CONFDIR/agent.toml#" \
+      -e "s#^Environment=LEPTON_STATE_DIR=.*#&\\nEnvironment=LEPTON_PROFILES_DIR=$PROFILES#" \
+      "$SRC/systemd/lepton-agent.service"
+}
+if [ "$PRINT_UNIT" = 1 ]; then render_unit; exit 0; fi
 
 systemd_running() { [ "$SYSTEMD" = 1 ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
 need_root() { [ "$(id -u)" = 0 ] || die "$1 needs root (run with sudo)"; }
@@ -103,6 +119,10 @@ else
 fi
 "$PREFIX/venv/bin/lepton-agent" --version >/dev/null
 cp "$SRC/README.md" "$PREFIX/share/README.md"
+# The device profiles: a non-editable install has no source tree to find them in.
+rm -rf "$PROFILES"
+mkdir -p "$PROFILES"
+cp -R "$SRC/firmware_profiles/." "$PROFILES/"
 
 # 3. Configuration: written from the template only when absent, never overwritten.
 mkdir -p "$CONFDIR"
@@ -116,10 +136,7 @@ else
 fi
 
 # 4. The unit, rendered for this prefix; the user; enabled and started when systemd runs.
-sed -e "s#/opt/lepton/venv/bin/lepton-agent#$PREFIX/venv/bin/lepton-agent#" \
-    -e "s#file:/opt/lepton/share/README.md#file:$PREFIX/share/README.md#" \
-    -e "s#/etc/lepton/agent.toml#$CONFDIR/agent.toml#" \
-    "$SRC/systemd/lepton-agent.service" > "$PREFIX/share/lepton-agent.service"
+render_unit > "$PREFIX/share/lepton-agent.service"
 if [ "$SYSTEMD" = 1 ]; then
   need_root "installing the systemd unit"
   if ! id lepton >/dev/null 2>&1; then
@@ -131,8 +148,10 @@ if [ "$SYSTEMD" = 1 ]; then
   chmod 0750 "$CONFDIR"
   install -m 0644 "$PREFIX/share/lepton-agent.service" "$UNIT_DIR/lepton-agent.service"
   # MemoryMax= from the board's profile when the agent can tell it.
-  mem=$("$PREFIX/venv/bin/lepton-agent" profile --format json 2>/dev/null \
-        | "$PREFIX/venv/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["memory_budget_mb"])' 2>/dev/null || true)
+  mem=$(LEPTON_PROFILES_DIR=$PROFILES "$PREFIX/venv/bin/lepton-agent" profile --config "$CONFDIR/agent.toml" \
+        --format json 2>/dev/null \
+        | "$PREFIX/venv/bin/python" -c 'import json,sys; print(round(json.load(sys.stdin)["memory_budget_mb"]))' \
+        2>/dev/null || true)
   if [ -n "$mem" ]; then
     mkdir -p "$UNIT_DIR/lepton-agent.service.d"
     printf '[Service]\nMemoryMax=%sM\n' "$mem" > "$UNIT_DIR/lepton-agent.service.d/memory.conf"

@@ -69,3 +69,22 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     broker start their own `Broker`)."""
     with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
         yield b
+
+
+# DESIGN §7: the core suite runs on both runtimes. These modules test code that does not depend on the
+# interpreter (MQTT link, spool, commands, config, delivery protocol, systemd, installer, demo); they run in
+# the ai-edge-litert lane only, which keeps both lanes together well inside the suite's time budget.
+RUNTIME_INDEPENDENT = frozenset({
+    "test_agreement", "test_commands", "test_config", "test_delivery", "test_delivery_crash", "test_demo",
+    "test_fleet_cli", "test_install", "test_link", "test_policy", "test_sdnotify", "test_spool",
+    "test_synthetic", "test_systemd_notify", "test_systemd_unit",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("LEPTON_BACKEND") != "tflite-runtime":
+        return
+    skip = pytest.mark.skip(reason="runtime-independent: runs in the ai-edge-litert lane")
+    for item in items:
+        if item.path.stem in RUNTIME_INDEPENDENT:
+            item.add_marker(skip)

@@ -309,3 +309,46 @@ def test_sounddevice_mic_through_portaudio(alsa_home: Path) -> None:
     assert "no such input device" in out["missing"] and "no_such_device" in out["missing"]
     assert out["samples"] >= 16000 and out["dtype"] == "int16"
     assert out["stats"]["items"] > 0 and out["cv2"] is False
+
+
+def test_looping_wav_stands_in_for_a_microphone(tmp_path: Path) -> None:
+    path = tmp_path / "short.wav"
+    samples = (np.arange(16_000 // 4, dtype=np.int64) % 200 - 100).astype(np.int16)  # 0.25 s
+    write_wav(path, samples, 16_000, 2)
+    source = WavSource(str(path), {"loop": True, "gap_s": 0.25})
+    source.open()
+    try:
+        items = [source.read(1.0) for _ in range(6)]
+    finally:
+        source.close()
+    got = [i for i in items if i is not None]
+    assert len(got) == 6  # a 0.25 s file gives 6 chunks and more: it loops
+    assert [round(i.t, 3) for i in got] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]  # media time runs on
+    assert np.array_equal(got[0].data, samples) and not got[1].data.any() and np.array_equal(got[2].data, samples)
+
+
+def test_realtime_wav_is_paced_and_closes_promptly(tmp_path: Path) -> None:
+    path = tmp_path / "one.wav"
+    write_wav(path, np.zeros(16_000, np.int16), 16_000, 2)
+    source = WavSource(str(path), {"realtime": True})
+    source.open()
+    try:
+        assert source.read(0.0) is None  # the first half second has not been "heard" yet
+        item = None
+        while item is None:
+            item = source.read(1.0)
+        assert item.t == 0.0
+        closer = threading.Timer(0.2, source.close)
+        closer.start()
+        with pytest.raises(EndOfStream):
+            while True:  # the second chunk is due later; close() interrupts the wait
+                if source.read(5.0) is not None:
+                    continue
+        closer.join()
+    finally:
+        source.close()
+
+
+def test_unknown_wav_option_is_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(BadInput, match=r"source_options\.looping: unknown option"):
+        WavSource(str(tmp_path / "x.wav"), {"looping": True})

@@ -201,10 +201,11 @@ def test_profiles_load_and_override(tmp_path: Path, fixtures: Path) -> None:
 
 
 def test_profile_command() -> None:
-    r = run_cli("profile")
+    r = run_cli("profile", "--format", "json")
     assert r.rc == 0, r.err
     info = json.loads(r.out)
-    assert info["profile"] in available_profiles() and "architecture" in info["reason"]
+    assert info["profile"] in available_profiles() and info["reason"]
+    assert isinstance(info["memory_budget_mb"], (int, float))
 
 
 def test_find_line_follows_tables() -> None:

@@ -343,8 +343,8 @@ def test_download_resumes_across_a_broker_restart(tmp_path: Path, keys: Keys, ba
     """The broker goes away mid-download and comes back (retained messages persisted); the device carries on."""
     from agent.delivery import failpoints
 
-    # Broker(persistence=True) keeps its retained messages in its folder across stop/start.
-    broker = Broker(tmp_path / "mosquitto", persistence=True).start()
+    persist = tmp_path / "mosquitto"
+    broker = Broker(persist, persistence=True).start()
     topics = Topics(unique_prefix())
     try:
         with connect(broker.port) as op:

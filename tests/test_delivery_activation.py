@@ -192,7 +192,7 @@ def test_hot_swap_keeps_the_loop_and_seq(link: PahoLink, keys: Keys, tmp_path: P
     assert pipeline._thread is loop_thread and pipeline.restarts == 0
     slot = svc.store.slot("colors")
     assert slot.active is not None and slot.active.version == 2 and slot.previous is not None
-    watch.wait_for("active", 2)  # published before deploy() returned; the watcher hears it a moment later
+    watch.wait_for("active", 2)  # the retained state travels through the broker after deploy() returns
     assert [s["state"] for s in watch.states if s["version"] == 2][-2:] == ["activating", "active"]
 
 

@@ -16,11 +16,17 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason=
 
 
 def _rendered(tmp_path: Path) -> Path:
-    # As install.sh renders it: ExecStart must name an executable that exists for verify to pass.
+    # Rendered by install.sh itself for a prefix; ExecStart must name an executable that exists for verify.
     agent = Path(sys.executable).parent / "lepton-agent"
     assert agent.exists()
+    prefix = tmp_path / "prefix"
+    (prefix / "venv" / "bin").mkdir(parents=True)
+    (prefix / "venv" / "bin" / "lepton-agent").symlink_to(agent)
+    r = subprocess.run(["bash", str(UNIT.parent.parent / "scripts" / "install.sh"), "--prefix", str(prefix),
+                        "--print-unit"], capture_output=True, text=True, timeout=60, check=True)
+    assert f"Environment=LEPTON_PROFILES_DIR={prefix}/share/firmware_profiles" in r.stdout
     path = tmp_path / "lepton-agent.service"
-    path.write_text(UNIT.read_text().replace("/opt/lepton/venv/bin/lepton-agent", str(agent)))
+    path.write_text(r.stdout)
     return path
 
 

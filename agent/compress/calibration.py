@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ def collect_samples(
 
 def _image_samples(model: Model, spec: ModelSpec, names: Mapping[int, str], args: list[str],
                    limit: int) -> list[Sample]:
-    from agent.sources.files import iter_frames
     from agent.vision.preprocess import ImagePreprocessor, image_input
 
     info = model.inputs[0]
@@ -71,18 +70,16 @@ def _image_samples(model: Model, spec: ModelSpec, names: Mapping[int, str], args
     view = model.input(0)
     name = names[info.index]
     samples: list[Sample] = []
-    for frame in iter_frames(_resolve(args)):
-        if frame.image is None:
-            raise BadInput(f"--calib: {frame.error}")
+    for frame in _frames(args):
         if len(samples) >= limit:
             break
-        preprocessor(frame.image)
+        preprocessor(frame)
         samples.append({name: view.copy()})
     return samples
 
 
-def _resolve(args: list[str]) -> list[Any]:
-    from agent.sources.files import IMAGE_SUFFIXES, VIDEO_SUFFIXES, resolve_inputs
+def _frames(args: list[str]) -> Iterator[np.ndarray[Any, Any]]:
+    from agent.sources.files import IMAGE_SUFFIXES, VIDEO_SUFFIXES, decoded_frames
 
     for arg in args:
         path = Path(arg)
@@ -91,7 +88,7 @@ def _resolve(args: list[str]) -> list[Any]:
         ):
             raise BadInput(f"--calib {arg}: the calibration set is empty (the folder holds no images)")
     try:
-        return resolve_inputs(args)
+        yield from decoded_frames(args)
     except BadInput as exc:
         raise BadInput(f"--calib {exc}") from None
 

@@ -96,19 +96,16 @@ def _like_base(variant: ModelSpec, base: ModelSpec, base_model: Model) -> ModelS
 
 
 def _eval_items(inputs: list[str], limit: int) -> list[np.ndarray[Any, Any]]:
-    from agent.sources.files import iter_frames, resolve_inputs
+    from agent.sources.files import decoded_frames
 
     items = []
     try:
-        resolved = resolve_inputs(inputs)
+        for frame in decoded_frames(inputs):
+            items.append(frame)
+            if len(items) >= limit:
+                break
     except BadInput as exc:
         raise BadInput(f"--eval {exc}") from None
-    for frame in iter_frames(resolved):
-        if frame.image is None:
-            raise BadInput(f"--eval: {frame.error}")
-        items.append(frame.image)
-        if len(items) >= limit:
-            break
     if not items:
         raise BadInput(f"--eval {' '.join(inputs)}: no evaluation items")
     return items

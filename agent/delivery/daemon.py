@@ -249,7 +249,12 @@ class ModelPipelines:
 
     def fit(self) -> Fit | None:
         model, runner = self.lead.model, self.lead.runner
-        return Fit.like(model, runner) if model is not None else None
+        if model is None:
+            return None
+        if self.lead.variant is not None:
+            # The governor runs a cheaper variant now (its tensors may differ): the base is what is replaced.
+            return Fit(item_kind=runner.item_kind if runner is not None else None)
+        return Fit.like(model, runner)
 
 
 __all__ = ["ModelPipelines", "configured_version", "delivered_spec", "make_service", "open_store",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.errors import BadInput, LeptonError
-
-DEFAULT_BROKER = "mqtt://localhost:1883"
 
 
 def _positive_float(text: str) -> float:
@@ -51,15 +48,10 @@ def _chunk_size(text: str) -> int | None:
 
 
 def _broker_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("broker")
-    g.add_argument("--broker", default=os.environ.get("LEPTON_BROKER", DEFAULT_BROKER),
-                   help="mqtt://host:port or mqtts://host:port (default: LEPTON_BROKER or %(default)s)")
-    g.add_argument("--prefix", default="lepton", help="topic prefix (default: %(default)s)")
-    g.add_argument("--ca-file", help="CA bundle for mqtts (default: the system's)")
-    g.add_argument("--cert-file", help="client certificate for mqtts")
-    g.add_argument("--key-file", help="client certificate key for mqtts")
-    g.add_argument("--username", help="broker user name (password from LEPTON_MQTT_PASSWORD)")
-    g.add_argument("--timeout", type=_positive_float, default=120.0,
+    from agent.fleet.live import add_connection_options
+
+    add_connection_options(p)
+    p.add_argument("--timeout", type=_positive_float, default=120.0,
                    help="seconds to wait for the broker and the devices (default: %(default)s)")
 
 
@@ -134,14 +126,15 @@ def _connect(args: argparse.Namespace) -> Any:
     from paho.mqtt.enums import MQTTProtocolVersion
 
     from agent.delivery.link import BrokerAddress, PahoLink, TlsOptions
+    from agent.fleet.live import broker_password, broker_url
 
-    address = BrokerAddress.parse(args.broker)
+    address = BrokerAddress.parse(broker_url(args))
     tls = TlsOptions(args.ca_file, args.cert_file, args.key_file)
     for flag, path in (("--ca-file", args.ca_file), ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
         if path is not None and not Path(path).is_file():
             raise BadInput(f"{flag} {path}: no such file")
     link = PahoLink(address, client_id=f"lepton-fleet-{uuid.uuid4().hex[:8]}", tls=tls, username=args.username,
-                    password=os.environ.get("LEPTON_MQTT_PASSWORD"), protocol=MQTTProtocolVersion.MQTTv5)
+                    password=broker_password(args), protocol=MQTTProtocolVersion.MQTTv5)
     return link.start(timeout=min(args.timeout, 30.0))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -23,30 +24,40 @@ from agent.errors import BadInput, LeptonError
 from agent.link.mqtt import read_password, tls_context
 from agent.link.topics import SCHEMA_VERSION
 
+DEFAULT_BROKER = "mqtt://localhost:1883"
+PASSWORD_ENV = "LEPTON_MQTT_PASSWORD"  # noqa: S105 - the name of the variable, not a password
+
 
 def add_connection_options(p: argparse.ArgumentParser) -> None:
+    """The broker options every `lepton-fleet` command that talks MQTT takes (the agent config's names)."""
     g = p.add_argument_group("broker")
-    g.add_argument("--broker", help="mqtt://host:port or mqtts://… (default: LEPTON_BROKER, else mqtt://localhost:1883)")
+    g.add_argument("--broker", help=f"mqtt://host:port or mqtts://… (default: LEPTON_BROKER, else {DEFAULT_BROKER})")
     g.add_argument("--prefix", default="lepton", help="topic prefix (default lepton)")
-    g.add_argument("--ca", type=Path, help="CA file to trust for mqtts:// (pinned)")
-    g.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
-    g.add_argument("--key", type=Path, help="client private key (mutual TLS; mode 0600)")
-    g.add_argument("--username")
-    g.add_argument("--password-file", type=Path)
+    g.add_argument("--ca-file", type=Path, help="CA file to trust for mqtts:// (pinned)")
+    g.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS)")
+    g.add_argument("--key-file", type=Path, help="client private key (mutual TLS; mode 0600)")
+    g.add_argument("--username", help="broker user name")
+    g.add_argument("--password-file", type=Path, help=f"broker password, first line (default: {PASSWORD_ENV})")
+
+
+def broker_url(args: argparse.Namespace) -> str:
+    return str(args.broker or os.environ.get("LEPTON_BROKER") or DEFAULT_BROKER)
+
+
+def broker_password(args: argparse.Namespace) -> str | None:
+    return read_password(args.password_file, PASSWORD_ENV) if args.username else None
 
 
 class Connection:
     """A paho client on its own network thread, connected or BadInput/LeptonError."""
 
     def __init__(self, args: argparse.Namespace, topics: list[str], on_message: Any) -> None:
-        import os
-
-        url = args.broker or os.environ.get("LEPTON_BROKER") or "mqtt://localhost:1883"
+        url = broker_url(args)
         try:
             host, port, tls = parse_broker_url(url)
             settings = MqttSection(
                 broker=(url,),
-                tls=TlsSection(ca_file=args.ca, cert_file=args.cert, key_file=args.key),
+                tls=TlsSection(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file),
                 auth=AuthSection(username=args.username, password_file=args.password_file),
             )
         except ValueError as exc:
@@ -60,7 +71,7 @@ class Connection:
         if tls:
             self.client.tls_set_context(tls_context(settings))
         if args.username:
-            self.client.username_pw_set(args.username, read_password(args.password_file, None))
+            self.client.username_pw_set(args.username, broker_password(args))
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self.ready.set()
         self.client.on_message = on_message

@@ -23,6 +23,9 @@ acknowledged is still in the spool, and is sent again from there, in order, as
   connection with `subscribe`/`unsubscribe`/`publish` (agent.delivery.link.Link), safe from
   any thread: the link thread sends the packets, keeps the filters and subscribes them again
   after every reconnect, so the broker re-sends what is retained on them.
+- Periodic figures (telemetry) go through `offer()`: QoS 0, latest only — while the link is
+  down a newer message replaces the older one instead of queueing. Other parts of the agent
+  may `watch()` extra topics (Home Assistant's birth) and add `on_connected` hooks (discovery).
 """
 
 from __future__ import annotations
@@ -116,6 +119,15 @@ class Backoff:
         return min(self.high, delay * self._rng.uniform(1.0, 1.25))
 
 
+QUICK_CLOSE_S = 2.0
+"""A connection the peer closes this soon after accepting it, before any CONNACK, counts as refused."""
+
+
+def _closed_before_connack(s: _Session) -> bool:
+    return (s.connected_at is None and not s.reason.startswith("refused by the broker")
+            and time.monotonic() - s.started < QUICK_CLOSE_S)
+
+
 def read_password(auth_file: Path | None, env_name: str | None, env: dict[str, str] | None = None) -> str | None:
     """The broker password from its file (first line) or variable; BadInput names where it was looked for."""
     if auth_file is not None:
@@ -196,6 +208,7 @@ class _Session:
     goodbye_mid: int | None = None
     command_sub_mid: int | None = None
     """The SUBSCRIBE of the command topics, whose SUBACK sets `Link.subscribed`."""
+    watch_mid: int | None = None
 
 
 class Link:
@@ -259,6 +272,10 @@ class Link:
         self._bdseq = -1
         self._url_index = 0
         self._rows_waiting = True
+        self._latest: dict[str, tuple[bytes, bool]] = {}
+        self._watches: dict[str, Callable[[bytes], None]] = {}
+        self.on_connected: list[Callable[[], None]] = []
+        """Called in the link thread after each successful connect and birth (e.g. to send discovery)."""
         spool.on_append = self._spool_grew
 
     # -- the API other threads use ------------------------------------------------------------
@@ -280,6 +297,10 @@ class Link:
     def send(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
         """Queue a QoS 1 message (a reply, a status) for the current or next connection."""
         self.publish(topic, encode(payload), qos=1, retain=retain)
+
+    def send_raw(self, topic: str, body: bytes, retain: bool = False) -> None:
+        """Queue a QoS 1 message whose body is given as is (no `ts`/`v`: Home Assistant discovery)."""
+        self.publish(topic, body, qos=1, retain=retain)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Queue raw bytes for the current or next connection (never blocks; the oldest go when too many wait)."""
@@ -304,6 +325,18 @@ class Link:
                 return
             self._filter_ops[topic_filter] = (False, 0)
         self.wake()
+
+    def offer(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
+        """Publish at QoS 0 when connected; an unsent older message on the same topic is replaced."""
+        body = encode(payload)
+        with self._outbox_lock:
+            self._latest[topic] = (body, retain)
+        self.wake()
+
+    def watch(self, topic: str, callback: Callable[[bytes], None]) -> None:
+        """Subscribe to `topic` (exact, no wildcards) on every connection and hand its payloads to
+        `callback` in the link thread. Call before `start()`."""
+        self._watches[topic] = callback
 
     def announce(self) -> None:
         """Publish the birth status again (pipelines or models changed)."""
@@ -338,15 +371,21 @@ class Link:
             url = self.settings.broker[self._url_index % len(self.settings.broker)]
             session: _Session | None = None
             refused = False
+            failed = False
             try:
                 session = self._connect(url)
                 self._serve(session)
             except Exception as exc:
+                failed = True
                 refused = isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED
                 self._note_failure(url, exc, refused)
             finally:
                 if session is not None:
                     self._end(session)
+            if not failed and session is not None and _closed_before_connack(session):
+                # Accepted, then closed with nothing said: a proxy, NAT or load balancer with no broker
+                # behind it. That is "nobody listening" as much as a refusal is: retry soon, not later.
+                refused = True
             up = session is not None and session.connected_at is not None
             if up and session is not None and session.connected_at is not None:
                 if time.monotonic() - session.connected_at >= STABLE_S:
@@ -493,10 +532,14 @@ class Link:
         with self._outbox_lock:
             outgoing = list(self._outbox)
             self._outbox.clear()
+            latest = list(self._latest.items())
+            self._latest.clear()
         for topic, body, qos, retain in outgoing:
             info = client.publish(topic, body, qos=qos, retain=retain)
             if qos:
                 s.others[info.mid] = now
+        for topic, (body, retain) in latest:
+            client.publish(topic, body, qos=0, retain=retain)
         self._send_results(s, now)
         self._check_liveness(s, now)
 
@@ -615,6 +658,8 @@ class Link:
         self.stats.connects += 1
         self.stats.last_connect_s = time.time()
         _, s.command_sub_mid = client.subscribe([(t, 1) for t in self._subscriptions()])
+        if self._watches:
+            s.watch_mid = client.subscribe([(t, 1) for t in self._watches])[1]
         with self._filters_lock:
             # This connection starts from the whole set; queued changes were for the one before.
             self._filter_ops.clear()
@@ -624,6 +669,12 @@ class Link:
         self._publish_birth(s)
         self.connected.set()
         logger.info("mqtt %s: connected (bdseq %d)", s.url, s.bdseq)
+        for hook in self.on_connected:
+            try:
+                hook()
+            except Exception:
+                self.stats.callback_errors += 1
+                logger.exception("mqtt: on_connected hook failed (survived)")
 
     def _publish_birth(self, s: _Session) -> None:
         payload = {**self.birth(), "state": "online", "bdseq": s.bdseq}
@@ -658,6 +709,10 @@ class Link:
         s.last_inbound = time.monotonic()
         if message.topic == self.topics.status:
             self._stale_will(s, message)
+            return
+        watcher = self._watches.get(message.topic)
+        if watcher is not None:
+            watcher(bytes(message.payload))
             return
         if message.topic in self._command_topics:
             self.on_command(message.topic, bytes(message.payload))
@@ -700,6 +755,11 @@ class Link:
     def _on_subscribe(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
                       reasons: list[ReasonCode], properties: Properties | None) -> None:
         s.last_inbound = time.monotonic()
+        if mid == s.watch_mid:
+            for topic, code in zip(self._watches, reasons, strict=False):
+                if code.is_failure:
+                    logger.error("mqtt: subscription to %s refused: %s", topic, code)
+            return
         if mid != s.command_sub_mid:
             for code in reasons:
                 if code.is_failure:

@@ -1,1 +1,1 @@
-"""Where inputs come from: files now; cameras, streams and microphones register here too."""
+"""Where inputs come from: files, folders, globs, videos, cameras and streams (and audio, elsewhere)."""

@@ -17,9 +17,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.audio.capture import CAPTURES, Capture, CaptureSettings, DeviceLost
 from agent.audio.pcm import S16_MONO_16K, TARGET_RATE, PcmConverter, WavInfo, read_wav_info
@@ -32,6 +33,19 @@ FILE_CHUNK_S = 0.5
 """Audio per item from files and stdin: large enough that per-chunk overhead vanishes."""
 
 
+class WavOptions(BaseModel):
+    """Source options of a `.wav` file (a pipeline's `source_options`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    loop: bool = False
+    """Start again at the end (a recording standing in for a microphone, e.g. the demo)."""
+    realtime: bool = False
+    """Release each chunk when its audio would have been heard, as a microphone does."""
+    gap_s: Annotated[float, Field(ge=0, le=60)] = 0.0
+    """Silence between loops, in seconds."""
+
+
 class WavSource(Source):
     """A `.wav` file of any rate, width and channel count, converted as it is read."""
 
@@ -39,6 +53,16 @@ class WavSource(Source):
 
     def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
         super().__init__(uri, options)
+        try:
+            self.settings = WavOptions.model_validate(self.options)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+            raise BadInput(f"{uri}: source_options.{loc}: {msg}") from None
+        self._closed = threading.Event()
+        self._t0 = 0.0
+        self._pending: Item | None = None
         self.path = Path(uri)
         self.info: WavInfo | None = None
         self.problem: str | None = None
@@ -59,8 +83,45 @@ class WavSource(Source):
         self._fh = fh
         self._left = self.info.data_bytes
         self._flushed = False
+        self._closed.clear()
+        self._t0 = time.monotonic()
+
+    def _rewind(self) -> None:
+        assert self._fh is not None and self.info is not None
+        self._fh.seek(self.info.data_offset)
+        self._left = self.info.data_bytes
+        self._flushed = False
+        self._converter = PcmConverter(self.info.format)
 
     def read(self, timeout: float) -> Item | None:
+        if not self.settings.realtime:
+            return self._next()
+        # Paced: hand out a chunk once its last sample would have been heard.
+        if self._pending is None:
+            self._pending = self._next()
+        item = self._pending
+        due = self._t0 + item.t + item.data.size / TARGET_RATE
+        wait = due - time.monotonic()
+        if wait > timeout:
+            self._closed.wait(timeout)
+            return None
+        if wait > 0 and self._closed.wait(wait):
+            raise EndOfStream(f"{self.uri}: closed")
+        self._pending = None
+        return item
+
+    def _next(self) -> Item:
+        while True:
+            try:
+                return self._read_chunk()
+            except EndOfStream:
+                if not self.settings.loop or self._closed.is_set() or self._samples == 0:
+                    raise
+                self._rewind()
+                if self.settings.gap_s:
+                    return self._item(np.zeros(int(self.settings.gap_s * TARGET_RATE), np.int16))
+
+    def _read_chunk(self) -> Item:
         if self._fh is None or self._converter is None or self.info is None:
             raise EndOfStream(self.uri)
         frame = self.info.format.frame_bytes
@@ -85,6 +146,7 @@ class WavSource(Source):
         return item
 
     def close(self) -> None:
+        self._closed.set()
         if self._fh is not None:
             self._fh.close()
             self._fh = None

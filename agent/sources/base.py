@@ -35,6 +35,8 @@ class Item:
     """Seconds into the source (media time for files, since open for live devices)."""
     ts: float
     """Wall-clock capture time (Unix seconds)."""
+    file: str | None = None
+    """The file the item came from, when the source is a folder or glob of files."""
 
 
 @dataclass
@@ -81,7 +83,8 @@ _REGISTRY: list[tuple[Callable[[str], bool], SourceFactory]] = []
 
 # Modules that register source kinds; imported on first use so that an
 # audio-only agent never imports OpenCV.
-SOURCE_MODULES: list[str] = ["agent.sources.synthetic", "agent.sources.audio"]
+SOURCE_MODULES: list[str] = ["agent.sources.synthetic", "agent.sources.audio", "agent.sources.camera",
+                               "agent.sources.files"]
 
 
 def register_source(matcher: Callable[[str], bool]) -> Callable[[SourceFactory], SourceFactory]:

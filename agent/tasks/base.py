@@ -18,6 +18,7 @@ from agent.runtime import Model
 # audio-only agent never imports OpenCV through the vision tasks.
 TASK_MODULES: dict[str, str] = {
     "classify": "agent.tasks.classify",
+    "detect": "agent.tasks.detect",
     "tensors": "agent.tasks.tensors",
 }
 

@@ -5,7 +5,8 @@ preallocated buffer, convert the colour order on that small image, then one
 look-up table maps each pixel byte to the model's input value — normalisation
 ((p - mean) / std) and quantization (q = p' / scale + zero_point) fused into a
 256-entry table per channel — writing into the tensor. Nothing frame-sized is
-allocated after the first frame of a given size.
+allocated after the first frame of a given size. A region of interest is a
+slice (a view) of the frame, so cropping costs nothing either.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 
 from agent.errors import BadInput
 from agent.manifest import Preprocess
 from agent.runtime import Model, TensorInfo
+from agent.vision.cv import cv2
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,20 @@ class ImagePreprocessor:
             raise BadInput(f"{model.path}: preprocess.color is GRAY but the model takes 3 channels")
         self.letterbox = pre.resize == "letterbox"
         self.pad_value = pad_value
+        self.roi = pre.roi
+        self.interpolation = cv2.INTER_AREA if pre.interpolation == "area" else cv2.INTER_LINEAR
+        self._crop = (0, 0, 0, 0)  # y0, y1, x0, x1 of the region of interest in the current frame size
         self._lut = value_lut(info, pre, geometry.channels)
+        # Two cheaper forms of the same table (cv2.LUT with a table per channel is ~3x slower than
+        # with one shared table, and a byte shift is cheaper still):
+        # - every channel maps alike: one single-channel table;
+        # - int8 input taking pixel - 128: the bytes written as uint8, then the sign bit flipped.
+        self._flip_sign = False
+        if self._lut is not None and (self._lut == self._lut[..., :1]).all():
+            self._lut = np.ascontiguousarray(self._lut[..., 0])
+            shift = (np.arange(256) - 128).astype(np.int8)
+            if self._lut.dtype == np.int8 and np.array_equal(self._lut[0], shift) and geometry.layout == "NHWC":
+                self._lut, self._flip_sign = None, True
         self._model = model
         self._input_index = input_index
         self._bind()
@@ -126,7 +140,7 @@ class ImagePreprocessor:
             self._target = np.empty((g.height, g.width, g.channels), dtype=view.dtype)
             self._nchw: np.ndarray[Any, Any] | None = view
         else:
-            self._target = view
+            self._target = view.view(np.uint8) if self._flip_sign else view
             self._nchw = None
         if g.channels == 1:
             self._target = self._target.reshape(g.height, g.width)
@@ -136,6 +150,14 @@ class ImagePreprocessor:
         key = (channels, frame_h, frame_w)
         if (channels, self.color) not in _COLOR_CODES:
             raise BadInput(f"frame has {channels} channels; expected 1, 3 or 4")
+        full_h, full_w = frame_h, frame_w
+        if self.roi is not None:
+            x0, y0, x1, y1 = self.roi
+            cx0, cx1 = min(round(x0 * full_w), full_w - 1), max(round(x1 * full_w), 1)
+            cy0, cy1 = min(round(y0 * full_h), full_h - 1), max(round(y1 * full_h), 1)
+            cx1, cy1 = max(cx1, cx0 + 1), max(cy1, cy0 + 1)
+            self._crop = (cy0, cy1, cx0, cx1)
+            frame_h, frame_w = cy1 - cy0, cx1 - cx0
         self._code = _COLOR_CODES[(channels, self.color)]
         shape: tuple[int, ...] = (g.height, g.width) if channels == 1 else (g.height, g.width, channels)
         self._resized = np.empty(shape, np.uint8)
@@ -145,11 +167,21 @@ class ImagePreprocessor:
             nw, nh = max(1, round(frame_w * scale)), max(1, round(frame_h * scale))
             px, py = (g.width - nw) // 2, (g.height - nh) // 2
             self._resized.fill(self.pad_value)
-            self._patch = np.empty((nh, nw, *shape[2:]), np.uint8)
+            if px == 0:
+                # Full-width content (a landscape frame): its rows are contiguous, resize straight into them.
+                self._patch = self._resized[py : py + nh]
+            else:
+                self._patch = np.empty((nh, nw, *shape[2:]), np.uint8)
             self._patch_at = (py, px)
             self.mapping = (g.width / nw, -px / nw, g.height / nh, -py / nh)
         else:
             self.mapping = (1.0, 0.0, 1.0, 0.0)
+        if self.roi is not None:
+            # Region-normalised → frame-normalised: x = x0 + w * x_region, composed into the same affine map.
+            cy0, cy1, cx0, cx1 = self._crop
+            rw, rh = (cx1 - cx0) / full_w, (cy1 - cy0) / full_h
+            ax, bx, ay, by = self.mapping
+            self.mapping = (ax * rw, cx0 / full_w + bx * rw, ay * rh, cy0 / full_h + by * rh)
         final_needs_lut = self._lut is not None or self._nchw is not None
         if self._code is not None and final_needs_lut:
             self._colored = np.empty((g.height, g.width) if g.channels == 1 else (g.height, g.width, 3), np.uint8)
@@ -167,19 +199,25 @@ class ImagePreprocessor:
             self._bind()
         if self._key != (channels, frame.shape[0], frame.shape[1]):
             self._prepare(frame.shape[0], frame.shape[1], channels)
+        if self.roi is not None:
+            cy0, cy1, cx0, cx1 = self._crop
+            frame = frame[cy0:cy1, cx0:cx1]
         g = self.geometry
         last_stage_is_resize = self._code is None and self._lut is None and self._nchw is None and not self.letterbox
         if last_stage_is_resize:
             # The frame already has the model's colour order and raw bytes are the input.
-            cv2.resize(frame, (g.width, g.height), dst=self._target, interpolation=cv2.INTER_LINEAR)
+            cv2.resize(frame, (g.width, g.height), dst=self._target, interpolation=self.interpolation)
+            if self._flip_sign:
+                np.bitwise_xor(self._target, 0x80, out=self._target)
             return
         if self._patch is not None:
             cv2.resize(frame, (self._patch.shape[1], self._patch.shape[0]), dst=self._patch,
-                       interpolation=cv2.INTER_LINEAR)
+                       interpolation=self.interpolation)
             py, px = self._patch_at
-            np.copyto(self._resized[py : py + self._patch.shape[0], px : px + self._patch.shape[1]], self._patch)
+            if px:
+                np.copyto(self._resized[py : py + self._patch.shape[0], px : px + self._patch.shape[1]], self._patch)
         else:
-            cv2.resize(frame, (g.width, g.height), dst=self._resized, interpolation=cv2.INTER_LINEAR)
+            cv2.resize(frame, (g.width, g.height), dst=self._resized, interpolation=self.interpolation)
         src = self._resized
         if self._code is not None:
             dst = self._colored if self._colored is not None else self._target
@@ -189,6 +227,8 @@ class ImagePreprocessor:
             cv2.LUT(src, self._lut, dst=self._target)
         elif src is not self._target:
             np.copyto(self._target, src, casting="unsafe")
+        if self._flip_sign:
+            np.bitwise_xor(self._target, 0x80, out=self._target)  # uint8 p -> int8 p - 128, in place
         if self._nchw is not None:
             np.copyto(self._nchw, self._target.reshape(g.height, g.width, -1).transpose(2, 0, 1))
 
@@ -199,5 +239,6 @@ class ImagePreprocessor:
         boxes[:, 0::2] += bx
         boxes[:, 1::2] *= ay
         boxes[:, 1::2] += by
-        np.clip(boxes, 0.0, 1.0, out=boxes)
+        np.maximum(boxes, 0.0, out=boxes)
+        np.minimum(boxes, 1.0, out=boxes)
         return boxes

@@ -1,0 +1,317 @@
+"""Live frame capture in its own thread, with latest-frame semantics, an fps cap and self-healing.
+
+A `LiveSource` runs one capture thread per device. The thread grabs every frame
+the device produces (so the device's own queue never fills and latency stays
+low), decodes only the frames the fps cap lets through, and puts each into the
+*latest* slot. A frame nobody read before the next one arrived is dropped and
+counted in `stats.dropped`; the pipeline always gets the newest frame with its
+own capture time. A device that fails (open error, read errors, end of a
+stream) is closed, reopened after an exponential backoff and counted in
+`stats.restarts`; every wait is on the one stop event, so `close()` is prompt.
+
+Frames live in a small pool of buffers (triple buffering: one being written, the
+latest, the one the reader holds), so a steady stream allocates nothing per
+frame. An `Item` read from a live source stays valid until the next `read()`;
+copy it to keep it longer.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.errors import BadInput
+from agent.sources.base import EndOfStream, Item, Source, SourceStats
+
+logger = logging.getLogger(__name__)
+
+Frame = np.ndarray[Any, Any]
+
+# Consecutive failed reads before the device is considered gone and reopened.
+MAX_READ_FAILURES = 5
+
+
+class FrameOptions(BaseModel):
+    """Options of a frame source (config `pipelines.*.source_options`, or defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    width: int | None = Field(default=None, ge=16, le=8192)
+    """Capture width asked of the device (None: the device's default)."""
+    height: int | None = Field(default=None, ge=16, le=8192)
+    """Capture height asked of the device."""
+    fps: float | None = Field(default=None, gt=0, le=1000)
+    """Frame rate asked of the device."""
+    fourcc: str | None = Field(default=None, pattern=r"^[A-Za-z0-9 ]{4}$")
+    """Pixel format asked of a V4L2 camera, e.g. `MJPG` (lets USB cameras deliver full resolution at speed)."""
+    max_fps: float | None = Field(default=None, gt=0, le=1000)
+    """Cap on the frames handed to the pipeline; frames in between are grabbed and skipped, not decoded."""
+    retry_open: bool = False
+    """Keep retrying with backoff when the device cannot be opened at start (the daemon), instead of
+    failing at once (the command line)."""
+    backoff_initial: float = Field(default=0.5, gt=0, le=60)
+    """First wait before reopening a failed device, in seconds; doubles on every failure."""
+    backoff_max: float = Field(default=30.0, gt=0, le=3600)
+    """Longest wait between reopen attempts, in seconds."""
+    timeout: float = Field(default=10.0, gt=0, le=600)
+    """Seconds a stream may take to open or to deliver the next frame before it counts as stalled."""
+    realtime: bool = False
+    """Video files: play at the file's frame rate through the capture thread (like a camera) instead
+    of handing over every frame as fast as the reader takes them."""
+    loop: bool = False
+    """Video files: start again at the end instead of ending the stream."""
+
+
+def redact(uri: str) -> str:
+    """The URI without its password, for logs and messages."""
+    try:
+        parts = urlsplit(uri)
+        if parts.password is None:
+            return uri
+        netloc = f"{parts.username}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    except ValueError:
+        return uri
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def frame_options(uri: str, options: dict[str, Any]) -> FrameOptions:
+    try:
+        return FrameOptions.model_validate(options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "options"
+        raise BadInput(f"{redact(uri)}: source option {loc}: {err['msg']}") from None
+
+
+class DeviceError(Exception):
+    """The device cannot be opened or has gone away; the message says why, in one line."""
+
+
+class Device(abc.ABC):
+    """One opened capture device: grab a frame, then decode it only if it is wanted."""
+
+    @abc.abstractmethod
+    def grab(self) -> bool:
+        """Wait for the next frame; False when none came (error, timeout, end of stream)."""
+
+    @abc.abstractmethod
+    def retrieve(self, buffer: Frame | None) -> Frame | None:
+        """Decode the grabbed frame, into `buffer` when it fits; None when it cannot be decoded."""
+
+    def media_time(self) -> float | None:
+        """Seconds into the media of the last grabbed frame, when the device knows it (files)."""
+        return None
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class LiveSource(Source):
+    """A source whose frames come from a capture thread (cameras, streams, paced video)."""
+
+    def __init__(self, uri: str, options: dict[str, Any] | None = None) -> None:
+        super().__init__(uri, options)
+        self.name = redact(uri)
+        """The URI as logs and messages show it (no password)."""
+        self.settings = frame_options(uri, self.options)
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._latest: tuple[Frame, int, float, float] | None = None
+        self._held: Frame | None = None
+        self._spare: list[Frame] = []
+        self._ended = False
+        self._captured = 0
+        self._t0 = 0.0
+        self.connected = False
+        """Whether a device is open right now."""
+
+    # -- what each kind provides ------------------------------------------------
+
+    @abc.abstractmethod
+    def connect(self) -> Device:
+        """Open the device; raise DeviceError (one line) when it cannot be opened."""
+
+    def check(self) -> None:
+        """Refuse, with BadInput, what no retry can fix (a missing library, an impossible URI)."""
+
+    def at_end(self, device: Device) -> bool:
+        """Whether a failed grab means the stream is over (a video file played once), not a fault."""
+        return False
+
+    @property
+    def stop_event(self) -> threading.Event:
+        """Set when the source closes; devices wait on it instead of sleeping."""
+        return self._stop
+
+    # -- the Source interface ---------------------------------------------------
+
+    def open(self) -> None:
+        if self._thread is not None:
+            return
+        self.check()
+        device: Device | None = None
+        if not self.settings.retry_open:
+            try:
+                device = self.connect()
+            except DeviceError as exc:
+                raise BadInput(f"{self.name}: {exc}") from None
+            self.connected = True
+        self._stop.clear()
+        with self._changed:
+            self._ended, self._latest, self._captured = False, None, 0
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, args=(device,), name=f"capture {self.name}", daemon=True)
+        self._thread.start()
+
+    def read(self, timeout: float) -> Item | None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._latest is not None or self._ended or self._stop.is_set(),
+                                          timeout):
+                return None
+            if self._latest is None:
+                raise EndOfStream(self.name)
+            frame, index, t, ts = self._latest
+            self._latest = None
+            if self._held is not None:
+                self._spare.append(self._held)
+            self._held = frame
+            self.stats.items += 1
+        return Item(frame, index, t, ts)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=self.settings.timeout + 1.0)
+            if thread.is_alive():
+                # Blocked inside the device's own read; it releases the device when that returns.
+                logger.warning("%s: capture thread still in a device call; leaving it to finish", self.name)
+
+    def wait_for(self, condition: Callable[[SourceStats], bool], timeout: float) -> bool:
+        """Wait until `condition(stats)` holds (checked whenever the capture thread changes them)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: condition(self.stats), timeout)
+
+    @property
+    def captured(self) -> int:
+        """Frames grabbed from the device since open (read, dropped or skipped by the fps cap)."""
+        return self._captured
+
+    # -- the capture thread -----------------------------------------------------
+
+    def _run(self, device: Device | None) -> None:
+        backoff = self.settings.backoff_initial
+        failures = 0
+        interval = 1.0 / self.settings.max_fps if self.settings.max_fps else 0.0
+        next_due = 0.0
+        writing: Frame | None = None
+        try:
+            while not self._stop.is_set():
+                if device is None:
+                    try:
+                        device = self.connect()
+                    except DeviceError as exc:
+                        self._count_restart(f"cannot open: {exc}")
+                        if self._stop.wait(backoff):
+                            break
+                        backoff = min(backoff * 2.0, self.settings.backoff_max)
+                        continue
+                    except Exception:
+                        logger.exception("%s: opening the device failed unexpectedly", self.name)
+                        self._count_restart("unexpected error while opening")
+                        if self._stop.wait(backoff):
+                            break
+                        backoff = min(backoff * 2.0, self.settings.backoff_max)
+                        continue
+                    self.connected = True
+                    failures = 0
+                started = time.monotonic()
+                try:
+                    grabbed = device.grab()
+                except Exception:
+                    logger.exception("%s: grab failed", self.name)
+                    grabbed = False
+                if self._stop.is_set():
+                    break
+                if not grabbed:
+                    if self.at_end(device):
+                        break
+                    failures += 1
+                    with self._changed:
+                        self.stats.errors += 1
+                        self._changed.notify_all()
+                    # A failure that took the whole timeout is a stall: the device is gone, reopen now.
+                    # One that came at once is a corrupt frame: skip it, unless they keep coming.
+                    stalled = time.monotonic() - started >= self.settings.timeout * 0.8
+                    if stalled or failures >= MAX_READ_FAILURES:
+                        self._release(device)
+                        device = None
+                        self._count_restart("stalled" if stalled else f"{failures} failed reads in a row")
+                        if self._stop.wait(backoff):
+                            break
+                        backoff = min(backoff * 2.0, self.settings.backoff_max)
+                    continue
+                self._captured += 1
+                now, ts = time.monotonic() - self._t0, time.time()
+                if interval and now < next_due:
+                    continue  # the fps cap: grabbed to keep the device's queue short, not decoded
+                frame = device.retrieve(writing)
+                if frame is None or frame.dtype != np.uint8 or frame.ndim not in (2, 3) or frame.size == 0:
+                    failures += 1
+                    with self._changed:
+                        self.stats.errors += 1  # a corrupt frame: counted and skipped
+                        self._changed.notify_all()
+                    continue
+                failures = 0
+                backoff = self.settings.backoff_initial
+                if interval:
+                    # A rate cap that forgives up to half an interval of jitter but never lets frames bunch up.
+                    next_due = max(next_due, now - interval / 2) + interval
+                media = device.media_time()
+                writing = self._publish(frame, self._captured - 1, media if media is not None else now, ts)
+        finally:
+            if device is not None:
+                self._release(device)
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+
+    def _publish(self, frame: Frame, index: int, t: float, ts: float) -> Frame | None:
+        """Make `frame` the latest; return the buffer to decode the next frame into."""
+        with self._changed:
+            if self._latest is not None:
+                self.stats.dropped += 1
+                stale = self._latest[0]
+                if stale is not frame:
+                    self._spare.append(stale)
+            self._latest = (frame, index, t, ts)
+            self._changed.notify_all()
+            while self._spare:
+                spare = self._spare.pop()
+                if spare.shape == frame.shape:
+                    return spare
+            return None
+
+    def _release(self, device: Device) -> None:
+        self.connected = False
+        try:
+            device.close()
+        except Exception:
+            logger.exception("%s: closing the device failed", self.name)
+
+    def _count_restart(self, why: str) -> None:
+        with self._changed:
+            self.stats.restarts += 1
+            self._changed.notify_all()
+        logger.warning("%s: %s; reopening (restart %d)", self.name, why, self.stats.restarts)

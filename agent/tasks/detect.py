@@ -1,0 +1,76 @@
+"""Object detection: a frame in, `{"task": "detect", "detections": [{label, score, box}]}` out.
+
+The decoder comes from the manifest (`postprocess.decoder`: ssd, yolov5, yolov8,
+blazeface) or is recognised from the output tensors. Boxes are mapped through
+the preprocessor's letterbox / region of interest back to the original frame,
+normalised 0..1 as `[xmin, ymin, xmax, ymax]` (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from agent.errors import BadInput
+from agent.manifest import ModelSpec, Preprocess
+from agent.runtime import Model
+from agent.tasks.base import Task, register
+from agent.vision.decoders import DECODERS, Decoder, match_decoder
+from agent.vision.preprocess import ImagePreprocessor
+
+_GENERIC_KEYS = frozenset({None, "detect", "auto"})
+
+
+def choose_decoder(model: Model, spec: ModelSpec) -> type[Decoder]:
+    """The manifest's decoder, else the one whose output layout the model has; BadInput when none fits."""
+    key = spec.postprocess.decoder
+    if key not in _GENERIC_KEYS:
+        if key not in DECODERS:
+            where = spec.manifest_path or model.path
+            raise BadInput(f"{where}: postprocess.decoder {key!r} is not a detection decoder "
+                           f"(choose one of {', '.join(sorted(DECODERS))})")
+        return DECODERS[str(key)]
+    found = match_decoder(model)
+    if found is None:
+        shapes = ", ".join(str(list(o.shape)) for o in model.outputs)
+        raise BadInput(f"{model.path}: outputs {shapes} match no detection decoder (SSD with "
+                       "TFLite_Detection_PostProcess, YOLOv5 [1,N,5+C], YOLOv8 [1,4+C,N], BlazeFace)")
+    return DECODERS[found]
+
+
+def effective_preprocess(given: Preprocess, decoder: type[Decoder]) -> Preprocess:
+    """The manifest's preprocessing, with the decoder family's defaults for what it leaves unsaid."""
+    explicit = given.model_dump(exclude_unset=True)
+    if not decoder.default_preprocess or {"normalize", "mean", "std"} & set(explicit):
+        defaults = {k: v for k, v in decoder.default_preprocess.items() if k not in ("normalize", "mean", "std")}
+    else:
+        defaults = dict(decoder.default_preprocess)
+    return Preprocess.model_validate({**given.model_dump(), **defaults, **explicit})
+
+
+@register("detect")
+class Detect(Task):
+    def __init__(self, model: Model, spec: ModelSpec) -> None:
+        super().__init__(model, spec)
+        decoder_cls = choose_decoder(model, spec)
+        self.decoder = decoder_cls(model, spec)
+        pre = effective_preprocess(spec.preprocess, decoder_cls)
+        self.preprocessor = ImagePreprocessor(model, pre, pad_value=decoder_cls.pad_value)
+        self.labels = spec.labels or decoder_cls.class_names
+
+    def preprocess(self, item: Any) -> None:
+        self.preprocessor(item)
+
+    def postprocess(self) -> dict[str, Any]:
+        found = self.decoder.decode()
+        boxes = self.preprocessor.map_boxes(found.boxes) if found.boxes.shape[0] else found.boxes
+        labels = self.labels
+        detections = []
+        for box, score, cls in zip(boxes.tolist(), found.scores.tolist(), found.classes.tolist(), strict=True):
+            label = labels[cls] if 0 <= cls < len(labels) else str(cls)
+            detections.append({"label": label, "score": round(score, 6), "box": [round(v, 5) for v in box]})
+        return {"task": "detect", "detections": detections}
+
+    def synthetic_item(self) -> Any:
+        return np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)

@@ -1,0 +1,76 @@
+"""Non-maximum suppression, vectorised over the candidates: hard (per class) and MediaPipe's weighted.
+
+Boxes are `[N, 4]` float arrays `[xmin, ymin, xmax, ymax]` in any one unit. Each
+pass keeps the best remaining box and compares it with all the others in one
+numpy expression, so the Python loop runs once per kept box, not per pair.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Array = np.ndarray[Any, Any]
+
+
+def iou_one_to_many(box: Array, boxes: Array) -> Array:
+    """IoU of one box with each of `boxes` (0 where the union is empty)."""
+    iw = np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0])
+    ih = np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])
+    np.maximum(iw, 0.0, out=iw)
+    np.maximum(ih, 0.0, out=ih)
+    inter = iw * ih
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    union = area + areas - inter
+    # No overlap gives 0 whatever the union; a tiny floor keeps empty boxes from dividing by zero.
+    return inter / np.maximum(union, 1e-12)
+
+
+def nms(boxes: Array, scores: Array, iou_threshold: float, max_results: int, classes: Array | None = None) -> Array:
+    """Indices of the boxes kept by greedy NMS, best first.
+
+    With `classes`, boxes of different classes never suppress each other (each
+    class is shifted to its own region of the plane, the usual batched trick).
+    """
+    if boxes.shape[0] == 0:
+        return np.empty(0, np.intp)
+    if classes is not None:
+        span = float(boxes.max() - boxes.min()) + 1.0
+        boxes = boxes + (classes.astype(boxes.dtype) * span)[:, None]
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size and len(keep) < max_results:
+        best = int(order[0])
+        keep.append(best)
+        rest = order[1:]
+        order = rest[iou_one_to_many(boxes[best], boxes[rest]) <= iou_threshold]
+    return np.asarray(keep, np.intp)
+
+
+def weighted_nms(boxes: Array, scores: Array, iou_threshold: float, max_results: int) -> tuple[Array, Array]:
+    """MediaPipe's weighted NMS: each kept box is the score-weighted mean of the boxes it overlaps.
+
+    Like MediaPipe's NonMaxSuppressionCalculator (overlap type IoU, algorithm
+    WEIGHTED): the best remaining box gathers every remaining box whose IoU with
+    it exceeds the threshold, itself included; their coordinates are averaged
+    with the scores as weights and the best score is kept. Returns (boxes, scores).
+    """
+    order = np.argsort(-scores, kind="stable")
+    kept_boxes: list[Array] = []
+    kept_scores: list[float] = []
+    while order.size and len(kept_boxes) < max_results:
+        best = int(order[0])
+        overlap = iou_one_to_many(boxes[best], boxes[order]) > iou_threshold
+        group = order[overlap]
+        if group.size == 0:  # a degenerate (empty) box overlaps nothing, not even itself
+            group = order[:1]
+            overlap[0] = True
+        weights = scores[group]
+        kept_boxes.append((boxes[group] * weights[:, None]).sum(axis=0) / weights.sum())
+        kept_scores.append(float(scores[best]))
+        order = order[~overlap]
+    if not kept_boxes:
+        return np.empty((0, 4), boxes.dtype), np.empty(0, scores.dtype)
+    return np.stack(kept_boxes).astype(boxes.dtype), np.asarray(kept_scores, scores.dtype)
