@@ -20,11 +20,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from agent.config import parse_broker_url
 from agent.errors import BadInput, LeptonError
 
 logger = logging.getLogger(__name__)
@@ -51,17 +51,12 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str, what: str = "--broker") -> BrokerAddress:
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise BadInput(f"{what} {url!r}: use mqtt://host:port or mqtts://host:port")
+        # The agent config's own parser; a bare host:port means mqtt://.
         try:
-            port = parts.port
-        except ValueError:
-            raise BadInput(f"{what} {url!r}: the port is not a number from 1 to 65535") from None
-        if not parts.hostname:
-            raise BadInput(f"{what} {url!r}: no host")
-        tls = parts.scheme == "mqtts"
-        return cls(parts.hostname, port or (8883 if tls else 1883), tls)
+            host, port, tls = parse_broker_url(url if "://" in url else f"mqtt://{url}")
+        except ValueError as exc:
+            raise BadInput(f"{what} {exc}") from None
+        return cls(host, port, tls)
 
     def __str__(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
