@@ -306,6 +306,8 @@ class CommandRecord(Protocol):
 
     def record_reply(self, command_id: str, reply: str) -> None: ...
 
+    def unanswered(self) -> list[str]: ...
+
 
 class CommandBus:
     """Queue from the MQTT thread, one worker thread executing in order, one reply per id."""
@@ -319,6 +321,8 @@ class CommandBus:
         self.stats = CommandStats()
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(QUEUE_SIZE)
         self._thread: threading.Thread | None = None
+        self._unrecorded: dict[str, str] = {}
+        """Replies the record could not store (disk full, SQLite error), by id: retries still get them."""
 
     def submit(self, topic: str, payload: bytes) -> None:
         """Called from the MQTT thread: never blocks."""
@@ -332,6 +336,7 @@ class CommandBus:
                 logger.warning("commands arrive faster than they run: %d dropped so far", self.stats.queue_full)
 
     def start(self) -> None:
+        self.recover()
         self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
         self._thread.start()
 
@@ -365,30 +370,70 @@ class CommandBus:
         except CommandError as exc:
             cid = raw_id if isinstance(raw_id, str) and readable_id(payload) == raw_id else None
             return self._error(cid, exc)
-        fresh, stored = self.record.claim_command(command.id)
+        try:
+            fresh, stored = self.record.claim_command(command.id)
+        except Exception as exc:  # e.g. SQLite failing: nothing was claimed, so nothing runs
+            logger.exception("command %s: the command record failed", command.id)
+            return self._error(command.id, CommandError("failed", f"the command record failed: {_brief(exc)}"))
         if not fresh:
             self.stats.repeated += 1
+            if stored is None:
+                stored = self._unrecorded.get(command.id)
             if stored is None:
                 logger.info("command %s: already running; the reply follows once", command.id)
                 return None
             reply = json.loads(stored)
-            self.reply(reply)
+            self._send(reply)
             return dict(reply)
+        # From here on the id is claimed: whatever fails, exactly one reply goes out and is kept for retries.
         try:
             result = self.handlers[command.action](command)
             reply = {"id": command.id, "ok": True, "result": result}
+            text = json.dumps(reply, allow_nan=False)
             self.stats.executed += 1
         except CommandError as exc:
             reply = {"id": command.id, "ok": False, "error": {"code": exc.code, "message": exc.message}}
             self.stats.errors += 1
         except Exception as exc:
             logger.exception("command %s (%s) failed", command.id, command.action)
-            reply = {"id": command.id, "ok": False, "error": {"code": "failed", "message": f"{type(exc).__name__}: "
-                                                                                        f"{str(exc)[:200]}"}}
+            reply = {"id": command.id, "ok": False, "error": {"code": "failed", "message": _brief(exc)}}
             self.stats.errors += 1
-        self.record.record_reply(command.id, json.dumps(reply, allow_nan=False))
-        self.reply(reply)
+        if reply["ok"] is False:
+            text = json.dumps(reply)
+        self._keep(command.id, text)
+        self._send(reply)
         return reply
+
+    def recover(self) -> None:
+        """Answer the ids a previous process claimed and never answered (it died mid-command)."""
+        try:
+            ids = self.record.unanswered()
+        except Exception:
+            logger.exception("command record: cannot list interrupted commands")
+            return
+        for cid in ids:
+            reply = {"id": cid, "ok": False, "error": {
+                "code": "interrupted",
+                "message": "the agent stopped while running this command; it may have been done in part"}}
+            logger.warning("command %s: interrupted by a stop or crash; answering so", cid)
+            self._keep(cid, json.dumps(reply))
+            self._send(reply)
+
+    def _keep(self, cid: str, text: str) -> None:
+        try:
+            self.record.record_reply(cid, text)
+        except Exception:
+            # Kept in memory instead: a retry in this process still gets this reply, not a second run.
+            logger.exception("command %s: cannot record its reply", cid)
+            if len(self._unrecorded) >= QUEUE_SIZE:
+                self._unrecorded.pop(next(iter(self._unrecorded)))
+            self._unrecorded[cid] = text
+
+    def _send(self, reply: dict[str, Any]) -> None:
+        try:
+            self.reply(reply)
+        except Exception:
+            logger.exception("command %s: sending the reply failed", reply.get("id"))
 
     def _error(self, cid: str | None, exc: CommandError) -> dict[str, Any] | None:
         if cid is None:
@@ -397,5 +442,9 @@ class CommandBus:
             return None
         self.stats.errors += 1
         reply = {"id": cid, "ok": False, "error": {"code": exc.code, "message": exc.message}}
-        self.reply(reply)
+        self._send(reply)
         return reply
+
+
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

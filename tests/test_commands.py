@@ -193,3 +193,32 @@ def test_flood_is_dropped_and_counted_without_blocking(tmp_path: Path) -> None:
     stop.set()
     bus.close(5)
     assert any(r["id"] == "after" and r["ok"] for r in replies)
+
+
+# -- fault 5: an id that was claimed is answered exactly once, whatever happens after the claim -----------------
+
+
+def test_a_result_json_cannot_carry_is_answered_once(bus: Bus) -> None:
+    bus.bus.handlers["ping"] = lambda c: {"score": float("nan")}
+    _error(bus.send('{"id": "nan", "action": "ping"}'), "nan", "failed")
+    again = bus.send('{"id": "nan", "action": "ping"}')  # a retry gets the same answer, not "already running"
+    assert again == bus.replies[0] and len(bus.replies) == 2
+
+
+def test_a_record_that_cannot_be_written_still_answers_once(bus: Bus) -> None:
+    bus.state.close()  # every write now raises sqlite3.ProgrammingError
+    reply = bus.send('{"id": "r", "action": "ping"}')
+    _error(reply, "r", "failed")
+    assert bus.replies == [reply]
+
+
+def test_a_command_interrupted_by_a_crash_is_answered_at_the_next_start(tmp_path: Path) -> None:
+    state = AgentState(tmp_path / "agent.sqlite3")
+    assert state.claim_command("mid") == (True, None)  # claimed, then the process died
+    state.close()
+    bus = Bus(tmp_path)
+    bus.bus.recover()
+    assert len(bus.replies) == 1
+    _error(bus.replies[0], "mid", "interrupted")
+    retry = bus.send('{"id": "mid", "action": "ping"}')
+    assert retry == bus.replies[0] and bus.executed == []
