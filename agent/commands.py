@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
-from agent.config import PolicySettings, TopicName
+from agent.config import Fps, PolicySettings, Threshold, TopicName
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ class PolicyPatch(BaseModel):
 class Configure(Command):
     action: Literal["configure"]
     pipeline: TopicName
-    threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    fps: Annotated[float, Field(gt=0, le=240)] | None = None
+    threshold: Threshold | None = None
+    fps: Fps | None = None
     policy: PolicyPatch | None = None
 
 

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import BadInput
 from agent.profiles import Profile, detect_profile, load_profile
@@ -34,6 +43,12 @@ ENV_OVERRIDES = {
 
 # Topic levels we build from names: no MQTT wildcards, no separators, nothing a shell or a
 # dashboard would trip on.
+MIN_FPS = 0.01
+"""The lowest fps a pipeline runs at (one frame per 100 s): below it 1/fps stops being a usable interval."""
+Threshold = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+"""A score threshold: a JSON/TOML number, never a string that looks like one."""
+Fps = Annotated[StrictFloat, Field(ge=MIN_FPS, le=240)]
+
 _TOPIC_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TopicName = Annotated[str, Field(pattern=_TOPIC_NAME)]
 
@@ -179,9 +194,9 @@ class PipelineSettings(_Strict):
     """Run as this task instead of the manifest's or the recognised one."""
     labels: Path | None = None
     """Labels file overriding the manifest's."""
-    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    threshold: Threshold = 0.5
     """Classes, detections and events scoring below this are not reported."""
-    fps: Annotated[float, Field(gt=0, le=240)] | None = None
+    fps: Fps | None = None
     """Frames per second to process at most; default and ceiling: the profile's `max_fps`."""
     enabled: bool = True
     """Start with the agent (a disabled pipeline can be started by command)."""
@@ -268,7 +283,7 @@ class ProfileOverrides(_Strict):
     """Profile values this device overrides (any `firmware_profiles` field)."""
 
     threads: Annotated[int, Field(ge=1, le=64)] | None = None
-    max_fps: Annotated[float, Field(gt=0, le=240)] | None = None
+    max_fps: Fps | None = None
     camera_width: Annotated[int, Field(ge=16, le=8192)] | None = None
     camera_height: Annotated[int, Field(ge=16, le=8192)] | None = None
     max_model_mb: Annotated[float, Field(gt=0)] | None = None
