@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -269,8 +270,9 @@ def _audio_runner(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _cmd_infer_audio(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.audio.stream import AUDIO_SOURCE_MODULES, detections
-    from agent.sources.base import open_source
+    from agent.audio.stream import AUDIO_SOURCE_MODULES
+    from agent.loop import run_items
+    from agent.sources.base import EndOfStream, open_source
 
     spec, runner = _audio_runner(args)
     model_ref = {"name": spec.name, "version": spec.version}
@@ -287,8 +289,9 @@ def _cmd_infer_audio(args: argparse.Namespace, out: TextIO) -> int:
             print(f"lepton-agent: {exc}", file=sys.stderr)
             continue
         runner.reset()
-        try:
-            for result in detections(runner, source):
+
+        def emit(item: Any, results: list[dict[str, Any]], runner: Any, uri: str = uri) -> None:
+            for result in results:
                 line = {"source": uri, "t": result["t"], "model": model_ref,
                         "latency_ms": runner.latency.as_dict(), **result}
                 if args.format == "jsonl":
@@ -296,6 +299,10 @@ def _cmd_infer_audio(args: argparse.Namespace, out: TextIO) -> int:
                 else:
                     out.write(f"{uri[-32:]:<32} {result['t']:>8.2f}  {result['label']} {result['score']:.3f}\n")
                 out.flush()
+
+        try:
+            with contextlib.suppress(EndOfStream):
+                run_items(source, runner, emit, timeout=0.5)
         finally:
             source.close()
         problem = getattr(source, "problem", None)
@@ -355,6 +362,9 @@ def _cmd_infer(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
+    from agent.loop import run_items
+    from agent.sources.base import EndOfStream
+
     spec, inference = _inference(args)
     if inference.task.item_kind != "image":
         raise BadInput(f"{args.model}: task {inference.task.key!r} does not take images")
@@ -363,17 +373,16 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
     if args.format == "table":
         out.write(f"{'SOURCE':<32} {'FRAME':>5}  {'MS':>7}  RESULT\n")
     for source in sources:
-        for item in _items(source, args.frames):
-            if isinstance(item, BadInput):
-                failed += 1
-                print(f"lepton-agent: {item}", file=sys.stderr)
-                continue
-            try:
-                result = inference.run(item.data)
-            except BadInput as exc:
-                failed += 1
-                print(f"lepton-agent: {item.file or getattr(source, 'name', source.uri)}: {exc}", file=sys.stderr)
-                continue
+        name = getattr(source, "name", source.uri)
+
+        def bad(exc: BadInput, item: Any, name: str = name) -> None:
+            nonlocal failed
+            failed += 1
+            where = "" if item is None else f"{item.file or name}: "  # a read error names its file itself
+            print(f"lepton-agent: {where}{exc}", file=sys.stderr)
+
+        def emit(item: Any, results: list[dict[str, Any]], inference: Any, source: Any = source) -> None:
+            (result,) = results  # an Inference: one result per frame
             line: dict[str, Any] = {"source": source.uri, "frame": item.index}
             if item.file is not None:
                 line["file"] = item.file
@@ -386,6 +395,9 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
                 name = item.file or source.uri
                 out.write(f"{name[-32:]:<32} {item.index:>5}  {total:>7.2f}  {_summary(result)}\n")
             out.flush()
+
+        with contextlib.suppress(EndOfStream):
+            run_items(source, inference, emit, timeout=0.5, limit=args.frames, on_bad=bad)
     return 2 if failed else 0
 
 

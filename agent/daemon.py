@@ -43,10 +43,11 @@ from agent.link.spool import Spool
 from agent.link.topics import Topics
 from agent.manifest import ModelSpec, load_spec
 from agent.monitor import Monitor
-from agent.pipeline import Pipeline, build_runner
+from agent.pipeline import Pipeline
 from agent.policy import snapshot_encoder
 from agent.runtime import Backend, load_backend
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
+from agent.slot import ModelSlot, build_runner
 from agent.sources.base import open_source
 from agent.state import AgentState
 
@@ -103,6 +104,8 @@ class Agent:
         self.started = time.monotonic()
         self.topics = Topics(eff.config.mqtt.prefix, eff.device_id)
         self.pipelines: dict[str, Pipeline] = {}
+        self._slots: dict[str, ModelSlot] = {}
+        """The model slot of each pipeline name: kept when a reload rebuilds the pipeline (agent.slot)."""
         self._lock = threading.Lock()  # pipelines dict: the command worker changes it, status reads it
         backend = eff.config.agent.backend
         self.backend_name: str | None = None if backend == "auto" else backend
@@ -206,15 +209,17 @@ class Agent:
         return {"queued": st.queued, "dropped": st.dropped, "bytes": st.bytes}
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline:
+        slot = self._slots.get(settings.name)
         p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
                      backend=self.backend_name, sink=self._spool_result, stop=self.stop,
-                     ring_size=self.eff.config.telemetry.ring_size)
+                     ring_size=self.eff.config.telemetry.ring_size, slot=slot)
+        self._slots[settings.name] = p.slot
         p.on_state = self._announce
         p.watchdog = self.watchdog
-        if self.store is not None:
-            p.model_source = self._delivered
+        if self.store is not None and slot is None:
+            p.slot.model_source = self._delivered
             with contextlib.suppress(BadInput):  # reported when the loop starts
-                p.spec = p.configured_spec()  # for status, before the model loads
+                p.slot.spec = p.slot.configured_spec()  # for status, before the model loads
         return p
 
     def _delivered(self, configured: ModelSpec) -> ModelSpec | None:
@@ -231,7 +236,7 @@ class Agent:
         """How delivery reaches the live pipelines running model `name` (None: none runs it now)."""
         from agent.delivery.daemon import ModelPipelines
 
-        chosen = [p for p in self._pipeline_list() if p.running and p.spec is not None and p.spec.name == name]
+        chosen = [p.slot for p in self._pipeline_list() if p.running and p.spec is not None and p.spec.name == name]
         return ModelPipelines(chosen).hooks() if chosen else None
 
     def _spool_result(self, pipeline: str, payload: dict[str, Any]) -> None:
@@ -484,6 +489,7 @@ class Agent:
         report: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "unchanged": []}
         for name in before.keys() - after.keys():
             self._retire(name)
+            self._slots.pop(name, None)
             report["removed"].append(name)
         for name, settings in after.items():
             if name in before and before[name] == settings:
