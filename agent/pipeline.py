@@ -341,6 +341,8 @@ class Pipeline:
         if not self._frames:
             return True
         interval = 1.0 / self.max_fps
+        if self._next_due - now > interval:
+            self._next_due = now  # a lower fps set before must not hold back the one set now
         if now < self._next_due - 0.25 * interval:
             stats.skipped += 1
             return False
