@@ -35,7 +35,7 @@ from agent.commands import (
 from agent.config import Effective, PipelineSettings, load, parse_broker_url
 from agent.delivery.service import DeliveryService, PipelineHooks
 from agent.delivery.store import ModelStore
-from agent.errors import BadInput
+from agent.errors import BadInput, LeptonError
 from agent.governor import Governor
 from agent.link.homeassistant import Discovery
 from agent.link.mqtt import Link, read_password, tls_context
@@ -50,6 +50,7 @@ from agent.sdnotify import Notifier, Watchdog, watchdog_interval
 from agent.slot import ModelSlot, build_runner
 from agent.sources.base import open_source
 from agent.state import AgentState
+from agent.supervisor import STOP_WAIT_S
 
 if TYPE_CHECKING:
     from agent.prometheus import PrometheusEndpoint
@@ -431,9 +432,13 @@ class Agent:
     def _cmd_start(self, command: Command) -> dict[str, Any]:
         assert isinstance(command, Start)
         chosen = self._chosen(command.pipeline)
-        for p in chosen:
-            p.start()
-        self._announce()
+        try:
+            for p in chosen:
+                p.start()  # waits for a halted loop that is still ending; LeptonError if it does not end
+        except LeptonError as exc:
+            raise CommandError("busy", str(exc)) from None
+        finally:
+            self._announce()
         return {"pipelines": [p.describe() for p in chosen]}
 
     def _cmd_stop(self, command: Command) -> dict[str, Any]:
@@ -441,9 +446,12 @@ class Agent:
         chosen = self._chosen(command.pipeline)
         for p in chosen:
             p.halt()
-        for p in chosen:
-            p.join(3.0)
+        deadline = time.monotonic() + STOP_WAIT_S
+        stuck = [p.name for p in chosen if not p.join(max(0.0, deadline - time.monotonic()))]
         self._announce()
+        if stuck:
+            raise CommandError("busy", f"pipeline {', '.join(stuck)}: asked to stop, still ending its current item "
+                                       f"after {STOP_WAIT_S:.0f} s (it stops once that ends)")
         return {"pipelines": [p.describe() for p in chosen]}
 
     def _cmd_configure(self, command: Command) -> dict[str, Any]:

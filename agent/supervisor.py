@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agent.config import SupervisorSection
-from agent.errors import BadInput
+from agent.errors import BadInput, LeptonError
 from agent.sdnotify import Heartbeat, Watchdog
 from agent.sources.base import EndOfStream
 
@@ -88,7 +88,12 @@ class Supervisor:
         does not end within `wait_s`. `before` runs just before a fresh thread starts."""
         thread = self._thread
         if thread is not None and thread.is_alive():
-            return
+            if not self.halted.is_set():
+                return
+            thread.join(wait_s)
+            if thread.is_alive():
+                raise LeptonError(f"pipeline {self.name}: still stopping (its current item has not ended); "
+                                  f"start it again once it has stopped")
         if before is not None:
             before()
         self.halted.clear()
