@@ -250,13 +250,13 @@ class Agent:
         self._install_signals()
         assert self.link is not None and self.commands is not None
         logger.info("lepton-agent %s: device %s, profile %s, %d pipelines", __version__, self.eff.device_id,
-                    self.eff.profile.name, len(self.pipelines))
+                    self.eff.profile.name, len(self._pipeline_list()))
         self.link.heartbeat = self.watchdog.register("mqtt")
         self.link.start()
         self.commands.start()
         if self.delivery is not None:
             self.delivery.recover()  # a model left on trial by a stop or crash is not what the pipelines start on
-        for p in self.pipelines.values():
+        for p in self._pipeline_list():  # the command worker runs already: a reload may change them
             if p.settings.enabled:
                 p.start()
         if self.delivery is not None:
@@ -279,9 +279,10 @@ class Agent:
     def status_line(self) -> str:
         """The short state systemctl shows (sd_notify STATUS=)."""
         link = "online" if self.link is not None and self.link.connected.is_set() else "offline"
-        running = sum(1 for p in self.pipelines.values() if p.stats.state == "running")
+        pipelines = self._pipeline_list()  # under the lock: `reload` changes them in the command worker
+        running = sum(1 for p in pipelines if p.stats.state == "running")
         queued = self.spool.stats().queued if self.spool is not None else 0
-        return f"{link}; {running}/{len(self.pipelines)} pipelines running; {queued} results queued"
+        return f"{link}; {running}/{len(pipelines)} pipelines running; {queued} results queued"
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -299,9 +300,11 @@ class Agent:
         deadline = time.monotonic() + SHUTDOWN_S
         self.stop.set()
         self.notifier.stopping()
-        for p in self.pipelines.values():
+        # A copy taken under the lock; a pipeline a reload adds after it ends at once (`stop` is set).
+        pipelines = self._pipeline_list()
+        for p in pipelines:
             p.halt()
-        for p in self.pipelines.values():
+        for p in pipelines:
             if not p.join(max(0.0, min(2.0, deadline - time.monotonic() - 1.5))):
                 logger.warning("pipeline %s did not stop in time", p.name)
         if self.commands is not None:

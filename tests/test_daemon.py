@@ -277,3 +277,42 @@ def test_configuration_problems_are_not_retried(tmp_path: Path, fixtures: Path, 
     assert pipeline.stats.state == "failed" and pipeline.stats.restarts == 0
     with pytest.raises(BadInput):
         raise BadInput(pipeline.stats.last_error or "")
+
+
+class _LockChecked(dict[str, Pipeline]):
+    """The daemon's pipelines, counting every walk over them made without the daemon's lock."""
+
+    def __init__(self, lock: Any, items: dict[str, Pipeline]) -> None:
+        super().__init__(items)
+        self.lock = lock
+        self.unlocked: list[str] = []
+
+    def _check(self, how: str) -> None:
+        if not self.lock.locked():
+            self.unlocked.append(how)
+
+    def values(self) -> Any:
+        self._check("values")
+        return super().values()
+
+    def items(self) -> Any:
+        self._check("items")
+        return super().items()
+
+    def __iter__(self) -> Any:
+        self._check("iter")
+        return super().__iter__()
+
+
+def test_status_line_and_shutdown_walk_the_pipelines_under_the_lock(tmp_path: Path, fixtures: Path) -> None:
+    # Fault 9: `reload` changes the pipelines in the command worker while these walk them.
+    from agent.config import load
+    from agent.daemon import Agent
+
+    agent = Agent(load(str(write_config(tmp_path, 1, fixtures))))
+    agent.pipelines[agent.eff.config.pipelines[0].name] = agent._pipeline(agent.eff.config.pipelines[0])
+    checked = _LockChecked(agent._lock, agent.pipelines)
+    agent.pipelines = checked
+    assert "0/1 pipelines running" in agent.status_line()
+    agent.shutdown()
+    assert checked.unlocked == []
