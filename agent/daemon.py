@@ -484,17 +484,33 @@ class Agent:
         if self.link is not None:
             self.link.announce()
 
+    APPLIED_ON_RELOAD = ("pipelines", "supervisor", "trusted_keys")
+    """Config sections a reload applies; a change anywhere else is reported in `restart_needed`."""
+
     def reload(self) -> dict[str, Any]:
-        """Read the config file again; pipelines that changed are restarted, new ones started,
-        removed ones stopped. Link and agent settings need a restart (reported, not applied)."""
+        """Read the config file again and apply what can change while running: pipelines that changed are
+        restarted (on the same model slot), new ones started, removed ones stopped; `[supervisor]` applies
+        to every pipeline; `[trusted_keys]` (re-read, key files too) to the next manifest checked. Every
+        other section that changed is listed in `restart_needed`, never silently ignored."""
         try:
             fresh = load(self.eff.path)
             check_pipelines(fresh)
+            keys = self._trusted_keys(fresh)
         except BadInput as exc:
             raise CommandError("bad_config", str(exc)) from None
         old, new = self.eff.config, fresh.config
-        restart_needed = [k for k in ("agent", "mqtt", "spool", "profile", "telemetry", "governor", "homeassistant",
-                                      "prometheus") if getattr(old, k) != getattr(new, k)]
+        restart_needed = [k for k in type(new).model_fields
+                          if k not in self.APPLIED_ON_RELOAD and getattr(old, k) != getattr(new, k)]
+        applied: list[str] = []
+        if new.supervisor != old.supervisor:
+            applied.append("supervisor")
+        if keys is not None and self.delivery is not None and set(keys.keys) != set(self.delivery.trusted.keys):
+            # One assignment each: a manifest being checked now uses the old keys or the new, never a mix.
+            self.delivery.trusted = self.delivery.downloader.trusted = keys
+            applied.append("trusted_keys")
+            logger.info("reload: trusted keys are now %s", ", ".join(sorted(keys.keys)) or "none")
+        self.eff = self.eff.model_copy(update={"config": old.model_copy(update={
+            "pipelines": new.pipelines, "supervisor": new.supervisor, "trusted_keys": new.trusted_keys})})
         before = {p.name: p for p in old.pipelines}
         after = {p.name: p for p in new.pipelines}
         report: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "unchanged": []}
@@ -505,6 +521,10 @@ class Agent:
         for name, settings in after.items():
             if name in before and before[name] == settings:
                 report["unchanged"].append(name)
+                with self._lock:
+                    kept = self.pipelines.get(name)
+                if kept is not None:
+                    kept.supervisor.budget.settings = new.supervisor  # read at its next failure
                 continue
             if name in before:
                 self._retire(name)
@@ -516,16 +536,23 @@ class Agent:
                 self.pipelines[name] = p
             if settings.enabled:
                 p.start()
-        self.eff = self.eff.model_copy(update={"config": old.model_copy(update={"pipelines": new.pipelines})})
         self._announce()
-        return {**{k: sorted(v) for k, v in report.items()}, "restart_needed": restart_needed}
+        return {**{k: sorted(v) for k, v in report.items()}, "applied": applied, "restart_needed": restart_needed}
+
+    def _trusted_keys(self, eff: Effective) -> Any:
+        """The keys `eff` trusts (BadInput names a bad entry); None when delivery is off."""
+        from agent.delivery.daemon import trusted_keys
+
+        return trusted_keys(eff) if eff.config.delivery.enabled else None
 
     def _retire(self, name: str) -> None:
         with self._lock:
             p = self.pipelines.pop(name, None)
         if p is not None:
             p.halt()
-            p.join(3.0)
+            if not p.join(STOP_WAIT_S):
+                # Its replacement starts anyway (on the same slot); this one ends once its item does.
+                logger.warning("reload: pipeline %s is still ending its current item", name)
 
 
 def run(config: str | None) -> int:
