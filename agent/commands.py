@@ -296,7 +296,40 @@ class CommandStats:
         return dict(self.__dict__)
 
 
-Handler = Callable[[Command], dict[str, Any]]
+class Later:
+    """A handler's answer that another thread gives later (`done` or `fail`), so that a long command
+    (bench) does not hold the single command worker. The reply still goes out once, when it comes; a
+    process that dies first leaves the id to be answered `interrupted` at the next start."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reply: tuple[dict[str, Any] | None, CommandError | None] | None = None
+        self._then: Callable[[dict[str, Any] | None, CommandError | None], object] | None = None
+        self.finished = threading.Event()
+
+    def done(self, result: dict[str, Any]) -> None:
+        self._settle(result, None)
+
+    def fail(self, error: CommandError) -> None:
+        self._settle(None, error)
+
+    def _settle(self, result: dict[str, Any] | None, error: CommandError | None) -> None:
+        with self._lock:
+            if self._reply is not None:
+                return
+            self._reply, then = (result, error), self._then
+        if then is not None:
+            then(result, error)
+        self.finished.set()
+
+    def then(self, callback: Callable[[dict[str, Any] | None, CommandError | None], object]) -> None:
+        with self._lock:
+            self._then, reply = callback, self._reply
+        if reply is not None:
+            callback(*reply)
+
+
+Handler = Callable[[Command], "dict[str, Any] | Later"]
 
 
 class CommandRecord(Protocol):
@@ -388,18 +421,35 @@ class CommandBus:
         # From here on the id is claimed: whatever fails, exactly one reply goes out and is kept for retries.
         try:
             result = self.handlers[command.action](command)
+        except CommandError as exc:
+            return self._finish(command, None, exc)
+        except Exception as exc:
+            logger.exception("command %s (%s) failed", command.id, command.action)
+            return self._finish(command, None, CommandError("failed", _brief(exc)))
+        if isinstance(result, Later):
+            result.then(lambda r, e: self._finish(command, r, e))  # answered from the thread that settles it
+            return None
+        return self._finish(command, result, None)
+
+    def _finish(self, command: Command, result: dict[str, Any] | None,
+                error: CommandError | None) -> dict[str, Any]:
+        """The one reply to a claimed id: recorded (or kept), then sent."""
+        reply: dict[str, Any]
+        try:
+            if error is not None:
+                raise error
             reply = {"id": command.id, "ok": True, "result": result}
             text = json.dumps(reply, allow_nan=False)
             self.stats.executed += 1
         except CommandError as exc:
             reply = {"id": command.id, "ok": False, "error": {"code": exc.code, "message": exc.message}}
-            self.stats.errors += 1
-        except Exception as exc:
-            logger.exception("command %s (%s) failed", command.id, command.action)
-            reply = {"id": command.id, "ok": False, "error": {"code": "failed", "message": _brief(exc)}}
-            self.stats.errors += 1
-        if reply["ok"] is False:
             text = json.dumps(reply)
+            self.stats.errors += 1
+        except Exception as exc:  # a result JSON cannot carry (NaN, an object)
+            logger.error("command %s (%s): the result cannot be sent: %s", command.id, command.action, exc)
+            reply = {"id": command.id, "ok": False, "error": {"code": "failed", "message": _brief(exc)}}
+            text = json.dumps(reply)
+            self.stats.errors += 1
         self._keep(command.id, text)
         self._send(reply)
         return reply

@@ -28,6 +28,7 @@ from agent.commands import (
     Configure,
     Deploy,
     Handler,
+    Later,
     Rollback,
     Start,
     Stop,
@@ -47,7 +48,7 @@ from agent.pipeline import Pipeline
 from agent.policy import snapshot_encoder
 from agent.runtime import Backend, load_backend
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
-from agent.slot import ModelSlot, build_runner
+from agent.slot import ModelSlot
 from agent.sources.base import open_source
 from agent.state import AgentState
 from agent.supervisor import STOP_WAIT_S
@@ -106,6 +107,7 @@ class Agent:
         self.topics = Topics(eff.config.mqtt.prefix, eff.device_id)
         self.pipelines: dict[str, Pipeline] = {}
         self._slots: dict[str, ModelSlot] = {}
+        self._bench_gate = threading.Lock()  # one bench at a time: each takes the cores the pipelines use
         """The model slot of each pipeline name: kept when a reload rebuilds the pipeline (agent.slot)."""
         self._lock = threading.Lock()  # pipelines dict: the command worker changes it, status reads it
         backend = eff.config.agent.backend
@@ -465,20 +467,43 @@ class Agent:
         self._announce()
         return {"pipeline": p.describe(), "policy": settings.policy.model_dump(mode="json")}
 
-    def _cmd_bench(self, command: Command) -> dict[str, Any]:
+    def _cmd_bench(self, command: Command) -> Later:
+        """Bench the model the pipeline runs now (its slot's, variant included), with the profile's
+        threads, in a thread of its own: the command worker goes on; one bench at a time."""
         assert isinstance(command, Bench)
-        from agent.bench import bench
-        from agent.runtime import Model
-        from agent.tasks import Inference
-
         (p,) = self._chosen(command.pipeline)
-        spec = load_spec(p.settings.model, p.settings.labels)
-        # A second interpreter: the pipeline's own is busy in its thread.
-        model = Model(spec.path, backend=self.backend_name, threads=self.eff.profile.threads)
-        runner = build_runner(model, spec, p.settings.task)
-        if not isinstance(runner, Inference):
-            raise CommandError("unsupported", f"pipeline {p.name}: bench runs per-item models only")
-        return bench(runner, [], runs=command.runs, warmup=min(10, command.runs))
+        slot = p.slot
+        try:
+            spec = slot.spec or slot.configured_spec()
+        except BadInput as exc:
+            raise CommandError("bad_config", f"pipeline {p.name}: {exc}") from None
+        if not self._bench_gate.acquire(blocking=False):
+            raise CommandError("busy", "a bench is running (one at a time); send this again once it has answered")
+        later = Later()
+        model_ref = {"name": spec.name, "version": spec.version, **({"variant": slot.variant} if slot.variant else {})}
+
+        def work() -> None:
+            from agent.bench import bench
+            from agent.tasks import Inference
+
+            try:
+                # A second interpreter of the same file: the pipeline's own belongs to its thread.
+                _, runner = slot.prepare(spec)
+                if not isinstance(runner, Inference):
+                    later.fail(CommandError("unsupported", f"pipeline {p.name}: bench runs per-item models only"))
+                    return
+                result = bench(runner, [], runs=command.runs, warmup=min(10, command.runs))
+                later.done({**result, "pipeline": p.name, "running": model_ref})
+            except BadInput as exc:
+                later.fail(CommandError("failed", f"pipeline {p.name}: {exc}"))
+            except Exception as exc:
+                logger.exception("bench of pipeline %s failed", p.name)
+                later.fail(CommandError("failed", f"{type(exc).__name__}: {str(exc)[:200]}"))
+            finally:
+                self._bench_gate.release()
+
+        threading.Thread(target=work, name=f"bench-{p.name}", daemon=True).start()
+        return later
 
     def _announce(self) -> None:
         if self.link is not None:
