@@ -226,3 +226,19 @@ def test_a_command_interrupted_by_a_crash_is_answered_at_the_next_start(tmp_path
     _error(bus.replies[0], "mid", "interrupted")
     retry = bus.send('{"id": "mid", "action": "ping"}')
     assert retry == bus.replies[0] and bus.executed == []
+
+
+def test_an_answer_given_later_leaves_the_worker_free_and_is_sent_once(bus: Bus) -> None:
+    from agent.commands import Later
+
+    pending = Later()
+    bus.bus.handlers["bench"] = lambda c: pending
+    assert bus.send('{"id": "slow", "action": "bench", "pipeline": "p"}') is None  # not answered yet
+    assert bus.send('{"id": "next", "action": "ping"}') is not None  # the worker went on
+    assert bus.send('{"id": "slow", "action": "bench", "pipeline": "p"}') is None  # a retry: still running
+    pending.done({"score": float("nan")})  # even a result JSON cannot carry is answered, once
+    pending.done({"items": 1})
+    slow = [r for r in bus.replies if r["id"] == "slow"]
+    assert len(slow) == 1
+    _error(slow[0], "slow", "failed")
+    assert bus.send('{"id": "slow", "action": "bench", "pipeline": "p"}') == slow[0]
