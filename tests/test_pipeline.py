@@ -104,3 +104,49 @@ def test_start_while_the_halted_loop_is_still_alive_is_not_a_silent_no_op(fixtur
     assert running.wait(30) and pipeline.running
     pipeline.halt()
     assert pipeline.join(10) and pipeline.stats.state == "stopped"
+
+
+def test_an_undo_made_before_a_reload_changed_the_model_settings_reloads_the_previous_model(fixtures: Path) -> None:
+    # The old runner was built for the old settings: putting it back would run them again.
+    from agent.manifest import load_spec
+    from agent.slot import ModelSlot
+
+    settings = PipelineSettings(name="p", source="test:colors", model=fixtures / "colors_int8.json")
+    slot = ModelSlot(settings, profile=load_profile("generic-x86_64"), backend=None)
+    first = slot.load()
+    trial = load_spec(fixtures / "colors_int8.json").model_copy(update={"version": 2})
+    model, runner = slot.prepare(trial)
+    undo = slot.swap(trial, runner, model)
+    assert slot.take() is not None and slot.spec is not None and slot.spec.version == 2
+    slot.configure(settings.model_copy(update={"task": "classify"}))  # a reload with another task
+    undo()
+    back = slot.take()
+    assert back is not None and back[0].version == 1 and back[2] is not first
+    assert slot.spec is not None and slot.spec.version == 1
+
+
+def test_stop_says_so_when_the_loop_has_not_ended(tmp_path: Path, fixtures: Path, gated: type[_Gated]) -> None:
+    # Fault 6, the command side: `stop` ignored the join result and replied ok with the loop still alive.
+    from test_daemon import write_config
+
+    from agent.commands import CommandError, Start, Stop
+    from agent.config import load
+    from agent.daemon import Agent
+
+    agent = Agent(load(str(write_config(tmp_path, 1, fixtures))))
+    p = agent._pipeline(PipelineSettings(name="cam", source="gated:", model=fixtures / "colors_int8.json"))
+    agent.pipelines["cam"] = p
+    running = threading.Event()
+    p.on_state = lambda: running.set() if p.stats.state == "running" else None
+    p.start()
+    assert running.wait(30)
+    with pytest.raises(CommandError) as stuck:
+        agent._cmd_stop(Stop(id="s", action="stop", pipeline="cam"))
+    assert stuck.value.code == "busy" and "still ending" in stuck.value.message
+    gated.gate.set()
+    assert p.join(10)
+    running.clear()
+    agent._cmd_start(Start(id="t", action="start", pipeline="cam"))
+    assert running.wait(30) and p.running
+    agent._cmd_stop(Stop(id="u", action="stop", pipeline="cam"))
+    assert not p.running and p.stats.state == "stopped"
