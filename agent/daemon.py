@@ -20,38 +20,27 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.actions import Actions
 from agent.commands import (
-    Bench,
-    Command,
     CommandBus,
-    CommandError,
-    Configure,
-    Deploy,
     Handler,
-    Later,
-    Rollback,
-    Start,
-    Stop,
 )
 from agent.config import Effective, PipelineSettings, load, parse_broker_url
 from agent.delivery.service import DeliveryService, PipelineHooks
 from agent.delivery.store import ModelStore
-from agent.errors import BadInput, LeptonError
+from agent.errors import BadInput
 from agent.governor import Governor
 from agent.link.homeassistant import Discovery
 from agent.link.mqtt import Link, read_password, tls_context
 from agent.link.spool import Spool
 from agent.link.topics import Topics
-from agent.manifest import ModelSpec, load_spec
+from agent.manifest import ModelSpec
 from agent.monitor import Monitor
-from agent.pipeline import Pipeline
-from agent.policy import snapshot_encoder
+from agent.pipeline import Pipeline, check_pipelines
 from agent.runtime import Backend, load_backend
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
 from agent.slot import ModelSlot
-from agent.sources.base import open_source
 from agent.state import AgentState
-from agent.supervisor import STOP_WAIT_S
 
 if TYPE_CHECKING:
     from agent.prometheus import PrometheusEndpoint
@@ -63,19 +52,6 @@ STATUS_EVERY_S = 5.0
 
 SHUTDOWN_S = 4.5
 """Everything is stopped, said and flushed within this after SIGTERM (systemd waits longer)."""
-
-
-def check_pipelines(eff: Effective) -> None:
-    """Each pipeline's model, labels, source kind and snapshot support, without loading a model."""
-    where = f"{eff.path}: " if eff.path else ""
-    for i, p in enumerate(eff.config.pipelines):
-        try:
-            load_spec(p.model, p.labels)
-            open_source(p.source, dict(p.source_options))
-            if p.policy.snapshot.enabled:
-                snapshot_encoder()
-        except BadInput as exc:
-            raise BadInput(f"{where}pipelines[{i}] ({p.name}): {exc}") from None
 
 
 def check_link(eff: Effective) -> str | None:
@@ -107,7 +83,6 @@ class Agent:
         self.topics = Topics(eff.config.mqtt.prefix, eff.device_id)
         self.pipelines: dict[str, Pipeline] = {}
         self._slots: dict[str, ModelSlot] = {}
-        self._bench_gate = threading.Lock()  # one bench at a time: each takes the cores the pipelines use
         """The model slot of each pipeline name: kept when a reload rebuilds the pipeline (agent.slot)."""
         self._lock = threading.Lock()  # pipelines dict: the command worker changes it, status reads it
         backend = eff.config.agent.backend
@@ -116,6 +91,7 @@ class Agent:
         self.state: AgentState | None = None
         self.link: Link | None = None
         self.commands: CommandBus | None = None
+        self.actions = Actions(self)
         self.backend: Backend | None = None
         self.store: ModelStore | None = None
         self.delivery: DeliveryService | None = None
@@ -370,214 +346,12 @@ class Agent:
         if self.link is not None:
             self.link.send(self.topics.reply, reply)
 
-    # -- command handlers (run in the command worker) ------------------------------------------
-
     def _handlers(self) -> dict[str, Handler]:
-        return {
-            "ping": lambda c: {"pong": True, "agent": __version__,
-                               "uptime_s": round(time.monotonic() - self.started, 1)},
-            "status": lambda c: self.status_snapshot(),
-            "start": self._cmd_start,
-            "stop": self._cmd_stop,
-            "configure": self._cmd_configure,
-            "reload": lambda c: self.reload(),
-            "bench": self._cmd_bench,
-            "deploy": self._cmd_delivery,
-            "rollback": self._cmd_delivery,
-            "models": self._cmd_delivery,
-        }
-
-    def _cmd_delivery(self, command: Command) -> dict[str, Any]:
-        """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""
-        from agent.delivery.daemon import rollback_to_configured, shadow_request
-        from agent.delivery.reasons import DeliveryError, Reason
-
-        if self.delivery is None:
-            raise CommandError("unsupported", "model delivery is off in this agent's config (delivery.enabled)")
-        if isinstance(command, Rollback):
-            busy = self.delivery.store.pending().get(command.model)
-            if busy is not None:
-                # The deployment owns the pipelines and the store's record until it ends; a rollback now would
-                # be undone by its commit or its own undo. It rolls back by itself if it fails its probation.
-                raise CommandError("failed", f"{command.model}@{busy.get('version')} is being deployed; roll back "
-                                             f"once its deployment has ended (it rolls back by itself if it fails)")
-        args = command.model_dump(exclude={"shadow"})
-        if isinstance(command, Deploy) and command.shadow is not None:
-            args["shadow"] = shadow_request(self.eff.config.delivery.shadow,
-                                            command.shadow.model_dump(exclude_none=True))
-        try:
-            try:
-                result = self.delivery.handle(command.action, args)
-            except DeliveryError as exc:
-                # The store keeps nothing older: the config's own model is the first known good.
-                if not (isinstance(command, Rollback) and exc.reason is Reason.NOT_KEPT):
-                    raise
-                restored = rollback_to_configured(self.delivery, self._pipeline_list(), command.model,
-                                                  command.version, command.id)
-                if restored is None:
-                    raise
-                result = restored
-        except BadInput as exc:
-            raise CommandError("bad_request", str(exc)) from None
-        except DeliveryError as exc:
-            raise CommandError("not_found" if exc.reason is Reason.NOT_KEPT else "failed", str(exc)) from None
-        if command.action == "rollback":
-            self._announce()
-        return result
-
-    def _chosen(self, name: str | None) -> list[Pipeline]:
-        with self._lock:
-            if name is None:
-                return list(self.pipelines.values())
-            if name not in self.pipelines:
-                raise CommandError("not_found", f"pipeline {name!r}: no such pipeline "
-                                                f"(have: {', '.join(self.pipelines) or 'none'})")
-            return [self.pipelines[name]]
-
-    def _cmd_start(self, command: Command) -> dict[str, Any]:
-        assert isinstance(command, Start)
-        chosen = self._chosen(command.pipeline)
-        try:
-            for p in chosen:
-                p.start()  # waits for a halted loop that is still ending; LeptonError if it does not end
-        except LeptonError as exc:
-            raise CommandError("busy", str(exc)) from None
-        finally:
-            self._announce()
-        return {"pipelines": [p.describe() for p in chosen]}
-
-    def _cmd_stop(self, command: Command) -> dict[str, Any]:
-        assert isinstance(command, Stop)
-        chosen = self._chosen(command.pipeline)
-        for p in chosen:
-            p.halt()
-        deadline = time.monotonic() + STOP_WAIT_S
-        stuck = [p.name for p in chosen if not p.join(max(0.0, deadline - time.monotonic()))]
-        self._announce()
-        if stuck:
-            raise CommandError("busy", f"pipeline {', '.join(stuck)}: asked to stop, still ending its current item "
-                                       f"after {STOP_WAIT_S:.0f} s (it stops once that ends)")
-        return {"pipelines": [p.describe() for p in chosen]}
-
-    def _cmd_configure(self, command: Command) -> dict[str, Any]:
-        assert isinstance(command, Configure)
-        (p,) = self._chosen(command.pipeline)
-        policy = command.policy.apply(p.settings.policy) if command.policy is not None else None
-        settings = p.reconfigure(threshold=command.threshold, fps=command.fps, policy=policy)
-        self._announce()
-        return {"pipeline": p.describe(), "policy": settings.policy.model_dump(mode="json")}
-
-    def _cmd_bench(self, command: Command) -> Later:
-        """Bench the model the pipeline runs now (its slot's, variant included), with the profile's
-        threads, in a thread of its own: the command worker goes on; one bench at a time."""
-        assert isinstance(command, Bench)
-        (p,) = self._chosen(command.pipeline)
-        slot = p.slot
-        try:
-            spec = slot.spec or slot.configured_spec()
-        except BadInput as exc:
-            raise CommandError("bad_config", f"pipeline {p.name}: {exc}") from None
-        if not self._bench_gate.acquire(blocking=False):
-            raise CommandError("busy", "a bench is running (one at a time); send this again once it has answered")
-        later = Later()
-        model_ref = {"name": spec.name, "version": spec.version, **({"variant": slot.variant} if slot.variant else {})}
-
-        def work() -> None:
-            from agent.bench import bench
-            from agent.tasks import Inference
-
-            try:
-                # A second interpreter of the same file: the pipeline's own belongs to its thread.
-                _, runner = slot.prepare(spec)
-                if not isinstance(runner, Inference):
-                    later.fail(CommandError("unsupported", f"pipeline {p.name}: bench runs per-item models only"))
-                    return
-                result = bench(runner, [], runs=command.runs, warmup=min(10, command.runs))
-                later.done({**result, "pipeline": p.name, "running": model_ref})
-            except BadInput as exc:
-                later.fail(CommandError("failed", f"pipeline {p.name}: {exc}"))
-            except Exception as exc:
-                logger.exception("bench of pipeline %s failed", p.name)
-                later.fail(CommandError("failed", f"{type(exc).__name__}: {str(exc)[:200]}"))
-            finally:
-                self._bench_gate.release()
-
-        threading.Thread(target=work, name=f"bench-{p.name}", daemon=True).start()
-        return later
+        return self.actions.handlers()
 
     def _announce(self) -> None:
         if self.link is not None:
             self.link.announce()
-
-    APPLIED_ON_RELOAD = ("pipelines", "supervisor", "trusted_keys")
-    """Config sections a reload applies; a change anywhere else is reported in `restart_needed`."""
-
-    def reload(self) -> dict[str, Any]:
-        """Read the config file again and apply what can change while running: pipelines that changed are
-        restarted (on the same model slot), new ones started, removed ones stopped; `[supervisor]` applies
-        to every pipeline; `[trusted_keys]` (re-read, key files too) to the next manifest checked. Every
-        other section that changed is listed in `restart_needed`, never silently ignored."""
-        try:
-            fresh = load(self.eff.path)
-            check_pipelines(fresh)
-            keys = self._trusted_keys(fresh)
-        except BadInput as exc:
-            raise CommandError("bad_config", str(exc)) from None
-        old, new = self.eff.config, fresh.config
-        restart_needed = [k for k in type(new).model_fields
-                          if k not in self.APPLIED_ON_RELOAD and getattr(old, k) != getattr(new, k)]
-        applied: list[str] = []
-        if new.supervisor != old.supervisor:
-            applied.append("supervisor")
-        if keys is not None and self.delivery is not None and set(keys.keys) != set(self.delivery.trusted.keys):
-            # One assignment each: a manifest being checked now uses the old keys or the new, never a mix.
-            self.delivery.trusted = self.delivery.downloader.trusted = keys
-            applied.append("trusted_keys")
-            logger.info("reload: trusted keys are now %s", ", ".join(sorted(keys.keys)) or "none")
-        self.eff = self.eff.model_copy(update={"config": old.model_copy(update={
-            "pipelines": new.pipelines, "supervisor": new.supervisor, "trusted_keys": new.trusted_keys})})
-        before = {p.name: p for p in old.pipelines}
-        after = {p.name: p for p in new.pipelines}
-        report: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "unchanged": []}
-        for name in before.keys() - after.keys():
-            self._retire(name)
-            self._slots.pop(name, None)
-            report["removed"].append(name)
-        for name, settings in after.items():
-            if name in before and before[name] == settings:
-                report["unchanged"].append(name)
-                with self._lock:
-                    kept = self.pipelines.get(name)
-                if kept is not None:
-                    kept.supervisor.budget.settings = new.supervisor  # read at its next failure
-                continue
-            if name in before:
-                self._retire(name)
-                report["restarted"].append(name)
-            else:
-                report["added"].append(name)
-            p = self._pipeline(settings)
-            with self._lock:
-                self.pipelines[name] = p
-            if settings.enabled:
-                p.start()
-        self._announce()
-        return {**{k: sorted(v) for k, v in report.items()}, "applied": applied, "restart_needed": restart_needed}
-
-    def _trusted_keys(self, eff: Effective) -> Any:
-        """The keys `eff` trusts (BadInput names a bad entry); None when delivery is off."""
-        from agent.delivery.daemon import trusted_keys
-
-        return trusted_keys(eff) if eff.config.delivery.enabled else None
-
-    def _retire(self, name: str) -> None:
-        with self._lock:
-            p = self.pipelines.pop(name, None)
-        if p is not None:
-            p.halt()
-            if not p.join(STOP_WAIT_S):
-                # Its replacement starts anyway (on the same slot); this one ends once its item does.
-                logger.warning("reload: pipeline %s is still ending its current item", name)
 
 
 def run(config: str | None) -> int:

@@ -29,12 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import PipelineSettings, SupervisorSection
+from agent.config import Effective, PipelineSettings, SupervisorSection
 from agent.errors import BadInput
 from agent.link.topics import SCHEMA_VERSION
 from agent.loop import READ_TIMEOUT_S, run_items
-from agent.manifest import ModelSpec
-from agent.policy import PolicyStats, ResultPolicy
+from agent.manifest import ModelSpec, load_spec
+from agent.policy import PolicyStats, ResultPolicy, snapshot_encoder
 from agent.profiles import Profile
 from agent.runtime import Model
 from agent.sdnotify import Watchdog
@@ -53,7 +53,7 @@ Sink = Callable[[str, dict[str, Any]], None]
 """(pipeline name, result payload) → spooled for publishing."""
 
 __all__ = ["READ_TIMEOUT_S", "ItemObserver", "LoopHealth", "ModelSlot", "Pipeline", "PipelineStats", "Sink",
-           "build_runner"]
+           "build_runner", "check_pipelines"]
 
 
 @dataclass
@@ -89,6 +89,19 @@ class PipelineStats:
         d["fps"] = round(self.fps, 2)
         d["policy"] = dict(self.policy.__dict__)
         return d
+
+
+def check_pipelines(eff: Effective) -> None:
+    """Each pipeline's model, labels, source kind and snapshot support, without loading a model."""
+    where = f"{eff.path}: " if eff.path else ""
+    for i, p in enumerate(eff.config.pipelines):
+        try:
+            load_spec(p.model, p.labels)
+            open_source(p.source, dict(p.source_options))
+            if p.policy.snapshot.enabled:
+                snapshot_encoder()
+        except BadInput as exc:
+            raise BadInput(f"{where}pipelines[{i}] ({p.name}): {exc}") from None
 
 
 class Pipeline:

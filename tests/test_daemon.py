@@ -341,13 +341,13 @@ def test_bench_runs_the_running_model_off_the_command_worker_one_at_a_time(tmp_p
         assert seen.more(1)
         p.slot.use_variant(variant)  # what the governor does under pressure
         assert seen.more(2) and p.variant == variant.file
-        later = agent._cmd_bench(Bench(id="b1", action="bench", pipeline="cam", runs=300))
+        later = agent.actions.bench(Bench(id="b1", action="bench", pipeline="cam", runs=300))
         assert isinstance(later, Later)  # answered from its own thread, not the command worker's
         got: list[Any] = []
         later.then(lambda result, error: got.append((result, error)))
         if not later.finished.is_set():
             with pytest.raises(CommandError) as busy:
-                agent._cmd_bench(Bench(id="b2", action="bench", pipeline="cam", runs=5))
+                agent.actions.bench(Bench(id="b2", action="bench", pipeline="cam", runs=5))
             assert busy.value.code == "busy"
         assert later.finished.wait(120)
         result, error = got[0]

@@ -141,12 +141,12 @@ def test_stop_says_so_when_the_loop_has_not_ended(tmp_path: Path, fixtures: Path
     p.start()
     assert running.wait(30)
     with pytest.raises(CommandError) as stuck:
-        agent._cmd_stop(Stop(id="s", action="stop", pipeline="cam"))
+        agent.actions.stop(Stop(id="s", action="stop", pipeline="cam"))
     assert stuck.value.code == "busy" and "still ending" in stuck.value.message
     gated.gate.set()
     assert p.join(10)
     running.clear()
-    agent._cmd_start(Start(id="t", action="start", pipeline="cam"))
+    agent.actions.start(Start(id="t", action="start", pipeline="cam"))
     assert running.wait(30) and p.running
-    agent._cmd_stop(Stop(id="u", action="stop", pipeline="cam"))
+    agent.actions.stop(Stop(id="u", action="stop", pipeline="cam"))
     assert not p.running and p.stats.state == "stopped"
