@@ -244,7 +244,7 @@ class GovernorSection(_Strict):
     """How often temperature and the agent's CPU share are read and a step is considered."""
     fps_step: Annotated[float, Field(gt=0.05, lt=1.0)] = 0.7
     """Each step down multiplies a vision pipeline's fps by this."""
-    min_fps: Annotated[float, Field(gt=0, le=240)] = 0.5
+    min_fps: Fps = 0.5
     """Steps never take a pipeline below this fps."""
     max_level: Annotated[int, Field(ge=1, le=20)] = 6
     """Steps down at most (level 0: full speed)."""
