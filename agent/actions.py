@@ -12,19 +12,37 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from agent import __version__
 from agent.commands import Bench, Command, CommandError, Configure, Deploy, Handler, Later, Rollback, Start, Stop
-from agent.config import Effective, load
+from agent.config import Effective, PipelineSettings, load
+from agent.delivery.service import DeliveryService
 from agent.errors import BadInput, LeptonError
 from agent.pipeline import Pipeline, check_pipelines
+from agent.slot import ModelSlot
 from agent.supervisor import STOP_WAIT_S
 
-if TYPE_CHECKING:
-    from agent.daemon import Agent
-
 logger = logging.getLogger(__name__)
+
+
+class Host(Protocol):
+    """What the handlers use of the daemon (`agent.daemon.Agent`), which owns all of it."""
+
+    eff: Effective
+    started: float
+    pipelines: dict[str, Pipeline]
+    _lock: threading.Lock
+    _slots: dict[str, ModelSlot]
+    delivery: DeliveryService | None
+
+    def _pipeline(self, settings: PipelineSettings) -> Pipeline: ...
+
+    def _pipeline_list(self) -> list[Pipeline]: ...
+
+    def status_snapshot(self) -> dict[str, Any]: ...
+
+    def _announce(self) -> None: ...
 
 
 class Actions:
@@ -33,7 +51,7 @@ class Actions:
     APPLIED_ON_RELOAD = ("pipelines", "supervisor", "trusted_keys")
     """Config sections a reload applies; a change anywhere else is reported in `restart_needed`."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Host) -> None:
         self.agent = agent
         self._bench_gate = threading.Lock()  # one bench at a time: each takes the cores the pipelines use
 

@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import Effective, PipelineSettings, SupervisorSection
@@ -34,13 +33,13 @@ from agent.errors import BadInput
 from agent.link.topics import SCHEMA_VERSION
 from agent.loop import READ_TIMEOUT_S, run_items
 from agent.manifest import ModelSpec, load_spec
-from agent.policy import PolicyStats, ResultPolicy, snapshot_encoder
+from agent.policy import ResultPolicy, snapshot_encoder
 from agent.profiles import Profile
 from agent.runtime import Model
 from agent.sdnotify import Watchdog
 from agent.slot import ItemObserver, LoopHealth, ModelSlot, build_runner
 from agent.sources.base import Item, Source, open_source
-from agent.supervisor import STOP_WAIT_S, Supervisor
+from agent.supervisor import STOP_WAIT_S, PipelineStats, Supervisor
 from agent.tasks.base import Runner
 from agent.telemetry import StageRings
 
@@ -54,41 +53,6 @@ Sink = Callable[[str, dict[str, Any]], None]
 
 __all__ = ["READ_TIMEOUT_S", "ItemObserver", "LoopHealth", "ModelSlot", "Pipeline", "PipelineStats", "Sink",
            "build_runner", "check_pipelines"]
-
-
-@dataclass
-class PipelineStats:
-    """What status reports about one pipeline."""
-
-    state: str = "stopped"
-    """starting | running | paused | restarting | stopped | failed | finished"""
-    items: int = 0
-    """Items read from the source."""
-    processed: int = 0
-    """Items run through the model."""
-    skipped: int = 0
-    """Items not processed because of the fps limit."""
-    source_dropped: int = 0
-    """Items the source itself dropped (stale frames replaced before they were read, audio overruns)."""
-    pauses: int = 0
-    """Times the governor paused the loop."""
-    swaps: int = 0
-    """Models swapped in while running (governor variants, deliveries)."""
-    results: int = 0
-    """Results handed to the spool."""
-    restarts: int = 0
-    errors: int = 0
-    last_error: str | None = None
-    fps: float = 0.0
-    """Processed items per second, smoothed."""
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    policy: PolicyStats = field(default_factory=PolicyStats)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["fps"] = round(self.fps, 2)
-        d["policy"] = dict(self.policy.__dict__)
-        return d
 
 
 def check_pipelines(eff: Effective) -> None:

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from agent.config import PipelineSettings
 from agent.errors import BadInput, LeptonError
@@ -36,9 +36,6 @@ from agent.profiles import Profile
 from agent.runtime import Model
 from agent.tasks.base import Runner
 from agent.variants import ModelVariant, variant_spec
-
-if TYPE_CHECKING:
-    from agent.pipeline import PipelineStats
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +47,15 @@ class ItemObserver(Protocol):
     """Sees every processed item after the active runner, in the loop's thread (a shadow trial)."""
 
     def observe(self, item: Any, results: list[dict[str, Any]], latency_ms: float) -> None: ...
+
+
+class Counters(Protocol):
+    """What the slot reads of a loop's statistics (`agent.supervisor.PipelineStats`)."""
+
+    processed: int
+    errors: int
+    restarts: int
+    last_error: str | None
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ class ModelSlot:
         self.sample_wanted = threading.Event()
         self._sample_ready = threading.Event()
         self._sample: Any = None
-        self._stats: PipelineStats | None = None
+        self._stats: Counters | None = None
         self._carried = (0, 0, 0)
         self.stopping: Callable[[], bool] = lambda: False
         """True while the loop bound to the slot is stopping (a sample then stops waiting)."""
@@ -132,7 +138,7 @@ class ModelSlot:
                 with contextlib.suppress(BadInput):
                     self.spec = self.base_spec = self.configured_spec()
 
-    def bind(self, stats: PipelineStats, stopping: Callable[[], bool]) -> None:
+    def bind(self, stats: Counters, stopping: Callable[[], bool]) -> None:
         """A (new) loop runs this slot: its counters continue the previous loop's for `health`."""
         with self._lock:
             old = self._stats

@@ -17,15 +17,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Any
 
 from agent.config import SupervisorSection
 from agent.errors import BadInput, LeptonError
+from agent.policy import PolicyStats
 from agent.sdnotify import Heartbeat, Watchdog
 from agent.sources.base import EndOfStream
-
-if TYPE_CHECKING:
-    from agent.pipeline import PipelineStats
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +33,41 @@ STOP_WAIT_S = 3.0
 
 NOTIFIED_STATES = frozenset({"running", "paused", "stopped", "failed", "finished"})
 """States whose change is announced (status is re-published)."""
+
+
+@dataclass
+class PipelineStats:
+    """What status reports about one pipeline."""
+
+    state: str = "stopped"
+    """starting | running | paused | restarting | stopped | failed | finished"""
+    items: int = 0
+    """Items read from the source."""
+    processed: int = 0
+    """Items run through the model."""
+    skipped: int = 0
+    """Items not processed because of the fps limit."""
+    source_dropped: int = 0
+    """Items the source itself dropped (stale frames replaced before they were read, audio overruns)."""
+    pauses: int = 0
+    """Times the governor paused the loop."""
+    swaps: int = 0
+    """Models swapped in while running (governor variants, deliveries)."""
+    results: int = 0
+    """Results handed to the spool."""
+    restarts: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    fps: float = 0.0
+    """Processed items per second, smoothed."""
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    policy: PolicyStats = field(default_factory=PolicyStats)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["fps"] = round(self.fps, 2)
+        d["policy"] = dict(self.policy.__dict__)
+        return d
 
 
 class RestartBudget:
