@@ -37,12 +37,13 @@ from agent.delivery.service import DeliveryService, PipelineHooks
 from agent.delivery.store import ModelStore
 from agent.errors import BadInput
 from agent.governor import Governor
-from agent.link.homeassistant import Discovery
-from agent.link.mqtt import Link, read_password, tls_context
-from agent.link.spool import Spool
-from agent.link.topics import Topics
+from agent.homeassistant import Discovery
 from agent.manifest import ModelSpec, load_spec
 from agent.monitor import Monitor
+from agent.mqtt.link import Link
+from agent.mqtt.spool import Spool
+from agent.mqtt.tls import read_password, tls_context
+from agent.mqtt.topics import Topics
 from agent.pipeline import Pipeline, build_runner
 from agent.policy import snapshot_encoder
 from agent.runtime import Backend, load_backend

@@ -16,9 +16,10 @@ import pytest
 from broker import Broker, Watcher, wait_until
 
 from agent.config import MqttSection
-from agent.link.mqtt import Backoff, Link
-from agent.link.spool import Spool
-from agent.link.topics import Topics
+from agent.mqtt.link import Link
+from agent.mqtt.session import Backoff
+from agent.mqtt.spool import Spool
+from agent.mqtt.topics import Topics
 from agent.state import AgentState
 
 T = Topics("lepton", "dev1")

@@ -125,8 +125,8 @@ def add_commands(sub: Any) -> None:
 def _connect(args: argparse.Namespace) -> Any:
     from paho.mqtt.enums import MQTTProtocolVersion
 
-    from agent.delivery.link import BrokerAddress, PahoLink, TlsOptions
     from agent.fleet.live import broker_password, broker_url
+    from agent.mqtt.client import BrokerAddress, PahoLink, TlsOptions
 
     address = BrokerAddress.parse(broker_url(args))
     tls = TlsOptions(args.ca_file, args.cert_file, args.key_file)
@@ -139,11 +139,11 @@ def _connect(args: argparse.Namespace) -> Any:
 
 
 def _topics(args: argparse.Namespace) -> Any:
-    from agent.delivery.topics import Topics
+    from agent.mqtt.topics import FleetTopics
 
     if not args.prefix or any(c in args.prefix for c in "+#") or args.prefix.endswith("/"):
         raise BadInput(f"--prefix {args.prefix!r}: not a topic prefix")
-    return Topics(args.prefix)
+    return FleetTopics(args.prefix)
 
 
 def _check_target(target: str) -> None:
@@ -255,9 +255,9 @@ def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.delivery.manifest import parse_version
     from agent.delivery.signing import load_private_key
     from agent.fleet.publish import DEFAULT_CHUNK, build, upload
+    from agent.version import parse_version
 
     try:
         version = parse_version(args.version)
@@ -296,7 +296,8 @@ def cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _parse_ref(ref: str) -> tuple[str, Any]:
-    from agent.delivery.manifest import NAME_RE, parse_version
+    from agent.delivery.manifest import NAME_RE
+    from agent.version import parse_version
 
     name, sep, version = ref.partition("@")
     if not sep or not NAME_RE.match(name):
@@ -338,8 +339,9 @@ def cmd_deploy(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.delivery.manifest import NAME_RE, parse_version
+    from agent.delivery.manifest import NAME_RE
     from agent.fleet.watch import FleetView
+    from agent.version import parse_version
 
     if not NAME_RE.match(args.name):
         raise BadInput(f"{args.name!r}: not a model name")

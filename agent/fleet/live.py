@@ -21,8 +21,8 @@ import paho.mqtt.client as mqtt
 
 from agent.config import AuthSection, MqttSection, TlsSection, parse_broker_url
 from agent.errors import BadInput, LeptonError
-from agent.link.mqtt import read_password, tls_context
-from agent.link.topics import SCHEMA_VERSION
+from agent.mqtt.tls import read_password, tls_context
+from agent.mqtt.topics import SCHEMA_VERSION
 
 DEFAULT_BROKER = "mqtt://localhost:1883"
 PASSWORD_ENV = "LEPTON_MQTT_PASSWORD"  # noqa: S105 - the name of the variable, not a password

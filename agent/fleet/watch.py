@@ -10,9 +10,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.delivery.link import PahoLink
 from agent.delivery.state import TERMINAL
-from agent.delivery.topics import Topics
+from agent.mqtt.client import PahoLink
+from agent.mqtt.topics import FleetTopics
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _json(payload: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _device_of(topic: str, topics: Topics) -> str | None:
+def _device_of(topic: str, topics: FleetTopics) -> str | None:
     parts = topic[len(topics.prefix) + 1:].split("/")
     return parts[0] if len(parts) == 2 else None
 
@@ -59,7 +59,8 @@ def _device_of(topic: str, topics: Topics) -> str | None:
 class FleetView:
     """Devices' deploy states, replies and online status, as they arrive."""
 
-    def __init__(self, link: PahoLink, topics: Topics, request: str | None = None, model: str | None = None) -> None:
+    def __init__(self, link: PahoLink, topics: FleetTopics, request: str | None = None,
+                 model: str | None = None) -> None:
         self.link, self.topics, self.request, self.model = link, topics, request, model
         self.devices: dict[str, DeviceView] = {}
         self.cond = threading.Condition()

@@ -1,14 +1,11 @@
-"""The MQTT seam of the delivery code: a three-method `Link`, and `PahoLink` that provides it.
+"""The small operator-side MQTT client: `PahoLink`, a paho-mqtt 2 client with the three methods of
+delivery's `Link` (agent.delivery.transport) for the fleet tools, the benchmarks and the tests.
 
-The device's delivery code needs only subscribe, unsubscribe and publish. The
-daemon's own MQTT client implements `Link` directly (its connection, will and
-reconnect policy are its business); `PahoLink` is a small paho-mqtt 2 client with
-the same methods for the operator tools, the benchmarks and the tests.
-
-A `Link` must (1) deliver each message to every callback whose filter matches, on
-one thread, one message at a time, (2) survive and count an exception in a
-callback, and (3) re-subscribe its filters after a reconnect, so that retained
-messages are sent again: the downloader relies on that to resume.
+The daemon's own connection is `agent.mqtt.link.Link` (its will, spool and reconnect policy are its
+business). A `Link` must (1) deliver each message to every callback whose filter matches, on one
+thread, one message at a time, (2) survive and count an exception in a callback, and (3) re-subscribe
+its filters after a reconnect, so that retained messages are sent again: the downloader relies on that
+to resume.
 """
 
 from __future__ import annotations
@@ -17,29 +14,17 @@ import logging
 import ssl
 import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.config import parse_broker_url
+from agent.delivery.transport import MessageCallback
 from agent.errors import BadInput, LeptonError
 
 logger = logging.getLogger(__name__)
-
-MessageCallback = Callable[[str, bytes], None]
-"""Called with (topic, payload) on the link's thread; keep it short, never block on the network."""
-
-
-class Link(Protocol):
-    def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None: ...
-
-    def unsubscribe(self, topic_filter: str) -> None: ...
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
-
 
 @dataclass(frozen=True)
 class BrokerAddress:
