@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from agent import __version__
 from agent.errors import BadInput, LeptonError
-from agent.fleet.commands import add_commands as add_delivery_commands
+from agent.fleet.verbs import add_commands as add_delivery_commands
 
 logger = logging.getLogger("agent")
 
@@ -392,7 +392,7 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
 def _cmd_bench_audio(args: argparse.Namespace, out: TextIO) -> int:
     import numpy as np
 
-    from agent.audio.bench import bench_audio
+    from agent.audio.realtime import bench_audio
     from agent.audio.stream import AUDIO_SOURCE_MODULES
     from agent.sources.audio import MicSource
     from agent.sources.base import EndOfStream, open_source

@@ -258,7 +258,7 @@ Handler = Callable[[Command], dict[str, Any]]
 
 
 class CommandRecord(Protocol):
-    """Persistence of executed ids (agent.state.AgentState)."""
+    """Persistence of executed ids (agent.agent_state.AgentState)."""
 
     def claim_command(self, command_id: str) -> tuple[bool, str | None]: ...
 

@@ -39,7 +39,7 @@ from broker import Broker  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from agent.delivery.download import Downloader  # noqa: E402
-from agent.delivery.manifest import DevicePolicy  # noqa: E402
+from agent.delivery.signed_manifest import DevicePolicy  # noqa: E402
 from agent.delivery.signing import TrustedKeys, key_id, public_text  # noqa: E402
 from agent.delivery.store import ModelStore  # noqa: E402
 from agent.fleet.publish import build, upload  # noqa: E402
@@ -94,11 +94,11 @@ def mosquitto_pub_once(port: int, model: Path, topic: str, sub: PahoLink) -> flo
 
 def daemon_link(port: int, tmp: Path) -> tuple[Any, Any]:
     """The daemon's MQTT link as `lepton-agent run` wires it (spool, state), connected; and how to close it."""
+    from agent.agent_state import AgentState
     from agent.config import MqttSection
     from agent.mqtt.link import Link
     from agent.mqtt.spool import Spool
     from agent.mqtt.topics import Topics as DeviceTopics
-    from agent.state import AgentState
 
     spool = Spool(tmp / "spool.sqlite3", 1 << 22)
     state = AgentState(tmp / "agent.sqlite3")

@@ -11,10 +11,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.delivery.manifest import DevicePolicy
+from agent.delivery.deploy_state import TERMINAL, State
 from agent.delivery.service import DeliveryService, DeliverySettings
+from agent.delivery.signed_manifest import DevicePolicy
 from agent.delivery.signing import TrustedKeys, key_id, public_text
-from agent.delivery.state import TERMINAL, State
 from agent.delivery.store import ModelStore
 from agent.errors import LeptonError
 from agent.fleet.publish import Publication, build, upload

@@ -27,8 +27,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agent.delivery import failpoints
-from agent.delivery.manifest import DevicePolicy
 from agent.delivery.service import DeliveryService, DeployRequest
+from agent.delivery.signed_manifest import DevicePolicy
 from agent.delivery.signing import TrustedKeys
 from agent.delivery.store import ModelStore
 from agent.mqtt.client import BrokerAddress, PahoLink

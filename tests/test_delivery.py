@@ -26,10 +26,10 @@ from delivery_kit import (
 
 from agent.delivery.activation import PipelineHealth
 from agent.delivery.download import DownloadSettings
-from agent.delivery.manifest import DevicePolicy, check_manifest
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit
 from agent.delivery.service import DeliverySettings, DeployRequest, PipelineHooks
+from agent.delivery.signed_manifest import DevicePolicy, check_manifest
 from agent.delivery.signing import sign
 from agent.delivery.store import ModelStore
 from agent.fleet.publish import build, upload

@@ -15,12 +15,12 @@ import paho.mqtt.publish as publish
 import pytest
 from broker import Broker, Watcher, wait_until
 
+from agent.agent_state import AgentState
 from agent.config import MqttSection
 from agent.mqtt.link import Link
 from agent.mqtt.session import Backoff
 from agent.mqtt.spool import Spool
 from agent.mqtt.topics import Topics
-from agent.state import AgentState
 
 T = Topics("lepton", "dev1")
 

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.delivery import failpoints
-from agent.delivery.manifest import DevicePolicy, SignedManifest, check_manifest
 from agent.delivery.reasons import DeliveryError, Reason
+from agent.delivery.signed_manifest import DevicePolicy, SignedManifest, check_manifest
 from agent.delivery.signing import TrustedKeys
 from agent.delivery.store import ModelStore, PartFile, StoredModel
 from agent.delivery.transport import Link

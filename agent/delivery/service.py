@@ -31,12 +31,12 @@ from agent.delivery.activation import (
     Swap,
     run_shadow,
 )
+from agent.delivery.deploy_state import DeployState, State, StateReporter
 from agent.delivery.download import Downloader, DownloadSettings
-from agent.delivery.manifest import NAME_RE, DevicePolicy, check_manifest
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit, RunnerFactory, default_runner, self_test
+from agent.delivery.signed_manifest import NAME_RE, DevicePolicy, check_manifest
 from agent.delivery.signing import TrustedKeys
-from agent.delivery.state import DeployState, State, StateReporter
 from agent.delivery.store import ModelStore, StoredModel
 from agent.delivery.transport import Link
 from agent.errors import BadInput

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.delivery import failpoints
-from agent.delivery.manifest import SignedManifest
 from agent.delivery.reasons import DeliveryError, Reason
+from agent.delivery.signed_manifest import SignedManifest
 from agent.errors import LeptonError
 from agent.version import Version, version_key
 

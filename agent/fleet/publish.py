@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.delivery.manifest import NAME_RE
+from agent.delivery.signed_manifest import NAME_RE
 from agent.delivery.signing import sign
 from agent.errors import BadInput, LeptonError
 from agent.manifest import Manifest, load_spec

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.delivery.state import TERMINAL
+from agent.delivery.deploy_state import TERMINAL
 from agent.mqtt.client import PahoLink
 from agent.mqtt.topics import FleetTopics
 

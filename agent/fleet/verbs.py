@@ -147,7 +147,7 @@ def _topics(args: argparse.Namespace) -> Any:
 
 
 def _check_target(target: str) -> None:
-    from agent.delivery.manifest import NAME_RE
+    from agent.delivery.signed_manifest import NAME_RE
 
     name = target[6:] if target.startswith("group:") else target
     if target != "all" and not NAME_RE.match(name):
@@ -296,7 +296,7 @@ def cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _parse_ref(ref: str) -> tuple[str, Any]:
-    from agent.delivery.manifest import NAME_RE
+    from agent.delivery.signed_manifest import NAME_RE
     from agent.version import parse_version
 
     name, sep, version = ref.partition("@")
@@ -339,7 +339,7 @@ def cmd_deploy(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.delivery.manifest import NAME_RE
+    from agent.delivery.signed_manifest import NAME_RE
     from agent.fleet.watch import FleetView
     from agent.version import parse_version
 

@@ -24,13 +24,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.config import Effective, KeyFile, ShadowDefaults, find_line
 from agent.delivery.activation import PipelineHealth, ProbationSettings, ShadowTrial
+from agent.delivery.deploy_state import DeployState, State
 from agent.delivery.download import DownloadSettings
-from agent.delivery.manifest import DevicePolicy
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit, Prepared, spec_for
 from agent.delivery.service import DeliveryService, DeliverySettings, PipelineHooks
+from agent.delivery.signed_manifest import DevicePolicy
 from agent.delivery.signing import TrustedKeys, key_id
-from agent.delivery.state import DeployState, State
 from agent.delivery.store import ModelStore
 from agent.delivery.transport import Link
 from agent.errors import BadInput, LeptonError
