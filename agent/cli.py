@@ -491,7 +491,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.config import load
+    from agent.config_load import load
     from agent.daemon import check_delivery, check_link, check_pipelines
 
     eff = load(args.config)
@@ -505,7 +505,7 @@ def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_profile(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
-    from agent.profiles import profile_report
+    from agent.config_load import profile_report
 
     report = profile_report(config=args.config, root=Path(args.root) if args.root else None)
     if args.format == "json":

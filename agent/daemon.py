@@ -33,7 +33,8 @@ from agent.commands import (
     Start,
     Stop,
 )
-from agent.config import Effective, PipelineSettings, load, parse_broker_url
+from agent.config import Effective, PipelineSettings, parse_broker_url
+from agent.config_load import load
 from agent.delivery.service import DeliveryService, PipelineHooks
 from agent.delivery.store import ModelStore
 from agent.errors import BadInput

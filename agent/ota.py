@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.config import Effective, KeyFile, ShadowDefaults, find_line
+from agent.config import Effective, KeyFile, ShadowDefaults
 from agent.delivery.activation import PipelineHealth, ProbationSettings, ShadowTrial
 from agent.delivery.deploy_state import DeployState, State
 from agent.delivery.download import DownloadSettings
@@ -39,6 +39,7 @@ from agent.mqtt.topics import FleetTopics
 from agent.pipeline import Pipeline, build_runner
 from agent.runtime import Model
 from agent.tasks.base import Runner
+from agent.tomlpos import find_line
 from agent.version import Version, version_key
 
 logger = logging.getLogger(__name__)

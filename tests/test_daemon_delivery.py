@@ -412,7 +412,7 @@ def test_link_serves_other_subscribers_across_reconnects(tmp_path: Path) -> None
 
 
 def test_delivery_off_refuses_its_commands(tmp_path: Path, fixtures: Path) -> None:
-    from agent.config import load
+    from agent.config_load import load
     from agent.daemon import Agent
 
     path = tmp_path / "agent.toml"
