@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import json
 import logging
 import socket
 import ssl
@@ -46,9 +45,9 @@ from typing import Any, TypeVar
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttSection, parse_broker_url
+from agent.mqtt.callbacks import PahoCallbacks
 from agent.mqtt.routes import MessageCallback, Routes
 from agent.mqtt.session import (
     Backoff,
@@ -74,7 +73,7 @@ OUTBOX_MAX = 1000
 
 F = TypeVar("F", bound=Callable[..., None])
 
-class Link:
+class Link(PahoCallbacks):
     """The MQTT connection of one device: publishes the spool, status and replies; hears commands."""
 
     def __init__(
@@ -484,121 +483,3 @@ class Link:
             self.spool.ack(s.acked)
             s.acked.clear()
         self._session = None
-
-    # -- paho callbacks (run in the link thread, inside loop_read/loop_write) -----------------
-
-    def _on_connect(self, s: Session, client: mqtt.Client, userdata: Any, flags: Any,
-                    reason: ReasonCode, properties: Properties | None) -> None:
-        s.last_inbound = time.monotonic()
-        self.attempted.set()
-        if reason.is_failure:
-            s.lost = True
-            s.reason = f"refused by the broker: {reason}"
-            logger.error("mqtt %s: connection refused by the broker: %s", s.url, reason)
-            return
-        s.connected_at = time.monotonic()
-        s.first_live_id = self.spool.last_id() + 1
-        s.cursor = 0
-        s.more = True
-        self.stats.connects += 1
-        self.stats.last_connect_s = time.time()
-        _, s.command_sub_mid = client.subscribe([(t, 1) for t in self._subscriptions()])
-        if self.routes.watches:
-            s.watch_mid = client.subscribe([(t, 1) for t in self.routes.watches])[1]
-        others = self.routes.for_new_connection()
-        if others:
-            client.subscribe(others)
-        self._publish_birth(s)
-        self.connected.set()
-        logger.info("mqtt %s: connected (bdseq %d)", s.url, s.bdseq)
-        for hook in self.on_connected:
-            try:
-                hook()
-            except Exception:
-                self.stats.callback_errors += 1
-                logger.exception("mqtt: on_connected hook failed (survived)")
-
-    def _publish_birth(self, s: Session) -> None:
-        payload = {**self.birth(), "state": "online", "bdseq": s.bdseq}
-        info = s.client.publish(self.topics.status, encode(payload), qos=1, retain=True)
-        s.others[info.mid] = time.monotonic()
-
-    def _on_disconnect(self, s: Session, client: mqtt.Client, userdata: Any, flags: Any,
-                       reason: ReasonCode, properties: Properties | None) -> None:
-        s.lost = True
-        s.reason = s.reason or str(reason)
-
-    def _on_publish(self, s: Session, client: mqtt.Client, userdata: Any, mid: int,
-                    reason: ReasonCode, properties: Properties | None) -> None:
-        s.last_inbound = time.monotonic()
-        row = s.inflight.pop(mid, None)
-        if row is None:
-            s.others.pop(mid, None)
-            return
-        if reason.is_failure:
-            self.stats.rejected += 1
-            logger.warning("mqtt: broker refused a result (%s); dropped", reason)
-        else:
-            self.stats.acked += 1
-        s.acked.append(row[0])
-        s.more = True
-
-    def _subscriptions(self) -> list[str]:
-        # Our own status topic too: see _stale_will.
-        return [*self.topics.command_topics(self.groups), self.topics.status]
-
-    def _on_message(self, s: Session, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        s.last_inbound = time.monotonic()
-        if message.topic == self.topics.status:
-            self._stale_will(s, message)
-            return
-        watcher = self.routes.watches.get(message.topic)
-        if watcher is not None:
-            watcher(bytes(message.payload))
-            return
-        if message.topic in self._command_topics:
-            self.on_command(message.topic, bytes(message.payload))
-            return
-        self.routes.deliver(message.topic, bytes(message.payload))
-
-    def _stale_will(self, s: Session, message: mqtt.MQTTMessage) -> None:
-        """Re-announce when the broker publishes an earlier connection's will after our birth.
-
-        After a half-open connection the broker may only give up the old session (and publish
-        its retained `offline` will) once we are back: that would leave `offline` retained while
-        we are online. The retained copy delivered on subscribing is history, not news.
-        """
-        if message.retain:
-            return
-        try:
-            status = json.loads(message.payload)
-        except ValueError:
-            return
-        if isinstance(status, dict) and status.get("state") == "offline" and status.get("bdseq") != s.bdseq:
-            logger.info("mqtt: an earlier connection's will (bdseq %s) replaced our status; re-announcing",
-                        status.get("bdseq"))
-            self._announce = True
-            self.wake()
-
-    def _on_subscribe(self, s: Session, client: mqtt.Client, userdata: Any, mid: int,
-                      reasons: list[ReasonCode], properties: Properties | None) -> None:
-        s.last_inbound = time.monotonic()
-        if mid == s.watch_mid:
-            for topic, code in zip(self.routes.watches, reasons, strict=False):
-                if code.is_failure:
-                    logger.error("mqtt: subscription to %s refused: %s", topic, code)
-            return
-        if mid != s.command_sub_mid:
-            for code in reasons:
-                if code.is_failure:
-                    logger.error("mqtt: a subscription was refused: %s", code)
-            return
-        for topic, code in zip(self._subscriptions(), reasons, strict=False):
-            if code.is_failure:
-                logger.error("mqtt: subscription to %s refused: %s", topic, code)
-        self.subscribed.set()
-
-    def _on_unsubscribe(self, s: Session, client: mqtt.Client, userdata: Any, mid: int,
-                        reasons: list[ReasonCode], properties: Properties | None) -> None:
-        s.last_inbound = time.monotonic()
-        s.probe_sent = None
