@@ -123,19 +123,9 @@ def add_commands(sub: Any) -> None:
 
 
 def _connect(args: argparse.Namespace) -> Any:
-    from paho.mqtt.enums import MQTTProtocolVersion
+    from agent.fleet.live import open_link
 
-    from agent.fleet.live import broker_password, broker_url
-    from agent.mqtt.client import BrokerAddress, PahoLink, TlsOptions
-
-    address = BrokerAddress.parse(broker_url(args))
-    tls = TlsOptions(args.ca_file, args.cert_file, args.key_file)
-    for flag, path in (("--ca-file", args.ca_file), ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
-        if path is not None and not Path(path).is_file():
-            raise BadInput(f"{flag} {path}: no such file")
-    link = PahoLink(address, client_id=f"lepton-fleet-{uuid.uuid4().hex[:8]}", tls=tls, username=args.username,
-                    password=broker_password(args), protocol=MQTTProtocolVersion.MQTTv5)
-    return link.start(timeout=min(args.timeout, 30.0))
+    return open_link(args, timeout=min(args.timeout, 30.0))
 
 
 def _topics(args: argparse.Namespace) -> Any:

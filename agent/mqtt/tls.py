@@ -33,21 +33,26 @@ def read_password(auth_file: Path | None, env_name: str | None, env: dict[str, s
 def tls_context(settings: MqttSection) -> ssl.SSLContext:
     """A client context trusting only the pinned CA (or the system store), with the client pair if given."""
     tls = settings.tls
+    return client_context(tls.ca_file, tls.cert_file, tls.key_file)
+
+
+def client_context(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
+    """`tls_context` from the three files (the operator tools take them as options)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        if tls.ca_file is not None:
-            ctx.load_verify_locations(cafile=str(tls.ca_file))
+        if ca_file is not None:
+            ctx.load_verify_locations(cafile=str(ca_file))
         else:
             ctx.load_default_certs()
     except (OSError, ssl.SSLError) as exc:
-        raise BadInput(f"mqtt.tls.ca_file: {tls.ca_file}: cannot load ({exc})") from None
-    if tls.cert_file is not None and tls.key_file is not None:
-        check_key_file(tls.key_file)
+        raise BadInput(f"mqtt.tls.ca_file: {ca_file}: cannot load ({exc})") from None
+    if cert_file is not None and key_file is not None:
+        check_key_file(key_file)
         try:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+            ctx.load_cert_chain(str(cert_file), str(key_file))
         except (OSError, ssl.SSLError) as exc:
-            raise BadInput(f"mqtt.tls.cert_file: {tls.cert_file}: cannot load with its key ({exc})") from None
+            raise BadInput(f"mqtt.tls.cert_file: {cert_file}: cannot load with its key ({exc})") from None
     return ctx
 
 
