@@ -13,7 +13,7 @@ from typing import Any
 
 import paho.mqtt.publish as publish
 import pytest
-from broker import Broker, Watcher, wait_until
+from broker import Broker, Partition, Watcher, wait_until
 
 from agent.agent_state import AgentState
 from agent.config import MqttSection
@@ -252,3 +252,28 @@ def test_backoff_grows_caps_and_resets() -> None:
     assert 1.0 <= b.next_delay(refused=True) <= 1.5  # nobody listening: keep knocking softly
     b.reset()
     assert b.next_delay() < 2
+
+
+def test_unacknowledged_replies_and_retained_states_survive_a_lost_connection(tmp_path: Path,
+                                                                              broker: Broker) -> None:
+    """Fault 10: a reply and a retained deploy state sent just before the network went away (no PUBACK)
+    are sent again on the next connection, and the broker ends up retaining the current state."""
+    net = Partition(broker.port)
+    a = make_link(tmp_path, net.url, keepalive_s=2)
+    try:
+        with Watcher(broker.port, ["lepton/dev1/deploy", "lepton/dev1/reply"]) as w:
+            a.link.start()
+            assert a.link.connected.wait(10)
+            a.link.publish(T.deploy, json.dumps({"state": "activating"}).encode(), retain=True)
+            assert w.wait_json("/deploy", lambda m: bool(m))
+            net.cut()
+            a.link.publish(T.deploy, json.dumps({"state": "active"}).encode(), retain=True)
+            a.link.send(T.reply, {"id": "r1", "ok": True})
+            assert wait_until(lambda: b"r1" in net.dropped and b"active" in net.dropped, 10)
+            assert wait_until(lambda: a.link.stats.connects >= 2, 30)
+            assert w.wait_json("/reply", lambda m: any(r.get("id") == "r1" for r in m), 15)
+        with Watcher(broker.port, ["lepton/dev1/deploy"]) as late:  # what the broker retains now
+            assert late.wait_json("/deploy", lambda m: bool(m), 10)[-1]["state"] == "active"
+    finally:
+        _close(a)
+        net.close()

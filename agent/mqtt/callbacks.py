@@ -44,6 +44,9 @@ class PahoCallbacks:
     def wake(self) -> None:
         raise NotImplementedError
 
+    def _resend_retained(self) -> None:
+        raise NotImplementedError
+
     def _on_connect(self, s: Session, client: mqtt.Client, userdata: Any, flags: Any,
                     reason: ReasonCode, properties: Properties | None) -> None:
         s.last_inbound = time.monotonic()
@@ -65,6 +68,7 @@ class PahoCallbacks:
         others = self.routes.for_new_connection()
         if others:
             client.subscribe(others)
+        self._resend_retained()
         self._publish_birth(s)
         self.connected.set()
         logger.info("mqtt %s: connected (bdseq %d)", s.url, s.bdseq)
@@ -91,6 +95,7 @@ class PahoCallbacks:
         row = s.inflight.pop(mid, None)
         if row is None:
             s.others.pop(mid, None)
+            s.unacked.pop(mid, None)
             return
         if reason.is_failure:
             self.stats.rejected += 1

@@ -11,6 +11,9 @@ acknowledged is still in the spool, and is sent again from there, in order, as
   (the birth, same `bdseq`) is published only from a CONNACK that is not a failure.
 - Every (re)connect subscribes to the command topics and announces again.
 - Results leave the spool only on the broker's PUBACK; at most `max_inflight` at a time.
+- Replies the broker did not acknowledge before a connection ended go first on the next one; every
+  retained state published through the link (deploy states) is published again on each connect, as
+  its current value, so a lost PUBACK cannot leave a stale one retained (the status is the birth).
 - A link that stops answering is noticed within 1.5 x keepalive: a result waiting for its
   PUBACK longer than keepalive, or a probe (an UNSUBSCRIBE of a topic never subscribed,
   sent after keepalive/2 of silence) left unanswered for keepalive, drops the connection.
@@ -127,6 +130,9 @@ class Link(PahoCallbacks):
         self._url_index = 0
         self._rows_waiting = True
         self._latest: dict[str, tuple[bytes, bool]] = {}
+        self._retained: dict[str, bytes] = {}
+        """The current value of every retained topic published through `publish` (the deploy states): each
+        connection publishes them again, so a value lost with a connection (no PUBACK) is not left stale."""
         self.on_connected: list[Callable[[], None]] = []
         """Called in the link thread after each successful connect and birth (e.g. to send discovery)."""
         spool.on_append = self._spool_grew
@@ -156,6 +162,8 @@ class Link(PahoCallbacks):
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Queue raw bytes for the current or next connection (never blocks; the oldest go when too many wait)."""
         with self._outbox_lock:
+            if retain:
+                self._retained[topic] = payload
             if len(self._outbox) >= OUTBOX_MAX:
                 self._outbox.popleft()
                 self.stats.outbox_dropped += 1
@@ -380,10 +388,7 @@ class Link(PahoCallbacks):
             self._outbox.clear()
             latest = list(self._latest.items())
             self._latest.clear()
-        for topic, body, qos, retain in outgoing:
-            info = client.publish(topic, body, qos=qos, retain=retain)
-            if qos:
-                s.others[info.mid] = now
+        self._send_outbox(s, outgoing, now)
         for topic, (body, retain) in latest:
             client.publish(topic, body, qos=0, retain=retain)
         self._send_results(s, now)
@@ -464,10 +469,36 @@ class Link(PahoCallbacks):
         with self._outbox_lock:
             outgoing = list(self._outbox)
             self._outbox.clear()
-        for topic, body, qos, retain in outgoing:
+        self._send_outbox(s, outgoing, now)
+
+    def _send_outbox(self, s: Session, outgoing: list[tuple[str, bytes, int, bool]], now: float) -> None:
+        for message in outgoing:
+            topic, body, qos, retain = message
             info = s.client.publish(topic, body, qos=qos, retain=retain)
             if qos:
                 s.others[info.mid] = now
+                s.unacked[info.mid] = message
+
+    def _requeue_unacked(self, s: Session) -> None:
+        """Replies this connection took and the broker never acknowledged go first on the next one (retained
+        states need not: `_resend_retained` publishes their current value)."""
+        lost = [m for m in s.unacked.values() if not m[3]]
+        s.unacked.clear()
+        if not lost:
+            return
+        with self._outbox_lock:
+            self._outbox.extendleft(reversed(lost))
+            while len(self._outbox) > OUTBOX_MAX:
+                self._outbox.popleft()
+                self.stats.outbox_dropped += 1
+
+    def _resend_retained(self) -> None:
+        """On each connect: the current value of each retained topic replaces what of it was queued."""
+        with self._outbox_lock:
+            if not self._retained:
+                return
+            kept = [m for m in self._outbox if not (m[3] and m[0] in self._retained)]
+            self._outbox = deque([*kept, *((t, body, 1, True) for t, body in self._retained.items())])
 
     def _end(self, s: Session) -> None:
         if s.connected_at is not None:
@@ -482,4 +513,5 @@ class Link(PahoCallbacks):
         if s.acked:
             self.spool.ack(s.acked)
             s.acked.clear()
+        self._requeue_unacked(s)
         self._session = None

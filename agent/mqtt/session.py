@@ -91,6 +91,8 @@ class Session:
     """mid → (spool id, sent at) of results awaiting PUBACK."""
     others: dict[int, float] = field(default_factory=dict)
     """mid → sent at, of status and replies awaiting PUBACK."""
+    unacked: dict[int, tuple[str, bytes, int, bool]] = field(default_factory=dict)
+    """mid → (topic, body, qos, retain) of outbox messages awaiting PUBACK: sent again if this connection ends."""
     acked: list[int] = field(default_factory=list)
     last_inbound: float = 0.0
     probe_sent: float | None = None
