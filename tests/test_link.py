@@ -277,3 +277,19 @@ def test_unacknowledged_replies_and_retained_states_survive_a_lost_connection(tm
     finally:
         _close(a)
         net.close()
+
+
+def test_a_deeply_nested_status_message_is_a_bad_message(tmp_path: Path, broker: Broker,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Fault 14c: JSON nested deeper than the parser follows, on our own status topic, is counted and
+    logged in one line, not a RecursionError traceback from the link thread."""
+    a = make_link(tmp_path, broker.url)
+    try:
+        a.link.start()
+        assert a.link.subscribed.wait(10)
+        publish.single(T.status, "[" * 100_000, qos=1, hostname="127.0.0.1", port=broker.port)
+        assert wait_until(lambda: a.link.stats.bad_messages == 1, 10)
+        assert a.link.stats.callback_errors == 0
+        assert not [r for r in caplog.records if r.exc_info]
+    finally:
+        _close(a)

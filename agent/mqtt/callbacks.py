@@ -4,7 +4,6 @@ each wrapped by `Link._guard` (an exception is logged, counted and survived)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -15,6 +14,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.mqtt import wire
 from agent.mqtt.routes import Routes
 from agent.mqtt.session import LinkStats, Session
 from agent.mqtt.spool import Spool
@@ -22,6 +22,9 @@ from agent.mqtt.topics import Topics
 from agent.mqtt.wire import encode
 
 logger = logging.getLogger("agent.mqtt.link")
+
+STATUS_LIMIT = 64 * 1024
+"""A status (birth or will) is a few hundred bytes; anything far bigger on our status topic is not ours."""
 
 
 class PahoCallbacks:
@@ -133,10 +136,12 @@ class PahoCallbacks:
         if message.retain:
             return
         try:
-            status = json.loads(message.payload)
-        except ValueError:
+            status = wire.decode(bytes(message.payload), STATUS_LIMIT, "status message")
+        except wire.WireError as exc:
+            self.stats.bad_messages += 1
+            logger.warning("mqtt: %s on %s ignored: %s", exc.code, message.topic, exc.message)
             return
-        if isinstance(status, dict) and status.get("state") == "offline" and status.get("bdseq") != s.bdseq:
+        if status.get("state") == "offline" and status.get("bdseq") != s.bdseq:
             logger.info("mqtt: an earlier connection's will (bdseq %s) replaced our status; re-announcing",
                         status.get("bdseq"))
             self._announce = True

@@ -30,6 +30,8 @@ class LinkStats:
     callback_errors: int = 0
     outbox_dropped: int = 0
     """Messages waiting for a connection that were dropped because too many were waiting."""
+    bad_messages: int = 0
+    """Messages the link reads itself (its own status topic) that were not an acceptable JSON object."""
     unrouted: int = 0
     """Messages on topics nobody listens to any more (e.g. after an unsubscribe crossed them)."""
     last_connect_s: float | None = None
