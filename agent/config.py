@@ -101,7 +101,8 @@ class MqttSection(_Strict):
     max_inflight: Annotated[int, Field(ge=1, le=1000)] = 32
     """Results published and not yet acknowledged (PUBACK) at any time."""
     max_packet_bytes: Annotated[int, Field(ge=65536)] = 4 * 1024 * 1024
-    """MQTT 5: the broker must not send us bigger packets (it discards them)."""
+    """The biggest message the agent reads: MQTT 5 tells the broker (it discards bigger ones); with 3.1.1
+    the link skips bigger ones unread and counts them (`link.oversized`)."""
     tls: TlsSection = Field(default_factory=TlsSection)
     auth: AuthSection = Field(default_factory=AuthSection)
 

@@ -293,3 +293,23 @@ def test_a_deeply_nested_status_message_is_a_bad_message(tmp_path: Path, broker:
         assert not [r for r in caplog.records if r.exc_info]
     finally:
         _close(a)
+
+
+def test_oversized_messages_on_mqtt_311_are_dropped_unread_acknowledged_and_counted(tmp_path: Path,
+                                                                                    broker: Broker) -> None:
+    """Fault 13: 3.1.1 has no Maximum Packet Size, so the link bounds what it reads itself. More oversized
+    QoS 1 commands than the broker keeps in flight: each is acknowledged (or the window would close and
+    the command after them never arrive), none reaches the command handler."""
+    a = make_link(tmp_path, broker.url, protocol="3.1.1", max_packet_bytes=65536)
+    try:
+        a.link.start()
+        assert a.link.subscribed.wait(10)
+        big = [(T.cmd, b"x" * (256 * 1024 + i), 1, False) for i in range(25)]
+        after = b'{"id": "after", "action": "ping"}'
+        publish.multiple([*big, (T.cmd, after, 1, False)], hostname="127.0.0.1", port=broker.port)
+        assert wait_until(lambda: (T.cmd, after) in a.commands, 20)
+        assert a.commands == [(T.cmd, after)]
+        assert a.link.stats.oversized == 25
+        assert a.link.connected.is_set() and a.link.stats.connects == 1
+    finally:
+        _close(a)

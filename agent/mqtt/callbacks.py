@@ -15,6 +15,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.mqtt import wire
+from agent.mqtt.guard import OVERSIZED_TOPIC
 from agent.mqtt.routes import Routes
 from agent.mqtt.session import LinkStats, Session
 from agent.mqtt.spool import Spool
@@ -114,6 +115,8 @@ class PahoCallbacks:
 
     def _on_message(self, s: Session, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         s.last_inbound = time.monotonic()
+        if message.topic == OVERSIZED_TOPIC:
+            return  # acknowledged by paho, counted by the guard
         if message.topic == self.topics.status:
             self._stale_will(s, message)
             return

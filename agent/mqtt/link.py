@@ -51,6 +51,7 @@ from paho.mqtt.properties import Properties
 
 from agent.config import MqttSection, parse_broker_url
 from agent.mqtt.callbacks import PahoCallbacks
+from agent.mqtt.guard import GuardedClient
 from agent.mqtt.routes import MessageCallback, Routes
 from agent.mqtt.session import (
     Backoff,
@@ -280,7 +281,9 @@ class Link(PahoCallbacks):
         host, port, tls = parse_broker_url(url)
         self._bdseq = bdseq = self.next_bdseq()
         v5 = self.settings.protocol == "5"
-        client = mqtt.Client(
+        client = GuardedClient(
+            max_packet_bytes=self.settings.max_packet_bytes,
+            on_oversized=self._oversized,
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
@@ -316,6 +319,11 @@ class Link(PahoCallbacks):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return session
+
+    def _oversized(self, topic: str, size: int) -> None:
+        self.stats.oversized += 1
+        logger.warning("mqtt: a %d-byte message on %s is over max_packet_bytes (%d); dropped unread",
+                       size, topic[:200], self.settings.max_packet_bytes)
 
     def _bind(self, s: Session) -> None:
         c = s.client

@@ -30,6 +30,8 @@ class LinkStats:
     callback_errors: int = 0
     outbox_dropped: int = 0
     """Messages waiting for a connection that were dropped because too many were waiting."""
+    oversized: int = 0
+    """Messages over `max_packet_bytes` skipped unread (MQTT 3.1.1; with 5 the broker drops them)."""
     bad_messages: int = 0
     """Messages the link reads itself (its own status topic) that were not an acceptable JSON object."""
     unrouted: int = 0
