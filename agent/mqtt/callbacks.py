@@ -1,19 +1,21 @@
-"""The paho callbacks of the daemon's link: what it does when the broker answers (CONNACK, PUBACK,
-SUBACK, UNSUBACK) or sends a message. They run in the link thread, inside paho's loop_read/loop_write,
-each wrapped by `Link._guard` (an exception is logged, counted and survived)."""
+"""The paho callbacks of the daemon's link, bound to each new client by `_bind`: what the link does when
+the broker answers (CONNACK, PUBACK, SUBACK, UNSUBACK) or sends a message. They run in the link thread,
+inside paho's loop_read/loop_write, each wrapped by `_guard` (an exception is logged, counted, survived)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.config import MqttSection
 from agent.mqtt import wire
 from agent.mqtt.guard import OVERSIZED_TOPIC
 from agent.mqtt.routes import Routes
@@ -23,6 +25,8 @@ from agent.mqtt.topics import Topics
 from agent.mqtt.wire import encode
 
 logger = logging.getLogger("agent.mqtt.link")
+
+F = TypeVar("F", bound=Callable[..., None])
 
 STATUS_LIMIT = 64 * 1024
 """A status (birth or will) is a few hundred bytes; anything far bigger on our status topic is not ours."""
@@ -42,6 +46,7 @@ class PahoCallbacks:
     subscribed: threading.Event
     attempted: threading.Event
     on_connected: list[Callable[[], None]]
+    settings: MqttSection
     _command_topics: frozenset[str]
     _announce: bool
 
@@ -50,6 +55,31 @@ class PahoCallbacks:
 
     def _resend_retained(self) -> None:
         raise NotImplementedError
+
+    def _oversized(self, topic: str, size: int) -> None:
+        self.stats.oversized += 1
+        logger.warning("mqtt: a %d-byte message on %s is over max_packet_bytes (%d); dropped unread",
+                       size, topic[:200], self.settings.max_packet_bytes)
+
+    def _bind(self, s: Session) -> None:
+        c = s.client
+        c.on_connect = self._guard(functools.partial(self._on_connect, s))
+        c.on_disconnect = self._guard(functools.partial(self._on_disconnect, s))
+        c.on_publish = self._guard(functools.partial(self._on_publish, s))
+        c.on_message = self._guard(functools.partial(self._on_message, s))
+        c.on_subscribe = self._guard(functools.partial(self._on_subscribe, s))
+        c.on_unsubscribe = self._guard(functools.partial(self._on_unsubscribe, s))
+
+    def _guard(self, callback: F) -> F:
+        @functools.wraps(callback)
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception:
+                self.stats.callback_errors += 1
+                logger.exception("mqtt: error in %s (survived)", getattr(callback, "func", callback).__name__)
+
+        return guarded  # type: ignore[return-value]
 
     def _on_connect(self, s: Session, client: mqtt.Client, userdata: Any, flags: Any,
                     reason: ReasonCode, properties: Properties | None) -> None:

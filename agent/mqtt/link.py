@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import socket
 import ssl
@@ -43,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -74,8 +73,6 @@ STABLE_S = 10.0
 """A connection that lasted this long resets the backoff; one dropped sooner counts as a failure."""
 OUTBOX_MAX = 1000
 """Replies and status messages waiting for a connection, at most (the oldest go first)."""
-
-F = TypeVar("F", bound=Callable[..., None])
 
 class Link(PahoCallbacks):
     """The MQTT connection of one device: publishes the spool, status and replies; hears commands."""
@@ -319,31 +316,6 @@ class Link(PahoCallbacks):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return session
-
-    def _oversized(self, topic: str, size: int) -> None:
-        self.stats.oversized += 1
-        logger.warning("mqtt: a %d-byte message on %s is over max_packet_bytes (%d); dropped unread",
-                       size, topic[:200], self.settings.max_packet_bytes)
-
-    def _bind(self, s: Session) -> None:
-        c = s.client
-        c.on_connect = self._guard(functools.partial(self._on_connect, s))
-        c.on_disconnect = self._guard(functools.partial(self._on_disconnect, s))
-        c.on_publish = self._guard(functools.partial(self._on_publish, s))
-        c.on_message = self._guard(functools.partial(self._on_message, s))
-        c.on_subscribe = self._guard(functools.partial(self._on_subscribe, s))
-        c.on_unsubscribe = self._guard(functools.partial(self._on_unsubscribe, s))
-
-    def _guard(self, callback: F) -> F:
-        @functools.wraps(callback)
-        def guarded(*args: Any) -> None:
-            try:
-                callback(*args)
-            except Exception:
-                self.stats.callback_errors += 1
-                logger.exception("mqtt: error in %s (survived)", getattr(callback, "func", callback).__name__)
-
-        return guarded  # type: ignore[return-value]
 
     def _serve(self, s: Session) -> None:
         """Run one connection until it is lost or the agent closes."""
