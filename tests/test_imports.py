@@ -103,3 +103,23 @@ def test_every_module_imports_in_a_fresh_interpreter_in_random_order() -> None:
     proc = subprocess.run([sys.executable, "-c", script, *names], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0, f"seed {seed}: {proc.stderr[-2000:]}"
+
+
+def test_delivery_does_not_reach_the_daemon() -> None:
+    """The daemon adapts delivery (agent.ota), not the other way round: nothing delivery imports, directly
+    or not, is the daemon, its pipeline, its config or its MQTT connection."""
+    graph = import_graph()
+    reached: set[str] = set()
+    todo = [m for m in graph if m.startswith("agent.delivery")]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    assert reached.isdisjoint({"agent.daemon", "agent.pipeline", "agent.config", "agent.ota", "agent.mqtt.link"})
+
+
+def test_no_file_name_twice_in_agent() -> None:
+    # `base.py` is each package's seam (tasks/, sources/), named by its folder like `__init__.py`.
+    names = [p.name for p in (ROOT / "agent").rglob("*.py") if p.name not in ("__init__.py", "base.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
