@@ -76,9 +76,10 @@ def summary(payload: dict[str, Any]) -> str:
 
 def watch(args: argparse.Namespace, out: TextIO) -> int:
     device = args.device or "+"
-    topics = [f"{args.prefix}/{device}/results/#"]
+    of = FleetTopics(args.prefix).device(device)
+    topics = [of.results("#")]
     if args.status:
-        topics.append(f"{args.prefix}/{device}/status")
+        topics.append(of.status)
     received = threading.Semaphore(0)
     lock = threading.Lock()
     console = None

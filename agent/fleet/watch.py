@@ -64,9 +64,10 @@ class FleetView:
         self.link, self.topics, self.request, self.model = link, topics, request, model
         self.devices: dict[str, DeviceView] = {}
         self.cond = threading.Condition()
-        link.subscribe(f"{topics.prefix}/+/deploy", self._on_deploy)
-        link.subscribe(f"{topics.prefix}/+/reply", self._on_reply)
-        link.subscribe(f"{topics.prefix}/+/status", self._on_status)
+        every = topics.device("+")
+        link.subscribe(every.deploy, self._on_deploy)
+        link.subscribe(every.reply, self._on_reply)
+        link.subscribe(every.status, self._on_status)
 
     def _view(self, device: str) -> DeviceView:
         if device not in self.devices:
@@ -104,7 +105,7 @@ class FleetView:
 
     def sync(self, timeout: float = 10.0) -> bool:
         """Wait until the retained messages of our subscriptions are in: our own message comes back after them."""
-        marker = f"{self.topics.prefix}/fleet/sync/{uuid.uuid4().hex}"
+        marker = self.topics.sync(uuid.uuid4().hex)
         back = threading.Event()
         self.link.subscribe(marker, lambda t, p: back.set(), qos=1)
         self.link.publish(marker, b"{}", qos=1)

@@ -92,3 +92,7 @@ class FleetTopics:
 
     def reply(self, device: str) -> str:
         return self.device(device).reply
+
+    def sync(self, token: str) -> str:
+        """An operator tool's own round-trip marker: back after the retained messages it subscribed before."""
+        return f"{self.prefix}/fleet/sync/{token}"
