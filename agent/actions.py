@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from agent import __version__
 from agent.commands import Bench, Command, CommandError, Configure, Deploy, Handler, Later, Rollback, Start, Stop
-from agent.config import Effective, PipelineSettings, load
+from agent.config import Effective, PipelineSettings
+from agent.config_load import load
 from agent.delivery.service import DeliveryService
 from agent.errors import BadInput, LeptonError
 from agent.pipeline import Pipeline, check_pipelines
@@ -72,8 +73,8 @@ class Actions:
 
     def delivery_command(self, command: Command) -> dict[str, Any]:
         """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""
-        from agent.delivery.daemon import rollback_to_configured, shadow_request
         from agent.delivery.reasons import DeliveryError, Reason
+        from agent.ota import rollback_to_configured, shadow_request
 
         if self.agent.delivery is None:
             raise CommandError("unsupported", "model delivery is off in this agent's config (delivery.enabled)")
@@ -243,7 +244,7 @@ class Actions:
 
     def _trusted_keys(self, eff: Effective) -> Any:
         """The keys `eff` trusts (BadInput names a bad entry); None when delivery is off."""
-        from agent.delivery.daemon import trusted_keys
+        from agent.ota import trusted_keys
 
         return trusted_keys(eff) if eff.config.delivery.enabled else None
 

@@ -11,7 +11,7 @@ from typing import TextIO
 
 from agent import __version__
 from agent.errors import BadInput, LeptonError
-from agent.fleet.commands import add_commands as add_delivery_commands
+from agent.fleet.verbs import add_commands as add_delivery_commands
 
 logger = logging.getLogger("agent")
 
@@ -247,7 +247,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.config import load
+    from agent.config_load import load
     from agent.daemon import check_delivery, check_link, check_pipelines
 
     eff = load(args.config)
@@ -261,7 +261,7 @@ def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_profile(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
-    from agent.profiles import profile_report
+    from agent.config_load import profile_report
 
     report = profile_report(config=args.config, root=Path(args.root) if args.root else None)
     if args.format == "json":

@@ -225,7 +225,7 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
 def _bench_audio(args: argparse.Namespace, out: TextIO) -> int:
     import numpy as np
 
-    from agent.audio.bench import bench_audio
+    from agent.audio.realtime import bench_audio
     from agent.audio.stream import AUDIO_SOURCE_MODULES
     from agent.sources.audio import MicSource
     from agent.sources.base import EndOfStream, open_source

@@ -30,9 +30,9 @@ from typing import Any
 
 from agent.config import Effective, PipelineSettings, SupervisorSection
 from agent.errors import BadInput
-from agent.link.topics import SCHEMA_VERSION
 from agent.loop import READ_TIMEOUT_S, run_items
 from agent.manifest import ModelSpec, load_spec
+from agent.mqtt.topics import SCHEMA_VERSION
 from agent.policy import ResultPolicy, snapshot_encoder
 from agent.profiles import Profile
 from agent.runtime import Model

@@ -307,7 +307,7 @@ class _LockChecked(dict[str, Pipeline]):
 
 def test_status_line_and_shutdown_walk_the_pipelines_under_the_lock(tmp_path: Path, fixtures: Path) -> None:
     # Fault 9: `reload` changes the pipelines in the command worker while these walk them.
-    from agent.config import load
+    from agent.config_load import load
     from agent.daemon import Agent
 
     agent = Agent(load(str(write_config(tmp_path, 1, fixtures))))
@@ -324,7 +324,7 @@ def test_bench_runs_the_running_model_off_the_command_worker_one_at_a_time(tmp_p
     from test_pipeline import Seen
 
     from agent.commands import Bench, CommandError, Later
-    from agent.config import load
+    from agent.config_load import load
     from agent.daemon import Agent
     from agent.variants import cheaper_variants
 

@@ -130,7 +130,7 @@ def test_stop_says_so_when_the_loop_has_not_ended(tmp_path: Path, fixtures: Path
     from test_daemon import write_config
 
     from agent.commands import CommandError, Start, Stop
-    from agent.config import load
+    from agent.config_load import load
     from agent.daemon import Agent
 
     agent = Agent(load(str(write_config(tmp_path, 1, fixtures))))
