@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from agent.quarantine import SQLITE_SIDE_FILES, open_or_quarantine, sqlite_check
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS commands (
@@ -31,11 +33,23 @@ class AgentState:
         self.path = path
         self.keep = keep
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_or_quarantine(
+            path, self._open, what="command record", side_files=SQLITE_SIDE_FILES,
+            lost="lost: the ids of commands answered before (a command re-sent with an old id runs again) and "
+                 "the birth/death counter")
         self._since_trim = 0
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            sqlite_check(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def next_bdseq(self) -> int:
         """The next birth/death sequence number (one per connection attempt, increasing for good)."""

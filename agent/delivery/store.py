@@ -34,6 +34,7 @@ from agent.delivery import failpoints
 from agent.delivery.manifest import SignedManifest, Version, version_key
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.errors import LeptonError
+from agent.quarantine import Corrupt, open_or_quarantine
 
 logger = logging.getLogger(__name__)
 
@@ -151,19 +152,33 @@ class ModelStore:
     # -- index ----------------------------------------------------------------
 
     def _read_index(self) -> dict[str, Any]:
+        if not self._index_path.exists():
+            return _empty_index()
+        index = open_or_quarantine(
+            self._index_path, self._load_index, what="model store index",
+            lost="lost: which delivered versions were active, previous and on trial, and the pending "
+                 "deployments; pipelines run their configured models (deploy again; the model files in "
+                 "objects/ go at the next clean-up)")
+        if not self._index_path.exists():  # moved aside: the new, empty index is what the store now says
+            write_atomic(self._index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+        return index
+
+    def _load_index(self) -> dict[str, Any]:
         try:
             data = json.loads(self._index_path.read_bytes())
         except FileNotFoundError:
-            return {"v": INDEX_VERSION, "models": {}, "pending": {}}
-        except (OSError, ValueError) as exc:
-            # Written only by rename of a fsynced file, so this is outside damage: say so, do not guess.
-            raise LeptonError(f"{self._index_path}: unreadable model index ({exc})") from None
+            return _empty_index()
+        except OSError as exc:
+            raise LeptonError(f"{self._index_path}: cannot read the model index ({exc.strerror})") from None
+        except ValueError as exc:
+            # Written only by rename of a fsynced file, so this is outside damage.
+            raise Corrupt(f"not JSON: {exc}") from None
         if not isinstance(data, dict) or data.get("v") != INDEX_VERSION:
-            raise LeptonError(f"{self._index_path}: model index of an unknown version")
+            raise Corrupt("not a model index of version 1")
         data.setdefault("models", {})
         data.setdefault("pending", {})
+        _check_index(data)
         return data
-
     def _write_index(self) -> None:
         write_atomic(self._index_path, json.dumps(self._index, indent=1, sort_keys=True).encode())
 
@@ -397,6 +412,31 @@ class ModelStore:
                     path.unlink(missing_ok=True)
                     removed.append(path)
             return removed
+
+
+def _empty_index() -> dict[str, Any]:
+    return {"v": INDEX_VERSION, "models": {}, "pending": {}}
+
+
+def _check_index(data: dict[str, Any]) -> None:
+    """Raise Corrupt unless every entry has the shape `_set_slot` and `set_pending` write."""
+    models, pending = data["models"], data["pending"]
+    if not isinstance(models, dict) or not isinstance(pending, dict):
+        raise Corrupt("models and pending must be objects")
+    for name, slot in models.items():
+        if not isinstance(slot, dict):
+            raise Corrupt(f"models.{name} is not an object")
+        for key in ("active", "previous", "trial"):
+            entry = slot.get(key)
+            if entry is None:
+                continue
+            if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in
+                                                    ("name", "sha256", "manifest_sha256"))
+                    and isinstance(entry.get("version"), int | str) and not isinstance(entry.get("version"), bool)):
+                raise Corrupt(f"models.{name}.{key} is not a stored model")
+    for key, request in pending.items():
+        if not isinstance(request, dict):
+            raise Corrupt(f"pending.{key} is not an object")
 
 
 @contextlib.contextmanager

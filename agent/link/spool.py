@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.quarantine import SQLITE_SIDE_FILES, open_or_quarantine, sqlite_check
+
 logger = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -81,20 +83,34 @@ class Spool:
         self._lock = threading.Lock()
         # One connection shared by the pipelines (append), the link (read, ack) and status; the lock
         # serialises them, which also keeps seq assignment and insertion one atomic step.
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
         self._seqs: dict[str, int] = {}
-        for name, value in self._db.execute("SELECT name, value FROM counters WHERE name LIKE 'seq:%'"):
-            self._seqs[name[4:]] = int(value)
-        row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
-        self._dropped = int(row[0]) if row else 0
-        count, total = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM results").fetchone()
-        self._queued, self._bytes = int(count), int(total)
+        self._dropped = self._queued = self._bytes = 0
+        # Acknowledged results left the spool on their PUBACK, so a corrupt spool costs only the unsent ones.
+        self._db = open_or_quarantine(
+            path, self._open, what="result spool", side_files=SQLITE_SIDE_FILES,
+            lost="lost: the results the broker had not acknowledged yet (acknowledged ones were never in "
+                 "danger); seq starts again at 1")
         self._peak = self._bytes
         if self._queued:
             logger.info("spool %s: %d results (%d bytes) waiting from before", path, self._queued, self._bytes)
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            sqlite_check(db)
+            seqs = {name[4:]: int(value)
+                    for name, value in db.execute("SELECT name, value FROM counters WHERE name LIKE 'seq:%'")}
+            row = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+            count, total = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM results").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        self._seqs, self._dropped = seqs, int(row[0]) if row else 0
+        self._queued, self._bytes = int(count), int(total)
+        return db
 
     def append(self, pipeline: str, topic: str, result: dict[str, Any]) -> int:
         """Assign the pipeline's next `seq`, store the result; returns the seq."""
