@@ -65,6 +65,8 @@ class Reason(StrEnum):
     """In a shadow trial the new model agreed with the active one less often than required."""
     SHADOW_LATENCY = "shadow_latency"
     """In a shadow trial the new model was slower than allowed."""
+    QUEUE_FULL = "queue_full"
+    """The device has as many deployments pending as it accepts; the deploy was not queued."""
     STOPPED = "stopped"
     """The agent is shutting down; the download resumes at the next start."""
 
