@@ -104,6 +104,7 @@ def delivery_settings(eff: Effective, backend: str | None) -> DeliverySettings:
                                   stall_timeout=d.chunk_timeout_s),
         probation=ProbationSettings(window_s=d.probation_s, stall_s=d.stall_s),
         latency_budget_ms=eff.profile.selftest_latency_ms,
+        memory_budget=int(eff.profile.memory_budget_mb * MIB),
         shadow_timeout_s=d.shadow.timeout_s,
         backend=backend,
         threads=min(eff.profile.threads, os.cpu_count() or 1),

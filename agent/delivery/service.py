@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,10 @@ class DeliverySettings:
     """A shadow trial that has not seen enough items by then is judged on what it saw."""
     backend: str | None = None
     threads: int | None = None
+    memory_budget: int | None = None
+    """Bytes the self-test lets a model's tensors take (the profile's memory budget); None: not bounded."""
+    selftest_timeout_s: float | None = 60.0
+    """The self-test (load, allocate, sample inferences) must end within this; None: no limit."""
     max_pending: int = DEFAULT_LIMIT
     """Deployments pending at once; a deploy past it is refused (`queue_full`)."""
 
@@ -173,7 +178,9 @@ class DeliveryService:
             self._thread.join(timeout)
 
     def recover(self) -> list[StoredModel]:
-        """After a restart: a model still on trial was never confirmed, so the previous one stays."""
+        """After a restart: a deployment that died in its self-test is failed, not resumed; a model still on
+        trial was never confirmed, so the previous one stays."""
+        self._recover_selftest()
         undone = []
         for name in self.store.names():
             trial = self.store.abort_trial(name)
@@ -190,6 +197,27 @@ class DeliveryService:
                                         detail="the agent restarted before the probation window passed",
                                         active=self._active_version(name), request=rid))
         return undone
+
+    def _recover_selftest(self) -> None:
+        marker = self.store.selftest_marker()
+        if marker is None:
+            return
+        self.store.end_selftest()
+        name, version, did = marker.get("model"), marker.get("version"), marker.get("deployment")
+        if not isinstance(name, str) or isinstance(version, bool) or not isinstance(version, int | str):
+            logger.warning("model store: dropping an unreadable self-test marker: %s", marker)
+            return
+        # The model brought the agent down (out of memory, a kill, a crash in the runtime): resuming the
+        # deployment would do it again at every start, a crash loop under systemd's MemoryMax.
+        for key, entry in self.store.pending().items():
+            if key == did or (entry.get("model") == name and same_version(entry.get("version"), version)):
+                self.store.clear_pending(key)
+        logger.error("%s@%s: the agent died during its self-test; the deployment is rolled back, not retried",
+                     name, version)
+        self.report(DeployState(name, version, State.ROLLED_BACK, reason=Reason.SELFTEST_CRASHED,
+                                detail="the agent died during this model's self-test (out of memory, killed or "
+                                       "crashed); it is not tried again",
+                                active=self._active_version(name), request=did if isinstance(did, str) else None))
 
     # -- commands -----------------------------------------------------------------
 
@@ -305,15 +333,21 @@ class DeliveryService:
         active = self.store.active(name)
         return active.version if active else self.baseline(name)
 
-    def _self_test(self, stored: StoredModel, hooks: PipelineHooks | None) -> Any:
-        return self_test(
-            self.store, stored,
-            fit=hooks.fit() if hooks else None,
-            budget_ms=self.settings.latency_budget_ms,
-            sample=hooks.sample() if hooks else None,
-            make_runner=hooks.make_runner if hooks else default_runner,
-            backend=self.settings.backend, threads=self.settings.threads,
-        )
+    def _self_test(self, stored: StoredModel, hooks: PipelineHooks | None, deployment: str | None = None) -> Any:
+        self.store.begin_selftest({"deployment": deployment, "model": stored.name, "version": stored.version,
+                                   "sha256": stored.sha256, "ts": time.time()})
+        try:
+            return self_test(
+                self.store, stored,
+                fit=hooks.fit() if hooks else None,
+                budget_ms=self.settings.latency_budget_ms,
+                sample=hooks.sample() if hooks else None,
+                make_runner=hooks.make_runner if hooks else default_runner,
+                backend=self.settings.backend, threads=self.settings.threads,
+                memory_budget=self.settings.memory_budget, time_budget_s=self.settings.selftest_timeout_s,
+            )
+        finally:
+            self.store.end_selftest()  # not reached when the process dies in it: the marker stays
 
     def deploy(self, request: DeployRequest) -> DeployState:
         """Accept one deployment and run it to its end on the caller's thread (tools, tests; the daemon queues
@@ -362,7 +396,7 @@ class DeliveryService:
             obtained = True
             state(State.VERIFYING, 0.0)
             hooks = self.hooks(name)
-            prepared = self._self_test(stored, hooks)
+            prepared = self._self_test(stored, hooks, d.id)
             extra: dict[str, Any] = {"selftest_ms": round(prepared.latency_ms, 3),
                                      "download": {"chunks_on_disk": stats.chunks_on_disk,
                                                   "bytes_received": stats.bytes_received}}

@@ -284,6 +284,24 @@ class ModelStore:
             if self._index["pending"].pop(name, None) is not None:
                 self._write_index()
 
+    # -- the self-test marker (a deployment that takes the agent down is not tried again) ---------
+
+    def begin_selftest(self, marker: dict[str, Any]) -> None:
+        """Record, durably, that a self-test starts: found at the next start, it means the agent died in it."""
+        with self._lock:
+            self._index["selftest"] = marker
+            self._write_index()
+
+    def end_selftest(self) -> None:
+        with self._lock:
+            if self._index.pop("selftest", None) is not None:
+                self._write_index()
+
+    def selftest_marker(self) -> dict[str, Any] | None:
+        with self._lock:
+            marker = self._index.get("selftest")
+            return dict(marker) if isinstance(marker, dict) else None
+
     # -- objects --------------------------------------------------------------
 
     def path(self, sha256: str) -> Path:
