@@ -83,7 +83,11 @@ class PendingDeployments:
             if same is not None:
                 if request.request and request.request not in same.ids:
                     same.ids.append(request.request)
-                    self._persist(same)
+                    try:
+                        self._persist(same)
+                    except DeliveryError:
+                        same.ids.pop()  # not accepted (disk full): the reply says so
+                        raise
                 return same, True
             if did in self._all:
                 return self._all[did], True
@@ -96,9 +100,9 @@ class PendingDeployments:
                            order=order, deadline=self.clock() + self.manifest_timeout)
             if saved.get("sha256"):
                 d.extra["sha256"] = saved["sha256"]
-            self._all[did] = d
             if persist:
-                self._persist(d)
+                self._persist(d)  # DeliveryError(storage) on a full disk: not accepted, the reply says so
+            self._all[did] = d
         if needs_manifest:
             self._watch(d)
         else:

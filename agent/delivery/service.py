@@ -301,26 +301,41 @@ class DeliveryService:
     # -- the worker -----------------------------------------------------------------
 
     def _work(self) -> None:
+        # Nothing may end this thread but `stop`: a dead worker leaves every later deploy `queued` for good.
         while not self.stop.is_set():
-            d, overdue = self.pending.take(self.stop)
-            for late in overdue:
-                self._finish(late, State.FAILED, Reason.NOT_FOUND,
-                             f"no manifest on {self.topics.manifest(late.request.name, late.request.version)} "
-                             f"after {self.settings.download.manifest_timeout:g} s")
-            if d is None:
-                continue
             try:
-                self._run(d)
-            except DeliveryError as exc:
-                if exc.reason is not Reason.STOPPED:
-                    raise
-                self.pending.release(d)
-                return  # still pending: the next start resumes it
+                if not self._step():
+                    return
             except Exception:
-                # deploy() reports every expected failure itself; this is a bug: log, count, carry on.
                 self.restarts += 1
-                logger.exception("deployment of %s@%s failed unexpectedly", d.request.name, d.request.version)
-                self._finish(d, State.FAILED, Reason.STORAGE, "internal error; see the agent log")
+                logger.exception("delivery worker: unexpected error; going on")
+                self.stop.wait(1.0)  # not a hot loop if it keeps failing (e.g. a disk that stays full)
+
+    def _step(self) -> bool:
+        """One round of the worker; False when it must end (the agent stops mid-deployment)."""
+        self.store.flush()  # an index change a full disk refused is written once there is room
+        d, overdue = self.pending.take(self.stop)
+        for late in overdue:
+            self._finish(late, State.FAILED, Reason.NOT_FOUND,
+                         f"no manifest on {self.topics.manifest(late.request.name, late.request.version)} "
+                         f"after {self.settings.download.manifest_timeout:g} s")
+        if d is None:
+            return True
+        try:
+            self._run(d)
+        except DeliveryError as exc:
+            if exc.reason is not Reason.STOPPED:
+                self._finish(d, State.FAILED, exc.reason, exc.detail)
+                return True
+            self.pending.release(d)
+            return False  # still pending: the next start resumes it
+        except Exception as exc:
+            # _run() reports every expected failure itself; this is a bug or the disk: log, count, carry on.
+            self.restarts += 1
+            logger.exception("deployment of %s@%s failed unexpectedly", d.request.name, d.request.version)
+            self._finish(d, State.FAILED, Reason.STORAGE, f"internal error ({type(exc).__name__}); "
+                                                          f"see the agent log")
+        return True
 
     def _finish(self, d: Deployment, final: State, reason: Reason, detail: str) -> DeployState:
         self.pending.done(d)

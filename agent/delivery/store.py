@@ -20,6 +20,7 @@ are kept (last known good); `gc()` removes the rest.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from agent.delivery import failpoints
 from agent.delivery.manifest import SignedManifest, Version, version_key
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.errors import LeptonError
-from agent.quarantine import Corrupt, open_or_quarantine
+from agent.statefiles import Corrupt, open_or_quarantine
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +85,15 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data`: temp file, fsync, rename, fsync the directory."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a half-written temp file on a full disk holds the space it needs
+        raise
     fsync_dir(path.parent)
 
 
@@ -146,6 +151,8 @@ class ModelStore:
         except OSError as exc:
             raise LeptonError(f"{self.root}: cannot create the model store ({exc.strerror})") from None
         self._index_path = self.root / "index.json"
+        self._dirty = False
+        """The index in memory has a change the disk does not (a write failed); `flush()` retries."""
         self._index = self._read_index()
         self._remove_temp_files()
 
@@ -160,7 +167,8 @@ class ModelStore:
                  "deployments; pipelines run their configured models (deploy again; the model files in "
                  "objects/ go at the next clean-up)")
         if not self._index_path.exists():  # moved aside: the new, empty index is what the store now says
-            write_atomic(self._index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+            with contextlib.suppress(OSError):  # a full disk: written at the first change that can be
+                write_atomic(self._index_path, json.dumps(index, indent=1, sort_keys=True).encode())
         return index
 
     def _load_index(self) -> dict[str, Any]:
@@ -181,6 +189,42 @@ class ModelStore:
         return data
     def _write_index(self) -> None:
         write_atomic(self._index_path, json.dumps(self._index, indent=1, sort_keys=True).encode())
+        if self._dirty:
+            logger.warning("model store: %s written again (the disk has room again)", self._index_path)
+        self._dirty = False
+
+    @contextlib.contextmanager
+    def _change(self, strict: bool = True) -> Iterator[None]:
+        """Change the index in the block, then write it. If the write fails (disk full, I/O error): `strict`
+        puts the index back and raises DeliveryError(storage), for records that must be on disk before the
+        caller acts on them; otherwise the change stands in memory and `flush()` writes it when it can (for
+        clean-ups, whose loss a restart repairs: a trial left on disk is rolled back, a pending entry left
+        resumes or fails once more)."""
+        with self._lock:
+            before = copy.deepcopy(self._index)
+            yield
+            try:
+                self._write_index()
+            except OSError as exc:
+                if strict:
+                    self._index = before
+                    raise DeliveryError(Reason.STORAGE, f"{self._index_path}: cannot write the index "
+                                                        f"({exc.strerror or exc})") from None
+                if not self._dirty:
+                    logger.warning("model store: cannot write %s (%s); kept in memory, written when it can",
+                                   self._index_path, exc.strerror or exc)
+                self._dirty = True
+
+    def flush(self) -> bool:
+        """Write an index whose last change could not be written; True when the disk has it all."""
+        with self._lock:
+            if not self._dirty:
+                return True
+            try:
+                self._write_index()
+            except OSError:
+                return False
+            return True
 
     def _remove_temp_files(self) -> None:
         for folder in (self.root, self.objects, self.partial):
@@ -207,12 +251,12 @@ class ModelStore:
         s = self.slot(name)
         return [m for m in (s.active, s.previous) if m is not None]
 
-    def _set_slot(self, name: str, slot: Slot) -> None:
-        self._index["models"][name] = {
-            key: (getattr(slot, key).as_dict() if getattr(slot, key) else None)
-            for key in ("active", "previous", "trial")
-        }
-        self._write_index()
+    def _set_slot(self, name: str, slot: Slot, strict: bool = True) -> None:
+        with self._change(strict):
+            self._index["models"][name] = {
+                key: (getattr(slot, key).as_dict() if getattr(slot, key) else None)
+                for key in ("active", "previous", "trial")
+            }
 
     # -- activation records ---------------------------------------------------
 
@@ -242,7 +286,7 @@ class ModelStore:
         with self._lock:
             s = self.slot(name)
             if s.trial is not None:
-                self._set_slot(name, Slot(active=s.active, previous=s.previous))
+                self._set_slot(name, Slot(active=s.active, previous=s.previous), strict=False)
             return s.trial
 
     def rollback(self, name: str, version: Version | None = None) -> StoredModel:
@@ -275,27 +319,27 @@ class ModelStore:
             return {k: dict(v) for k, v in self._index["pending"].items()}
 
     def set_pending(self, name: str, request: dict[str, Any]) -> None:
-        with self._lock:
+        with self._change():
             self._index["pending"][name] = request
-            self._write_index()
 
     def clear_pending(self, name: str) -> None:
         with self._lock:
-            if self._index["pending"].pop(name, None) is not None:
-                self._write_index()
+            if name in self._index["pending"]:
+                with self._change(strict=False):
+                    del self._index["pending"][name]
 
     # -- the self-test marker (a deployment that takes the agent down is not tried again) ---------
 
     def begin_selftest(self, marker: dict[str, Any]) -> None:
         """Record, durably, that a self-test starts: found at the next start, it means the agent died in it."""
-        with self._lock:
+        with self._change():
             self._index["selftest"] = marker
-            self._write_index()
 
     def end_selftest(self) -> None:
         with self._lock:
-            if self._index.pop("selftest", None) is not None:
-                self._write_index()
+            if "selftest" in self._index:
+                with self._change(strict=False):
+                    del self._index["selftest"]
 
     def selftest_marker(self) -> dict[str, Any] | None:
         with self._lock:

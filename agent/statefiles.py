@@ -1,4 +1,6 @@
-"""A state file found corrupt at start is moved aside, said in one line, and the agent starts afresh.
+"""The agent's own state files: one found corrupt at start is moved aside; a full disk is survived.
+
+Corrupt at start: the file is moved aside, said in one line, and the agent starts afresh.
 
 The agent's state files (the result spool, the command record, the model store's index) are
 written only by the agent, so a file that does not read back was damaged from outside (a
@@ -66,6 +68,34 @@ def _means_corrupt(exc: sqlite3.OperationalError) -> bool:
     # messages say the file's content is not a database the agent wrote.
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text or "corrupt" in text
+
+
+def disk_full(exc: sqlite3.Error) -> bool:
+    """SQLite could not write: the disk (or the filesystem's quota) is full, or the write failed (I/O)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
+    text = str(exc).lower()
+    return "full" in text or "i/o" in text
+
+
+class Episode:
+    """Says once when a state file stops being writable and once when it is again, not at every failure."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+
+    def failed(self, exc: BaseException, cost: str) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            logger.error("%s: cannot write (%s); %s until the disk has room again", self.what,
+                         " ".join(str(exc).split())[:120], cost)
+
+    def ok(self) -> None:
+        if self.failures:
+            logger.warning("%s: writable again after %d failed writes", self.what, self.failures)
+            self.failures = 0
 
 
 def sqlite_check(db: sqlite3.Connection) -> None:
