@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,30 @@ def test_a_self_test_over_its_time_budget_is_rolled_back(link: PahoLink, topics:
     assert final.state.value == "rolled_back" and final.reason.value == "selftest_timeout"
     assert "by the end of loading" in final.detail
     assert svc.store.active("colors") is None and svc.store.selftest_marker() is None
+
+
+def test_a_self_test_stuck_past_its_budget_is_reported_while_it_runs(link: PahoLink, topics: Topics, keys: Keys,
+                                                                     tmp_path: Path, backend: str) -> None:
+    """A self-test still running when its budget ends is reported then (the daemon withholds systemd's watchdog
+    ping on it), not only once it returns: a runtime that never returns must not hold the agent for good."""
+    publish(link, topics, FIXTURES / "colors_int8.json", "colors", 1, keys)
+    svc = service(link, tmp_path / "store", keys, topics, backend, settings=DeliverySettings(selftest_timeout_s=0.05))
+    told: list[bool] = []
+    overran = threading.Event()
+
+    def overrun(over: bool) -> None:
+        told.append(over)
+        overran.set()
+
+    def stuck(point: str, ctx: dict[str, Any]) -> None:
+        if point == "selftest":  # stands for a runtime call that does not return: held until the budget is over
+            assert overran.wait(30)
+
+    svc.overrun = overrun
+    failpoints.handler = stuck
+    try:
+        final: Any = svc.deploy(DeployRequest("colors", 1))
+    finally:
+        failpoints.handler = None
+    assert told == [True, False]  # withheld while stuck, released when it ended after all
+    assert final.state.value == "rolled_back" and final.reason.value == "selftest_timeout"

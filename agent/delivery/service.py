@@ -154,6 +154,9 @@ class DeliveryService:
                                           manifest_timeout=self.settings.download.manifest_timeout,
                                           limit=self.settings.max_pending)
         self._thread: threading.Thread | None = None
+        self.overrun: Callable[[bool], None] | None = None
+        """Told True when a self-test outlives `selftest_timeout_s` inside the runtime, False when it ends after
+        all (the daemon withholds the systemd watchdog meanwhile)."""
         self.restarts = 0
         """Times the worker loop recovered from an unexpected error."""
 
@@ -351,6 +354,27 @@ class DeliveryService:
     def _self_test(self, stored: StoredModel, hooks: PipelineHooks | None, deployment: str | None = None) -> Any:
         self.store.begin_selftest({"deployment": deployment, "model": stored.name, "version": stored.version,
                                    "sha256": stored.sha256, "ts": time.time()})
+        lock = threading.Lock()
+        running, overran = [True], [False]
+        budget = self.settings.selftest_timeout_s
+
+        def watch() -> None:
+            # A call inside the runtime cannot be interrupted; what can be done is to say so and let the
+            # daemon withhold systemd's watchdog ping, so that systemd ends the process and the marker
+            # rolls the deployment back at the next start.
+            with lock:
+                if not running[0]:
+                    return
+                overran[0] = True
+                logger.error("%s@%s: the self-test is still running %g s into its budget, inside the runtime",
+                             stored.name, stored.version, budget)
+                if self.overrun is not None:
+                    self.overrun(True)
+
+        timer = threading.Timer(budget, watch) if budget is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
         try:
             return self_test(
                 self.store, stored,
@@ -362,6 +386,12 @@ class DeliveryService:
                 memory_budget=self.settings.memory_budget, time_budget_s=self.settings.selftest_timeout_s,
             )
         finally:
+            with lock:
+                running[0] = False
+                if overran[0] and self.overrun is not None:
+                    self.overrun(False)
+            if timer is not None:
+                timer.cancel()
             self.store.end_selftest()  # not reached when the process dies in it: the marker stays
 
     def deploy(self, request: DeployRequest) -> DeployState:
