@@ -431,9 +431,11 @@ class DeliveryService:
             if active is not None and version_key(active) == version_key(version):
                 self.pending.done(d)
                 return state(State.ACTIVE, 1.0, detail="already active")
-            assert d.manifest is not None
-            signed = check_manifest(d.manifest, self.trusted, self.policy, active=active,
-                                    expect_name=name, expect_version=version)
+            if d.manifest:
+                signed = check_manifest(d.manifest, self.trusted, self.policy, active=active,
+                                        expect_name=name, expect_version=version)
+            else:  # accepted as already active, and another version is active by now (a rollback): fetch it
+                signed = self.downloader.fetch_manifest(name, version, self.stop, active=active)
             self.pending.note(d, sha256=signed.sha256)
             state(State.DOWNLOADING, 0.0)
             stored, stats = self.downloader.download(
