@@ -69,7 +69,7 @@ class PendingDeployments:
         self.clock = clock
         self._cond = threading.Condition()
         self._all: dict[str, Deployment] = {}
-        self._order = itertools.count(1 + max((int(e.get("order", 0)) for e in store.pending().values()), default=0))
+        self._order = itertools.count(1 + max((order_of(e) for e in store.pending().values()), default=0))
 
     # -- accepting ----------------------------------------------------------------------------
 
@@ -95,7 +95,7 @@ class PendingDeployments:
                 raise DeliveryError(Reason.QUEUE_FULL, f"{len(self._all)} deployments are pending already, "
                                                        f"the limit is {self.limit}; try again when they have ended")
             saved = dict(entry or {})
-            order = int(saved.get("order") or next(self._order))
+            order = order_of(saved) or next(self._order)
             d = Deployment(did, request, ids=list(saved.get("ids") or ([request.request] if request.request else [])),
                            order=order, deadline=self.clock() + self.manifest_timeout)
             if saved.get("sha256"):
@@ -194,6 +194,12 @@ class PendingDeployments:
     def __len__(self) -> int:
         with self._cond:
             return len(self._all)
+
+
+def order_of(entry: dict[str, Any]) -> int:
+    """A saved deployment's acceptance order; 0 when it has none (saved by an older agent) or a bad one."""
+    order = entry.get("order")
+    return order if isinstance(order, int) and not isinstance(order, bool) and order > 0 else 0
 
 
 def same_version(a: Any, b: Version) -> bool:

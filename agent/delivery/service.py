@@ -34,7 +34,7 @@ from agent.delivery.activation import (
 from agent.delivery.download import Downloader, DownloadSettings
 from agent.delivery.link import Link
 from agent.delivery.manifest import NAME_RE, DevicePolicy, Version, check_manifest, parse_version, version_key
-from agent.delivery.pending import DEFAULT_LIMIT, Deployment, PendingDeployments, same_version
+from agent.delivery.pending import DEFAULT_LIMIT, Deployment, PendingDeployments, order_of, same_version
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit, RunnerFactory, default_runner, self_test
 from agent.delivery.signing import TrustedKeys
@@ -164,7 +164,7 @@ class DeliveryService:
 
     def start(self) -> DeliveryService:
         self.recover()
-        saved = sorted(self.store.pending().items(), key=lambda kv: (int(kv[1].get("order") or 0), kv[0]))
+        saved = sorted(self.store.pending().items(), key=lambda kv: (order_of(kv[1]), kv[0]))
         for did, entry in saved:
             try:
                 request = DeployRequest.from_command(entry)
