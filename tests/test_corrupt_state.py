@@ -13,9 +13,9 @@ import pytest
 from broker import Broker, Watcher
 from test_daemon import Daemon, fleet, write_config
 
+from agent.agent_state import AgentState
 from agent.delivery.store import ModelStore
-from agent.link.spool import Spool
-from agent.state import AgentState
+from agent.mqtt.spool import Spool
 
 
 def _spool(state: Path) -> Path:

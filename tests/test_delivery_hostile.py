@@ -18,10 +18,10 @@ from delivery_kit import FIXTURES, Keys, StateWatch, connect, new_keys, publish,
 
 from agent import modelfile as mf
 from agent.delivery import failpoints
-from agent.delivery.link import PahoLink
 from agent.delivery.service import DeliverySettings, DeployRequest
-from agent.delivery.topics import Topics
 from agent.modelfile import read_model_file
+from agent.mqtt.client import PahoLink
+from agent.mqtt.topics import FleetTopics
 
 MIB = 1024 * 1024
 BATCH = 8_323_073  # 0x007F0001: the batch 1 of an intermediate tensor with one byte flipped (0x00 -> 0x7F)
@@ -69,8 +69,8 @@ def link(hostile_broker: Broker) -> Iterator[PahoLink]:
 
 
 @pytest.fixture
-def topics() -> Topics:
-    return Topics(unique_prefix())
+def topics() -> FleetTopics:
+    return FleetTopics(unique_prefix())
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_the_flatbuffer_walk_bounds_the_tensors(tmp_path: Path) -> None:
     assert hostile > 512 * MIB  # over any profile's memory budget (the largest is 768 MiB)
 
 
-def test_absurd_tensors_are_refused_before_any_interpreter(link: PahoLink, topics: Topics, keys: Keys,
+def test_absurd_tensors_are_refused_before_any_interpreter(link: PahoLink, topics: FleetTopics, keys: Keys,
                                                            tmp_path: Path, backend: str, reached: list[str]) -> None:
     hostile, _ = hostile_copy(tmp_path)
     publish(link, topics, FIXTURES / "colors_int8.json", "colors", 1, keys)
@@ -114,7 +114,7 @@ def test_absurd_tensors_are_refused_before_any_interpreter(link: PahoLink, topic
     assert svc.store.pending() == {} and svc.store.selftest_marker() is None
 
 
-def test_a_self_test_over_its_time_budget_is_rolled_back(link: PahoLink, topics: Topics, keys: Keys,
+def test_a_self_test_over_its_time_budget_is_rolled_back(link: PahoLink, topics: FleetTopics, keys: Keys,
                                                          tmp_path: Path, backend: str) -> None:
     publish(link, topics, FIXTURES / "colors_int8.json", "colors", 1, keys)
     # No real self-test ends within a nanosecond: the budget is certainly spent by the end of loading.
@@ -125,7 +125,7 @@ def test_a_self_test_over_its_time_budget_is_rolled_back(link: PahoLink, topics:
     assert svc.store.active("colors") is None and svc.store.selftest_marker() is None
 
 
-def test_a_self_test_stuck_past_its_budget_is_reported_while_it_runs(link: PahoLink, topics: Topics, keys: Keys,
+def test_a_self_test_stuck_past_its_budget_is_reported_while_it_runs(link: PahoLink, topics: FleetTopics, keys: Keys,
                                                                      tmp_path: Path, backend: str) -> None:
     """A self-test still running when its budget ends is reported then (the daemon withholds systemd's watchdog
     ping on it), not only once it returns: a runtime that never returns must not hold the agent for good."""

@@ -13,10 +13,10 @@ from broker import Broker
 from delivery_kit import FIXTURES, Keys, StateWatch, connect, new_keys, publish, service, unique_prefix
 
 from agent.delivery.download import DownloadSettings
-from agent.delivery.link import PahoLink
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.service import DeliverySettings
-from agent.delivery.topics import Topics
+from agent.mqtt.client import PahoLink
+from agent.mqtt.topics import FleetTopics
 
 COLORS = FIXTURES / "colors_int8.json"
 
@@ -34,8 +34,8 @@ def link(pending_broker: Broker) -> Iterator[PahoLink]:
 
 
 @pytest.fixture
-def topics() -> Topics:
-    return Topics(unique_prefix())
+def topics() -> FleetTopics:
+    return FleetTopics(unique_prefix())
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _stopped() -> threading.Event:
     return stop
 
 
-def test_two_deploys_of_one_model_both_survive_a_restart(link: PahoLink, topics: Topics, keys: Keys,
+def test_two_deploys_of_one_model_both_survive_a_restart(link: PahoLink, topics: FleetTopics, keys: Keys,
                                                          tmp_path: Path, backend: str) -> None:
     """The second deploy of a model neither overwrites the first nor is wiped by its clean-up."""
     first = service(link, tmp_path / "store", keys, topics, backend)
@@ -71,7 +71,7 @@ def test_two_deploys_of_one_model_both_survive_a_restart(link: PahoLink, topics:
     assert again.store.pending() == {}
 
 
-def test_a_repeated_deploy_joins_the_pending_one(link: PahoLink, topics: Topics, keys: Keys, tmp_path: Path,
+def test_a_repeated_deploy_joins_the_pending_one(link: PahoLink, topics: FleetTopics, keys: Keys, tmp_path: Path,
                                                  backend: str) -> None:
     svc = service(link, tmp_path / "store", keys, topics, backend)
     svc.stop = _stopped()
@@ -92,7 +92,7 @@ def test_a_repeated_deploy_joins_the_pending_one(link: PahoLink, topics: Topics,
 
 
 def test_a_flood_of_unpublished_deploys_is_bounded_and_does_not_block_a_real_one(
-        link: PahoLink, topics: Topics, keys: Keys, tmp_path: Path, backend: str) -> None:
+        link: PahoLink, topics: FleetTopics, keys: Keys, tmp_path: Path, backend: str) -> None:
     # Manifests that never come are waited for this long: were they awaited one after another, the real deploy
     # behind them would wait hours; awaited together, it runs as soon as its own manifest is in.
     settings = DeliverySettings(download=DownloadSettings(manifest_timeout=3600), max_pending=9)

@@ -19,10 +19,10 @@ from test_daemon import Daemon, fleet, write_config
 from test_delivery_activation import _image, _setup
 
 from agent.delivery.activation import PipelineHealth, ProbationSettings
-from agent.delivery.link import PahoLink
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.service import PipelineHooks
 from agent.delivery.store import ModelStore
+from agent.mqtt.client import PahoLink
 
 
 class SmallDisk:

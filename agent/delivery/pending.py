@@ -24,11 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.delivery.link import Link
-from agent.delivery.manifest import MAX_MANIFEST_BYTES, Version, version_key
 from agent.delivery.reasons import DeliveryError, Reason
+from agent.delivery.signed_manifest import MAX_MANIFEST_BYTES
 from agent.delivery.store import ModelStore
-from agent.delivery.topics import Topics
+from agent.delivery.transport import Link
+from agent.mqtt.topics import FleetTopics
+from agent.version import Version, version_key
 
 DEFAULT_LIMIT = 32
 """Pending deployments at most: a device runs one at a time, so more than this is a flood, not a plan."""
@@ -59,7 +60,7 @@ class Deployment:
 class PendingDeployments:
     """Accepted deployments, their manifests awaited concurrently; `take()` gives the next ready one."""
 
-    def __init__(self, store: ModelStore, link: Link, topics: Topics, *, manifest_timeout: float,
+    def __init__(self, store: ModelStore, link: Link, topics: FleetTopics, *, manifest_timeout: float,
                  limit: int = DEFAULT_LIMIT, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.link = link
