@@ -162,8 +162,8 @@ class Agent:
             from agent.ota import make_service
 
             self.delivery = make_service(self.eff, self.link, self.store, self.backend.name, self.backend_name,
-                                         hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop)
-            self.delivery.overrun = self._selftest_overrun
+                                         hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop,
+                                         watchdog=self.watchdog)
         self._prepare_reporting()
 
     def _prepare_reporting(self) -> None:
@@ -236,14 +236,6 @@ class Agent:
 
         chosen = [p for p in self._pipeline_list() if p.running and p.spec is not None and p.spec.name == name]
         return ModelPipelines(chosen).hooks() if chosen else None
-
-    def _selftest_overrun(self, over: bool) -> None:
-        # A heart that never beats: systemd's watchdog ends a self-test stuck in the runtime (and the agent);
-        # at the next start the self-test marker rolls that deployment back instead of trying it again.
-        if over:
-            self.watchdog.register("delivery self-test")
-        else:
-            self.watchdog.unregister("delivery self-test")
 
     def _spool_result(self, pipeline: str, payload: dict[str, Any]) -> None:
         assert self.spool is not None
