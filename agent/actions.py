@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent import __version__
-from agent.commands import Bench, Command, CommandError, Configure, Deploy, Handler, Later, Rollback, Start, Stop
+from agent.commands import Bench, Command, CommandError, Configure, Deploy, Handler, Later, Rollback, Start, Stop, Tune
 from agent.config import Effective, PipelineSettings
 from agent.config_load import load
 from agent.delivery.service import DeliveryService
@@ -23,6 +24,7 @@ from agent.errors import BadInput, LeptonError
 from agent.pipeline import Pipeline, check_pipelines
 from agent.slot import ModelSlot
 from agent.supervisor import STOP_WAIT_S
+from agent.tune import Tuner, TuneResult
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class Host(Protocol):
     _lock: threading.Lock
     _slots: dict[str, ModelSlot]
     delivery: DeliveryService | None
+    tuner: Tuner | None
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline: ...
 
@@ -66,6 +69,7 @@ class Actions:
             "configure": self.configure,
             "reload": lambda c: self.reload(),
             "bench": self.bench,
+            "tune": self.tune,
             "deploy": self.delivery_command,
             "rollback": self.delivery_command,
             "models": self.delivery_command,
@@ -187,6 +191,47 @@ class Actions:
                 self._bench_gate.release()
 
         threading.Thread(target=work, name=f"bench-{p.name}", daemon=True).start()
+        return later
+
+    def tune(self, command: Command) -> Later:
+        """Measure the variants of the pipeline's model on this device now and run the cheapest that meets
+        its budget (agent.tune); answered with the measured tables once every tune has ended."""
+        assert isinstance(command, Tune)
+        tuner = self.agent.tuner
+        if tuner is None:
+            raise CommandError("unsupported", "this agent does not tune")
+        chosen = [p for p in self._chosen(command.pipeline) if tuner.tunable(p)]
+        if not chosen:
+            what = f"pipeline {command.pipeline}" if command.pipeline else "no pipeline"
+            raise CommandError("unsupported", f"{what}: nothing to tune (its model's manifest lists no variants, "
+                                              f"or no latency_budget_ms applies)")
+        not_running = [p.name for p in chosen if not p.running]
+        if not_running:
+            raise CommandError("failed", f"pipeline {', '.join(not_running)}: not running (a tune measures on "
+                                         f"its recent items); start it first")
+        later = Later()
+        results: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        lock = threading.Lock()
+
+        def done(name: str, result: TuneResult | None, error: str | None) -> None:
+            with lock:
+                if result is not None:
+                    results[name] = result.as_dict()
+                else:
+                    errors[name] = error or "failed"
+                if len(results) + len(errors) < len(chosen):
+                    return
+            if errors and not results:
+                later.fail(CommandError("failed", "; ".join(f"{k}: {v}" for k, v in errors.items())))
+            else:
+                later.done({"tune": results, "errors": errors})
+
+        def for_pipeline(name: str) -> Callable[[TuneResult | None, str | None], None]:
+            return lambda result, error: done(name, result, error)
+
+        for p in chosen:
+            tuner.request(p.name, "command", for_pipeline(p.name))
         return later
 
     def reload(self) -> dict[str, Any]:

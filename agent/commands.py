@@ -116,6 +116,12 @@ class Bench(Command):
     runs: Annotated[int, Field(ge=1, le=1000)] = 50
 
 
+class Tune(Command):
+    action: Literal["tune"]
+    pipeline: TopicName | None = None
+    """One pipeline; default: every pipeline that has a budget and model variants."""
+
+
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 """A model name as delivery topics carry it (docs/delivery.md §2)."""
 
@@ -173,7 +179,7 @@ def register_action(schema: type[Command]) -> type[Command]:
     return schema
 
 
-for _schema in (Ping, Status, Start, Stop, Configure, Reload, Bench, Deploy, Rollback, Models):
+for _schema in (Ping, Status, Start, Stop, Configure, Reload, Bench, Tune, Deploy, Rollback, Models):
     register_action(_schema)
 
 

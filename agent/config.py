@@ -179,6 +179,13 @@ class PipelineSettings(_Strict):
     enabled: bool = True
     """Start with the agent (a disabled pipeline can be started by command)."""
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    latency_budget_ms: Annotated[float, Field(gt=0)] | None = None
+    """p95 latency per item the model may take on this device; with manifest `variants`, the device
+    runs the cheapest one meeting it (agent.tune); default: the profile's."""
+    min_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Fraction of items on which a variant must answer as the base model does; default: the profile's."""
+    max_rss_mb: Annotated[float, Field(gt=0)] | None = None
+    """Resident memory a variant may add; default: the profile's (None: not judged)."""
 
 
 class SpoolSection(_Strict):
@@ -272,6 +279,9 @@ class ProfileOverrides(_Strict):
     spool_cap_bytes: Annotated[int, Field(ge=64 * 1024)] | None = None
     selftest_latency_ms: Annotated[float, Field(gt=0)] | None = None
     cpu_budget_percent: Annotated[float, Field(gt=0, le=100)] | None = None
+    latency_budget_ms: Annotated[float, Field(gt=0)] | None = None
+    min_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    max_rss_mb: Annotated[float, Field(gt=0)] | None = None
 
 
 def _key_id(v: str) -> str:

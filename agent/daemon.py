@@ -43,6 +43,7 @@ from agent.pipeline import Pipeline, check_pipelines
 from agent.runtime import Backend, load_backend
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
 from agent.slot import ModelSlot
+from agent.tune import Tuner
 
 if TYPE_CHECKING:
     from agent.prometheus import PrometheusEndpoint
@@ -101,6 +102,9 @@ class Agent:
         self.notifier = Notifier()
         self.watchdog = Watchdog(self.notifier, watchdog_interval(), self.stop)
         self.governor: Governor | None = None
+        self.tuner: Tuner | None = Tuner(self._pipeline_list, self.stop,
+                                         level=lambda: 0 if self.governor is None else self.governor.level)
+        """Measures each pipeline's model variants on this device and runs the cheapest within budget."""
         self.monitor: Monitor | None = None
         self.discovery: Discovery | None = None
         self.prometheus: PrometheusEndpoint | None = None
@@ -154,6 +158,9 @@ class Agent:
         cfg, profile = self.eff.config, self.eff.profile
         if cfg.governor.enabled:
             self.governor = Governor(cfg.governor, profile, self._pipeline_list)
+            tuner = self.tuner
+            if tuner is not None:
+                self.governor.on_level.append(lambda level: tuner.request_all(f"pressure level {level}"))
         link = self.link
         if cfg.telemetry.enabled or self.governor is not None or cfg.prometheus.enabled:
             self.monitor = Monitor(
@@ -242,6 +249,8 @@ class Agent:
                 p.start()
         if self.delivery is not None:
             self.delivery.start()  # after the pipelines: a resumed deployment finds them running
+        if self.tuner is not None:
+            self.tuner.start()  # tunes each pipeline with a budget and variants once it runs
         if self.monitor is not None:
             self.monitor.start()
         # Ready once the first connection attempt has an outcome, whatever it is: the agent works offline too.
@@ -293,6 +302,8 @@ class Agent:
         if self.delivery is not None:
             # A download or probation in progress stops at once and resumes (or rolls back) at the next start.
             self.delivery.join(max(0.1, min(1.0, deadline - time.monotonic() - 1.0)))
+        if self.tuner is not None:
+            self.tuner.join(0.5)  # a tune in progress ends with its current variant: the thread is a daemon's
         if self.prometheus is not None:
             self.prometheus.close()
         if self.monitor is not None:
@@ -342,6 +353,7 @@ class Agent:
             link=None if self.link is None else {**self.link.stats.as_dict(), "bdseq": self.link.bdseq},
             commands=None if self.commands is None else self.commands.stats.as_dict(),
             governor=None if self.governor is None else self.governor.state(),
+            tune=None if self.tuner is None else self.tuner.state(),
         )
         return out
 

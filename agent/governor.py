@@ -4,6 +4,8 @@ One pressure level for the device, 0 (full speed) to `max_level`. Each level is 
 for every vision pipeline: its fps times `fps_step`, or — from `variant_level` on, when the
 model's manifest lists cheaper `variants` — the next cheaper variant instead. Audio loops
 are never slowed, paused or swapped: a missed wake word costs more than the CPU it saves.
+A pipeline the device's tuner owns (`agent.tune`: a budget and variants) is only slowed
+here; a change of level makes the tuner measure its variants again under the new pressure.
 
 - SoC temperature at or past the profile's soft limit, firmware throttling now, or the
   agent's share of all cores over the profile's `cpu_budget_percent`: one step down per
@@ -72,7 +74,7 @@ class Change:
 class _Plan:
     """One pipeline's ladder: its variants, and those that failed to load."""
 
-    key: tuple[int, Any, Any]
+    key: tuple[Any, ...]
     variants: list[ModelVariant]
     broken: set[str] = field(default_factory=set)
 
@@ -95,6 +97,8 @@ class Governor:
         self.history: collections.deque[Change] = collections.deque(maxlen=16)
         self._last_change = float("-inf")
         self._plans: dict[str, _Plan] = {}
+        self.on_level: list[Callable[[int], None]] = []
+        """Called after a tick that changed the level (the tuner measures again under the new pressure)."""
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -162,11 +166,12 @@ class Governor:
 
     def _plan(self, pipeline: Pipeline) -> _Plan:
         base = pipeline.slot.base_spec
-        key = (id(pipeline), None if base is None else base.path, None if base is None else base.manifest_path)
+        key = (id(pipeline), None if base is None else base.path, None if base is None else base.manifest_path,
+               pipeline.slot.tuning)
         plan = self._plans.get(pipeline.name)
         if plan is None or plan.key != key:
             variants: list[ModelVariant] = []
-            if self.settings.variant_level > 0 and base is not None:
+            if self.settings.variant_level > 0 and base is not None and not pipeline.slot.tuning:
                 variants = cheaper_variants(base, self.settings.min_agreement)
             plan = _Plan(key, variants)
             self._plans[pipeline.name] = plan
@@ -217,7 +222,9 @@ class Governor:
                 continue
             fps, variant = self.target(pipeline)
             wanted = None if variant is None else variant.file
-            if wanted != pipeline.chosen_variant and pipeline.running and not self._switch(pipeline, variant):
+            tuned = pipeline.slot.tuning  # the device's tuner picks its variant (agent.tune); here: fps only
+            if not tuned and wanted != pipeline.chosen_variant and pipeline.running and \
+                    not self._switch(pipeline, variant):
                 fps, _ = self.target(pipeline)  # without the variant that failed, this level is an fps step
             pipeline.govern_fps(fps)
             if self.paused and not pipeline.paused:
@@ -242,8 +249,12 @@ class Governor:
         return True
 
     def tick(self, reading: Reading, now: float | None = None) -> list[Change]:
+        before = self.level
         changes = self.decide(reading, time.monotonic() if now is None else now)
         self.apply()
+        if self.level != before:
+            for listener in self.on_level:
+                listener(self.level)
         return changes
 
     # -- reporting ---------------------------------------------------------------------------------

@@ -79,6 +79,12 @@ class Profile(BaseModel):
     """A new model's single inference must finish within this in its self-test."""
     cpu_budget_percent: Annotated[float, Field(gt=0, le=100)] = 60.0
     """The agent's share of all cores (0-100) above which the governor slows the vision loops."""
+    latency_budget_ms: Annotated[float, Field(gt=0)] | None = None
+    """Default p95 per-item latency budget of this class's pipelines (None: not tuned unless a pipeline says)."""
+    min_agreement: Annotated[float, Field(ge=0, le=1)] = 0.9
+    """Default agreement a variant needs with the base model to be chosen on the device."""
+    max_rss_mb: Annotated[float, Field(gt=0)] | None = None
+    """Default resident memory a variant may add (None: not judged)."""
 
     @model_validator(mode="after")
     def _limits_in_order(self) -> Profile:

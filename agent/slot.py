@@ -117,6 +117,10 @@ class ModelSlot:
         self.pending: Loaded | None = None
         """Swapped in, not yet taken by the loop (read without the lock: one attribute, per item)."""
         self.observer: ItemObserver | None = None
+        self.tuning = False
+        """The device's tuner (`agent.tune`) chooses the variant: the governor steps only the fps."""
+        self.tune_summary: dict[str, Any] | None = None
+        """The last tune's chosen variant and its margins to the budget (telemetry)."""
         self.sample_wanted = threading.Event()
         self._sample_ready = threading.Event()
         self._sample: Any = None

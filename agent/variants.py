@@ -116,6 +116,21 @@ def cheaper_variants(spec: ModelSpec, min_agreement: float = 0.0) -> list[ModelV
     return [ModelVariant(v.file, i, v.relative_cost, v.agreement, v.entry) for i, (_, v) in enumerate(ranked, 1)]
 
 
+def all_variants(spec: ModelSpec) -> list[ModelVariant]:
+    """Every variant the manifest lists, in its order, whatever the operator measured: the device's tuner
+    (`agent.tune`) measures them all itself."""
+    manifest = spec.manifest
+    if manifest is None or not manifest.variants:
+        return []
+    out: list[ModelVariant] = []
+    for entry in manifest.variants:
+        file = entry.get("file")
+        if isinstance(file, str) and _SAFE_FILE.match(file) and file != manifest.file:
+            out.append(ModelVariant(file, len(out) + 1, _relative_cost(entry, manifest.metrics), _agreement(entry),
+                                    dict(entry)))
+    return out
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
