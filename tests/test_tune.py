@@ -21,15 +21,15 @@ pytest.importorskip(
     reason="ai-edge-quantizer (the compress extra) makes the int8 variant; the tflite-runtime lane does not have it",
 )
 
-from broker import Broker, Watcher  # noqa: E402
-from conftest import ROOT, run_cli  # noqa: E402
-from test_daemon import Daemon, fleet  # noqa: E402
-from test_telemetry_daemon import _fake_root, set_temperature  # noqa: E402
+from broker import Broker, Watcher
+from conftest import ROOT, run_cli
+from test_daemon import Daemon, fleet
+from test_telemetry_daemon import _fake_root, _validate, set_temperature
 
-from agent.config import PipelineSettings, SupervisorSection  # noqa: E402
-from agent.pipeline import Pipeline  # noqa: E402
-from agent.profiles import load_profile  # noqa: E402
-from agent.tune import Budget, Row, Tuner, choose  # noqa: E402
+from agent.config import PipelineSettings, SupervisorSection
+from agent.pipeline import Pipeline
+from agent.profiles import load_profile
+from agent.tune import Budget, Row, Tuner, choose
 
 FULL, SHORT, INT8 = "face_detection_full_range.tflite", "face_detection_short_range.tflite", "full_int8.tflite"
 
@@ -58,8 +58,10 @@ def faces(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> tuple[P
     data["task"] = "detect"  # compare does not recognise BlazeFace's task from the bare float file
     manifest.write_text(json.dumps(data))
     image = cv2.imread(str(evaluation / "lfw_1.png"))
+    assert image is not None
     video = folder / "faces.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"FFV1"), 10, (image.shape[1], image.shape[0]))
+    fourcc = cv2.VideoWriter.fourcc(*"FFV1")
+    writer = cv2.VideoWriter(str(video), fourcc, 10, (image.shape[1], image.shape[0]))
     for _ in range(10):
         writer.write(image)  # lossless: every frame is the image, whatever the machine
     writer.release()
@@ -234,6 +236,7 @@ def test_two_device_classes_choose_from_the_same_manifest(tmp_path: Path, broker
         table = status["result"]["tune"]["faces"]
         assert table["level"] >= 1 and status["result"]["governor"]["level"] >= 1
         _check_rule(table)
+        _validate(w.json("/telemetry"))  # with the tune's summary, as docs/telemetry.schema.json says
         assert dz.terminate() == 0 and d5.terminate() == 0
     for name in ("zero", "five"):
         log = (tmp_path / name / "agent.log").read_text()
