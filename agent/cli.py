@@ -160,6 +160,10 @@ def _fleet_parser() -> argparse.ArgumentParser:
     _runtime_options(p)
     p.set_defaults(func=_cmd_compare)
 
+    from agent.fleet.report import add_report
+
+    add_report(model)
+
     from agent.fleet.live import add_connection_options
 
     p = sub.add_parser("watch", help="print results (and status) as they arrive")
@@ -173,7 +177,7 @@ def _fleet_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cmd", help="send a command to a device, group:G or all, and print the reply")
     p.add_argument("target", metavar="TARGET", help="DEVICE, group:NAME or all")
-    p.add_argument("action", metavar="ACTION", help="ping, status, start, stop, configure, reload, bench")
+    p.add_argument("action", metavar="ACTION", help="ping, status, start, stop, configure, reload, bench, tune")
     p.add_argument("args", nargs="?", metavar="JSON", help='arguments, e.g. \'{"pipeline": "cam", "threshold": 0.6}\'')
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for replies (default 10)")
     p.add_argument("--id", help="command id (default: a fresh one); repeat an id to test idempotency")

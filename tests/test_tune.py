@@ -15,12 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip(
-    "ai_edge_quantizer",
-    reason="ai-edge-quantizer (the compress extra) makes the int8 variant; the tflite-runtime lane does not have it",
-)
-
 from broker import Broker, Watcher
 from conftest import ROOT, run_cli
 from test_daemon import Daemon, fleet
@@ -43,6 +37,8 @@ def _fleet(*args: str) -> str:
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> tuple[Path, Path]:
     """(the variants manifest, a looping video of one LFW mosaic with 11 faces)."""
+    pytest.importorskip("ai_edge_quantizer", reason="ai-edge-quantizer (the compress extra) makes the int8 "
+                        "variant; the tflite-runtime lane does not have it")
     import cv2
     from compress_inputs import face_photos
 
@@ -237,6 +233,26 @@ def test_two_device_classes_choose_from_the_same_manifest(tmp_path: Path, broker
         assert table["level"] >= 1 and status["result"]["governor"]["level"] >= 1
         _check_rule(table)
         _validate(w.json("/telemetry"))  # with the tune's summary, as docs/telemetry.schema.json says
+
+        # The fleet's view: which variant each class runs, and why, as the boards measured it.
+        r = run_cli("model", "report", "face_detection_full_range", "--broker", f"mqtt://127.0.0.1:{broker.port}",
+                    "--timeout", "3", "--format", "json", prog="fleet")
+        assert r.rc == 0, r.err
+        report = json.loads(r.out)
+        assert set(report["classes"]) == {"pi-zero-2w", "pi-5"}
+        for cls, device in (("pi-zero-2w", "d-zero"), ("pi-5", "d-five")):
+            (mine,) = report["classes"][cls]["devices"][device]
+            assert report["classes"][cls]["chosen"] == {mine["chosen"] or "(base)": 1}
+            assert {row["file"] for row in mine["table"]} == {FULL, INT8, SHORT}
+        text = run_cli("model", "report", "face_detection_full_range", "--broker", f"mqtt://127.0.0.1:{broker.port}",
+                       "--timeout", "3", prog="fleet")
+        assert text.rc == 0 and "CLASS pi-5: runs" in text.out and "why: cheapest meeting the budget" in text.out
+        none = run_cli("model", "report", "nope", "--broker", f"mqtt://127.0.0.1:{broker.port}", "--timeout", "2",
+                       prog="fleet")
+        assert none.rc == 1 and "no device of all reported a tune of model nope" in none.err
+        wrong = run_cli("model", "report", "x", "--to", "a/b", "--broker", f"mqtt://127.0.0.1:{broker.port}",
+                      prog="fleet")
+        assert wrong.rc == 2 and wrong.err_lines == ["lepton-fleet: TARGET 'a/b': give a device id, group:NAME or all"]
         assert dz.terminate() == 0 and d5.terminate() == 0
     for name in ("zero", "five"):
         log = (tmp_path / name / "agent.log").read_text()

@@ -151,7 +151,6 @@ def command_topic(prefix: str, target: str) -> tuple[str, str]:
 
 
 def cmd(args: argparse.Namespace, out: TextIO) -> int:
-    topic, reply_topic = command_topic(args.prefix, args.target)
     extra: dict[str, Any] = {}
     if args.args:
         try:
@@ -160,9 +159,23 @@ def cmd(args: argparse.Namespace, out: TextIO) -> int:
             raise BadInput(f"ARGS: not JSON ({exc})") from None
         if not isinstance(extra, dict):
             raise BadInput("ARGS: give a JSON object, e.g. '{\"pipeline\": \"cam\"}'")
-    command = {**extra, "id": args.id or uuid.uuid4().hex, "action": args.action, "ts": round(time.time(), 3),
+    replies = ask(args, args.target, args.action, extra, args.timeout, command_id=args.id)
+    if not replies:
+        print(f"lepton-fleet: no reply from {args.target} within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    for reply in replies:
+        out.write((json.dumps(reply) if args.format == "json" else json.dumps(reply, indent=2)) + "\n")
+    return 0 if all(r.get("ok") for r in replies) else 1
+
+
+def ask(args: argparse.Namespace, target: str, action: str, extra: dict[str, Any], timeout: float,
+        command_id: str | None = None) -> list[dict[str, Any]]:
+    """Send one command to DEVICE, group:G or all; the replies (`device` added): the first from a device,
+    all that came within `timeout` from a group."""
+    topic, reply_topic = command_topic(args.prefix, target)
+    command = {**extra, "id": command_id or uuid.uuid4().hex, "action": action, "ts": round(time.time(), 3),
                "v": SCHEMA_VERSION}
-    single = topic.endswith(f"/{args.target}/cmd")
+    single = topic.endswith(f"/{target}/cmd")
     replies: list[dict[str, Any]] = []
     cond = threading.Condition()
 
@@ -180,17 +193,12 @@ def cmd(args: argparse.Namespace, out: TextIO) -> int:
     try:
         link.subscribe(reply_topic, on_reply)
         link.wait_subscribed(10.0)
-        link.publish_wait(topic, json.dumps(command).encode(), qos=1, timeout=args.timeout)
+        link.publish_wait(topic, json.dumps(command).encode(), qos=1, timeout=timeout)
         with cond:
             if single:
-                cond.wait_for(lambda: bool(replies), args.timeout)
+                cond.wait_for(lambda: bool(replies), timeout)
             else:
-                cond.wait(args.timeout)  # a group answers over time: collect until the timeout
+                cond.wait(timeout)  # a group answers over time: collect until the timeout
     finally:
         link.close()
-    if not replies:
-        print(f"lepton-fleet: no reply from {args.target} within {args.timeout:g} s", file=sys.stderr)
-        return 1
-    for reply in replies:
-        out.write((json.dumps(reply) if args.format == "json" else json.dumps(reply, indent=2)) + "\n")
-    return 0 if all(r.get("ok") for r in replies) else 1
+    return replies
