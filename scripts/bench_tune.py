@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from compress_inputs import face_photos  # noqa: E402
 from fetch_models import fetch  # noqa: E402
 
-from agent.config import PipelineSettings, SupervisorSection  # noqa: E402
+from agent.config import PipelineSettings, PolicySettings, SupervisorSection  # noqa: E402
 from agent.pipeline import Pipeline  # noqa: E402
 from agent.profiles import load_profile  # noqa: E402
 from agent.tune import Tuner  # noqa: E402
@@ -95,7 +95,7 @@ def main() -> int:
 
         settings = PipelineSettings(name="faces", source=str(video), model=manifest, threshold=0.5,
                                     source_options={"realtime": True, "loop": True, "fps": args.fps},
-                                    policy={"on_change": False, "max_rate": 1000},
+                                    policy=PolicySettings(on_change=False, max_rate=1000),
                                     latency_budget_ms=1000.0, min_agreement=0.5)
         profile = load_profile("generic-x86_64").model_copy(update={"threads": args.threads, "max_fps": args.fps})
         stop = threading.Event()
