@@ -122,6 +122,8 @@ class ModelSlot:
         self.tune_summary: dict[str, Any] | None = None
         """The last tune's chosen variant and its margins to the budget (telemetry)."""
         self.sample_wanted = threading.Event()
+        self._sample_gate = threading.Lock()
+        """One sampler at a time (a self-test and a tune may both ask): each gets an item of its own."""
         self._sample_ready = threading.Event()
         self._sample: Any = None
         self._stats: Counters | None = None
@@ -287,15 +289,20 @@ class ModelSlot:
 
     def sample(self, timeout: float = SAMPLE_WAIT_S) -> Any:
         """A copy of the next item the loop processes, or None if none comes within `timeout`."""
-        self._sample, self._sample_ready = None, threading.Event()
-        ready = self._sample_ready
-        self.sample_wanted.set()
         end = time.monotonic() + timeout
-        while not ready.wait(min(0.1, max(0.0, end - time.monotonic()))):
-            if self.stopping() or time.monotonic() >= end:
-                self.sample_wanted.clear()
-                return None
-        return self._sample
+        if not self._sample_gate.acquire(timeout=timeout):
+            return None
+        try:
+            self._sample, self._sample_ready = None, threading.Event()
+            ready = self._sample_ready
+            self.sample_wanted.set()
+            while not ready.wait(min(0.1, max(0.0, end - time.monotonic()))):
+                if self.stopping() or time.monotonic() >= end:
+                    self.sample_wanted.clear()
+                    return None
+            return self._sample
+        finally:
+            self._sample_gate.release()
 
     def take_sample(self, data: Any) -> None:
         # Copied: sources may hand out views of buffers they reuse. Only when asked: the hot path copies nothing.

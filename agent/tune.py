@@ -151,14 +151,18 @@ def rss_mb() -> float:
         return 0.0
 
 
-def measure(pipeline: Pipeline, inputs: list[Any], rounds: int = TUNE_ROUNDS) -> list[Row]:
-    """Every variant of the pipeline's base model on `inputs`, in this thread: the base first."""
+def measure(pipeline: Pipeline, inputs: list[Any], rounds: int = TUNE_ROUNDS,
+            stop: threading.Event | None = None) -> list[Row]:
+    """Every variant of the pipeline's base model on `inputs`, in this thread: the base first. LeptonError
+    when `stop` is set meanwhile."""
     slot = pipeline.slot
     base = slot.base_spec or slot.configured_spec()
     rows: list[Row] = []
     base_answers: list[Any] | None = None
     candidates: list[ModelVariant | None] = [None, *all_variants(base)]
     for variant in candidates:
+        if stop is not None and stop.is_set():
+            raise LeptonError(f"pipeline {pipeline.name}: stopped during the tune")
         row = Row(None if variant is None else variant.file, base.path.name if variant is None else variant.file)
         rows.append(row)
         model = runner = None
@@ -192,6 +196,30 @@ def measure(pipeline: Pipeline, inputs: list[Any], rounds: int = TUNE_ROUNDS) ->
         elif base_answers is not None:
             row.agreement = sum(a == b for a, b in zip(answers, base_answers, strict=True)) / len(inputs)
     return rows
+
+
+def niced(work: Callable[[], Any]) -> Any:
+    """Run `work` in a thread of its own at TUNE_NICE and return what it returns (or raise what it raised).
+
+    Its own thread, not the tuner's: niceness is per thread on Linux, inherited by the threads it
+    starts (the interpreters' worker threads) and cannot be lowered again unprivileged; the model the
+    tuner then swaps into the loop must not carry it."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere at the normal priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TUNE_NICE)
+        try:
+            box["value"] = work()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="tuner-measure", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def collect(pipeline: Pipeline, n: int = TUNE_ITEMS, timeout: float = SAMPLE_TIMEOUT_S) -> list[Any]:
@@ -300,8 +328,6 @@ class Tuner:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # per-thread niceness (Linux); elsewhere as is
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TUNE_NICE)
         while not self.stop.is_set():
             with self._cond:
                 if not self._requests:
@@ -317,12 +343,18 @@ class Tuner:
 
     def _find_untuned(self) -> None:
         for p in self.pipelines():
-            if p.name in self._requests or not p.running or not self.tunable(p):
+            tunable = self.tunable(p)
+            p.slot.tuning = tunable  # the governor leaves the variant of a tunable pipeline to us
+            if p.name in self._requests or not p.running or not tunable:
                 continue
-            p.slot.tuning = True  # the governor leaves its variant to us
-            key = self._key(p)
-            if self._tuned.get(p.name) != key and self._failed.get(p.name) != key:
-                self._requests[p.name] = ("start" if p.name not in self._tuned else "new base model", [])
+            key, last = self._key(p), self.results.get(p.name)
+            if self._tuned.get(p.name) != key:
+                if self._failed.get(p.name) != key:
+                    self._requests[p.name] = ("start" if p.name not in self._tuned else "new base model", [])
+            elif last is not None and p.slot.chosen_variant != last.chosen_row.variant:
+                # A fresh start (`start` after `stop`) loads the base model: measure again rather than
+                # assume the last table still holds.
+                self._requests[p.name] = ("restart", [])
 
     def _tune_named(self, name: str, trigger: str) -> tuple[TuneResult | None, str | None]:
         pipeline = next((p for p in self.pipelines() if p.name == name), None)
@@ -351,7 +383,7 @@ class Tuner:
         assert budget is not None
         started, t0 = time.time(), time.monotonic()
         inputs = collect(pipeline)
-        rows = measure(pipeline, inputs)
+        rows: list[Row] = niced(lambda: measure(pipeline, inputs, stop=self.stop))
         chosen, met, why = choose(rows, budget)
         slot = pipeline.slot
         base = slot.base_spec or slot.configured_spec()
@@ -369,8 +401,9 @@ class Tuner:
         return result
 
     def state(self) -> dict[str, Any]:
-        """`status`'s part: the last table per pipeline."""
-        return {name: r.as_dict() for name, r in self.results.items()}
+        """`status`'s part: the last table per pipeline (of the pipelines there are now)."""
+        names = {p.name for p in self.pipelines()}
+        return {name: r.as_dict() for name, r in list(self.results.items()) if name in names}
 
     def summary(self, name: str) -> dict[str, Any] | None:
         result = self.results.get(name)

@@ -110,10 +110,6 @@ def main() -> int:
             box: dict[str, Any] = {}
 
             def run() -> None:
-                # The daemon's tuner thread runs niced; so does this one.
-                import os
-
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
                 box["result"] = tuner.tune(p, "bench")
                 done.set()
 

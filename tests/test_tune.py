@@ -2,12 +2,15 @@
 quantize`, and short-range, in one manifest `model compare` writes; real daemons on a real broker.
 
 No timing threshold anywhere: each choice is checked against the rule applied to the table the device
-measured, and the budgets make the classes differ by agreement (short-range finds 10 of the 11 faces the
-full-range model finds in the test frame, int8 all 11), which does not depend on the machine.
+measured. The test frame is an LFW mosaic on which the float full-range model finds 15 faces, its int8 14
+and short-range 8 (on every lane and thread count: no variant agrees with the base), so a budget asking
+for agreement leaves only the base model, whatever the machine; a budget that does not ask for it runs
+the cheapest as measured there (int8 or short-range: each is well under the float model's cost).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import Broker, Watcher
+from broker import Broker, Watcher, wait_until
 from conftest import ROOT, run_cli
 from test_daemon import Daemon, fleet
 from test_telemetry_daemon import _fake_root, _validate, set_temperature
@@ -36,7 +39,7 @@ def _fleet(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> tuple[Path, Path]:
-    """(the variants manifest, a looping video of one LFW mosaic with 11 faces)."""
+    """(the variants manifest, a looping video of one LFW mosaic with 15 faces)."""
     pytest.importorskip("ai_edge_quantizer", reason="ai-edge-quantizer (the compress extra) makes the int8 "
                         "variant; the tflite-runtime lane does not have it")
     import cv2
@@ -53,7 +56,7 @@ def faces(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> tuple[P
     data = json.loads(manifest.read_text())
     data["task"] = "detect"  # compare does not recognise BlazeFace's task from the bare float file
     manifest.write_text(json.dumps(data))
-    image = cv2.imread(str(evaluation / "lfw_1.png"))
+    image = cv2.imread(str(evaluation / "lfw_0.png"))
     assert image is not None
     video = folder / "faces.avi"
     fourcc = cv2.VideoWriter.fourcc(*"FFV1")
@@ -88,6 +91,16 @@ def test_choice_rule_on_tables() -> None:
     assert choose(rows, Budget(20, 0.0))[:2] == (0, True) and rows[1].misses == ["error"]
 
 
+def _niced_threads() -> list[str]:
+    out = []
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[16]) != 0:  # field 19 of stat: nice (after pid and comm)
+                out.append(stat.read_text().split(")")[0])
+    return out
+
+
 # -- a real pipeline, a budget nothing meets -------------------------------------------------------------
 
 
@@ -95,8 +108,8 @@ def test_a_budget_nothing_meets_ends_in_the_documented_fallback(faces: tuple[Pat
     manifest, video = faces
     settings = PipelineSettings(name="faces", source=str(video), model=manifest, threshold=0.5,
                                 source_options={"realtime": True, "loop": True, "fps": 20},
-                                latency_budget_ms=0.001, min_agreement=0.5)
-    profile = load_profile("generic-x86_64").model_copy(update={"threads": 1})
+                                latency_budget_ms=0.001, min_agreement=0.0)
+    profile = load_profile("generic-x86_64").model_copy(update={"threads": 2})
     stop = threading.Event()
     p = Pipeline(settings, profile=profile, supervisor=SupervisorSection(), backend=None, sink=lambda n, r: None,
                  stop=stop)
@@ -109,12 +122,17 @@ def test_a_budget_nothing_meets_ends_in_the_documented_fallback(faces: tuple[Pat
         assert table["fallback"] is True and table["why"].startswith("nothing meets the budget")
         rows = {r["file"]: r for r in table["table"]}
         assert set(rows) == {FULL, INT8, SHORT} and all(r["items"] == 24 and r["error"] is None for r in rows.values())
-        assert rows[SHORT]["agreement"] == 0.0 and rows[INT8]["agreement"] == 1.0 and rows[FULL]["agreement"] == 1.0
-        assert all("latency" in r["misses"] for r in rows.values()) and "agreement" in rows[SHORT]["misses"]
-        fastest = min((rows[FULL], rows[INT8]), key=lambda r: r["p95_ms"])
-        assert table["chosen"] == (None if fastest["file"] == FULL else INT8) and fastest["chosen"]
+        assert rows[SHORT]["agreement"] == 0.0 and rows[INT8]["agreement"] == 0.0 and rows[FULL]["agreement"] == 1.0
+        assert all(r["misses"] == ["latency"] for r in rows.values())
+        fastest = min(rows.values(), key=lambda r: r["p95_ms"])
+        assert table["chosen"] == (None if fastest["file"] == FULL else fastest["file"]) and fastest["chosen"]
         summary = result.summary()
-        assert summary["fallback"] is True and summary["latency_margin_ms"] < 0 and summary["agreement_margin"] == 0.5
+        assert summary["fallback"] is True and summary["latency_margin_ms"] < 0
+        # Measured at low priority, but the model swapped into the loop (and its interpreter's worker
+        # threads) was loaded outside the niced thread: no thread of ours is left niced.
+        assert wait_until(lambda: p.variant == table["chosen"], 10)
+        # (The measuring thread itself ends just after its join returns: wait for the OS to reap it.)
+        assert wait_until(lambda: _niced_threads() == [], 10), _niced_threads()
     finally:
         p.halt()
         p.join(10)
@@ -184,10 +202,11 @@ def _check_rule(table: dict[str, Any]) -> None:
 def test_two_device_classes_choose_from_the_same_manifest(tmp_path: Path, broker: Broker,
                                                           faces: tuple[Path, Path]) -> None:
     manifest, video = faces
-    root = _fake_root(tmp_path, 45.0)
+    root = _fake_root(tmp_path / "five", 45.0)  # the Pi 5's SoC: the one that will run hot
     # A Zero-class board, one thread, its budget from its profile: any agreement will do.
+    cool = _fake_root(tmp_path / "zero", 45.0)
     zero = _config(tmp_path / "zero", broker.port, "d-zero", manifest, video, "pi-zero-2w",
-                   "threads = 1\nlatency_budget_ms = 1000\nmin_agreement = 0.0", "", root)
+                   "threads = 1\nlatency_budget_ms = 1000\nmin_agreement = 0.0", "", cool)
     # A Pi 5-class board, two threads, the pipeline's own keys: half the answers must be the base's.
     five = _config(tmp_path / "five", broker.port, "d-five", manifest, video, "pi-5", "threads = 2",
                    "latency_budget_ms = 1000\nmin_agreement = 0.5", root)
@@ -205,9 +224,11 @@ def test_two_device_classes_choose_from_the_same_manifest(tmp_path: Path, broker
             tables[device] = table
         assert tables["d-zero"]["threads"] == 1 and tables["d-five"]["threads"] == 2
         by_file = {r["file"]: r for r in tables["d-five"]["table"]}
-        assert by_file[SHORT]["agreement"] == 0.0 and by_file[SHORT]["misses"] == ["agreement"]
-        # Same manifest, different boards, different variants.
-        assert tables["d-zero"]["chosen"] != tables["d-five"]["chosen"], (tables["d-zero"], tables["d-five"])
+        assert by_file[SHORT]["misses"] == ["agreement"] and by_file[INT8]["misses"] == ["agreement"]
+        # Same manifest, different boards, different variants: the Pi 5 class keeps the base (agreement
+        # decides); the Zero class runs the cheapest it measured, a cheaper variant.
+        assert tables["d-five"]["chosen"] is None
+        assert tables["d-zero"]["chosen"] in (INT8, SHORT), tables["d-zero"]
 
         # The chosen variant runs: results name it, and seq has no gap across the swap.
         chosen = tables["d-zero"]["chosen"]
@@ -236,10 +257,10 @@ def test_two_device_classes_choose_from_the_same_manifest(tmp_path: Path, broker
 
         # The fleet's view: which variant each class runs, and why, as the boards measured it.
         r = run_cli("model", "report", "face_detection_full_range", "--broker", f"mqtt://127.0.0.1:{broker.port}",
-                    "--timeout", "3", "--format", "json", prog="fleet")
+                    "--timeout", "6", "--format", "json", prog="fleet")
         assert r.rc == 0, r.err
         report = json.loads(r.out)
-        assert set(report["classes"]) == {"pi-zero-2w", "pi-5"}
+        assert set(report["classes"]) == {"pi-zero-2w", "pi-5"}, r.out
         for cls, device in (("pi-zero-2w", "d-zero"), ("pi-5", "d-five")):
             (mine,) = report["classes"][cls]["devices"][device]
             assert report["classes"][cls]["chosen"] == {mine["chosen"] or "(base)": 1}
