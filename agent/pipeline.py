@@ -344,6 +344,8 @@ class Pipeline:
         observer = slot.observer
         if observer is not None:
             observer.observe(item.data, results, lat.pre + lat.invoke + lat.post)
+        if slot.pacing:
+            slot.item_done.set()
         policy = self.policy
         frames = self._frames
         for result in results:

@@ -122,6 +122,9 @@ class ModelSlot:
         self.tune_summary: dict[str, Any] | None = None
         """The last tune's chosen variant and its margins to the budget (telemetry)."""
         self.sample_wanted = threading.Event()
+        self.pacing = False
+        """A tune measures between the loop's items: the loop sets `item_done` after each one."""
+        self.item_done = threading.Event()
         self._sample_gate = threading.Lock()
         """One sampler at a time (a self-test and a tune may both ask): each gets an item of its own."""
         self._sample_ready = threading.Event()

@@ -13,9 +13,9 @@ inputs, with its own thread count, and picks:
   p50 latency: the CPU an item costs here; RSS breaks ties). Nothing meets it: the fastest
   (lowest p95) of those meeting `min_agreement`, and the table says so (`fallback`).
 - the measurement (`measure`): `TUNE_ITEMS` recent items copied from the loop between its
-  own items (`ModelSlot.sample`), each variant loaded in the tuner's thread (niced, so the
-  loop keeps its cores) and run `TUNE_ROUNDS` times over them; RSS is the agent's growth
-  while the variant is loaded.
+  own items (`ModelSlot.sample`), each variant loaded and run `TUNE_ROUNDS` times over them,
+  one measured item right after each of the loop's own (`ModelSlot.pacing`: in the gap before
+  its next frame), in a niced thread; RSS is the agent's growth while the variant is loaded.
 - the swap goes through the slot (`ModelSlot.use_variant`): between two items, no gap in `seq`.
 
 `Tuner` runs tunes one at a time in its own thread: when a tunable pipeline first runs or its
@@ -39,6 +39,7 @@ import numpy as np
 
 from agent.delivery.activation import answer
 from agent.errors import LeptonError
+from agent.manifest import ModelSpec
 from agent.variants import ModelVariant, all_variants, variant_spec
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ TUNE_ROUNDS = 3
 """Times each variant runs over those items: TUNE_ITEMS x TUNE_ROUNDS timed items per variant."""
 TUNE_NICE = 10
 """The tuner thread's niceness: it measures in the time the loop leaves."""
+PACE_WAIT_S = 0.5
+"""Longest a measured item waits for the loop to finish one of its own (a busy or idle loop: go on)."""
 SAMPLE_TIMEOUT_S = 5.0
 """Longest wait for one item of the loop; none comes (a paused or stopped loop): the tune fails."""
 POLL_S = 1.0
@@ -157,6 +160,22 @@ def measure(pipeline: Pipeline, inputs: list[Any], rounds: int = TUNE_ROUNDS,
     when `stop` is set meanwhile."""
     slot = pipeline.slot
     base = slot.base_spec or slot.configured_spec()
+
+    def between() -> None:
+        """Wait until the loop has just finished an item: the next one is a frame period away."""
+        slot.item_done.clear()
+        slot.item_done.wait(PACE_WAIT_S)
+
+    slot.pacing = True
+    try:
+        return _measure(pipeline, base, inputs, rounds, stop, between)
+    finally:
+        slot.pacing = False
+
+
+def _measure(pipeline: Pipeline, base: ModelSpec, inputs: list[Any], rounds: int, stop: threading.Event | None,
+             between: Callable[[], None]) -> list[Row]:
+    slot = pipeline.slot
     rows: list[Row] = []
     base_answers: list[Any] | None = None
     candidates: list[ModelVariant | None] = [None, *all_variants(base)]
@@ -169,12 +188,17 @@ def measure(pipeline: Pipeline, inputs: list[Any], rounds: int = TUNE_ROUNDS,
         try:
             spec = base if variant is None else variant_spec(base, variant)
             before = rss_mb()
+            between()
             model, runner = slot.prepare(spec)
-            answers = [answer(runner.process(x)) for x in inputs]  # also the warm-up
+            answers = []
+            for x in inputs:  # also the warm-up
+                between()
+                answers.append(answer(runner.process(x)))
             took = np.empty(rounds * len(inputs), np.float64)
             k = 0
             for _ in range(rounds):
                 for x in inputs:
+                    between()
                     t0 = time.perf_counter()
                     runner.process(x)
                     took[k] = (time.perf_counter() - t0) * 1000
