@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import RegisterSource
 
 from agent.config import PipelineSettings, SupervisorSection
 from agent.errors import LeptonError
 from agent.pipeline import Pipeline
 from agent.profiles import load_profile
-from agent.sources import base as sources
 from agent.sources.base import Item, Source
 
 
@@ -75,15 +75,13 @@ class _Gated(Source):
 
 
 @pytest.fixture
-def gated() -> Iterator[type[_Gated]]:
-    registry = list(sources._REGISTRY)
-    sources.register_source(lambda uri: uri == "gated:")(_Gated)
+def gated(source_kind: RegisterSource) -> Iterator[type[_Gated]]:
+    source_kind(lambda uri: uri == "gated:", _Gated)
     _Gated.gate.clear()
     try:
         yield _Gated
     finally:
         _Gated.gate.set()
-        sources._REGISTRY[:] = registry
 
 
 def test_start_while_the_halted_loop_is_still_alive_is_not_a_silent_no_op(fixtures: Path,
