@@ -144,12 +144,12 @@ def test_a_corrupt_frame_is_counted_and_skipped(mjpeg: tuple[str, Script], fixtu
         assert source.stats.restarts == 0  # skipped, not a reason to reconnect
 
 
-def test_camera_that_cannot_be_opened_is_bad_input_on_the_command_line(fixtures: Path) -> None:
-    for uri in ("camera:57", "/dev/video57"):
-        r = run_cli("infer", str(fixtures / "colors_int8.json"), uri)
-        assert r.rc == 2 and len(r.err_lines) == 1, r.err
-        assert r.err_lines[0].startswith(f"lepton-agent: {uri}: no such camera"), r.err
-        assert "Traceback" not in r.err and r.out == ""
+@pytest.mark.parametrize("uri", ["camera:57", "/dev/video57"])
+def test_camera_that_cannot_be_opened_is_bad_input_on_the_command_line(fixtures: Path, uri: str) -> None:
+    r = run_cli("infer", str(fixtures / "colors_int8.json"), uri)
+    assert r.rc == 2 and len(r.err_lines) == 1, r.err
+    assert r.err_lines[0].startswith(f"lepton-agent: {uri}: no such camera"), r.err
+    assert "Traceback" not in r.err and r.out == ""
 
 
 def test_missing_camera_is_retried_with_backoff_and_counted() -> None:
