@@ -252,7 +252,7 @@ def test_monitor_survives_a_failing_tick_and_counts_it(tmp_path: Path) -> None:
     stop = threading.Event()
     _zone(tmp_path, 41.0)
     monitor = Monitor(pipelines=list, spool=spool, publish=publish, governor=None, root=tmp_path,
-                      disk_path=tmp_path, telemetry_interval_s=1, governor_interval_s=5, profile="p", stop=stop)
+                      disk_path=tmp_path, telemetry_interval_s=0.2, governor_interval_s=5, profile="p", stop=stop)
     monitor.start()
     try:
         with cond:
