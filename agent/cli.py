@@ -64,6 +64,34 @@ def _audio_options(p: argparse.ArgumentParser) -> None:
                    help="how mic: inputs are captured (default arecord)")
 
 
+def _stream_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network streams (rtsp://, http://, ...)")
+    g.add_argument("--transport", choices=("tcp", "udp"), help="RTSP transport (default: FFmpeg's, TCP)")
+    g.add_argument("--timeout", type=_seconds, metavar="S", default=10.0,
+                   help="seconds a stream may take to open or to send the next frame (default 10); with --frames, "
+                        "a stream silent for three times this ends the run")
+    g.add_argument("--username", help="user name (instead of user@ in the URL)")
+    cred = g.add_mutually_exclusive_group()
+    cred.add_argument("--password-file", metavar="FILE", help="the password: first line of FILE (keep it out of "
+                      "the URL, which shows in the process list)")
+    cred.add_argument("--password-env", metavar="VAR", help="the password: environment variable VAR")
+
+
+def _stream_source_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"timeout": args.timeout or 10.0}
+    for key in ("transport", "username", "password_file", "password_env"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return options
+
+
+def _shown(source: Any) -> str:
+    """How a source is named in output: never with its password."""
+    from agent.sources.capture import redact
+
+    return str(getattr(source, "name", None) or redact(source.uri))
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a .tflite, or a manifest .json (ours or microWakeWord v2)")
     p.add_argument("--labels", metavar="FILE", help="labels, one per line (overrides the manifest's)")
@@ -91,6 +119,7 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_threshold, help="minimum score, 0..1")
     p.add_argument("--top-k", type=_positive, help="classes to report")
     p.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    _stream_options(p)
     _audio_options(p)
     _runtime_options(p)
     p.set_defaults(func=_cmd_infer)
@@ -305,14 +334,15 @@ def _cmd_infer_audio(args: argparse.Namespace, out: TextIO) -> int:
     return 2 if failed else 0
 
 
-def _open_sources(uris: list[str]) -> list[Any]:
+def _open_sources(uris: list[str], stream_options: dict[str, Any] | None = None) -> list[Any]:
     """A source per INPUT, all opened before any work starts; BadInput names the first that is wrong."""
     from agent.sources.base import open_source
+    from agent.sources.stream import network_source
 
     sources: list[Any] = []
     try:
         for uri in uris:
-            source = open_source(uri)
+            source = open_source(uri, stream_options if stream_options and network_source(uri) else None)
             source.open()
             sources.append(source)
     except BaseException:
@@ -337,7 +367,7 @@ def _items(source: Any, limit: int | None, stall_s: float | None = None) -> Iter
             continue
         if item is None:  # a live source between frames (it reconnects by itself)
             if stall_s is not None and time.monotonic() - waited_since > stall_s:
-                raise LeptonError(f"{getattr(source, 'name', source.uri)}: no frame for {stall_s:.0f} s")
+                raise LeptonError(f"{_shown(source)}: no frame for {stall_s:g} s")
             continue
         count, waited_since = count + 1, time.monotonic()
         yield item
@@ -346,7 +376,7 @@ def _items(source: Any, limit: int | None, stall_s: float | None = None) -> Iter
 def _cmd_infer(args: argparse.Namespace, out: TextIO) -> int:
     if _audio_run(args):
         return _cmd_infer_audio(args, out)
-    sources = _open_sources(args.inputs)
+    sources = _open_sources(args.inputs, _stream_source_options(args))
     try:
         return _infer(args, sources, out)
     finally:
@@ -363,7 +393,9 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
     if args.format == "table":
         out.write(f"{'SOURCE':<32} {'FRAME':>5}  {'MS':>7}  RESULT\n")
     for source in sources:
-        for item in _items(source, args.frames):
+        # With --frames the run has an end: a live source that goes silent must not hold it forever.
+        stall = 3 * source.settings.timeout if args.frames and hasattr(source, "settings") else None
+        for item in _items(source, args.frames, stall_s=stall):
             if isinstance(item, BadInput):
                 failed += 1
                 print(f"lepton-agent: {item}", file=sys.stderr)
@@ -372,9 +404,9 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
                 result = inference.run(item.data)
             except BadInput as exc:
                 failed += 1
-                print(f"lepton-agent: {item.file or getattr(source, 'name', source.uri)}: {exc}", file=sys.stderr)
+                print(f"lepton-agent: {item.file or _shown(source)}: {exc}", file=sys.stderr)
                 continue
-            line: dict[str, Any] = {"source": source.uri, "frame": item.index}
+            line: dict[str, Any] = {"source": _shown(source), "frame": item.index}
             if item.file is not None:
                 line["file"] = item.file
             line.update(model=model_ref, latency_ms=inference.latency.as_dict(), **result)
@@ -383,7 +415,7 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
             else:
                 lat = inference.latency
                 total = lat.pre + lat.invoke + lat.post
-                name = item.file or source.uri
+                name = item.file or _shown(source)
                 out.write(f"{name[-32:]:<32} {item.index:>5}  {total:>7.2f}  {_summary(result)}\n")
             out.flush()
     return 2 if failed else 0

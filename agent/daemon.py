@@ -48,6 +48,7 @@ from agent.policy import snapshot_encoder
 from agent.runtime import Backend, load_backend
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
 from agent.sources.base import open_source
+from agent.sources.stream import network_source
 from agent.state import AgentState
 
 if TYPE_CHECKING:
@@ -206,6 +207,11 @@ class Agent:
         return {"queued": st.queued, "dropped": st.dropped, "bytes": st.bytes}
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline:
+        if network_source(settings.source):
+            # A camera down when the agent starts is waited for (retried with backoff, shown in status),
+            # not parked as failed: it is a runtime condition, not bad input. The config may still say no.
+            settings = settings.model_copy(update={"source_options": {"retry_open": True,
+                                                                      **settings.source_options}})
         p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
                      backend=self.backend_name, sink=self._spool_result, stop=self.stop,
                      ring_size=self.eff.config.telemetry.ring_size)
@@ -341,7 +347,7 @@ class Agent:
         """Everything the `status` command reports (and the base telemetry builds on)."""
         out = self.birth()
         with self._lock:
-            stats = {name: p.stats.as_dict() for name, p in self.pipelines.items()}
+            stats = {name: {**p.stats.as_dict(), "source": p.source_status()} for name, p in self.pipelines.items()}
         spool = self.spool.stats() if self.spool else None
         out.update(
             state="online" if self.link is not None and self.link.connected.is_set() else "offline",

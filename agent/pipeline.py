@@ -45,6 +45,7 @@ from agent.profiles import Profile
 from agent.runtime import Model
 from agent.sdnotify import Heartbeat, Watchdog
 from agent.sources.base import EndOfStream, Source, open_source
+from agent.sources.capture import redact
 from agent.tasks.base import Runner
 from agent.telemetry import StageRings
 from agent.variants import ModelVariant, variant_spec
@@ -253,11 +254,17 @@ class Pipeline:
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
-        d: dict[str, Any] = {"name": self.name, "state": self.stats.state, "source": s.source,
+        d: dict[str, Any] = {"name": self.name, "state": self.stats.state, "source": redact(s.source),
                              "task": self.task_key, "threshold": s.threshold, "fps": round(self.max_fps, 3)}
         if self.spec is not None:
             d["model"] = self.model_ref()
         return d
+
+    def source_status(self) -> dict[str, Any] | None:
+        """The live source's own state (connected, reconnecting since, reopens, errors); None for a source
+        without one (files, audio) or while no source is open."""
+        status = getattr(self._source, "status", None)
+        return status() if callable(status) else None
 
     def model_ref(self) -> dict[str, Any]:
         """`{name, version}` of the running model, with `variant` (its file) when a cheaper variant runs."""
@@ -521,7 +528,7 @@ class Pipeline:
         source = open_source(self.settings.source, dict(self.settings.source_options))
         wanted = _SOURCE_ITEMS.get(source.kind)
         if wanted is not None and runner.item_kind not in (wanted, "tensor"):
-            raise BadInput(f"pipeline {self.name}: source {self.settings.source} gives {source.kind}, "
+            raise BadInput(f"pipeline {self.name}: source {redact(self.settings.source)} gives {source.kind}, "
                            f"the model's task takes {runner.item_kind}")
         self._source = source
         self.source_kind = source.kind
@@ -545,6 +552,11 @@ class Pipeline:
         self._set_state("running")
         logger.info("pipeline %s: resumed", self.name)
 
+    def _update_fps(self, since: float, processed: int) -> tuple[float, int]:
+        now = time.monotonic()
+        self.stats.fps = 0.5 * self.stats.fps + 0.5 * processed / (now - since)
+        return now, 0
+
     def _loop(self, source: Source, runner: Runner) -> None:
         assert self.spec is not None
         model_ref = self.model_ref()
@@ -552,6 +564,8 @@ class Pipeline:
         rings = self.rings
         next_due = 0.0
         rate_t, rate_n = time.monotonic(), 0
+        limit_fps = getattr(source, "limit_fps", None)  # a capture thread decodes no more than the loop takes
+        limited: float | None = None
         while not self._stopping():
             self._beat()
             if self._pending is not None:
@@ -562,8 +576,14 @@ class Pipeline:
                 self._wait_paused(source)
                 rate_t, rate_n = time.monotonic(), 0
                 continue
+            if limit_fps is not None and limited != self.max_fps:
+                limited = self.max_fps
+                limit_fps(limited)
             item = source.read(READ_TIMEOUT_S)
             if item is None:
+                # No frame (a camera that is gone): the fps falls to zero instead of freezing.
+                if time.monotonic() - rate_t >= 1.0:
+                    rate_t, rate_n = self._update_fps(rate_t, rate_n)
                 continue
             self.stats.items += 1
             self.stats.source_dropped = self._dropped_before + source.stats.dropped
@@ -578,8 +598,7 @@ class Pipeline:
             self.stats.processed += 1
             rate_n += 1
             if now - rate_t >= 1.0:
-                self.stats.fps = 0.5 * self.stats.fps + 0.5 * rate_n / (now - rate_t)
-                rate_t, rate_n = now, 0
+                rate_t, rate_n = self._update_fps(rate_t, rate_n)
             lat = runner.latency
             rings.add(lat.pre, lat.invoke, lat.post)
             latency = lat.as_dict()
