@@ -554,7 +554,8 @@ class Pipeline:
 
     def _update_fps(self, since: float, processed: int) -> tuple[float, int]:
         now = time.monotonic()
-        self.stats.fps = 0.5 * self.stats.fps + 0.5 * processed / (now - since)
+        # Smoothed while frames come; zero at once when a whole second brought none (a camera that is gone).
+        self.stats.fps = 0.5 * self.stats.fps + 0.5 * processed / (now - since) if processed else 0.0
         return now, 0
 
     def _loop(self, source: Source, runner: Runner) -> None:

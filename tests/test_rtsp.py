@@ -1,0 +1,220 @@
+"""IP cameras as they behave in the field: a real RTSP server (GStreamer's gst-rtsp-server, tests/rtsp_server.py)
+serving H.264 of real photos on a free loopback port, behind Basic auth.
+
+- infer finds the astronaut's face where it is, with the password from a file, over TCP and UDP;
+  a wrong password is named as such (exit 2); `--frames` ends (exit 1) when the camera dies.
+- the daemon: the camera is down at start (status says so, the pipeline waits instead of failing),
+  comes up (faces found), goes away for 20 s (telemetry shows the outage while it lasts, fps 0),
+  comes back (results again); the password is in no byte published on the broker (all topics)
+  and in nothing the agent prints.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from broker import Broker, Watcher, free_port
+from conftest import ROOT, run_cli
+from rtsp_camera import RtspCamera, face_box, server_available
+from test_daemon import Daemon, fleet
+
+from agent.vision.nms import iou_one_to_many
+
+USER, PASSWORD = "admin", "Gr33n-Fr0g!sec"
+FACE = face_box()
+OUTAGE_S = 20.0
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    problem = server_available()
+    if problem is not None:
+        pytest.fail(problem)
+    return tmp_path_factory.mktemp("rtsp")
+
+
+@pytest.fixture(scope="module")
+def camera(clip_dir: Path) -> Iterator[RtspCamera]:
+    with RtspCamera(clip_dir, free_port(), USER, PASSWORD) as cam:
+        yield cam
+
+
+@pytest.fixture
+def short_range(models_dir: Path) -> Path:
+    return models_dir / "face" / "face_detection_short_range.tflite"
+
+
+def faces(detections: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in detections if d["label"] == "face"]
+
+
+def assert_right_faces(lines: list[dict[str, Any]]) -> None:
+    """Every face found is the astronaut's (IoU >= 0.5 with where the photo puts it), and it is found."""
+    found = [d for line in lines for d in faces(line["detections"])]
+    assert found, "no face found in the stream"
+    for d in found:
+        assert iou_one_to_many(np.array(d["box"]), np.array([FACE]))[0] >= 0.5, d
+    # One face per frame at most: the coffee cup has none, the astronaut one.
+    assert all(len(faces(line["detections"])) <= 1 for line in lines)
+
+
+def assert_no_secret(*texts: str | bytes) -> None:
+    for text in texts:
+        raw = text.encode() if isinstance(text, str) else text
+        assert PASSWORD.encode() not in raw
+
+
+def test_infer_finds_the_face_with_the_password_from_a_file(tmp_path: Path, camera: RtspCamera,
+                                                             short_range: Path) -> None:
+    secret = tmp_path / "camera-password"
+    secret.write_text(PASSWORD + "\n")
+    # 30 frames read in order span at least 2 s of the 15 fps clip: the astronaut's second and the cup's.
+    r = run_cli("infer", str(short_range), camera.url(), "--frames", "30", "--username", USER,
+                "--password-file", str(secret))
+    assert r.rc == 0, r.err
+    lines = [json.loads(x) for x in r.out.splitlines()]
+    assert len(lines) == 30
+    assert {line["source"] for line in lines} == {f"rtsp://{USER}@127.0.0.1:{camera.port}/cam"}
+    assert_right_faces(lines)
+    assert any(not faces(line["detections"]) for line in lines)  # the cup's frames: no face
+    assert_no_secret(r.out, r.err)
+
+
+def test_the_password_in_the_url_is_shown_nowhere(camera: RtspCamera, short_range: Path) -> None:
+    r = run_cli("infer", str(short_range), camera.url(USER, PASSWORD), "--frames", "3", "--format", "table")
+    assert r.rc == 0, r.err
+    assert f"{USER}:***@" in r.out
+    assert_no_secret(r.out, r.err)
+
+
+def test_a_wrong_password_is_named(camera: RtspCamera, short_range: Path) -> None:
+    r = run_cli("infer", str(short_range), camera.url(USER, "not-it"), "--frames", "3")
+    assert r.rc == 2 and r.out == ""
+    assert r.err_lines == [f"lepton-agent: rtsp://{USER}:***@127.0.0.1:{camera.port}/cam: cannot open stream: "
+                           "authorisation failed: wrong user name or password (401)"]
+    assert "not-it" not in r.err
+    r = run_cli("infer", str(short_range), camera.url(), "--frames", "3")
+    assert r.rc == 2 and "asks for a user name and password (401)" in r.err
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_transport(clip_dir: Path, short_range: Path, transport: str) -> None:
+    # The server offers this transport only: the one asked for must be the one used.
+    other = "tcp" if transport == "udp" else "udp"
+    with RtspCamera(clip_dir, free_port(), transport=transport) as cam:
+        r = run_cli("infer", str(short_range), cam.url(), "--frames", "20", "--transport", transport)
+        assert r.rc == 0, r.err
+        assert_right_faces([json.loads(x) for x in r.out.splitlines()])
+        r = run_cli("infer", str(short_range), cam.url(), "--frames", "3", "--transport", other, "--timeout", "3")
+        assert r.rc == 2 and "cannot open stream" in r.err
+
+
+def test_infer_frames_ends_when_the_camera_dies(clip_dir: Path, short_range: Path) -> None:
+    with RtspCamera(clip_dir, free_port()) as cam:
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "infer", str(short_range), cam.url(), "--frames",
+                                 "100000", "--timeout", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # a frame came: the stream is up
+        assert json.loads(first)["frame"] >= 0
+        cam.stop()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1] == f"lepton-agent: rtsp://127.0.0.1:{cam.port}/cam: no frame for 3 s"
+
+
+def _write_config(tmp: Path, port: int, url: str, model: Path) -> Path:
+    path = tmp / "agent.toml"
+    path.write_text(f"""
+[agent]
+device_id = "d-rtsp"
+state_dir = "{tmp / 'state'}"
+[mqtt]
+broker = "mqtt://127.0.0.1:{port}"
+[profile]
+telemetry_interval_s = 1
+[homeassistant]
+enabled = true
+[[pipelines]]
+name = "door"
+source = "{url}"
+model = "{model}"
+threshold = 0.5
+[pipelines.source_options]
+timeout = 2
+[pipelines.policy]
+on_change = false
+max_rate = 100
+""")
+    return path
+
+
+def _source(telemetry: dict[str, Any]) -> dict[str, Any]:
+    src: dict[str, Any] = telemetry["pipelines"]["door"]["source"] or {}
+    return src
+
+
+def test_daemon_camera_down_at_start_outage_and_return(tmp_path: Path, clip_dir: Path, broker: Broker,
+                                                       short_range: Path) -> None:
+    cam = RtspCamera(clip_dir, free_port(), USER, PASSWORD)  # down when the agent starts
+    # The worst case for leaks: the password in the URL of the config.
+    config = _write_config(tmp_path, broker.port, cam.url(USER, PASSWORD), short_range)
+    try:
+        with Watcher(broker.port, ["#"]) as w, Daemon(config) as daemon:
+            down = w.wait_json("d-rtsp/telemetry", lambda m: any(_source(t).get("reopens", 0) >= 2 for t in m),
+                               timeout=60)[-1]
+            assert down["pipelines"]["door"]["state"] == "running"  # waiting for its camera, not failed
+            assert _source(down)["state"] == "connecting" and down["pipelines"]["door"]["fps"] == 0
+            assert "connection refused" in _source(down)["last_error"]
+
+            cam.start()
+            up = time.time()
+            results = w.wait_json("/results/door", lambda m: any(faces(r["detections"]) for r in m), timeout=60)
+            print(f"\nfirst face {results[-1]['ts'] - up:.2f} s after the camera came up")
+            assert_right_faces(results)
+            rc, (status,) = fleet(broker.port, "cmd", "d-rtsp", "status")
+            assert rc == 0
+            assert status["result"]["pipeline_stats"]["door"]["source"]["state"] == "connected"
+            assert status["result"]["pipelines"][0]["source"] == f"rtsp://{USER}:***@127.0.0.1:{cam.port}/cam"
+
+            cam.stop()
+            gone = time.time()
+
+            def outage(m: list[dict[str, Any]]) -> bool:
+                return any(_source(t)["state"] == "reconnecting" and t["ts"] - gone >= OUTAGE_S for t in m
+                           if t["ts"] > gone)
+
+            during = [t for t in w.wait_json("d-rtsp/telemetry", outage, timeout=OUTAGE_S + 30) if t["ts"] > gone]
+            late = during[-1]
+            assert late["pipelines"]["door"]["fps"] == 0 and late["pipelines"]["door"]["state"] == "running"
+            assert _source(late)["reopens"] >= 2 and _source(late)["since"] <= gone + 3
+            frames_during = {t["pipelines"]["door"]["frames"] for t in during[-3:]}
+            assert len(frames_during) == 1  # frozen: nothing processed while the camera is gone
+
+            cam.start()
+            back = time.time()
+            seen = len(w.json("/results/door"))
+            again = w.wait_json("/results/door", lambda m: len(m) > seen and m[-1]["ts"] > back, timeout=60)
+            print(f"results again {again[-1]['ts'] - back:.2f} s after the camera came back "
+                  f"(outage {back - gone:.1f} s)")
+            assert_right_faces(again[seen:])
+            after = w.wait_json("d-rtsp/telemetry", lambda m: _source(m[-1])["state"] == "connected", timeout=30)
+            assert _source(after[-1])["reopens"] >= _source(late)["reopens"]
+            assert daemon.terminate() == 0
+            published = list(w.messages)
+    finally:
+        cam.stop()
+    assert any(t.startswith("homeassistant/") for t, _, _ in published)
+    assert any(t.endswith("/status") for t, _, _ in published)
+    for topic, payload, _ in published:
+        assert_no_secret(topic, payload)
+    assert_no_secret(daemon.log.read_bytes())
+    assert b"***@127.0.0.1" in daemon.log.read_bytes()  # the logs name the camera, redacted
