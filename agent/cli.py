@@ -78,7 +78,7 @@ def _stream_options(p: argparse.ArgumentParser) -> None:
 
 
 def _stream_source_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {"timeout": args.timeout or 10.0}
+    options: dict[str, Any] = {"timeout": args.timeout}
     for key in ("transport", "username", "password_file", "password_env"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
@@ -525,12 +525,16 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     from agent.config import load
     from agent.daemon import check_delivery, check_link, check_pipelines
+    from agent.sources.capture import redact
 
     eff = load(args.config)
     check_pipelines(eff)
     check_link(eff)
     check_delivery(eff)
-    out.write(json.dumps(eff.describe(), indent=2) + "\n")
+    described = eff.describe()
+    for pipeline in described.get("pipelines", []):
+        pipeline["source"] = redact(pipeline["source"])  # a camera password in the URI is not shown
+    out.write(json.dumps(described, indent=2) + "\n")
     return 0
 
 

@@ -26,6 +26,8 @@ from conftest import ROOT, run_cli
 from rtsp_camera import RtspCamera, face_box, server_available
 from test_daemon import Daemon, fleet
 
+from agent.sources.base import open_source
+from agent.sources.capture import LiveSource
 from agent.vision.nms import iou_one_to_many
 
 USER, PASSWORD = "admin", "Gr33n-Fr0g!sec"
@@ -103,6 +105,61 @@ def test_a_wrong_password_is_named(camera: RtspCamera, short_range: Path) -> Non
     assert "not-it" not in r.err
     r = run_cli("infer", str(short_range), camera.url(), "--frames", "3")
     assert r.rc == 2 and "asks for a user name and password (401)" in r.err
+    r = run_cli("infer", str(short_range), camera.url(USER, PASSWORD).replace("/cam", "/nope"), "--frames", "3")
+    assert r.rc == 2 and "no such stream on 127.0.0.1" in r.err and PASSWORD not in r.err
+
+
+def test_a_wrong_password_in_the_daemon_is_failed_not_reconnecting(camera: RtspCamera) -> None:
+    # The daemon keeps retrying (the camera's password may be changed back), but says why it cannot stream.
+    source = open_source(camera.url(USER, "not-it"), {"retry_open": True, "backoff_initial": 0.1})
+    assert isinstance(source, LiveSource)
+    source.open()
+    try:
+        assert source.wait_for(lambda st: st.restarts >= 2, timeout=30)
+        status = source.status()
+    finally:
+        source.close()
+    assert status["state"] == "failed" and status["reopens"] >= 2
+    assert status["last_error"] == "cannot open: cannot open stream: authorisation failed: wrong user name or " \
+                                   "password (401)"
+
+
+@pytest.mark.parametrize(("args", "env", "error"), [
+    (["--username", USER, "--password-file", "/nonexistent/pw"], {},
+     "source option password_file: /nonexistent/pw: cannot read (No such file or directory)"),
+    (["--username", USER, "--password-env", "CAM_PW"], {}, "source option password_env: CAM_PW is not set"),
+    (["--password-env", "CAM_PW"], {"CAM_PW": PASSWORD},
+     "rtsp://127.0.0.1:9/cam: a password needs a user name (user@ in the URI, or the username option)"),
+    (["--username", "other"], {}, "rtsp://admin:***@127.0.0.1:9/cam: the user name is both in the URI and the "
+                                  "username option"),
+    (["--timeout", "0"], {}, "rtsp://127.0.0.1:9/cam: source option timeout: Input should be greater than 0"),
+])
+def test_bad_stream_options(short_range: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
+                            env: dict[str, str], error: str) -> None:
+    monkeypatch.delenv("CAM_PW", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    url = f"rtsp://{USER}:{PASSWORD}@127.0.0.1:9/cam" if "--username" in args and "other" in args \
+        else "rtsp://127.0.0.1:9/cam"
+    r = run_cli("infer", str(short_range), url, "--frames", "1", *args)
+    assert r.rc == 2 and r.out == ""
+    assert r.err_lines[-1].endswith(error), r.err
+    assert "Traceback" not in r.err and PASSWORD not in r.err
+
+
+def test_bad_stream_config(tmp_path: Path, broker: Broker, short_range: Path) -> None:
+    config = _write_config(tmp_path, broker.port, f"http://{USER}:{PASSWORD}@127.0.0.1:9/cam", short_range)
+    r = run_cli("check-config", "--config", str(config))
+    assert r.rc == 0 and PASSWORD not in r.out and f"http://{USER}:***@127.0.0.1:9/cam" in r.out
+    config.write_text(config.read_text().replace("timeout = 2", 'timeout = 2\ntransport = "udp"'))
+    r = run_cli("check-config", "--config", str(config))
+    assert r.rc == 2 and r.err_lines == [
+        f"lepton-agent: {config}: pipelines[0] (door): http://{USER}:***@127.0.0.1:9/cam: source option transport "
+        "applies to rtsp:// streams only"]
+    config.write_text(config.read_text().replace('"udp"', '"quic"'))
+    r = run_cli("check-config", "--config", str(config))
+    assert r.rc == 2 and len(r.err_lines) == 1 and "source option transport: Input should be 'tcp' or 'udp'" in r.err
+    assert PASSWORD not in r.err
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
@@ -148,6 +205,7 @@ name = "door"
 source = "{url}"
 model = "{model}"
 threshold = 0.5
+fps = 3
 [pipelines.source_options]
 timeout = 2
 [pipelines.policy]
@@ -184,6 +242,9 @@ def test_daemon_camera_down_at_start_outage_and_return(tmp_path: Path, clip_dir:
             assert rc == 0
             assert status["result"]["pipeline_stats"]["door"]["source"]["state"] == "connected"
             assert status["result"]["pipelines"][0]["source"] == f"rtsp://{USER}:***@127.0.0.1:{cam.port}/cam"
+            # The loop's fps (3) reaches the capture thread: of the camera's 15 fps, most are never converted.
+            src = status["result"]["pipeline_stats"]["door"]["source"]
+            assert 0 < src["decoded"] < src["grabbed"]
 
             cam.stop()
             gone = time.time()

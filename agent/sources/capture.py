@@ -156,6 +156,7 @@ class LiveSource(Source):
         self._spare: list[Frame] = []
         self._ended = False
         self._captured = 0
+        self._decoded = 0
         self._t0 = 0.0
         self.connected = False
         """Whether a device is open right now."""
@@ -185,9 +186,11 @@ class LiveSource(Source):
         return self._stop
 
     def status(self) -> dict[str, Any]:
-        """What the device is doing, for status and telemetry: state, since (Unix s), reopens, errors."""
+        """What the device is doing, for status and telemetry: state, since (Unix s), reopens, errors, and
+        the frames grabbed and decoded since open (fewer decoded than grabbed: the fps cap at work)."""
         return {"state": self.state, "since": round(self._state_since, 3), "reopens": self.stats.restarts,
-                "errors": self.stats.errors, "last_error": self.last_error}
+                "errors": self.stats.errors, "last_error": self.last_error, "grabbed": self._captured,
+                "decoded": self._decoded}
 
     def limit_fps(self, fps: float | None) -> None:
         """Decode no more than about `fps` frames a second (the pipeline's own cap; None: every frame).
@@ -227,7 +230,7 @@ class LiveSource(Source):
             self._set_state("connected")
         self._stop.clear()
         with self._changed:
-            self._ended, self._latest, self._captured = False, None, 0
+            self._ended, self._latest, self._captured, self._decoded = False, None, 0, 0
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, args=(device,), name=f"capture {self.name}", daemon=True)
         self._thread.start()
@@ -331,6 +334,7 @@ class LiveSource(Source):
                 if interval and now < next_due:
                     continue  # the fps cap: grabbed to keep the device's queue short, not decoded
                 frame = device.retrieve(writing)
+                self._decoded += 1
                 if frame is None or frame.dtype != np.uint8 or frame.ndim not in (2, 3) or frame.size == 0:
                     failures += 1
                     with self._changed:
