@@ -27,7 +27,8 @@ from rtsp_camera import RtspCamera, face_box, server_available
 from test_daemon import Daemon, fleet
 
 from agent.sources.base import open_source
-from agent.sources.capture import LiveSource
+from agent.sources.capture import LiveSource, redact
+from agent.sources.stream import ffmpeg_options, with_credentials
 from agent.vision.nms import iou_one_to_many
 
 USER, PASSWORD = "admin", "Gr33n-Fr0g!sec"
@@ -72,6 +73,29 @@ def assert_no_secret(*texts: str | bytes) -> None:
     for text in texts:
         raw = text.encode() if isinstance(text, str) else text
         assert PASSWORD.encode() not in raw
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("rtsp://user:secret@host:554/x", "rtsp://user:***@host:554/x"),
+    ("rtsp://u:se@cr/et:x@10.0.0.1/cam", "rtsp://u:***@10.0.0.1/cam"),  # unescaped @ / : in the password
+    ("rtsp://u:secret@host:notaport/", "rtsp://u:***@host:notaport/"),
+    ("rtsp://u:se%40cret@h/x", "rtsp://u:***@h/x"),
+    ("http://cam/video.cgi?user=admin&pwd=secret&res=1", "http://cam/video.cgi?user=admin&pwd=***&res=1"),
+    ("rtsp://admin@host/cam", "rtsp://admin@host/cam"),
+    ("rtsp://host/a:b@c", "rtsp://host/a:b@c"),
+    ("camera:0", "camera:0"),
+])
+def test_redact(uri: str, shown: str) -> None:
+    assert redact(uri) == shown
+
+
+def test_credentials_and_transport_reach_ffmpeg_only() -> None:
+    assert with_credentials("rtsp://host:8554/cam", "ad min", "p@ss:w/rd") == \
+        "rtsp://ad%20min:p%40ss%3Aw%2Frd@host:8554/cam"
+    assert with_credentials("rtsp://admin@host/cam", None, "pw") == "rtsp://admin:pw@host/cam"
+    assert with_credentials("rtsp://host/cam", None, None) == "rtsp://host/cam"
+    assert ffmpeg_options(None, "udp") == "rtsp_transport;udp"
+    assert ffmpeg_options("stimeout;5000000|rtsp_transport;tcp", "udp") == "stimeout;5000000|rtsp_transport;udp"
 
 
 def test_infer_finds_the_face_with_the_password_from_a_file(tmp_path: Path, camera: RtspCamera,

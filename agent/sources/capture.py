@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import abc
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -91,16 +91,20 @@ class FrameOptions(BaseModel):
     """Network streams: the environment variable holding the password."""
 
 
+# `scheme://user:password@…`, up to the *last* `@`: a password with an unescaped `@`, `/` or `:` is still
+# all hidden, and an `@` later in the path hides more than needed rather than less.
+_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):.*@(?P<tail>[^@]*)$", re.DOTALL)
+# Cheap cameras take credentials in the query (`video.cgi?user=admin&pwd=…`).
+_SECRET_PARAM = re.compile(r"(?P<key>(?:^|[?&;])(?:pass|passwd|password|pwd|pw|token|key|auth|secret)=)[^&;#]*",
+                           re.IGNORECASE)
+
+
 def redact(uri: str) -> str:
-    """The URI without its password, for logs and messages."""
-    try:
-        parts = urlsplit(uri)
-        if parts.password is None:
-            return uri
-        netloc = f"{parts.username}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    except ValueError:
-        return uri
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URI without its password (in the authority or a query parameter), for everything shown."""
+    m = _USERINFO.match(uri)
+    if m is not None:
+        uri = f"{m['head']}:***@{m['tail']}"
+    return _SECRET_PARAM.sub(lambda p: f"{p['key']}***", uri) if "=" in uri else uri
 
 
 def frame_options(uri: str, options: dict[str, Any]) -> FrameOptions:

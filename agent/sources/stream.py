@@ -154,7 +154,8 @@ class NetworkStream(LiveSource):
         if not cap.isOpened():
             cap.release()
             if self.scheme == "rtsp":
-                reason, lasting = rtsp_diagnosis(self._url, min(self.settings.timeout, 5.0))
+                # Short: FFmpeg has already waited up to `timeout`; this only tells why.
+                reason, lasting = rtsp_diagnosis(self._url, min(self.settings.timeout, 2.0))
                 raise DeviceError(f"cannot open stream: {reason}", lasting=lasting)
             raise DeviceError("cannot open stream (unreachable, refused, or not video)")
         logger.info("%s: open (%s)", self.name, transport or "default transport")
