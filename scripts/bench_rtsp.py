@@ -6,7 +6,8 @@ photos, every frame stamped with the time the server pushed it) on a free loopba
 after the other on that stream, for `--seconds` each:
 - `bare`: `cv2.VideoCapture(url)` read in a loop, the face model run on every frame read;
 - `agent`: the agent's source (`open_source(url)`: capture thread, latest-frame semantics), the same
-  model on every item read, as the pipeline's loop does.
+  model on every item read, as the pipeline's loop does; `agent_decode_threads_1` the same with the
+  source option `decode_threads = 1` (FFmpeg's frame threading holds a frame back per extra thread).
 Each starts with `WARMUP_S` not counted (the frames FFmpeg buffered while opening come in a burst),
 and reports `open_s`, the time to the first frame. For each, the frame age (now - the server's stamp)
 `at_capture` (when the frame was read/grabbed) and
@@ -83,9 +84,13 @@ def _bare(url: str, inference: Inference, seconds: float, transport: str | None)
         "at_capture": _summary(capture), "at_result": _summary(result)}}
 
 
-def _agent(url: str, inference: Inference, seconds: float, transport: str | None) -> dict[str, Any]:
+def _agent(url: str, inference: Inference, seconds: float, transport: str | None,
+           decode_threads: int | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
-    source = open_source(url, {"transport": transport} if transport else {})
+    options: dict[str, Any] = {"transport": transport} if transport else {}
+    if decode_threads is not None:
+        options["decode_threads"] = decode_threads
+    source = open_source(url, options)
     source.open()
     capture, result = [], []
     first: float | None = None
@@ -128,7 +133,8 @@ def main() -> int:
         report = {"stream": "640x480 15 fps H.264 (gst-rtsp-server, x264 zerolatency), loopback",
                   "transport": args.transport or "tcp (default)", "model": spec.name, "seconds": args.seconds,
                   "bare_cv2": _bare(url, inference, args.seconds, args.transport),
-                  "agent": _agent(url, inference, args.seconds, args.transport)}
+                  "agent": _agent(url, inference, args.seconds, args.transport),
+                  "agent_decode_threads_1": _agent(url, inference, args.seconds, args.transport, 1)}
     print(json.dumps(report, indent=2))
     return 0
 

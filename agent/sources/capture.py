@@ -83,6 +83,9 @@ class FrameOptions(BaseModel):
     """Video files: start again at the end instead of ending the stream."""
     transport: Literal["tcp", "udp"] | None = None
     """RTSP streams: the lower transport (None: FFmpeg's default through OpenCV, TCP)."""
+    decode_threads: int | None = Field(default=None, ge=1, le=64)
+    """Network streams: FFmpeg's decoder threads (None: FFmpeg's choice, one per core). Frame threading
+    holds back a frame per extra thread: 1 gives the freshest frames if one core keeps up with the stream."""
     username: str | None = Field(default=None, min_length=1)
     """Network streams: the user name (instead of `user@` in the URI)."""
     password_file: Path | None = None

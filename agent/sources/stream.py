@@ -139,6 +139,8 @@ class NetworkStream(LiveSource):
         cv2 = _quiet_cv2()
         ms = round(self.settings.timeout * 1000)
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        if self.settings.decode_threads is not None:
+            params += [cv2.CAP_PROP_N_THREADS, self.settings.decode_threads]
         transport = self.settings.transport
         with _open_lock:
             before = os.environ.get(FFMPEG_OPTIONS_ENV)
