@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,9 @@ broker = "mqtt://127.0.0.1:{port}"
 telemetry_interval_s = 1
 [homeassistant]
 enabled = true
+[prometheus]
+enabled = true
+port = {free_port()}
 [[pipelines]]
 name = "door"
 source = "{url}"
@@ -237,6 +241,16 @@ on_change = false
 max_rate = 100
 """)
     return path
+
+
+def _scrape(config: Path) -> dict[str, float]:
+    """The Prometheus endpoint's samples for pipeline `door`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = next(line.split("=")[1].strip() for line in config.read_text().splitlines() if line.startswith("port"))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.labels.get("pipeline") == "door"}
 
 
 def _source(telemetry: dict[str, Any]) -> dict[str, Any]:
@@ -279,6 +293,8 @@ def test_daemon_camera_down_at_start_outage_and_return(tmp_path: Path, clip_dir:
 
             during = [t for t in w.wait_json("d-rtsp/telemetry", outage, timeout=OUTAGE_S + 30) if t["ts"] > gone]
             late = during[-1]
+            metrics = _scrape(config)
+            assert metrics["lepton_source_connected"] == 0 and metrics["lepton_source_reopens_total"] >= 2
             assert late["pipelines"]["door"]["fps"] == 0 and late["pipelines"]["door"]["state"] == "running"
             assert _source(late)["reopens"] >= 2 and _source(late)["since"] <= gone + 3
             frames_during = {t["pipelines"]["door"]["frames"] for t in during[-3:]}
@@ -293,6 +309,7 @@ def test_daemon_camera_down_at_start_outage_and_return(tmp_path: Path, clip_dir:
             assert_right_faces(again[seen:])
             after = w.wait_json("d-rtsp/telemetry", lambda m: _source(m[-1])["state"] == "connected", timeout=30)
             assert _source(after[-1])["reopens"] >= _source(late)["reopens"]
+            assert _scrape(config)["lepton_source_connected"] == 1
             assert daemon.terminate() == 0
             published = list(w.messages)
     finally:
