@@ -284,8 +284,8 @@ def test_daemon_camera_down_at_start_outage_and_return(tmp_path: Path, clip_dir:
             src = status["result"]["pipeline_stats"]["door"]["source"]
             assert 0 < src["decoded"] < src["grabbed"]
 
+            gone = time.time()  # taken before: the agent may notice while the server is still exiting
             cam.stop()
-            gone = time.time()
 
             def outage(m: list[dict[str, Any]]) -> bool:
                 return any(_source(t)["state"] == "reconnecting" and t["ts"] - gone >= OUTAGE_S for t in m
@@ -296,7 +296,7 @@ def test_daemon_camera_down_at_start_outage_and_return(tmp_path: Path, clip_dir:
             metrics = _scrape(config)
             assert metrics["lepton_source_connected"] == 0 and metrics["lepton_source_reopens_total"] >= 2
             assert late["pipelines"]["door"]["fps"] == 0 and late["pipelines"]["door"]["state"] == "running"
-            assert _source(late)["reopens"] >= 2 and _source(late)["since"] <= gone + 3
+            assert _source(late)["reopens"] >= 2 and _source(late)["since"] >= gone
             frames_during = {t["pipelines"]["door"]["frames"] for t in during[-3:]}
             assert len(frames_during) == 1  # frozen: nothing processed while the camera is gone
 
