@@ -99,6 +99,19 @@ def test_credentials_and_transport_reach_ffmpeg_only() -> None:
     assert ffmpeg_options("stimeout;5000000|rtsp_transport;tcp", "udp") == "stimeout;5000000|rtsp_transport;udp"
 
 
+def test_probes_grow_with_the_outage_not_with_the_attempts() -> None:
+    # A camera back after a short outage is found at once; one that stays away is probed rarely.
+    source = open_source("rtsp://127.0.0.1:9/cam", {"backoff_initial": 0.5, "backoff_max": 30})
+    assert isinstance(source, LiveSource)
+    now = time.monotonic()
+    delays = []
+    for outage in (0.0, 5.0, 20.0, 60.0, 600.0, 3600.0):
+        source._down_since = now - outage
+        delays.append(source._probe_delay())
+    assert delays[0] == 0.5 and delays[-1] == 30.0 and delays == sorted(delays)
+    assert delays[2] == pytest.approx(1.0, abs=0.05)  # 5 % of a 20 s outage
+
+
 def test_infer_finds_the_face_with_the_password_from_a_file(tmp_path: Path, camera: RtspCamera,
                                                              short_range: Path) -> None:
     secret = tmp_path / "camera-password"

@@ -329,7 +329,8 @@ class LiveSource(Source):
                     if stalled or failures >= MAX_READ_FAILURES:
                         self._release(device)
                         device = None
-                        self._down_since = time.monotonic()
+                        if self._down_since is None:  # else: opened, but no frame since; the outage goes on
+                            self._down_since = time.monotonic()
                         self._count_restart("stalled" if stalled else f"{failures} failed reads in a row")
                         if self._stop.wait(self._probe_delay()):
                             break
