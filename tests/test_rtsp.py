@@ -29,7 +29,7 @@ from test_daemon import Daemon, fleet
 
 from agent.sources.base import open_source
 from agent.sources.capture import LiveSource, redact
-from agent.sources.stream import ffmpeg_options, with_credentials
+from agent.sources.network import ffmpeg_options, with_credentials
 from agent.vision.nms import iou_one_to_many
 
 USER, PASSWORD = "admin", "Gr33n-Fr0g!sec"

@@ -5,7 +5,7 @@
 - `csi:` / `csi:0`: the Raspberry Pi CSI camera through a libcamera GStreamer
   pipeline (needs an OpenCV built with GStreamer, e.g. Debian's python3-opencv).
 - `picamera2:N`: the CSI camera through Picamera2 (the optional `picamera2` extra).
-- network streams (`rtsp://`, …) are in `agent.sources.stream`.
+- network streams (`rtsp://`, …) are in `agent.sources.network`.
 
 OpenCV is imported when a device is first opened, never at registration.
 """
