@@ -186,7 +186,8 @@ class Agent:
                 link, self.topics, cfg.homeassistant, device=self.eff.device_id,
                 model=profile.description or profile.name, pipelines=lambda: [p.name for p in self._pipeline_list()],
                 telemetry=cfg.telemetry.enabled, telemetry_interval_s=profile.telemetry_interval_s,
-                root=cfg.telemetry.root)
+                root=cfg.telemetry.root,
+                cameras=lambda: [p.name for p in self._pipeline_list() if network_source(p.settings.source)])
             self.discovery.attach()
             if self.monitor is not None:
                 self.monitor.on_tick.append(self.discovery.refresh)

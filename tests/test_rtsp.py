@@ -26,6 +26,7 @@ from broker import Broker, Watcher, free_port
 from conftest import ROOT, run_cli
 from rtsp_camera import RtspCamera, face_box, server_available
 from test_daemon import Daemon, fleet
+from test_telemetry_daemon import _check_ha_config, _render
 
 from agent.sources.base import open_source
 from agent.sources.capture import LiveSource, redact
@@ -327,7 +328,13 @@ def test_daemon_camera_down_at_start_outage_and_return(tmp_path: Path, clip_dir:
             published = list(w.messages)
     finally:
         cam.stop()
-    assert any(t.startswith("homeassistant/") for t, _, _ in published)
+    # Home Assistant shows the camera's state, rendered from telemetry as it renders it.
+    (camera,) = [json.loads(p) for t, p, _ in published if t == "homeassistant/sensor/lepton_d-rtsp/door_camera/config"]
+    _check_ha_config("homeassistant/sensor/lepton_d-rtsp/door_camera/config", camera)
+    assert camera["state_topic"] == "lepton/d-rtsp/telemetry" and camera["name"] == "door camera"
+    outage_payload = next(p for t, p, _ in published if t == "lepton/d-rtsp/telemetry"
+                          and json.loads(p)["ts"] == late["ts"])
+    assert _render(camera["value_template"], outage_payload) == "reconnecting"
     assert any(t.endswith("/status") for t, _, _ in published)
     for topic, payload, _ in published:
         assert_no_secret(topic, payload)
