@@ -106,6 +106,10 @@ def rtsp_diagnosis(url: str, timeout: float) -> tuple[str, bool]:
     if code == "401":
         if parts.username is None:
             return "the camera asks for a user name and password (401)", True
+        if "basic" not in head.lower():
+            # Our probe only speaks Basic; a Digest camera refuses it whatever the password. FFmpeg did answer
+            # its challenge, so the password is still the likeliest cause.
+            return "authorisation failed: wrong user name or password (401, Digest)", True
         return "authorisation failed: wrong user name or password (401)", True
     if code == "404":
         return f"no such stream on {where} (404: check the path)", True
