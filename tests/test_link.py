@@ -155,6 +155,28 @@ def test_half_open_is_noticed_and_the_will_goes_out(tmp_path: Path, own_broker: 
     _close(a)
 
 
+def test_a_thawed_broker_is_reached_again_soon_after_timed_out_attempts(tmp_path: Path,
+                                                                        own_broker: Broker) -> None:
+    # A SIGSTOPped broker still completes TCP handshakes (the kernel does), so each attempt waits out its
+    # connect timeout. Those attempts must not grow the backoff, or the agent stays away long after the thaw.
+    a = make_link(tmp_path, own_broker.url, connect_timeout_s=0.5, backoff_min_s=0.2, backoff_max_s=60)
+    own_broker.freeze()
+    try:
+        a.link.start()
+        timed_out = threading.Event()
+        while not timed_out.wait(0.05):
+            if a.link.stats.connect_failures >= 4:
+                timed_out.set()
+        assert not a.link.connected.is_set()
+        assert "no CONNACK" in (a.link.stats.last_error or "")
+        assert a.link.backoff.failures == 0
+        assert a.link.backoff.last_delay <= 0.2 * 1.5  # grown, the 4th delay would be 1.6 s or more
+    finally:
+        own_broker.thaw()
+    assert a.link.connected.wait(30)
+    _close(a)
+
+
 def test_refused_connack_never_announces_online(tmp_path: Path) -> None:
     b = Broker(tmp_path / "b")
     write_config = b._config
@@ -250,6 +272,9 @@ def test_backoff_grows_caps_and_resets() -> None:
     assert delays[0] < 2 and all(later >= earlier * 0.6 for earlier, later in itertools.pairwise(delays))
     assert max(delays) <= 120.0 and delays[-1] > 60
     assert 1.0 <= b.next_delay(refused=True) <= 1.5  # nobody listening: keep knocking softly
+    grown = b.failures
+    assert 1.0 <= b.next_delay(timed_out=True) <= 1.5  # the attempt's own timeout was the pause
+    assert b.failures == grown
     b.reset()
     assert b.next_delay() < 2
 
