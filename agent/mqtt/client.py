@@ -70,7 +70,15 @@ class _PromptClient(mqtt.Client):
     default) holds each small PUBACK back until its previous segment is acknowledged (Nagle), and a
     client that has nothing more to send delays that acknowledgement by 40 ms: an upload waiting for
     its last PUBACKs stalled 40 ms of its 50 (4 MB; 7 ms without the stall). Setting TCP_QUICKACK
-    after a read sends the pending acknowledgement now."""
+    after a read sends the pending acknowledgement now. And TCP_NODELAY, as the daemon's link: with
+    Nagle, a SUBSCRIBE written right after a PUBACK waits for the broker's delayed ACK (a download
+    subscribes chunk after chunk)."""
+
+    def _create_socket(self) -> Any:
+        sock: Any = super()._create_socket()
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def _sock_recv(self, bufsize: int) -> bytes:
         data = super()._sock_recv(bufsize)
