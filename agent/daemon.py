@@ -456,11 +456,13 @@ class Agent:
         from agent.bench import bench
         from agent.runtime import Model
         from agent.tasks import Inference
+        from agent.tasks.base import interpreter_threads
 
         (p,) = self._chosen(command.pipeline)
         spec = load_spec(p.settings.model, p.settings.labels)
         # A second interpreter: the pipeline's own is busy in its thread.
-        model = Model(spec.path, backend=self.backend_name, threads=self.eff.profile.threads)
+        model = Model(spec.path, backend=self.backend_name,
+                      threads=interpreter_threads(spec, self.eff.profile.threads, p.settings.task))
         runner = build_runner(model, spec, p.settings.task)
         if not isinstance(runner, Inference):
             raise CommandError("unsupported", f"pipeline {p.name}: bench runs per-item models only")

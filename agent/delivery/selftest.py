@@ -24,7 +24,7 @@ from agent.delivery.store import ModelStore, StoredModel
 from agent.errors import LeptonError
 from agent.manifest import Manifest, ModelSpec
 from agent.runtime import Model
-from agent.tasks.base import Inference, Runner, Task, create_task
+from agent.tasks.base import Inference, Runner, Task, create_task, interpreter_threads
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def self_test(
     """Load, check, run; DeliveryError with the reason when the model must not be activated."""
     spec = spec_for(store, stored)
     try:
-        model = Model(spec.path, backend=backend, threads=threads)
+        model = Model(spec.path, backend=backend, threads=interpreter_threads(spec, threads))
     except LeptonError as exc:
         raise DeliveryError(Reason.LOAD_FAILED, str(exc)) from None
     if fit is not None and fit.inputs is not None and _shapes(model.inputs) != fit.inputs:
