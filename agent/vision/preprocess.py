@@ -38,6 +38,9 @@ _COLOR_CODES: dict[tuple[int, str], int | None] = {
 }
 
 
+_ALL = slice(None)
+
+
 @dataclass(frozen=True)
 class ImageInput:
     """The geometry of an image input tensor."""
@@ -120,6 +123,8 @@ class ImagePreprocessor:
                 self._lut, self._flip_sign = None, True
         self._model = model
         self._input_index = input_index
+        self._rows = _ALL
+        """The rows of the input that change from frame to frame (the picture, not the letterbox border)."""
         self._bind()
         # Buffers per frame geometry (channels, height, width); rebuilt only when it changes.
         self._key: tuple[int, int, int] | None = None
@@ -136,6 +141,7 @@ class ImagePreprocessor:
         g = self.geometry
         view = self._model.input(self._input_index)[0]
         self._generation = self._model.generation
+        self._borders_written = False  # a new input tensor: its border rows are not written yet
         if g.layout == "NCHW":
             self._target = np.empty((g.height, g.width, g.channels), dtype=view.dtype)
             self._nchw: np.ndarray[Any, Any] | None = view
@@ -162,6 +168,8 @@ class ImagePreprocessor:
         shape: tuple[int, ...] = (g.height, g.width) if channels == 1 else (g.height, g.width, channels)
         self._resized = np.empty(shape, np.uint8)
         self._patch = None
+        self._rows = _ALL
+        self._borders_written = False
         if self.letterbox:
             scale = min(g.width / frame_w, g.height / frame_h)
             nw, nh = max(1, round(frame_w * scale)), max(1, round(frame_h * scale))
@@ -170,6 +178,8 @@ class ImagePreprocessor:
             if px == 0:
                 # Full-width content (a landscape frame): its rows are contiguous, resize straight into them.
                 self._patch = self._resized[py : py + nh]
+                if self._nchw is None:
+                    self._rows = slice(py, py + nh)
             else:
                 self._patch = np.empty((nh, nw, *shape[2:]), np.uint8)
             self._patch_at = (py, px)
@@ -208,17 +218,24 @@ class ImagePreprocessor:
             py, px = self._patch_at
             if px:
                 np.copyto(self._resized[py : py + self._patch.shape[0], px : px + self._patch.shape[1]], self._patch)
-        src = self._resized
+        # Once the border rows of a letterboxed landscape frame are in the input, only the rows with the
+        # picture change: colour and value table run on those (3/4 of the tensor for 4:3 frames).
+        rows = self._rows if self._borders_written else _ALL
+        src = self._resized[rows]
+        target = self._target[rows]
+        in_target = False
         if self._code is not None:
-            dst = self._colored if self._colored is not None else self._target
+            in_target = self._colored is None
+            dst = target if in_target else self._colored[rows]  # type: ignore[index]
             cv2.cvtColor(src, self._code, dst=dst)
             src = dst
         if self._lut is not None:
-            cv2.LUT(src, self._lut, dst=self._target)
-        elif src is not self._target:
-            np.copyto(self._target, src, casting="unsafe")
+            cv2.LUT(src, self._lut, dst=target)
+        elif not in_target:
+            np.copyto(target, src, casting="unsafe")
         if self._flip_sign:
-            np.bitwise_xor(self._target, 0x80, out=self._target)  # uint8 p -> int8 p - 128, in place
+            np.bitwise_xor(target, 0x80, out=target)  # uint8 p -> int8 p - 128, in place
+        self._borders_written = self._rows is not _ALL
         if self._nchw is not None:
             np.copyto(self._nchw, self._target.reshape(g.height, g.width, -1).transpose(2, 0, 1))
 
