@@ -82,7 +82,8 @@ def weighted_nms(boxes: Array, scores: Array, iou_threshold: float, max_results:
     it exceeds the threshold, itself included; their coordinates are averaged
     with the scores as weights and the best score is kept. Returns (boxes, scores).
     """
-    order = np.argsort(-scores, kind="stable")
+    # ndarray methods and ufunc.reduce directly: numpy's module-level wrappers cost a microsecond a call here.
+    order = (-scores).argsort(kind="stable")
     areas = box_areas(boxes)  # once, not per kept box
     pairs = iou_matrix(boxes, areas) if boxes.shape[0] <= SMALL_N else None
     kept_boxes: list[Array] = []
@@ -98,9 +99,12 @@ def weighted_nms(boxes: Array, scores: Array, iou_threshold: float, max_results:
             group = order[:1]
             overlap[0] = True
         weights = scores[group]
-        kept_boxes.append((boxes[group] * weights[:, None]).sum(axis=0) / weights.sum())
+        kept_boxes.append(_add(boxes[group] * weights[:, None], axis=0) / _add(weights))
         kept_scores.append(float(scores[best]))
         order = order[~overlap]
     if not kept_boxes:
         return np.empty((0, 4), boxes.dtype), np.empty(0, scores.dtype)
-    return np.stack(kept_boxes).astype(boxes.dtype), np.asarray(kept_scores, scores.dtype)
+    return np.array(kept_boxes, boxes.dtype), np.asarray(kept_scores, scores.dtype)
+
+
+_add = np.add.reduce  # what ndarray.sum runs, without its Python wrapper
