@@ -53,9 +53,10 @@ DEFAULT_REFRACTORY_S = 2.0
 MODEL_OPTIONS: dict[str, Any] = {"threads": TASK_THREADS["wakeword"]}
 """How to build a wake word `Model`: one thread, the models are tiny and a thread pool only adds
 wake-ups to every invoke. XNNPACK stays on: it runs these models 5-10x faster than the builtin
-kernels. Its int8 arithmetic rounds differently, so a probability can land one output step
-(1/256) away from the reference's; on the real recordings every decision at every step is
-still the reference's."""
+kernels (LiteRT; tflite-runtime 2.14's default XNNPACK takes float graphs only, so there these int8
+models run on the builtin kernels, ~17 us an invoke, still ahead of pymicro-wakeword's loop).
+Its int8 arithmetic rounds differently, so a probability can land one output step (1/256) away
+from the reference's; on the real recordings every decision at every step is still the reference's."""
 
 EXACT_MODEL_OPTIONS: dict[str, Any] = {"threads": TASK_THREADS["wakeword"], "xnnpack": False}
 """The builtin kernels the reference (pymicro-wakeword's TFLite) runs: with ai-edge-litert every
