@@ -60,6 +60,7 @@ from agent.mqtt.session import (
     closed_before_connack,
     select_ready,
     tls_pending,
+    went_unanswered,
 )
 from agent.mqtt.spool import Spool
 from agent.mqtt.tls import tls_context
@@ -238,6 +239,7 @@ class Link(PahoCallbacks):
                 # Accepted, then closed with nothing said: a proxy, NAT or load balancer with no broker
                 # behind it. That is "nobody listening" as much as a refusal is: retry soon, not later.
                 refused = True
+            timed_out = timed_out or (not failed and not refused and session is not None and went_unanswered(session))
             up = session is not None and session.connected_at is not None
             if up and session is not None and session.connected_at is not None:
                 if time.monotonic() - session.connected_at >= STABLE_S:

@@ -79,6 +79,12 @@ def closed_before_connack(s: Session) -> bool:
             and time.monotonic() - s.started < QUICK_CLOSE_S)
 
 
+def went_unanswered(s: Session) -> bool:
+    """Accepted and waited on, then given up with no CONNACK at all (paho's keepalive closes a connection
+    still waiting for one): a frozen or swamped broker, retried like a connect timeout."""
+    return s.connected_at is None and not s.reason.startswith("refused by the broker")
+
+
 @dataclass
 class Session:
     """What one connection knows; thrown away with it."""
