@@ -35,16 +35,15 @@ def iou_one_to_many(box: Array, boxes: Array, areas: Array | None = None) -> Arr
 
 def iou_matrix(boxes: Array, areas: Array) -> Array:
     """IoU of every box with every box: the same arithmetic as `iou_one_to_many`, element for element."""
-    iw = np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0])
-    ih = np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1])
-    np.maximum(iw, 0.0, out=iw)
-    np.maximum(ih, 0.0, out=ih)
-    iw *= ih
+    one, other = boxes[:, None, :], boxes[None, :, :]
+    wh = np.minimum(one[..., 2:], other[..., 2:]) - np.maximum(one[..., :2], other[..., :2])  # x and y at once
+    np.maximum(wh, 0.0, out=wh)
+    inter = wh[..., 0] * wh[..., 1]
     union = areas[:, None] + areas[None, :]
-    union -= iw
+    union -= inter
     np.maximum(union, 1e-12, out=union)
-    iw /= union
-    return iw
+    inter /= union
+    return inter
 
 
 SMALL_N = 24
