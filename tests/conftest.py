@@ -108,7 +108,7 @@ RUNTIME_INDEPENDENT = frozenset({
     "test_spool", "test_synthetic", "test_systemd_notify", "test_systemd_unit", "test_corrupt_state",
     "test_delivery_pending",
     # The link's reporting extras, /proc and sysfs readers, board profiles: no model is loaded in any of them.
-    "test_link_reporting", "test_telemetry", "test_profiles",
+    "test_link_reporting", "test_paho_link", "test_telemetry", "test_profiles",
 })
 
 
