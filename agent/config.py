@@ -85,7 +85,7 @@ class MqttSection(_Strict):
     broker: tuple[str, ...] = ("mqtt://localhost:1883",)
     """`mqtt://host[:port]` or `mqtts://host[:port]`; several are tried in turn. Env `LEPTON_BROKER`."""
     protocol: Literal["5", "3.1.1"] = "5"
-    """MQTT protocol version."""
+    """MQTT protocol version; "5" falls back to 3.1.1 on a broker that does not answer or refuses MQTT 5."""
     prefix: TopicName = "lepton"
     """First topic level of everything the agent publishes and hears."""
     client_id: str | None = None

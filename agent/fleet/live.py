@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -21,19 +22,23 @@ from typing import Any, TextIO
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from agent.errors import BadInput
-from agent.mqtt.client import BrokerAddress, PahoLink, TlsOptions
+from agent.errors import BadInput, LeptonError
+from agent.mqtt.client import BrokerAddress, PahoLink, TlsOptions, Unanswered
 from agent.mqtt.tls import read_password
 from agent.mqtt.topics import SCHEMA_VERSION, FleetTopics
 
 DEFAULT_BROKER = "mqtt://localhost:1883"
 PASSWORD_ENV = "LEPTON_MQTT_PASSWORD"  # noqa: S105 - the name of the variable, not a password
 
+logger = logging.getLogger(__name__)
+
 
 def add_connection_options(p: argparse.ArgumentParser) -> None:
     """The broker options every `lepton-fleet` command that talks MQTT takes (the agent config's names)."""
     g = p.add_argument_group("broker")
     g.add_argument("--broker", help=f"mqtt://host:port or mqtts://… (default: LEPTON_BROKER, else {DEFAULT_BROKER})")
+    g.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
+                   help="MQTT version; 5 falls back to 3.1.1 when the broker does not answer it (default 5)")
     g.add_argument("--prefix", default="lepton", help="topic prefix (default lepton)")
     g.add_argument("--ca-file", type=Path, help="CA file to trust for mqtts:// (pinned)")
     g.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS)")
@@ -51,15 +56,33 @@ def broker_password(args: argparse.Namespace) -> str | None:
 
 
 def open_link(args: argparse.Namespace, timeout: float = 10.0) -> PahoLink:
-    """The operator's connection (MQTT 5), connected, from the broker options; BadInput/LeptonError otherwise."""
+    """The operator's connection, connected, from the broker options; BadInput/LeptonError otherwise.
+
+    `--protocol 5` (the default) falls back to 3.1.1 when the broker ends the MQTT 5 attempt unanswered or
+    refuses the version: RabbitMQ before 3.13 closes the connection on an MQTT 5 CONNECT."""
     address = BrokerAddress.parse(broker_url(args))
     for flag, path in (("--ca-file", args.ca_file), ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
         if path is not None and not Path(path).is_file():
             raise BadInput(f"{flag} {path}: no such file")
     tls = TlsOptions(args.ca_file, args.cert_file, args.key_file)
-    link = PahoLink(address, client_id=f"lepton-fleet-{uuid.uuid4().hex[:8]}", tls=tls, username=args.username,
-                    password=broker_password(args), protocol=MQTTProtocolVersion.MQTTv5)
-    return link.start(timeout=timeout)
+    password = broker_password(args)
+    client_id = f"lepton-fleet-{uuid.uuid4().hex[:8]}"
+
+    def link(protocol: MQTTProtocolVersion) -> PahoLink:
+        return PahoLink(address, client_id=client_id, tls=tls, username=args.username, password=password,
+                        protocol=protocol)
+
+    if getattr(args, "protocol", "5") == "3.1.1":
+        return link(MQTTProtocolVersion.MQTTv311).start(timeout=timeout, give_up_unanswered=True)
+    started = time.monotonic()
+    try:
+        return link(MQTTProtocolVersion.MQTTv5).start(timeout=timeout, give_up_unanswered=True)
+    except Unanswered as exc:
+        if "TLS" in str(exc):
+            raise LeptonError(str(exc)) from None  # a TLS refusal is not about the MQTT version
+        logger.warning("%s to MQTT 5; trying MQTT 3.1.1", exc)
+    left = max(1.0, timeout - (time.monotonic() - started))
+    return link(MQTTProtocolVersion.MQTTv311).start(timeout=left, give_up_unanswered=True)
 
 
 # -- watch --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ connection knows (`Session`), plus the select() helpers the link thread waits wi
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import select
 import socket
@@ -13,6 +14,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+logger = logging.getLogger("agent.mqtt.link")
 
 @dataclass
 class LinkStats:
@@ -81,6 +83,7 @@ class Session:
     url: str
     bdseq: int
     started: float
+    protocol: str = "5"
     connected_at: float | None = None
     refused: bool = False
     lost: bool = False
@@ -105,6 +108,35 @@ class Session:
     """The SUBSCRIBE of the command topics, whose SUBACK sets `Link.subscribed`."""
     watch_mid: int | None = None
 
+
+
+class Protocols:
+    """Which MQTT version each broker URL gets: the configured one, except that with "5" a broker that ends an
+    MQTT 5 attempt unanswered (RabbitMQ before 3.13 closes the connection) or refuses the version gets 3.1.1."""
+
+    def __init__(self, configured: str) -> None:
+        self.configured = configured
+        self._fallen_back: set[str] = set()
+
+    def for_url(self, url: str) -> str:
+        return "3.1.1" if self.configured == "3.1.1" or url in self._fallen_back else "5"
+
+    def after(self, s: Session) -> bool:
+        """Note how attempt `s` ended; True if the next attempt should go at once, to the same URL, in 3.1.1."""
+        if s.connected_at is not None:
+            return False
+        unsupported = "nsupported protocol version" in s.reason
+        if not (unsupported or closed_before_connack(s)):
+            return False
+        if s.protocol == "5" and self.configured == "5":
+            self._fallen_back.add(s.url)
+            why = "refused MQTT 5" if unsupported else "closed the connection on our MQTT 5 CONNECT without answering"
+            logger.warning("mqtt %s: the broker %s (a broker that speaks only 3.1.1?); trying MQTT 3.1.1 on it",
+                           s.url, why)
+            return True
+        # 3.1.1 was not answered either: the version was not the reason (e.g. a proxy with no broker behind it).
+        self._fallen_back.discard(s.url)
+        return False
 
 
 class Waker:

@@ -1,0 +1,100 @@
+"""The fleet on brokers other than one mosquitto: a two-node RabbitMQ cluster (MQTT 3.1.1 only, retained messages
+kept per node, `.` in a topic turned into `/`), with the agent on one node and the operator on the other."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+import rabbitmq
+from broker import Broker, Watcher
+from conftest import Run, run_cli
+from test_link import Agentlet, T, _close, make_link
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not rabbitmq.available(), reason="rabbitmq-server missing (scripts/test installs it)")]
+
+
+def fleet(*args: str) -> Run:
+    return run_cli(*args, prog="fleet")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rabbitmq.Cluster]:
+    with rabbitmq.Cluster(tmp_path_factory.mktemp("rabbitmq")) as c:
+        yield c
+
+
+def answering_agent(tmp: Path, url: str, **settings: object) -> Agentlet:
+    """The daemon's real link, answering every command on its reply topic (as the daemon's commands do)."""
+    box: list[Agentlet] = []
+
+    def on_command(topic: str, payload: bytes) -> None:
+        cmd = json.loads(payload)
+        box[0].link.send(T.reply, {"id": cmd["id"], "ok": True, "result": {"pong": True}})
+
+    box.append(make_link(tmp, url, on_command=on_command, **settings))
+    return box[0]
+
+
+def test_agent_falls_back_to_311_and_says_why(tmp_path: Path, cluster: rabbitmq.Cluster,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """RabbitMQ 3.10 closes the connection on an MQTT 5 CONNECT: the agent (protocol "5", the default) must
+    not retry that forever at INFO; it says why at WARNING and talks 3.1.1, across the cluster."""
+    caplog.set_level(logging.INFO, logger="agent.mqtt.link")
+    with Watcher(cluster.b.mqtt_port, ["lepton/dev1/results/#"], protocol=mqtt.MQTTv311) as w:
+        a = make_link(tmp_path, cluster.a.url)
+        assert a.link.settings.protocol == "5"
+        a.link.start()
+        try:
+            assert a.link.connected.wait(30)
+            a.put(5)
+            got = w.wait_json("/results/p", lambda m: len(m) >= 5)
+            assert [m["i"] for m in got] == [0, 1, 2, 3, 4]
+        finally:
+            _close(a)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("MQTT 5" in m and "trying MQTT 3.1.1" in m for m in warnings), warnings
+    assert a.link.stats.connects == 1
+
+
+def test_fleet_cmd_falls_back_to_311_on_the_other_node(tmp_path: Path, cluster: rabbitmq.Cluster) -> None:
+    a = answering_agent(tmp_path, cluster.a.url, protocol="3.1.1")
+    a.link.start()
+    try:
+        assert a.link.subscribed.wait(30)
+        r = fleet("cmd", "dev1", "ping", "--broker", cluster.b.url, "--format", "json")
+        assert r.rc == 0, r.err
+        assert json.loads(r.out)["result"] == {"pong": True}
+        assert any("trying MQTT 3.1.1" in line for line in r.err_lines), r.err
+        r = fleet("cmd", "dev1", "ping", "--broker", cluster.b.url, "--protocol", "3.1.1", "--format", "json")
+        assert r.rc == 0 and r.err_lines == [], r.err
+    finally:
+        _close(a)
+
+
+def test_protocol_on_mosquitto_both_versions_no_fallback(tmp_path: Path, broker: Broker) -> None:
+    a = answering_agent(tmp_path, broker.url)
+    a.link.start()
+    try:
+        assert a.link.subscribed.wait(10)
+        for protocol in ("5", "3.1.1"):
+            r = fleet("cmd", "dev1", "ping", "--broker", broker.url, "--protocol", protocol, "--format", "json")
+            assert r.rc == 0 and r.err_lines == [], r.err
+        r = fleet("cmd", "dev1", "ping", "--broker", broker.url, "--protocol", "4")
+        assert r.rc == 2 and "--protocol" in r.err
+    finally:
+        _close(a)
+
+
+def test_fleet_tool_on_a_closed_port_names_it(tmp_path: Path) -> None:
+    """Nothing listening: one line, exit 1, no fallback noise."""
+    from broker import free_port
+
+    r = fleet("status", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--timeout", "5")
+    assert r.rc == 1 and len(r.err_lines) == 1 and "cannot connect" in r.err_lines[0], r.err
+
