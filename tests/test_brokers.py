@@ -13,7 +13,12 @@ import pytest
 import rabbitmq
 from broker import Broker, Watcher
 from conftest import Run, run_cli
+from delivery_kit import FIXTURES, CommandDevice, Keys, connect, service, unique_prefix
 from test_link import Agentlet, T, _close, make_link
+
+from agent.delivery.signing import load_private_key
+from agent.mqtt.topics import FleetTopics
+from agent.version import parse_version
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not rabbitmq.available(), reason="rabbitmq-server missing (scripts/test installs it)")]
@@ -98,3 +103,35 @@ def test_fleet_tool_on_a_closed_port_names_it(tmp_path: Path) -> None:
     r = fleet("status", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--timeout", "5")
     assert r.rc == 1 and len(r.err_lines) == 1 and "cannot connect" in r.err_lines[0], r.err
 
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "release.key"
+    assert fleet("keygen", "--out", str(path)).rc == 0
+    return path
+
+
+def test_dotted_version_and_device_id_survive_rabbitmq(tmp_path: Path, cluster: rabbitmq.Cluster, key_file: Path,
+                                                       backend: str) -> None:
+    """RabbitMQ turns `.` into `/`: `colors@2.0.1` for device `cam.1` must still arrive, be verified and be
+    active, with the operator on the other node."""
+    keys = Keys(load_private_key(key_file))
+    prefix = unique_prefix()
+    topics = FleetTopics(prefix)
+    assert "." not in topics.manifest("colors", parse_version("2.0.1")) and "." not in topics.deploy("cam.1")
+    on_a = ["--broker", cluster.a.url, "--prefix", prefix, "--timeout", "60"]
+    on_b = ["--broker", cluster.b.url, "--prefix", prefix, "--timeout", "60"]
+    r = fleet("publish", str(FIXTURES / "colors_int8.json"), "--name", "colors", "--version", "2.0.1",
+              "--key", str(key_file), *on_a)
+    assert r.rc == 0, r.err
+    link = connect(cluster.a.mqtt_port)
+    try:
+        svc = service(link, tmp_path / "store", keys, topics, backend, device="cam.1").start()
+        CommandDevice(link, svc, topics, "cam.1")
+        r = fleet("deploy", "colors@2.0.1", "--to", "cam.1", "--format", "json", *on_b)
+        assert r.rc == 0, (r.out, r.err)
+        row = json.loads(r.out.splitlines()[-1])
+        assert row["device"] == "cam.1" and row["state"] == "active" and row["version"] == "2.0.1"
+    finally:
+        link.close()

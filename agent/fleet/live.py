@@ -80,7 +80,7 @@ def open_link(args: argparse.Namespace, timeout: float = 10.0) -> PahoLink:
     except Unanswered as exc:
         if "TLS" in str(exc):
             raise LeptonError(str(exc)) from None  # a TLS refusal is not about the MQTT version
-        logger.warning("%s to MQTT 5; trying MQTT 3.1.1", exc)
+        logger.warning("%s; trying MQTT 3.1.1", exc)
     left = max(1.0, timeout - (time.monotonic() - started))
     return link(MQTTProtocolVersion.MQTTv311).start(timeout=left, give_up_unanswered=True)
 
@@ -117,7 +117,7 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
         except ValueError:
             payload = {"raw": msg.payload[:200].decode(errors="replace")}
         parts = msg.topic.split("/")
-        dev = parts[1] if len(parts) > 1 else "?"
+        dev = FleetTopics(args.prefix).device_of(msg.topic) or "?"
         is_result = "/results/" in msg.topic
         with lock:
             if console is None:
@@ -185,7 +185,7 @@ def cmd(args: argparse.Namespace, out: TextIO) -> int:
             raise BadInput("ARGS: give a JSON object, e.g. '{\"pipeline\": \"cam\"}'")
     command = {**extra, "id": args.id or uuid.uuid4().hex, "action": args.action, "ts": round(time.time(), 3),
                "v": SCHEMA_VERSION}
-    single = topic.endswith(f"/{args.target}/cmd")
+    single = not (args.target == "all" or args.target.startswith("group:"))
     replies: list[dict[str, Any]] = []
     cond = threading.Condition()
 
@@ -196,7 +196,7 @@ def cmd(args: argparse.Namespace, out: TextIO) -> int:
             return
         if isinstance(reply, dict) and reply.get("id") == command["id"]:
             with cond:
-                replies.append({"device": reply_topic.split("/")[1], **reply})
+                replies.append({"device": FleetTopics(args.prefix).device_of(reply_topic), **reply})
                 cond.notify_all()
 
     link = open_link(args)

@@ -53,7 +53,7 @@ def _json(payload: bytes) -> dict[str, Any] | None:
 
 def _device_of(topic: str, topics: FleetTopics) -> str | None:
     parts = topic[len(topics.prefix) + 1:].split("/")
-    return parts[0] if len(parts) == 2 else None
+    return topics.device_of(topic) if len(parts) == 2 else None
 
 
 class FleetView:

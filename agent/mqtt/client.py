@@ -153,7 +153,8 @@ class PahoLink:
             return (f"the broker closed the TLS handshake ({unanswered}); it may require a client certificate "
                     "(--cert-file and --key-file)")
         if unanswered is not None:
-            return f"closed the connection before answering ({unanswered})"
+            version = "5" if self.protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1"
+            return f"closed the connection without answering our MQTT {version} CONNECT ({unanswered})"
         return f"no answer within {timeout:g} s"
 
     def close(self) -> None:
