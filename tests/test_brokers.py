@@ -135,3 +135,23 @@ def test_dotted_version_and_device_id_survive_rabbitmq(tmp_path: Path, cluster: 
         assert row["device"] == "cam.1" and row["state"] == "active" and row["version"] == "2.0.1"
     finally:
         link.close()
+
+
+def test_status_and_watch_find_a_device_on_the_other_node(tmp_path: Path, cluster: rabbitmq.Cluster) -> None:
+    """RabbitMQ sends no retained message to `lepton/+/status`, and keeps it on the node it was published on:
+    the presence query makes the device say it again, live, and both views see it."""
+    a = answering_agent(tmp_path, cluster.a.url, protocol="3.1.1")
+    a.link.start()
+    try:
+        assert a.link.subscribed.wait(30)
+        b = ["--broker", cluster.b.url, "--protocol", "3.1.1"]
+        r = fleet("status", "--format", "json", *b)
+        assert r.rc == 0, r.err
+        rows = {row["device"]: row for row in map(json.loads, r.out.splitlines())}
+        assert rows["dev1"]["presence"] == "yes", rows
+        r = fleet("watch", "--status", "--seconds", "3", "--format", "jsonl", *b)
+        assert r.rc == 0, r.err
+        lines = [json.loads(line) for line in r.out.splitlines()]
+        assert any(x["device"] == "dev1" and x["payload"]["state"] == "online" for x in lines), lines
+    finally:
+        _close(a)

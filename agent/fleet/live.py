@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from agent.errors import BadInput, LeptonError
+from agent.fleet.watch import is_stale
 from agent.mqtt.client import BrokerAddress, PahoLink, TlsOptions, Unanswered
 from agent.mqtt.tls import read_password
 from agent.mqtt.topics import SCHEMA_VERSION, FleetTopics
@@ -105,6 +106,8 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
         topics.append(of.status)
     received = threading.Semaphore(0)
     lock = threading.Lock()
+    statuses: dict[str, tuple[str, dict[str, Any]]] = {}
+    """device → (topic, latest status) not yet shown as stale: checked every second for a stopped heartbeat."""
     console = None
     if args.format == "table":
         from rich.console import Console
@@ -120,7 +123,11 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
         dev = FleetTopics(args.prefix).device_of(msg.topic) or "?"
         is_result = "/results/" in msg.topic
         with lock:
-            if console is None:
+            if not is_result:
+                statuses[dev] = (msg.topic, payload)
+            if not is_result and is_stale(payload):
+                show_stale(dev)
+            elif console is None:
                 out.write(json.dumps({"topic": msg.topic, "device": dev, "retained": bool(msg.retain),
                                       "payload": payload}) + "\n")
                 out.flush()
@@ -137,11 +144,24 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
         if is_result:
             received.release()
 
+    def show_stale(dev: str) -> None:
+        """Under `lock`: the device's last status is `online` but its heartbeat stopped (no will came)."""
+        topic, status = statuses.pop(dev)
+        if console is None:
+            out.write(json.dumps({"topic": topic, "device": dev, "stale": True, "payload": status}) + "\n")
+            out.flush()
+        else:
+            when = time.strftime("%H:%M:%S", time.localtime(status.get("ts", 0)))
+            console.print(f"[bold cyan]{dev}[/] status [red]stale[/] (online, last heard {when})", markup=True)
+
     link = open_link(args)
     try:
         for topic in topics:
             link.subscribe_messages(topic, on_message)
         link.wait_subscribed(10.0)
+        if args.status:
+            # Devices answer with their status, live: a wildcard subscriber gets no retained one on RabbitMQ.
+            link.publish(FleetTopics(args.prefix).device("all").presence, b'{"v": 1}', qos=1)
         if console is not None:
             console.print(f"[dim]watching {', '.join(topics)} on {link.broker} (Ctrl-C to stop)[/]", markup=True)
         deadline = time.monotonic() + args.seconds if args.seconds else None
@@ -152,6 +172,9 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
                 break
             if received.acquire(timeout=min(left, 1.0) if left is not None else 1.0):
                 got += 1
+            with lock:
+                for dev in [d for d, (_, status) in statuses.items() if is_stale(status)]:
+                    show_stale(dev)
     finally:
         link.close()
     if args.count is not None and got < args.count:

@@ -357,6 +357,8 @@ class Link(PahoCallbacks):
 
     def _pump(self, s: Session, now: float) -> None:
         client = s.client
+        if now - s.birth_at >= self.settings.heartbeat_s:
+            self._announce = True
         if self._announce and not self._closing.is_set():  # never an `online` after the goodbye
             self._announce = False
             self._publish_birth(s)

@@ -66,6 +66,9 @@ class Backoff:
         return min(self.high, delay * self._rng.uniform(1.0, 1.25))
 
 
+PRESENCE_MIN_S = 1.0
+"""Presence queries closer together than this are answered once (a query storm costs one answer a second)."""
+
 QUICK_CLOSE_S = 2.0
 """A connection the peer closes this soon after accepting it, before any CONNACK, counts as refused."""
 
@@ -107,6 +110,10 @@ class Session:
     command_sub_mid: int | None = None
     """The SUBSCRIBE of the command topics, whose SUBACK sets `Link.subscribed`."""
     watch_mid: int | None = None
+    birth_at: float = 0.0
+    """When the status was last published (the heartbeat publishes it again after `heartbeat_s`)."""
+    presence_at: float = -PRESENCE_MIN_S
+    """When the last presence query was answered."""
 
 
 

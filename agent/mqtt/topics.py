@@ -73,6 +73,12 @@ class Topics:
         return f"{self.prefix}/all/cmd"
 
     @property
+    def presence(self) -> str:
+        """The fleet tools' presence query: every device answers with its status and deploy states, published
+        again (live), so a view needs no retained message reaching a wildcard subscription (RabbitMQ)."""
+        return f"{self.prefix}/all/presence"
+
+    @property
     def probe(self) -> str:
         """Never subscribed: UNSUBSCRIBE of it is answered by the broker with no other effect (liveness probe)."""
         return f"{self.base}/probe"
