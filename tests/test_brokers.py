@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,3 +158,52 @@ def test_status_and_watch_find_a_device_on_the_other_node(tmp_path: Path, cluste
         assert any(x["device"] == "dev1" and x["payload"]["state"] == "online" for x in lines), lines
     finally:
         _close(a)
+
+
+def test_seeder_serves_a_model_published_on_the_other_node(tmp_path: Path, cluster: rabbitmq.Cluster,
+                                                           key_file: Path, backend: str) -> None:
+    """Retained chunks published through node B never reach node A: the devices there find no manifest, ask,
+    and one `serve-models` (on node B) answers; the deploy from node B to a group on node A completes."""
+    keys = Keys(load_private_key(key_file))
+    prefix = unique_prefix()
+    topics = FleetTopics(prefix)
+    on_b = ["--broker", cluster.b.url, "--prefix", prefix, "--timeout", "60"]
+    seeds = tmp_path / "seeds"
+    r = fleet("publish", str(FIXTURES / "colors_int8.json"), "--name", "colors", "--version", "3", "--chunk-size",
+              "4096", "--key", str(key_file), "--seed-dir", str(seeds), "--format", "json", *on_b)
+    assert r.rc == 0, r.err
+    chunks = json.loads(r.out)["chunks"]
+    assert chunks > 1
+    seeder = subprocess.Popen([sys.executable, "-c", "import sys; from agent.cli import fleet_main; "
+                               "sys.exit(fleet_main())", "serve-models", "--dir", str(seeds), *on_b],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    links = []
+    try:
+        assert seeder.stdout is not None
+        assert seeder.stdout.readline().startswith("serving 1 model version(s)")
+        for device in ("cam-1", "cam-2"):
+            link = connect(cluster.a.mqtt_port)
+            links.append(link)
+            svc = service(link, tmp_path / device, keys, topics, backend, device=device).start()
+            CommandDevice(link, svc, topics, device, groups=("porch",))
+        r = fleet("deploy", "colors@3", "--to", "group:porch", "--settle", "1", "--format", "json", *on_b)
+        assert r.rc == 0, (r.out, r.err)
+        rows = {row["device"]: row for row in map(json.loads, r.out.splitlines())}
+        assert set(rows) == {"cam-1", "cam-2"} and all(row["state"] == "active" for row in rows.values())
+    finally:
+        for link in links:
+            link.close()
+        seeder.send_signal(signal.SIGINT)
+        out, err = seeder.communicate(timeout=60)
+    assert seeder.returncode == 0, err
+    stats = json.loads(out.splitlines()[-1])
+    # Every chunk and the manifest went out at least once, and never more often than they were asked for.
+    assert chunks + 1 <= stats["published"] <= stats["asked"] and stats["ignored"] == 0, stats
+
+
+def test_serve_models_bad_input(tmp_path: Path) -> None:
+    r = fleet("serve-models", "--dir", str(tmp_path / "nowhere"))
+    assert r.rc == 2 and len(r.err_lines) == 1 and "not a folder" in r.err_lines[0], r.err
+    (tmp_path / "x@1.manifest.json").write_text("{")
+    r = fleet("serve-models", "--dir", str(tmp_path))
+    assert r.rc == 2 and len(r.err_lines) == 1 and "not a signed manifest" in r.err_lines[0], r.err

@@ -82,9 +82,18 @@ def add_commands(sub: Any) -> None:
                    help="runtime constraint: only agents on this backend accept it (repeatable)")
     p.add_argument("--board", action="append", default=[], metavar="CLASS",
                    help="runtime constraint: only these profile classes accept it (repeatable)")
+    p.add_argument("--seed-dir", type=Path, metavar="DIR",
+                   help="also keep the signed manifest and the model in DIR for `serve-models`")
     p.add_argument("--format", choices=("text", "json"), default="text")
     _broker_options(p)
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("serve-models", help="answer devices' requests for models where retained messages do not "
+                                            "reach them (RabbitMQ cluster): one for the fleet, on any node")
+    p.add_argument("--dir", type=Path, required=True, help="the --seed-dir of `publish`")
+    p.add_argument("--seconds", type=_positive_float, help="stop after this long (default: until Ctrl-C)")
+    _broker_options(p)
+    p.set_defaults(func=cmd_serve_models)
 
     p = sub.add_parser("deploy", help="tell devices to pull and activate NAME@VERSION, with live progress")
     p.add_argument("ref", metavar="NAME@VERSION")
@@ -269,6 +278,10 @@ def cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
         pub = build(Path(args.model), name=args.name, version=version, key=key, chunk_size=chunk, task=args.task,
                     expires_in=days * 86400 if days is not None else None, backends=tuple(args.backend),
                     boards=tuple(args.board))
+        if args.seed_dir is not None:
+            from agent.fleet.seeder import save_seed
+
+            save_seed(args.seed_dir, args.name, version, pub.raw, pub.path)
         started = time.perf_counter()
         sent = upload(link, pub, topics, timeout=args.timeout)
         took = time.perf_counter() - started
@@ -285,6 +298,12 @@ def cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"published {m['name']}@{m['version']}: {m['size']} bytes in {summary['chunks']} chunks of "
                   f"{summary['chunk_size']} on {summary['topic']}/ (sha256 {m['sha256'][:16]}…, key {m['key_id']})\n")
     return 0
+
+
+def cmd_serve_models(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.fleet.seeder import serve
+
+    return serve(args, out)
 
 
 def _parse_ref(ref: str) -> tuple[str, Any]:

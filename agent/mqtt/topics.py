@@ -108,6 +108,15 @@ class FleetTopics:
     def chunk(self, name: str, version: Version, index: int) -> str:
         return f"{self.model(name, version)}/chunk/{index}"
 
+    def want(self, name: str, version: Version) -> str:
+        """Where a device asks a seeder (`lepton-fleet serve-models`) for the manifest or chunks it lacks."""
+        return f"{self.model(name, version)}/want"
+
+    @property
+    def wants(self) -> str:
+        """Every model's `want` topic: what a seeder subscribes to."""
+        return f"{self.prefix}/models/+/+/want"
+
     def device(self, device: str) -> Topics:
         return Topics(self.prefix, device)
 
