@@ -80,7 +80,7 @@ class Node:
     def start(self) -> Node:
         """Start the server process (returns at once: `wait_started` waits for it)."""
         self.log.clear()
-        self._ready = threading.Event()
+        self._ready = ready = threading.Event()
         # Its own process group: the script starts beam.smp as a child, and both go together.
         self.proc = subprocess.Popen([str(SERVER)], env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -92,8 +92,8 @@ class Node:
                 line = raw.decode(errors="replace").rstrip()
                 self.log.append(line)
                 if "Server startup complete" in line:
-                    self._ready.set()
-            self._ready.set()  # it exited: wait_started says so
+                    ready.set()
+            ready.set()  # it exited: wait_started says so
 
         threading.Thread(target=drain, daemon=True).start()
         return self
