@@ -78,6 +78,7 @@ RUNTIME_INDEPENDENT = frozenset({
     "test_agreement", "test_commands", "test_config", "test_delivery", "test_delivery_crash", "test_demo",
     "test_fleet_cli", "test_install", "test_link", "test_policy", "test_sdnotify", "test_spool",
     "test_synthetic", "test_systemd_notify", "test_systemd_unit",
+    "test_brokers", "test_bridge", "test_mtls", "test_presence", "test_seeder", "test_topics",
 })
 
 
