@@ -76,7 +76,7 @@ def test_fleet_cmd_falls_back_to_311_on_the_other_node(tmp_path: Path, cluster: 
         r = fleet("cmd", "dev1", "ping", "--broker", cluster.b.url, "--format", "json")
         assert r.rc == 0, r.err
         assert json.loads(r.out)["result"] == {"pong": True}
-        assert any("trying MQTT 3.1.1" in line for line in r.err_lines), r.err
+        assert any("MQTT 5 CONNECT" in line and "connected with MQTT 3.1.1" in line for line in r.err_lines), r.err
         r = fleet("cmd", "dev1", "ping", "--broker", cluster.b.url, "--protocol", "3.1.1", "--format", "json")
         assert r.rc == 0 and r.err_lines == [], r.err
     finally:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import fleet_workflow as flow
 import pytest
-from broker import Broker, free_port
+from broker import Broker, free_port, wait_until
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -99,7 +100,7 @@ def test_mutual_tls_cmd_and_status(tmp_path: Path, pki: Path, tls_broker: tuple[
 def test_no_client_certificate_says_so(pki: Path, tls_broker: tuple[Broker, str]) -> None:
     r = flow.fleet("status", "--broker", tls_broker[1], "--ca-file", str(pki / "fleet-ca.pem"), "--timeout", "10")
     assert r.rc == 1 and len(r.err_lines) == 1, r.err
-    assert "closed the TLS handshake" in r.err_lines[0] and "client certificate" in r.err_lines[0], r.err
+    assert "closed the TLS" in r.err_lines[0] and "client certificate" in r.err_lines[0], r.err
 
 
 def test_wrong_ca_gets_the_verification_error(pki: Path, tls_broker: tuple[Broker, str]) -> None:
@@ -107,3 +108,17 @@ def test_wrong_ca_gets_the_verification_error(pki: Path, tls_broker: tuple[Broke
                    "--cert-file", str(pki / "operator.pem"), "--key-file", str(pki / "operator.key"))
     assert r.rc == 1 and len(r.err_lines) == 1, r.err
     assert "certificate verify failed" in r.err_lines[0], r.err
+
+
+def test_agent_without_a_client_certificate_says_so(tmp_path: Path, pki: Path, tls_broker: tuple[Broker, str],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The agent's log names the likely cause at WARNING (not only the MQTT version)."""
+    caplog.set_level(logging.INFO, logger="agent.mqtt.link")
+    a = flow.device_link(tmp_path, tls_broker[1], "dev-nocert", tls=TlsSection(ca_file=pki / "fleet-ca.pem"))
+    a.link.start()
+    try:
+        assert wait_until(lambda: any("client certificate" in r.getMessage() for r in caplog.records
+                                      if r.levelno == logging.WARNING), 20)
+    finally:
+        flow.close_link(a, 0.5)
+    assert a.link.stats.connects == 0

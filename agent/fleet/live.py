@@ -79,11 +79,15 @@ def open_link(args: argparse.Namespace, timeout: float = 10.0) -> PahoLink:
     try:
         return link(MQTTProtocolVersion.MQTTv5).start(timeout=timeout, give_up_unanswered=True)
     except Unanswered as exc:
-        if "TLS" in str(exc):
-            raise LeptonError(str(exc)) from None  # a TLS refusal is not about the MQTT version
-        logger.warning("%s; trying MQTT 3.1.1", exc)
+        if "TLS handshake" in str(exc):
+            raise LeptonError(str(exc)) from None  # the broker's TLS alert: not about the MQTT version
+        refused = exc
+    # Said once the fallback worked: when it does not, its own error is the one line the operator needs (over
+    # TLS the broker's alert can be lost to a reset, so a bare close there may mean a missing certificate).
     left = max(1.0, timeout - (time.monotonic() - started))
-    return link(MQTTProtocolVersion.MQTTv311).start(timeout=left, give_up_unanswered=True)
+    fallback = link(MQTTProtocolVersion.MQTTv311).start(timeout=left, give_up_unanswered=True)
+    logger.warning("%s; connected with MQTT 3.1.1 instead", refused)
+    return fallback
 
 
 # -- watch --------------------------------------------------------------------------------------

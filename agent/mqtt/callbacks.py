@@ -69,6 +69,12 @@ class PahoCallbacks:
         c.on_message = self._guard(functools.partial(self._on_message, s))
         c.on_subscribe = self._guard(functools.partial(self._on_subscribe, s))
         c.on_unsubscribe = self._guard(functools.partial(self._on_unsubscribe, s))
+        c.on_log = functools.partial(self._on_log, s)
+
+    def _on_log(self, s: Session, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        # paho says why a read failed only in its log (a TLS alert from the broker, for one).
+        if level == mqtt.MQTT_LOG_ERR:
+            s.socket_error = text
 
     def _guard(self, callback: F) -> F:
         @functools.wraps(callback)

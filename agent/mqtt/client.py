@@ -87,6 +87,7 @@ class PahoLink:
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol,
                                    reconnect_on_failure=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=15)
+        self.tls_client_cert = tls.cert_file if tls is not None else None
         if broker.tls:
             tls = tls or TlsOptions()
             self._client.tls_set_context(client_context(tls.ca_file, tls.cert_file, tls.key_file))
@@ -147,13 +148,16 @@ class PahoLink:
         if self._refused:
             return f"refused the connection ({self._refused})"
         unanswered = self.ended_unanswered
+        hint = "it may require a client certificate (--cert-file and --key-file)"
         if unanswered is not None and self.broker.tls and "alert" in unanswered:
             # TLS 1.3 finishes the client's side of the handshake before the broker checks the client's
             # certificate, so a missing one shows up as an alert on the first read, not as a connect error.
-            return (f"the broker closed the TLS handshake ({unanswered}); it may require a client certificate "
-                    "(--cert-file and --key-file)")
+            return f"the broker closed the TLS handshake ({unanswered}); {hint}"
         if unanswered is not None:
             version = "5" if self.protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1"
+            if self.broker.tls and self.tls_client_cert is None:
+                # The alert may be lost when the broker closes at once: a bare close over TLS hints the same.
+                return f"the broker closed the TLS connection without answering our MQTT {version} CONNECT; {hint}"
             return f"closed the connection without answering our MQTT {version} CONNECT ({unanswered})"
         return f"no answer within {timeout:g} s"
 

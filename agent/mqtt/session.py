@@ -87,6 +87,8 @@ class Session:
     bdseq: int
     started: float
     protocol: str = "5"
+    socket_error: str = ""
+    """paho's last error on the socket (e.g. the TLS alert of a broker that wants a client certificate)."""
     connected_at: float | None = None
     refused: bool = False
     lost: bool = False
@@ -132,14 +134,22 @@ class Protocols:
         """Note how attempt `s` ended; True if the next attempt should go at once, to the same URL, in 3.1.1."""
         if s.connected_at is not None:
             return False
+        if "alert" in s.socket_error:
+            # TLS 1.3 completes the client's side before the broker checks the client's certificate: a missing or
+            # refused one arrives as an alert on the first read. Not a protocol version matter.
+            logger.warning("mqtt %s: the broker closed the TLS handshake (%s); it may require a client certificate "
+                           "(mqtt.tls.cert_file and key_file)", s.url, s.socket_error)
+            return False
         unsupported = "nsupported protocol version" in s.reason
         if not (unsupported or closed_before_connack(s)):
             return False
         if s.protocol == "5" and self.configured == "5":
             self._fallen_back.add(s.url)
             why = "refused MQTT 5" if unsupported else "closed the connection on our MQTT 5 CONNECT without answering"
-            logger.warning("mqtt %s: the broker %s (a broker that speaks only 3.1.1?); trying MQTT 3.1.1 on it",
-                           s.url, why)
+            guess = "a broker that speaks only 3.1.1?"
+            if s.url.startswith("mqtts:") and not unsupported:
+                guess += " Over TLS, also one that wants a client certificate (mqtt.tls.cert_file and key_file)"
+            logger.warning("mqtt %s: the broker %s (%s); trying MQTT 3.1.1 on it", s.url, why, guess)
             return True
         # 3.1.1 was not answered either: the version was not the reason (e.g. a proxy with no broker behind it).
         self._fallen_back.discard(s.url)
