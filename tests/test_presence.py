@@ -97,3 +97,32 @@ def test_status_shows_live_and_stale_devices(tmp_path: Path, broker: Broker) -> 
         gone.spool.close()
         gone.state.close()
         part.close()
+
+
+def test_group_cmd_collects_replies_until_its_timeout(broker: Broker) -> None:
+    """A reply must not end the collection (it did: the first reply woke the wait and ended it)."""
+    from delivery_kit import connect
+
+    from agent.mqtt.topics import FleetTopics
+
+    topics = FleetTopics("tgroup")
+    early, late = connect(broker.port), connect(broker.port)
+    try:
+        def answer(link: Any, device: str) -> Any:
+            return lambda t, p: link.publish(topics.reply(device), json.dumps(
+                {"id": json.loads(p)["id"], "ok": True}).encode())
+
+        early.subscribe(topics.cmd("group:g"), answer(early, "dev-early"))
+        late.subscribe(topics.reply("dev-early"), lambda t, p: answer(late, "dev-late")(t, p))
+        early.wait_subscribed(10)
+        late.wait_subscribed(10)
+        started = time.monotonic()
+        r = run_cli("cmd", "group:g", "ping", "--broker", broker.url, "--prefix", "tgroup", "--timeout", "3",
+                    "--format", "json", prog="fleet")
+        # A lower bound only (the documented wait), never a ceiling: a loaded machine cannot make it fail.
+        assert time.monotonic() - started >= 3.0
+        assert r.rc == 0, r.err
+        assert sorted(json.loads(line)["device"] for line in r.out.splitlines()) == ["dev-early", "dev-late"]
+    finally:
+        early.close()
+        late.close()

@@ -235,7 +235,10 @@ def cmd(args: argparse.Namespace, out: TextIO) -> int:
             if single:
                 cond.wait_for(lambda: bool(replies), args.timeout)
             else:
-                cond.wait(args.timeout)  # a group answers over time: collect until the timeout
+                # A group answers over time: collect until the timeout (each reply wakes us: wait on).
+                deadline = time.monotonic() + args.timeout
+                while (left := deadline - time.monotonic()) > 0:
+                    cond.wait(left)
     finally:
         link.close()
     if not replies:
