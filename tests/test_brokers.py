@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fleet_workflow as flow
 import paho.mqtt.client as mqtt
@@ -15,7 +16,7 @@ import rabbitmq
 from broker import Broker, Watcher
 from conftest import Run, run_cli
 from delivery_kit import FIXTURES, CommandDevice, Keys, connect, service, unique_prefix
-from test_link import Agentlet, T, _close, make_link
+from test_link import Agentlet, make_link
 
 from agent.delivery.signing import load_private_key
 from agent.mqtt.topics import FleetTopics
@@ -35,16 +36,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rabbitmq.Clust
         yield c
 
 
-def answering_agent(tmp: Path, url: str, **settings: object) -> Agentlet:
-    """The daemon's real link, answering every command on its reply topic (as the daemon's commands do)."""
-    box: list[Agentlet] = []
-
-    def on_command(topic: str, payload: bytes) -> None:
-        cmd = json.loads(payload)
-        box[0].link.send(T.reply, {"id": cmd["id"], "ok": True, "result": {"pong": True}})
-
-    box.append(make_link(tmp, url, on_command=on_command, **settings))
-    return box[0]
+def answering_agent(tmp: Path, url: str, prefix: str = "lepton", **settings: Any) -> Agentlet:
+    """The daemon's real link as `dev1`, answering every command on its reply topic (as the daemon's commands do)."""
+    return flow.device_link(tmp, url, "dev1", prefix=prefix, **settings)
 
 
 def test_agent_falls_back_to_311_and_says_why(tmp_path: Path, cluster: rabbitmq.Cluster,
@@ -62,7 +56,7 @@ def test_agent_falls_back_to_311_and_says_why(tmp_path: Path, cluster: rabbitmq.
             got = w.wait_json("/results/p", lambda m: len(m) >= 5)
             assert [m["i"] for m in got] == [0, 1, 2, 3, 4]
         finally:
-            _close(a)
+            flow.close_link(a)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("MQTT 5" in m and "trying MQTT 3.1.1" in m for m in warnings), warnings
     assert a.link.stats.connects == 1
@@ -80,21 +74,23 @@ def test_fleet_cmd_falls_back_to_311_on_the_other_node(tmp_path: Path, cluster: 
         r = fleet("cmd", "dev1", "ping", "--broker", cluster.b.url, "--protocol", "3.1.1", "--format", "json")
         assert r.rc == 0 and r.err_lines == [], r.err
     finally:
-        _close(a)
+        flow.close_link(a)
 
 
 def test_protocol_on_mosquitto_both_versions_no_fallback(tmp_path: Path, broker: Broker) -> None:
-    a = answering_agent(tmp_path, broker.url)
+    prefix = unique_prefix()
+    a = answering_agent(tmp_path, broker.url, prefix=prefix)
     a.link.start()
     try:
         assert a.link.subscribed.wait(10)
+        on = ["--broker", broker.url, "--prefix", prefix]
         for protocol in ("5", "3.1.1"):
-            r = fleet("cmd", "dev1", "ping", "--broker", broker.url, "--protocol", protocol, "--format", "json")
+            r = fleet("cmd", "dev1", "ping", *on, "--protocol", protocol, "--format", "json")
             assert r.rc == 0 and r.err_lines == [], r.err
-        r = fleet("cmd", "dev1", "ping", "--broker", broker.url, "--protocol", "4")
+        r = fleet("cmd", "dev1", "ping", *on, "--protocol", "4")
         assert r.rc == 2 and "--protocol" in r.err
     finally:
-        _close(a)
+        flow.close_link(a)
 
 
 def test_fleet_tool_on_a_closed_port_names_it(tmp_path: Path) -> None:
@@ -155,7 +151,7 @@ def test_status_and_watch_find_a_device_on_the_other_node(tmp_path: Path, cluste
         lines = [json.loads(line) for line in r.out.splitlines()]
         assert any(x["device"] == "dev1" and x["payload"]["state"] == "online" for x in lines), lines
     finally:
-        _close(a)
+        flow.close_link(a)
 
 
 def test_deploy_and_rollback_across_nodes_through_the_seeder(tmp_path: Path, cluster: rabbitmq.Cluster,

@@ -1,35 +1,20 @@
 """Fleet views that need no retained message to reach a wildcard subscription: the status heartbeat (a stale
-`online` shows as stale) and the presence query devices answer live. Real link, real mosquitto."""
+`online` shows as stale) and the presence query devices answer live. Real link, real mosquitto; every test on
+its own topic prefix, so nothing retained is left for other modules on the shared broker."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from broker import Broker, Partition, Watcher, wait_until
+import fleet_workflow as flow
+from broker import Broker, Watcher
 from conftest import run_cli
-from test_link import Agentlet, T, _close, make_link
+from delivery_kit import unique_prefix
 
-from agent.agent_state import AgentState
-from agent.config import MqttSection
-from agent.fleet.watch import STALE_GRACE_S, is_stale
-from agent.mqtt.link import Link
-from agent.mqtt.spool import Spool
 from agent.mqtt.topics import Topics
-
-
-def device_link(tmp: Path, url: str, device: str, **settings: Any) -> Agentlet:
-    """test_link's `make_link` for another device id."""
-    spool = Spool(tmp / "spool.sqlite3", 1 << 22)
-    state = AgentState(tmp / "agent.sqlite3")
-    stop = threading.Event()
-    link = Link(MqttSection(broker=(url,), **settings), topics=Topics("lepton", device), groups=(),
-                client_id=f"lepton-{device}", spool=spool, next_bdseq=state.next_bdseq,
-                birth=lambda: {"agent": "test", "pipelines": []}, on_command=lambda t, p: None, stop=stop)
-    return Agentlet(link, spool, state, stop, [])
 
 
 def _births(w: Watcher) -> list[dict[str, object]]:
@@ -37,13 +22,14 @@ def _births(w: Watcher) -> list[dict[str, object]]:
 
 
 def test_status_is_published_again_every_heartbeat(tmp_path: Path, broker: Broker) -> None:
-    with Watcher(broker.port, [T.status]) as w:
-        a = make_link(tmp_path, broker.url, heartbeat_s=1)
+    prefix = unique_prefix()
+    with Watcher(broker.port, [Topics(prefix, "dev-hb").status]) as w:
+        a = flow.device_link(tmp_path, broker.url, "dev-hb", prefix=prefix, heartbeat_s=1)
         a.link.start()
         try:
             w.wait_json("/status", lambda m: len([x for x in m if x.get("state") == "online"]) >= 3, timeout=20)
         finally:
-            _close(a)
+            flow.close_link(a)
     births = _births(w)
     assert all(b["heartbeat_s"] == 1 and b["bdseq"] == births[0]["bdseq"] for b in births)
     ts = [float(b["ts"]) for b in births]  # type: ignore[arg-type]
@@ -51,52 +37,30 @@ def test_status_is_published_again_every_heartbeat(tmp_path: Path, broker: Broke
 
 
 def test_presence_query_gets_status_and_deploy_states_again(tmp_path: Path, broker: Broker) -> None:
-    a = make_link(tmp_path, broker.url)  # heartbeat 60 s: nothing comes again on its own during the test
+    t = Topics(unique_prefix(), "dev-pq")
+    a = flow.device_link(tmp_path, broker.url, "dev-pq", prefix=t.prefix)  # heartbeat 60 s: nothing on its own
     a.link.start()
     try:
         assert a.link.subscribed.wait(10)
-        a.link.publish(T.deploy, b'{"model": "colors", "version": 2, "state": "active"}', retain=True)
-        with Watcher(broker.port, [T.status, T.deploy]) as w:
+        a.link.publish(t.deploy, b'{"model": "colors", "version": 2, "state": "active"}', retain=True)
+        with Watcher(broker.port, [t.status, t.deploy]) as w:
             w.wait_for(lambda m: len(m) >= 2)  # the retained pair
             before = len(w.messages)
             with Watcher(broker.port, ["unused/#"]) as asker:
-                asker.client.publish(T.presence, b"{}", qos=1)
+                asker.client.publish(t.presence, b"{}", qos=1)
                 w.wait_for(lambda m: len(m) >= before + 2)
-                live = [(t, r) for t, _, r in w.messages[before:]]
-                assert sorted(live) == [(T.deploy, False), (T.status, False)]
+                live = [(topic, r) for topic, _, r in w.messages[before:]]
+                assert sorted(live) == [(t.deploy, False), (t.status, False)]
         assert a.link.stats.callback_errors == 0
     finally:
-        _close(a)
+        flow.close_link(a)
 
 
 def test_status_shows_live_and_stale_devices(tmp_path: Path, broker: Broker) -> None:
     """A device cut off without its will being sent (its broker node halted) stays `online` retained: its
     stopped heartbeat makes `lepton-fleet status` say stale, while a live device says yes."""
-    live = make_link(tmp_path / "live", broker.url)
-    part = Partition(broker.port)
-    gone = device_link(tmp_path / "gone", part.url, "dev2", heartbeat_s=1, keepalive_s=3600)
-    try:
-        live.link.start()
-        gone.link.start()
-        assert live.link.subscribed.wait(10) and gone.link.subscribed.wait(10)
-        with Watcher(broker.port, ["lepton/dev2/status"]) as w:
-            w.wait_json("/status", lambda m: any(x.get("state") == "online" for x in m))
-            part.cut()
-            last = w.json("/status")[-1]
-        assert not is_stale(last)
-        assert wait_until(lambda: is_stale(last), timeout=2 + STALE_GRACE_S + 5, step=0.2)
-        r = run_cli("status", "--broker", broker.url, "--format", "json", "--settle", "1", prog="fleet")
-        assert r.rc == 0, r.err
-        rows = {row["device"]: row for row in map(json.loads, r.out.splitlines())}
-        assert rows["dev1"]["presence"] == "yes" and rows["dev2"]["presence"] == "stale", rows
-        assert rows["dev2"]["last_seen"] < time.time() - 2
-    finally:
-        _close(live)
-        gone.stop.set()
-        gone.link.close({"state": "stopped"}, 0.5)
-        gone.spool.close()
-        gone.state.close()
-        part.close()
+    prefix = unique_prefix()
+    flow.live_and_stale(broker.port, ["--broker", broker.url, "--prefix", prefix], tmp_path, prefix)
 
 
 def test_group_cmd_collects_replies_until_its_timeout(broker: Broker) -> None:

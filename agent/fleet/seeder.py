@@ -172,12 +172,10 @@ class Seeder:
                 in_flight.popleft().wait_for_publish(30.0)
 
 
-def serve(args: argparse.Namespace, out: TextIO) -> int:
+def serve(args: argparse.Namespace, out: TextIO, topics: FleetTopics) -> int:
     from agent.fleet.live import open_link
-    from agent.fleet.verbs import _topics
 
     served = load_seeds(args.dir)
-    topics = _topics(args)
     link = open_link(args, timeout=min(args.timeout, 30.0))
     stop = threading.Event()
     seeder = Seeder(link, topics, served)

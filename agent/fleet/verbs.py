@@ -303,7 +303,7 @@ def cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_serve_models(args: argparse.Namespace, out: TextIO) -> int:
     from agent.fleet.seeder import serve
 
-    return serve(args, out)
+    return serve(args, out, _topics(args))
 
 
 def _parse_ref(ref: str) -> tuple[str, Any]:
