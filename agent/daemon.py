@@ -144,7 +144,8 @@ class Agent:
             from agent.ota import make_service
 
             self.delivery = make_service(self.eff, self.link, self.store, self.backend.name, self.backend_name,
-                                         hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop)
+                                         hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop,
+                                         watchdog=self.watchdog)
         self._prepare_reporting()
 
     def _prepare_reporting(self) -> None:
