@@ -139,7 +139,6 @@ class Downloader:
         self.link.subscribe(topic, on_manifest)
         deadline = time.monotonic() + self.settings.manifest_timeout
         wait = min(self.settings.ask_after, self.settings.manifest_timeout)
-        asked = False
         try:
             while not _wait(arrived, stop, wait):
                 left = deadline - time.monotonic()
@@ -149,16 +148,18 @@ class Downloader:
                     raise DeliveryError(Reason.NOT_FOUND,
                                         f"no manifest on {topic} after {self.settings.manifest_timeout:g} s")
                 # Not retained here: ask the seeder (again every stall_timeout: it may start later).
-                self.want(name, version, {"manifest": True})
-                asked = True
+                self.ask_manifest(name, version)
                 wait = min(left, self.settings.stall_timeout)
         finally:
             self.link.unsubscribe(topic)
-        signed = check_manifest(payload[0], self.trusted, self.policy, active=active, rollback=rollback,
-                                expect_name=name, expect_version=version)
-        if asked:
-            self.asking.add((signed.name, str(signed.version)))
-        return signed
+        return check_manifest(payload[0], self.trusted, self.policy, active=active, rollback=rollback,
+                              expect_name=name, expect_version=version)
+
+    def ask_manifest(self, name: str, version: Version) -> None:
+        """Ask a seeder for a manifest the broker did not have retained; the chunks of that version are then
+        asked for as they are subscribed (the retained ones are not here either)."""
+        self.asking.add((name, str(version)))
+        self.want(name, version, {"manifest": True})
 
     def want(self, name: str, version: Version, request: dict[str, Any]) -> None:
         """Ask a seeder for the manifest or chunks of name@version (QoS 0: a lost request is asked again)."""
