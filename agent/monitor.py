@@ -43,6 +43,7 @@ def pipeline_figures(p: Pipeline) -> dict[str, Any]:
         "errors": st.errors,
         "variant": p.variant,
         "tune": p.slot.tune_summary,
+        "source": p.source_status(),
         **p.rings.summary(),
     }
 
