@@ -182,6 +182,9 @@ def _fleet_parser() -> argparse.ArgumentParser:
     add_connection_options(p)
     p.set_defaults(func=_cmd_fleet_cmd)
     add_delivery_commands(sub)
+    from agent.fleet.retire import add_retire_command
+
+    add_retire_command(sub)
     return parser
 
 

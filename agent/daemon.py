@@ -374,7 +374,15 @@ class Agent:
             "deploy": self._cmd_delivery,
             "rollback": self._cmd_delivery,
             "models": self._cmd_delivery,
+            "retire": self._cmd_retire,
         }
+
+    def _cmd_retire(self, command: Command) -> dict[str, Any]:
+        from agent.link.homeassistant import retire
+
+        assert self.link is not None
+        return retire(self.discovery, self.link, self.eff.config.homeassistant.discovery_prefix, self.eff.device_id,
+                      [p.name for p in self._pipeline_list()])
 
     def _cmd_delivery(self, command: Command) -> dict[str, Any]:
         """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""

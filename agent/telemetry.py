@@ -102,11 +102,12 @@ class LatencyRing:
             self._next = (self._next + 1) % self._values.size
             self._count = min(self._count + 1, self._values.size)
 
-    def percentiles(self, *ps: int) -> dict[str, float]:
+    def percentiles(self, *ps: int) -> dict[str, float | None]:
+        """`{"p50": …}` in ms; None with no sample yet ("no value", not 0 ms: issue 18)."""
         with self._lock:
             window = self._values[: self._count].copy()
         if window.size == 0:
-            return {f"p{p}": 0.0 for p in ps}
+            return {f"p{p}": None for p in ps}
         values = np.percentile(window, ps)
         return {f"p{p}": round(float(v), 3) for p, v in zip(ps, values, strict=True)}
 
@@ -138,7 +139,7 @@ class StageRings:
         for ring in (self.total, self.pre, self.invoke, self.post):
             ring.clear()
 
-    def summary(self) -> dict[str, dict[str, float]]:
+    def summary(self) -> dict[str, dict[str, float | None]]:
         """`latency_ms` {p50, p95, p99} of the whole item, `pre_ms`, `invoke_ms`, `post_ms` {p50, p95}."""
         return {
             "latency_ms": self.total.percentiles(50, 95, 99),

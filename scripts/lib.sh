@@ -13,6 +13,16 @@ ensure_mosquitto() {
   as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
 }
 
+# promtool (Debian's prometheus package): a test checks the agent's /metrics with it.
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  echo "installing prometheus for promtool (apt-get)" >&2
+  as_root apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # Only promtool is wanted; the package would otherwise run a server on :9090.
+  as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+}
+
 # arecord (alsa-utils) and PortAudio: the tests capture from a real ALSA device (a file-backed PCM).
 ensure_audio_tools() {
   command -v arecord >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep libportaudio >/dev/null && return 0
