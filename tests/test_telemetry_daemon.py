@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -181,27 +183,39 @@ def _ha_messages(w: Watcher) -> list[tuple[str, dict[str, Any]]]:
             and p]
 
 
-def _check_ha_config(topic: str, config: dict[str, Any]) -> None:
-    """What Home Assistant's MQTT sensor discovery requires of a config."""
-    import re
+HA_SCHEMA = json.loads((ROOT / "tests" / "fixtures" / "ha_2024.3.3_mqtt_sensor.schema.json").read_text())
+"""Home Assistant 2024.3.3's MQTT sensor discovery schema, pinned (where it comes from: its `$comment`)."""
+# homeassistant/components/mqtt/discovery.py TOPIC_MATCHER (2024.3.3), after the discovery prefix.
+HA_TOPIC = re.compile(r"homeassistant/(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?"
+                      r"(?P<object_id>[a-zA-Z0-9_-]+)/config")
 
-    m = re.fullmatch(r"homeassistant/sensor/([A-Za-z0-9_-]+)/([A-Za-z0-9_-]+)/config", topic)
-    assert m, topic
-    allowed = {"name", "unique_id", "state_topic", "value_template", "availability", "availability_mode",
-               "payload_available", "payload_not_available", "device", "origin", "unit_of_measurement",
-               "state_class", "device_class", "icon", "expire_after"}
-    assert set(config) <= allowed, set(config) - allowed
-    assert config["unique_id"] and config["name"]
-    assert config["state_topic"] and not set("+#") & set(config["state_topic"])
-    device = config["device"]
-    assert device["identifiers"] and all(isinstance(i, str) for i in device["identifiers"]) and device["name"]
-    assert config["availability"] and all(a["topic"] and not set("+#") & set(a["topic"])
-                                          for a in config["availability"])
-    if "device_class" in config:
-        assert config["device_class"] in {"temperature", "duration"}
-        assert config["unit_of_measurement"] in {"°C", "ms"}
-    if "state_class" in config:
-        assert config["state_class"] == "measurement" and "unit_of_measurement" in config
+
+def _check_ha_config(topic: str, config: dict[str, Any]) -> None:
+    """What Home Assistant's MQTT discovery requires of a sensor config (its topic, then its schema)."""
+    m = HA_TOPIC.fullmatch(topic)
+    assert m and m["component"] == "sensor", topic
+    jsonschema.validate(config, HA_SCHEMA)
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"unit_of_measurement": "fps", "device_class": "duration"}, "not one of"),
+    ({"state_class": "total", "device_class": "temperature", "unit_of_measurement": "°C"}, "not one of"),
+    ({"availability_topic": "lepton/d/status"}, "should not be valid"),
+    ({"expire_after": -1}, "less than the minimum"),
+    ({"device": {"name": "d"}}, "is not valid under any"),
+    ({"icon": "eye"}, "does not match"),
+    ({"state_topic": "lepton/+/telemetry/#x"}, "does not match"),
+    ({"stat_t": "lepton/d/telemetry"}, "Additional properties"),
+])
+def test_the_pinned_home_assistant_schema_refuses_what_home_assistant_refuses(change: dict[str, Any],
+                                                                                why: str) -> None:
+    good = {"name": "CPU", "unique_id": "lepton_d/cpu", "state_topic": "lepton/d/telemetry",
+            "value_template": "{{ value_json.cpu_percent }}", "availability": [{"topic": "lepton/d/status"}],
+            "device": {"identifiers": ["lepton_d"], "name": "d"}, "origin": {"name": "lepton-agent"},
+            "unit_of_measurement": "%", "state_class": "measurement", "icon": "mdi:cpu-64-bit"}
+    jsonschema.validate(good, HA_SCHEMA)
+    with pytest.raises(jsonschema.ValidationError, match=why):
+        jsonschema.validate({**good, **change}, HA_SCHEMA)
 
 
 def _render(template: str, payload: bytes) -> str:
@@ -212,19 +226,38 @@ def _render(template: str, payload: bytes) -> str:
     return env.from_string(template).render(value=payload.decode(), value_json=json.loads(payload)).strip()
 
 
+IDLE_PIPELINES = """
+[[pipelines]]
+name = "idle.a"
+source = "test:colors"
+model = "{model}"
+enabled = false
+
+[[pipelines]]
+name = "idle_a"
+source = "test:colors"
+model = "{model}"
+enabled = false
+"""
+"""Two pipelines that never run (no latency sample) and whose names the old ids confused."""
+
+
 def test_home_assistant_discovery(tmp_path: Path, fixtures: Path) -> None:
     root = _fake_root(tmp_path, 52.5)
     with Broker(tmp_path / "broker") as own:
         config = write_config(tmp_path, own.port, root, fixtures / "colors_int8.json", "d.ha",
                               extra="[homeassistant]\nenabled = true\n")
+        config.write_text(config.read_text() + IDLE_PIPELINES.format(model=fixtures / "colors_int8.json"))
         with Watcher(own.port, ["homeassistant/#", "lepton/d.ha/#"]) as w, Daemon(config) as daemon:
             w.wait_json("/telemetry", lambda m: len(m) >= 2, timeout=60)
             w.wait_json("/results/colors", lambda m: len(m) >= 1, timeout=30)
             configs = dict(_ha_messages(w))
             objects = {t.split("/")[3] for t in configs}
+            idle = {f"{p}_{s}" for p in ("x--idle-2ea", "idle_a") for s in ("fps", "latency", "last_result")}
             assert objects == {"cpu", "agent_cpu", "memory", "temperature", "governor_level", "colors_fps",
-                               "colors_latency", "colors_last_result"}
-            assert all(t.startswith("homeassistant/sensor/lepton_d_ha/") for t in configs)
+                               "colors_latency", "colors_last_result"} | idle
+            # d.ha is encoded, not squashed into d_ha (which another device may be called).
+            assert all(t.startswith("homeassistant/sensor/lepton_x--d-2eha/") for t in configs)
             assert len({c["unique_id"] for c in configs.values()}) == len(configs)
             assert len({json.dumps(c["device"], sort_keys=True) for c in configs.values()}) == 1
             assert not any(retain for t, _, retain in w.messages if t.startswith("homeassistant/"))
@@ -234,8 +267,9 @@ def test_home_assistant_discovery(tmp_path: Path, fixtures: Path) -> None:
             latest = {t: p for t, p, _ in w.messages}
             values = {}
             for topic, c in configs.items():
-                body = latest[c["state_topic"]]
-                values[topic.split("/")[3]] = _render(c["value_template"], body)
+                body = latest.get(c["state_topic"])
+                if body is not None:
+                    values[topic.split("/")[3]] = _render(c["value_template"], body)
                 status = latest["lepton/d.ha/status"]
                 assert _render(c["availability"][0]["value_template"], status) == c["payload_available"]
                 assert _render(c["availability"][0]["value_template"],
@@ -246,6 +280,9 @@ def test_home_assistant_discovery(tmp_path: Path, fixtures: Path) -> None:
             for key in ("cpu", "agent_cpu", "memory", "colors_fps", "colors_latency", "governor_level"):
                 float(values[key])
             assert values["colors_last_result"] in {"red", "green", "blue"}
+            # No sample yet: `None`, which Home Assistant's numeric sensor shows as unknown (not 0 ms).
+            assert values["x--idle-2ea_latency"] == values["idle_a_latency"] == "None"
+            assert float(values["idle_a_fps"]) == 0.0  # not running: 0 items per second is the truth
 
             # Home Assistant restarts: its birth brings the configs again.
             before = len(_ha_messages(w))
@@ -278,15 +315,55 @@ fps = 5
             w.stop()
             own.stop()
             own.start()
-            w2 = Watcher(own.port, ["homeassistant/#"]).start()
+            w2 = Watcher(own.port, ["homeassistant/#", "lepton/d.ha/#"]).start()
             try:
                 assert w2.wait_for(lambda m: len([t for t, p, _ in m if t.endswith("/config") and p])
                                    >= len(configs), timeout=60)
+                assert before >= 2 * len(configs) + 3
+                _retire(own, w2, daemon, set(configs))
             finally:
                 w2.stop()
-            assert before >= 2 * len(configs) + 3
-            assert daemon.terminate() == 0
     assert "Traceback" not in (tmp_path / "agent.log").read_text()
+
+
+def _retire(own: Broker, w: Watcher, daemon: Daemon, configs: set[str]) -> None:
+    """Retiring, online (the agent's command) and then offline (the fleet alone): nothing left behind."""
+    w.wait_json("/status", lambda m: m[-1]["state"] == "online", timeout=30)
+    rc, (report,) = fleet(own.port, "retire", "d.ha")
+    assert rc == 0 and report["by"] == "agent" and report["ok"], report
+    assert set(report["result"]["configs_emptied"]) == configs
+    assert w.wait_for(lambda m: {t for t, p, _ in m if t.startswith("homeassistant/") and not p} >= configs, 30)
+    # Home Assistant restarts: a retired agent does not announce the device again. The ping's reply comes
+    # after anything the agent would have sent for Home Assistant's birth (one link thread, one outbox).
+    count = len(_ha_messages(w))
+    publish.single("homeassistant/status", "online", hostname="127.0.0.1", port=own.port)
+    rc, _ = fleet(own.port, "cmd", "d.ha", "ping")
+    assert rc == 0 and len(_ha_messages(w)) == count
+    assert daemon.terminate() == 0
+
+    # Gone for good: the fleet empties the configs itself and clears what the device left retained.
+    rc, (report,) = fleet(own.port, "retire", "d.ha")
+    assert rc == 0 and report["by"] == "fleet" and report["state"] == "stopped", report
+    assert set(report["configs_emptied"]) == configs and "lepton/d.ha/status" in report["retained_cleared"]
+    with Watcher(own.port, ["lepton/d.ha/#", "sync/probe"]) as after:
+        publish.single("sync/probe", "x", hostname="127.0.0.1", port=own.port)
+        assert after.wait_for(lambda m: any(t == "sync/probe" for t, _, _ in m), 30)
+        assert [t for t, _, retained in after.messages if retained] == []
+    # Nothing known about it now: retiring again is a clear error, not a silent success.
+    rc, _ = fleet(own.port, "retire", "d.ha")
+    assert rc == 2
+
+
+def _promtool(text: str) -> None:
+    """`promtool check metrics` (Prometheus 2.42, Debian's package; scripts/lib.sh installs it): clean."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: scripts/test installs it (ensure_promtool)")
+        pytest.skip("promtool not installed (scripts/test installs it)")
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), (r.stdout, r.stderr)
 
 
 def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> None:
@@ -296,25 +373,74 @@ def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> 
     port = free_port()
     config = write_config(tmp_path, broker.port, root, fixtures / "colors_int8.json", "d-prom",
                           extra=f"[prometheus]\nenabled = true\nport = {port}\n")
+    config.write_text(config.read_text() + IDLE_PIPELINES.format(model=fixtures / "colors_int8.json"))
     with Watcher(broker.port, ["lepton/d-prom/telemetry"]) as w, Daemon(config) as daemon:
         w.wait_json("/telemetry", lambda m: any(p["pipelines"]["colors"]["frames"] > 0 for p in m), timeout=60)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        _promtool(text)
         families = {f.name: f for f in text_string_to_metric_families(text)}
         sample = {f.name: f.samples[0] for f in families.values() if f.samples}
         assert sample["lepton_temperature_celsius"].value == 47.25
         assert sample["lepton_temperature_celsius"].labels == {"device": "d-prom"}
+        assert sample["lepton_agent_info"].labels["device"] == "d-prom"
         assert families["lepton_pipeline_frames"].type == "counter"
         frames = next(s for s in families["lepton_pipeline_frames"].samples if s.name.endswith("_total"))
         assert frames.labels == {"device": "d-prom", "pipeline": "colors"} and frames.value > 0
         latency = families["lepton_pipeline_latency_seconds"].samples
-        stages = {(s.labels["stage"], s.labels["quantile"]) for s in latency}
-        assert {("total", "0.99"), ("invoke", "0.5"), ("pre", "0.95"), ("post", "0.5")} <= stages
-        assert sample["lepton_agent_resident_bytes"].value > 10 * 2**20
+        stages = {(s.labels["pipeline"], s.labels["stage"], s.labels["percentile"]) for s in latency}
+        assert {("colors", "total", "99"), ("colors", "invoke", "50"), ("colors", "pre", "95"),
+                ("colors", "post", "50")} <= stages
+        # The idle pipelines have no latency sample: no series (not 0 s); their item rate is a true 0.
+        assert {p for p, _, _ in stages} == {"colors"}
+        rates = {s.labels["pipeline"]: s.value for s in families["lepton_pipeline_items_per_second"].samples}
+        assert rates["idle.a"] == rates["idle_a"] == 0.0
+        # Prometheus units: 0-1 ratios, whole bytes, no float noise in seconds.
+        for name in ("lepton_cpu_usage_ratio", "lepton_agent_cpu_usage_ratio", "lepton_memory_used_ratio"):
+            assert 0.0 <= sample[name].value <= 1.0
+        assert sample["lepton_memory_used_ratio"].value > 0.0
+        for name in ("lepton_agent_resident_bytes", "lepton_disk_free_bytes"):
+            assert sample[name].value == int(sample[name].value) > 10 * 2**20
+        assert all(len(repr(s.value)) <= 10 for s in latency), [s.value for s in latency]
         assert sample["lepton_governor_level"].value == 0.0
         assert daemon.terminate() == 0
     # Nothing listens once the agent is gone.
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+def test_prometheus_before_the_first_telemetry() -> None:
+    """A scrape before the first telemetry payload (~2 s after start): not an empty body, and promtool-clean."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.prometheus import PrometheusEndpoint
+
+    latest: list[dict[str, Any]] = []
+    port = free_port()
+    endpoint = PrometheusEndpoint("127.0.0.1", port, "d.x", lambda: latest[-1] if latest else None)
+    endpoint.start()
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        _promtool(text)
+        assert [f.name for f in text_string_to_metric_families(text)] == ["lepton_agent_info"]
+        # A payload as the monitor builds it for a pipeline with no sample yet and a board without sensors.
+        none = {"p50": None, "p95": None}
+        latest.append({"cpu_percent": 12.3, "agent_cpu_percent": 0.5, "mem_percent": 41.0, "rss_mb": 63.1,
+                       "temp_c": None, "throttled": None, "disk_free_mb": 1024.7, "uptime_s": 1.9,
+                       "governor": {"level": 0, "paused": False}, "spool": {"queued": 0, "dropped": 0},
+                       "pipelines": {"cam.a": {"fps": 0.0, "max_fps": 5.0, "frames": 0, "dropped": 0,
+                                               "latency_ms": {**none, "p99": None}, "pre_ms": none,
+                                               "invoke_ms": none, "post_ms": {"p50": 0.139, "p95": None}}}})
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        _promtool(text)
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert "lepton_temperature_celsius" not in families and "lepton_throttled" not in families
+        assert [(s.labels["stage"], s.labels["percentile"], s.value)
+                for s in families["lepton_pipeline_latency_seconds"].samples] == [("post", "50", 0.000139)]
+        assert "0.000139\n" in text and "0.00013900000000000002" not in text
+        assert families["lepton_agent_cpu_usage_ratio"].samples[0].value == 0.005
+        assert families["lepton_agent_resident_bytes"].samples[0].value == round(63.1 * 2**20)
+    finally:
+        endpoint.close()
 
 
 @pytest.mark.parametrize(("extra", "fragments"), [

@@ -37,6 +37,7 @@ def add_retire_command(sub: Any) -> None:
     p.add_argument("--pipeline", action="append", default=[], metavar="NAME",
                    help="a pipeline whose sensors to remove too (when the retained status does not list it)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker and the device")
+    p.add_argument("--format", choices=("pretty", "json"), default="pretty")
     add_connection_options(p)
     p.set_defaults(func=cmd_retire)
 
@@ -91,7 +92,7 @@ def cmd_retire(args: argparse.Namespace, out: TextIO) -> int:
                 if not cond.wait_for(lambda: bool(replies), args.timeout):
                     raise LeptonError(f"{args.device} is online but did not answer `retire` in {args.timeout:g} s")
             reply = replies[0]
-            out.write(json.dumps({"device": args.device, "by": "agent", **reply}) + "\n")
+            _print(out, args, {"device": args.device, "by": "agent", **reply})
             return 0 if reply.get("ok") else 1
         pipelines = [p["name"] for p in status.get("pipelines") or [] if isinstance(p, dict) and "name" in p]
         pipelines += [p for p in args.pipeline if p not in pipelines]
@@ -107,10 +108,13 @@ def cmd_retire(args: argparse.Namespace, out: TextIO) -> int:
         conn.client.publish(marker, b"{}", qos=1).wait_for_publish(args.timeout)
     finally:
         conn.close()
-    out.write(json.dumps({"device": args.device, "by": "fleet", "state": status.get("state"),
-                          "pipelines": pipelines, "configs_emptied": len(configs),
-                          "retained_cleared": sorted(retained)}) + "\n")
+    _print(out, args, {"device": args.device, "by": "fleet", "state": status.get("state"), "pipelines": pipelines,
+                       "configs_emptied": configs, "retained_cleared": sorted(retained)})
     return 0
+
+
+def _print(out: TextIO, args: argparse.Namespace, report: dict[str, Any]) -> None:
+    out.write((json.dumps(report) if args.format == "json" else json.dumps(report, indent=2)) + "\n")
 
 
 def _json(payload: bytes | None) -> dict[str, Any]:
