@@ -76,7 +76,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 # the ai-edge-litert lane only, which keeps both lanes together well inside the suite's time budget.
 RUNTIME_INDEPENDENT = frozenset({
     "test_agreement", "test_commands", "test_config", "test_delivery", "test_delivery_crash", "test_demo",
-    "test_fleet_cli", "test_install", "test_link", "test_policy", "test_sdnotify", "test_spool",
+    "test_fleet_cli", "test_install", "test_link", "test_names", "test_policy", "test_sdnotify", "test_spool",
     "test_synthetic", "test_systemd_notify", "test_systemd_unit",
 })
 

@@ -116,3 +116,13 @@ def test_fleet_bad_input(key_file: Path, tmp_path: Path) -> None:
     not_a_key.write_text("hello")
     _one_line(fleet("publish", str(FIXTURES / "colors_int8.json"), "--name", "c", "--version", "1",
                     "--key", str(not_a_key)), "bad.key", "PEM")
+
+
+def test_retire_bad_input(fleet_broker: Broker) -> None:
+    broker = f"mqtt://127.0.0.1:{fleet_broker.port}"
+    _one_line(fleet("retire", "cam/1", "--broker", broker), "DEVICE", "cam/1")
+    _one_line(fleet("retire", "cam-1", "--pipeline", "a+b", "--broker", broker), "--pipeline", "a+b")
+    _one_line(fleet("retire", "cam-1", "--discovery-prefix", "home/assistant", "--broker", broker),
+              "--discovery-prefix")
+    # A device this broker never saw: nothing to retire, said so (not a silent success).
+    _one_line(fleet("retire", "never-seen", "--broker", broker), "never-seen", "no retained status", "--pipeline")
