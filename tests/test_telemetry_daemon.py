@@ -402,6 +402,13 @@ def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> 
             assert sample[name].value == int(sample[name].value) > 10 * 2**20
         assert all(len(repr(s.value)) <= 10 for s in latency), [s.value for s in latency]
         assert sample["lepton_governor_level"].value == 0.0
+        # Discovery is off now, but an earlier run may have announced the device: retire empties it all the same.
+        with Watcher(broker.port, ["homeassistant/sensor/lepton_d-prom/#"]) as ha:
+            rc, (report,) = fleet(broker.port, "retire", "d-prom")
+            assert rc == 0 and report["by"] == "agent" and report["ok"], report
+            emptied = set(report["result"]["configs_emptied"])
+            assert len(emptied) == 5 + 3 * 3  # the telemetry sensors, three per pipeline
+            assert ha.wait_for(lambda m: {t for t, p, _ in m if not p} == emptied, 30)
         assert daemon.terminate() == 0
     # Nothing listens once the agent is gone.
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
