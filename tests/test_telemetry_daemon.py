@@ -1,12 +1,11 @@
 """Telemetry from the running daemon over a real mosquitto: the schema, values against /proc, a fake
 thermal zone driving the governor through variant swap, pause and recovery with results' seq
-continuous; Home Assistant discovery checked as Home Assistant reads it; the Prometheus endpoint."""
+continuous; the Prometheus endpoint checked by promtool (Home Assistant: test_homeassistant.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import paho.mqtt.publish as publish
 import pytest
 from broker import Broker, Watcher, free_port
 from conftest import ROOT, run_cli
@@ -178,54 +176,6 @@ def test_telemetry_off(tmp_path: Path, broker: Broker, fixtures: Path) -> None:
         assert daemon.terminate() == 0
 
 
-def _ha_messages(w: Watcher) -> list[tuple[str, dict[str, Any]]]:
-    return [(t, json.loads(p)) for t, p, _ in w.messages if t.startswith("homeassistant/") and t.endswith("/config")
-            and p]
-
-
-HA_SCHEMA = json.loads((ROOT / "tests" / "fixtures" / "ha_2024.3.3_mqtt_sensor.schema.json").read_text())
-"""Home Assistant 2024.3.3's MQTT sensor discovery schema, pinned (where it comes from: its `$comment`)."""
-# homeassistant/components/mqtt/discovery.py TOPIC_MATCHER (2024.3.3), after the discovery prefix.
-HA_TOPIC = re.compile(r"homeassistant/(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?"
-                      r"(?P<object_id>[a-zA-Z0-9_-]+)/config")
-
-
-def _check_ha_config(topic: str, config: dict[str, Any]) -> None:
-    """What Home Assistant's MQTT discovery requires of a sensor config (its topic, then its schema)."""
-    m = HA_TOPIC.fullmatch(topic)
-    assert m and m["component"] == "sensor", topic
-    jsonschema.validate(config, HA_SCHEMA)
-
-
-@pytest.mark.parametrize(("change", "why"), [
-    ({"unit_of_measurement": "fps", "device_class": "duration"}, "not one of"),
-    ({"state_class": "total", "device_class": "temperature", "unit_of_measurement": "°C"}, "not one of"),
-    ({"availability_topic": "lepton/d/status"}, "should not be valid"),
-    ({"expire_after": -1}, "less than the minimum"),
-    ({"device": {"name": "d"}}, "is not valid under any"),
-    ({"icon": "eye"}, "does not match"),
-    ({"state_topic": "lepton/+/telemetry/#x"}, "does not match"),
-    ({"stat_t": "lepton/d/telemetry"}, "Additional properties"),
-])
-def test_the_pinned_home_assistant_schema_refuses_what_home_assistant_refuses(change: dict[str, Any],
-                                                                                why: str) -> None:
-    good = {"name": "CPU", "unique_id": "lepton_d/cpu", "state_topic": "lepton/d/telemetry",
-            "value_template": "{{ value_json.cpu_percent }}", "availability": [{"topic": "lepton/d/status"}],
-            "device": {"identifiers": ["lepton_d"], "name": "d"}, "origin": {"name": "lepton-agent"},
-            "unit_of_measurement": "%", "state_class": "measurement", "icon": "mdi:cpu-64-bit"}
-    jsonschema.validate(good, HA_SCHEMA)
-    with pytest.raises(jsonschema.ValidationError, match=why):
-        jsonschema.validate({**good, **change}, HA_SCHEMA)
-
-
-def _render(template: str, payload: bytes) -> str:
-    # As Home Assistant renders value templates: Jinja2, the payload as `value` and parsed as `value_json`.
-    import jinja2.sandbox
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment()
-    return env.from_string(template).render(value=payload.decode(), value_json=json.loads(payload)).strip()
-
-
 IDLE_PIPELINES = """
 [[pipelines]]
 name = "idle.a"
@@ -240,118 +190,6 @@ model = "{model}"
 enabled = false
 """
 """Two pipelines that never run (no latency sample) and whose names the old ids confused."""
-
-
-def test_home_assistant_discovery(tmp_path: Path, fixtures: Path) -> None:
-    root = _fake_root(tmp_path, 52.5)
-    with Broker(tmp_path / "broker") as own:
-        config = write_config(tmp_path, own.port, root, fixtures / "colors_int8.json", "d.ha",
-                              extra="[homeassistant]\nenabled = true\n")
-        config.write_text(config.read_text() + IDLE_PIPELINES.format(model=fixtures / "colors_int8.json"))
-        with Watcher(own.port, ["homeassistant/#", "lepton/d.ha/#"]) as w, Daemon(config) as daemon:
-            w.wait_json("/telemetry", lambda m: len(m) >= 2, timeout=60)
-            w.wait_json("/results/colors", lambda m: len(m) >= 1, timeout=30)
-            configs = dict(_ha_messages(w))
-            objects = {t.split("/")[3] for t in configs}
-            idle = {f"{p}_{s}" for p in ("x--idle-2ea", "idle_a") for s in ("fps", "latency", "last_result")}
-            assert objects == {"cpu", "agent_cpu", "memory", "temperature", "governor_level", "colors_fps",
-                               "colors_latency", "colors_last_result"} | idle
-            # d.ha is encoded, not squashed into d_ha (which another device may be called).
-            assert all(t.startswith("homeassistant/sensor/lepton_x--d-2eha/") for t in configs)
-            assert len({c["unique_id"] for c in configs.values()}) == len(configs)
-            assert len({json.dumps(c["device"], sort_keys=True) for c in configs.values()}) == 1
-            assert not any(retain for t, _, retain in w.messages if t.startswith("homeassistant/"))
-            for topic, c in configs.items():
-                _check_ha_config(topic, c)
-            # The templates, rendered as Home Assistant would, give numbers and labels from the real payloads.
-            latest = {t: p for t, p, _ in w.messages}
-            values = {}
-            for topic, c in configs.items():
-                body = latest.get(c["state_topic"])
-                if body is not None:
-                    values[topic.split("/")[3]] = _render(c["value_template"], body)
-                status = latest["lepton/d.ha/status"]
-                assert _render(c["availability"][0]["value_template"], status) == c["payload_available"]
-                assert _render(c["availability"][0]["value_template"],
-                               b'{"state": "offline", "bdseq": 3}') == c["payload_not_available"]
-                assert _render(c["availability"][0]["value_template"],
-                               b'{"state": "stopped", "bdseq": 3}') == c["payload_not_available"]
-            assert float(values["temperature"]) == 52.5
-            for key in ("cpu", "agent_cpu", "memory", "colors_fps", "colors_latency", "governor_level"):
-                float(values[key])
-            assert values["colors_last_result"] in {"red", "green", "blue"}
-            # No sample yet: `None`, which Home Assistant's numeric sensor shows as unknown (not 0 ms).
-            assert values["x--idle-2ea_latency"] == values["idle_a_latency"] == "None"
-            assert float(values["idle_a_fps"]) == 0.0  # not running: 0 items per second is the truth
-
-            # Home Assistant restarts: its birth brings the configs again.
-            before = len(_ha_messages(w))
-            publish.single("homeassistant/status", "online", hostname="127.0.0.1", port=own.port)
-            assert w.wait_for(lambda m: len(_ha_messages(w)) >= before + len(configs), timeout=30)
-            publish.single("homeassistant/status", "offline", hostname="127.0.0.1", port=own.port)
-
-            # A reload adds a pipeline: its sensors appear; removed again, they are removed (empty configs).
-            original = config.read_text()
-            config.write_text(original + f"""
-[[pipelines]]
-name = "pattern"
-source = "test:pattern"
-model = "{fixtures / 'colors_int8.json'}"
-[pipelines.source_options]
-fps = 5
-""")
-            rc, (reload,) = fleet(own.port, "cmd", "d.ha", "reload")
-            assert rc == 0 and reload["result"]["added"] == ["pattern"]
-            assert w.wait_for(lambda m: any(t.endswith("/pattern_last_result/config") and p for t, p, _ in m), 30)
-            config.write_text(original)
-            rc, (reload,) = fleet(own.port, "cmd", "d.ha", "reload")
-            assert rc == 0 and reload["result"]["removed"] == ["pattern"]
-            gone = {"pattern_fps", "pattern_latency", "pattern_last_result"}
-            assert w.wait_for(lambda m: {t.split("/")[3] for t, p, _ in m if t.startswith("homeassistant/")
-                                         and not p} == gone, 30)
-
-            # The broker restarts: the agent reconnects and sends them again.
-            before = len(_ha_messages(w))
-            w.stop()
-            own.stop()
-            own.start()
-            w2 = Watcher(own.port, ["homeassistant/#", "lepton/d.ha/#"]).start()
-            try:
-                assert w2.wait_for(lambda m: len([t for t, p, _ in m if t.endswith("/config") and p])
-                                   >= len(configs), timeout=60)
-                assert before >= 2 * len(configs) + 3
-                _retire(own, w2, daemon, set(configs))
-            finally:
-                w2.stop()
-    assert "Traceback" not in (tmp_path / "agent.log").read_text()
-
-
-def _retire(own: Broker, w: Watcher, daemon: Daemon, configs: set[str]) -> None:
-    """Retiring, online (the agent's command) and then offline (the fleet alone): nothing left behind."""
-    w.wait_json("/status", lambda m: m[-1]["state"] == "online", timeout=30)
-    rc, (report,) = fleet(own.port, "retire", "d.ha")
-    assert rc == 0 and report["by"] == "agent" and report["ok"], report
-    assert set(report["result"]["configs_emptied"]) == configs
-    assert w.wait_for(lambda m: {t for t, p, _ in m if t.startswith("homeassistant/") and not p} >= configs, 30)
-    # Home Assistant restarts: a retired agent does not announce the device again. The ping's reply comes
-    # after anything the agent would have sent for Home Assistant's birth (one link thread, one outbox).
-    count = len(_ha_messages(w))
-    publish.single("homeassistant/status", "online", hostname="127.0.0.1", port=own.port)
-    rc, _ = fleet(own.port, "cmd", "d.ha", "ping")
-    assert rc == 0 and len(_ha_messages(w)) == count
-    assert daemon.terminate() == 0
-
-    # Gone for good: the fleet empties the configs itself and clears what the device left retained.
-    rc, (report,) = fleet(own.port, "retire", "d.ha")
-    assert rc == 0 and report["by"] == "fleet" and report["state"] == "stopped", report
-    assert set(report["configs_emptied"]) == configs and "lepton/d.ha/status" in report["retained_cleared"]
-    with Watcher(own.port, ["lepton/d.ha/#", "sync/probe"]) as after:
-        publish.single("sync/probe", "x", hostname="127.0.0.1", port=own.port)
-        assert after.wait_for(lambda m: any(t == "sync/probe" for t, _, _ in m), 30)
-        assert [t for t, _, retained in after.messages if retained] == []
-    # Nothing known about it now: retiring again is a clear error, not a silent success.
-    rc, _ = fleet(own.port, "retire", "d.ha")
-    assert rc == 2
 
 
 def _promtool(text: str) -> None:

@@ -90,7 +90,9 @@ def cmd_retire(args: argparse.Namespace, out: TextIO) -> int:
             conn.client.publish(f"{base}/cmd", json.dumps(command), qos=1).wait_for_publish(args.timeout)
             with cond:
                 if not cond.wait_for(lambda: bool(replies), args.timeout):
-                    raise LeptonError(f"{args.device} is online but did not answer `retire` in {args.timeout:g} s")
+                    raise LeptonError(f"{args.device}: its status says online but it did not answer `retire` in "
+                                      f"{args.timeout:g} s; if it is gone, retry once the broker has published "
+                                      "its will (1.5 x its keepalive)")
             reply = replies[0]
             _print(out, args, {"device": args.device, "by": "agent", **reply})
             return 0 if reply.get("ok") else 1
