@@ -2,8 +2,9 @@
 
 Home Assistant 2024.3.3 runs in a side venv (scripts/ha_venv.sh, cached under .cache/ha-venv or
 $HA_VENV); tests/ha_check.py puts every config through its MQTT discovery schema and renders our
-templates with its template engine. Plus: ids of names that used to collide, "no value" as
-unknown, and retiring a device online (the agent's command) and offline (the fleet alone).
+templates with its template engine, and tests/ha_instance.py runs it with its MQTT integration on
+the test broker. Plus: ids of names that used to collide, "no value" as unknown, and retiring a
+device online (the agent's command) and offline (the fleet alone).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.publish as publish
-from broker import Broker, Watcher
+from broker import Broker, Watcher, wait_until
 from conftest import ROOT
 from test_daemon import Daemon, fleet
 from test_telemetry_daemon import IDLE_PIPELINES, _fake_root, write_config
 
-STATUSES = ['{"state": "online", "bdseq": 3}', '{"state": "offline", "bdseq": 3}', '{"state": "stopped", "bdseq": 3}']
+STATUSES = ['{"state": "online", "bdseq": 3}', '{"state": "offline", "bdseq": 3}', '{"state": "stopped", "bdseq": 3}',
+            ""]  # the last: a retained status cleared by `lepton-fleet retire`
 
 
 @functools.cache
@@ -103,7 +105,7 @@ def test_home_assistant_discovery(tmp_path: Path, fixtures: Path) -> None:
             values = {}
             for topic, v in verdict.items():
                 assert v["error"] is None and v["dropped"] == [], (topic, v)
-                assert v["availability"] == [["online", "offline", "offline"]], (topic, v)
+                assert v["availability"] == [["online", "offline", "offline", "offline"]], (topic, v)
                 values[topic.split("/")[3]] = v["value"]
             assert float(values["temperature"]) == 52.5
             for key in ("cpu", "agent_cpu", "memory", "colors_fps", "colors_latency", "governor_level"):
@@ -183,3 +185,85 @@ def _retire(own: Broker, w: Watcher, daemon: Daemon, configs: set[str]) -> None:
     rc, _ = fleet(own.port, "retire", "d.ha")
     assert rc == 2
 
+
+
+class HomeAssistantInstance:
+    """tests/ha_instance.py in its own process: a running Home Assistant whose registries we can read."""
+
+    def __init__(self, port: int, log: Path) -> None:
+        self.log = log.open("w")
+        self.proc = subprocess.Popen([_ha_python(), str(ROOT / "tests" / "ha_instance.py"), str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, "PYTHONPATH": ""})
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise AssertionError(f"home assistant did not start: {log.read_text()[-3000:]}")
+
+    def snapshot(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("snapshot\n")
+        self.proc.stdin.flush()
+        snap: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        return snap
+
+    def wait(self, predicate: Any, timeout: float = 60.0) -> dict[str, Any]:
+        """The first snapshot that satisfies `predicate` (each snapshot waits for HA to be idle first)."""
+        last: dict[str, Any] = {}
+
+        def check() -> bool:
+            nonlocal last
+            last = self.snapshot()
+            return bool(predicate(last))
+
+        if not wait_until(check, timeout=timeout, step=0.2):
+            raise AssertionError(f"home assistant never got there: {json.dumps(last)[:3000]}")
+        return last
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+def test_a_running_home_assistant_sees_the_device_and_forgets_it_when_retired(tmp_path: Path,
+                                                                               fixtures: Path) -> None:
+    """Issue 18 as a user of Home Assistant sees it: entities with values, unknown without one, unavailable
+    on SIGTERM, and gone from its registries (not a ghost) once the device is retired."""
+    root = _fake_root(tmp_path, 48.5)
+    with Broker(tmp_path / "broker") as own:
+        ha = HomeAssistantInstance(own.port, tmp_path / "homeassistant.log")
+        try:
+            config = write_config(tmp_path, own.port, root, fixtures / "colors_int8.json", "d.ha",
+                                  extra="[homeassistant]\nenabled = true\n")
+            config.write_text(config.read_text() + IDLE_PIPELINES.format(model=fixtures / "colors_int8.json"))
+            with Daemon(config) as daemon:
+                snap = ha.wait(lambda s: len(s["entities"]) == 14 and all(
+                    e["state"] not in (None, "unavailable") for e in s["entities"]
+                    if not e["entity_id"].endswith("last_result")))
+                assert [d["identifiers"] for d in snap["devices"]] == [["lepton_x--d-2eha"]]
+                states = {e["unique_id"].split("/", 1)[1]: e["state"] for e in snap["entities"]}
+                assert states["temperature"] == "48.5"
+                float(states["colors_latency"])
+                # No latency sample: unknown (not 0 ms); both idle pipelines kept apart (idle.a, idle_a).
+                assert states["x--idle-2ea_latency"] == states["idle_a_latency"] == "unknown"
+                assert states["idle_a_last_result"] == "unknown"
+                assert daemon.terminate() == 0
+            snap = ha.wait(lambda s: {e["state"] for e in s["entities"]} == {"unavailable"})
+            assert len(snap["entities"]) == 14  # what issue 18 found: a stopped device stays, unavailable
+
+            rc, (report,) = fleet(own.port, "retire", "d.ha")
+            assert rc == 0 and report["by"] == "fleet", report
+            snap = ha.wait(lambda s: not s["entities"] and not s["devices"])
+        finally:
+            ha.close()
+    # Home Assistant had nothing to complain about in our configs, templates or payloads (the cleared
+    # status included); what it logs about its own integrations this lean venv lacks is not ours.
+    log = (tmp_path / "homeassistant.log").read_text()
+    assert "homeassistant.helpers.template" not in log and "homeassistant.components.mqtt" not in log, log[-3000:]

@@ -38,7 +38,8 @@ from agent.telemetry import read_temperature
 
 logger = logging.getLogger(__name__)
 
-AVAILABILITY_TEMPLATE = "{{ 'online' if value_json.state == 'online' else 'offline' }}"
+# `value_json is defined`: an emptied (retired) retained status is not JSON, and must read as offline quietly.
+AVAILABILITY_TEMPLATE = "{{ 'online' if value_json is defined and value_json.state == 'online' else 'offline' }}"
 LAST_RESULT_TEMPLATE = (
     "{% if value_json.classes is defined %}"
     "{{ value_json.classes[0].label if value_json.classes else 'nothing' }}"
