@@ -192,13 +192,17 @@ class HomeAssistantInstance:
 
     def __init__(self, port: int, log: Path) -> None:
         self.log = log.open("w")
-        self.proc = subprocess.Popen([_ha_python(), str(ROOT / "tests" / "ha_instance.py"), str(port)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env={**os.environ, "PYTHONPATH": ""})
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
-            self.close()
-            raise AssertionError(f"home assistant did not start: {log.read_text()[-3000:]}")
+        # Home Assistant publishes its birth once its discovery subscriptions are in place: from then on
+        # it hears every config (before, it would only hear the ones our agent re-sends on that birth).
+        with Watcher(port, ["homeassistant/status"]) as birth:
+            self.proc = subprocess.Popen([_ha_python(), str(ROOT / "tests" / "ha_instance.py"), str(port)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                         env={**os.environ, "PYTHONPATH": ""})
+            assert self.proc.stdout is not None
+            if self.proc.stdout.readline().strip() != "ready" or not birth.wait_for(
+                    lambda m: (("homeassistant/status", b"online", False) in m), timeout=60):
+                self.close()
+                raise AssertionError(f"home assistant did not start: {log.read_text()[-3000:]}")
 
     def snapshot(self) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
