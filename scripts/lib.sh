@@ -13,13 +13,13 @@ ensure_mosquitto() {
   as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
 }
 
-# promtool (Debian's prometheus package): a test checks the agent's /metrics with it.
+# Debian's prometheus package: promtool checks the agent's /metrics, and the tests start a server that scrapes it.
 ensure_promtool() {
   command -v promtool >/dev/null 2>&1 && return 0
   echo "installing prometheus for promtool (apt-get)" >&2
   as_root apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  # Only promtool is wanted; the package would otherwise run a server on :9090.
+  # The tests start their own server; the package's would otherwise run on :9090 for good.
   as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
 }
 

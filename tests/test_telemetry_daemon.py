@@ -10,13 +10,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
-from broker import Broker, Watcher, free_port
+from broker import Broker, Watcher, free_port, wait_until
 from conftest import ROOT, run_cli
 from test_daemon import Daemon, fleet
 
@@ -204,6 +205,50 @@ def _promtool(text: str) -> None:
     assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), (r.stdout, r.stderr)
 
 
+class PrometheusServer:
+    """Debian's Prometheus 2.42 scraping the agent's endpoint every second, queried over its HTTP API."""
+
+    def __init__(self, tmp: Path, target_port: int) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("prometheus is missing: scripts/test installs it (ensure_promtool)")
+            pytest.skip("prometheus not installed (scripts/test installs it)")
+        config = tmp / "prometheus.yml"
+        config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lepton\n"
+                          f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n")
+        self.port = free_port()
+        self.log = (tmp / "prometheus.log").open("w")
+        self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        try:
+            body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        except OSError:
+            return []  # not listening yet
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def wait(self, promql: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            nonlocal found
+            found = self.query(promql)
+            return bool(found)
+
+        assert wait_until(check, timeout=timeout, step=0.25), f"prometheus never had {promql}"
+        return found
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
 def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -240,6 +285,21 @@ def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> 
             assert sample[name].value == int(sample[name].value) > 10 * 2**20
         assert all(len(repr(s.value)) <= 10 for s in latency), [s.value for s in latency]
         assert sample["lepton_governor_level"].value == 0.0
+
+        # A real Prometheus server scrapes it: the target is up, series carry their labels, no value is absent.
+        server = PrometheusServer(tmp_path, port)
+        try:
+            server.wait('up{job="lepton"} == 1')
+            p99 = server.wait('lepton_pipeline_latency_seconds{stage="total", percentile="99"}')
+            assert [(r["metric"]["device"], r["metric"]["pipeline"]) for r in p99] == [("d-prom", "colors")]
+            assert float(p99[0]["value"][1]) > 0
+            assert server.query('lepton_pipeline_latency_seconds{pipeline=~"idle.*"}') == []
+            scraped = server.wait("lepton_pipeline_items_per_second")
+            assert {r["metric"]["pipeline"] for r in scraped} == {"colors", "idle.a", "idle_a"}
+            ratio = server.wait("lepton_memory_used_ratio")
+            assert 0 < float(ratio[0]["value"][1]) < 1
+        finally:
+            server.close()
         # Discovery is off now, but an earlier run may have announced the device: retire empties it all the same.
         with Watcher(broker.port, ["homeassistant/sensor/lepton_d-prom/#"]) as ha:
             rc, (report,) = fleet(broker.port, "retire", "d-prom")
