@@ -24,7 +24,7 @@ import uuid
 from typing import Any, TextIO
 
 from agent.errors import BadInput, LeptonError
-from agent.link.topics import SCHEMA_VERSION
+from agent.mqtt.topics import SCHEMA_VERSION, FleetTopics
 
 
 def add_retire_command(sub: Any) -> None:
@@ -46,26 +46,27 @@ def cmd_retire(args: argparse.Namespace, out: TextIO) -> int:
     import paho.mqtt.client as mqtt
 
     from agent.config import _TOPIC_NAME
-    from agent.fleet.live import Connection
-    from agent.link.homeassistant import every_config_topic
+    from agent.fleet.live import open_link
+    from agent.homeassistant import every_config_topic
 
     for name, what in ((args.device, "DEVICE"), (args.discovery_prefix, "--discovery-prefix"),
                        *((p, "--pipeline") for p in args.pipeline)):
         if not re.match(_TOPIC_NAME, name):
             raise BadInput(f"{what} {name!r}: not a name the agent allows ({_TOPIC_NAME})")
-    base = f"{args.prefix}/{args.device}"
-    marker = f"{args.prefix}/fleet/sync/{uuid.uuid4().hex}"
+    fleet = FleetTopics(args.prefix)
+    device = fleet.device(args.device)
+    marker = fleet.sync(uuid.uuid4().hex)
     request = uuid.uuid4().hex[:12]
     retained: dict[str, bytes] = {}
     cond = threading.Condition()
     synced: list[bool] = []
     replies: list[dict[str, Any]] = []
 
-    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def on_message(msg: mqtt.MQTTMessage) -> None:
         with cond:
             if msg.topic == marker:
                 synced.append(True)
-            elif msg.topic == f"{base}/reply":
+            elif msg.topic == device.reply:
                 try:
                     reply = json.loads(msg.payload)
                 except ValueError:
@@ -76,18 +77,20 @@ def cmd_retire(args: argparse.Namespace, out: TextIO) -> int:
                 retained[msg.topic] = bytes(msg.payload)
             cond.notify_all()
 
-    conn = Connection(args, [f"{base}/#", marker], on_message)
+    link = open_link(args, args.timeout)
     try:
-        conn.wait_ready(args.timeout)
-        # Our own message comes back after the retained ones the subscription brought.
-        conn.client.publish(marker, b"{}", qos=1)
+        link.subscribe_messages(f"{device.base}/#", on_message)
+        link.subscribe_messages(marker, on_message)
+        link.wait_subscribed(args.timeout)
+        # Our own message comes back after the retained ones the subscriptions brought.
+        link.publish(marker, b"{}", qos=1)
         with cond:
             if not cond.wait_for(lambda: bool(synced), args.timeout):
-                raise LeptonError(f"{conn.url}: no answer to our own message in {args.timeout:g} s")
-        status = _json(retained.get(f"{base}/status"))
+                raise LeptonError(f"broker {link.broker}: no answer to our own message in {args.timeout:g} s")
+        status = _json(retained.get(device.status))
         if status.get("state") == "online":
             command = {"id": request, "action": "retire", "ts": round(time.time(), 3), "v": SCHEMA_VERSION}
-            conn.client.publish(f"{base}/cmd", json.dumps(command), qos=1).wait_for_publish(args.timeout)
+            link.publish_wait(device.cmd, json.dumps(command).encode(), qos=1, timeout=args.timeout)
             with cond:
                 if not cond.wait_for(lambda: bool(replies), args.timeout):
                     raise LeptonError(f"{args.device}: its status says online but it did not answer `retire` in "
@@ -99,17 +102,17 @@ def cmd_retire(args: argparse.Namespace, out: TextIO) -> int:
         pipelines = [p["name"] for p in status.get("pipelines") or [] if isinstance(p, dict) and "name" in p]
         pipelines += [p for p in args.pipeline if p not in pipelines]
         if not status and not args.pipeline:
-            raise BadInput(f"{args.device}: no retained status under {base}/status (a device id this broker never "
+            raise BadInput(f"{args.device}: no retained status on {device.status} (a device id this broker never "
                            "saw?); give its pipelines with --pipeline to remove its sensors anyway")
         configs = every_config_topic(args.discovery_prefix, args.device, pipelines)
         for topic in configs:
-            conn.client.publish(topic, b"", qos=1)
+            link.publish(topic, b"", qos=1)
         for topic in sorted(retained):
-            conn.client.publish(topic, b"", qos=1, retain=True)
+            link.publish(topic, b"", qos=1, retain=True)
         # QoS 1 and one connection: the broker has the earlier ones once the last is acknowledged.
-        conn.client.publish(marker, b"{}", qos=1).wait_for_publish(args.timeout)
+        link.publish_wait(marker, b"{}", qos=1, timeout=args.timeout)
     finally:
-        conn.close()
+        link.close()
     _print(out, args, {"device": args.device, "by": "fleet", "state": status.get("state"), "pipelines": pipelines,
                        "configs_emptied": configs, "retained_cleared": sorted(retained)})
     return 0

@@ -31,8 +31,8 @@ from typing import Any, Literal
 from agent import __version__
 from agent.commands import Command, register_action
 from agent.config import HomeAssistantSection
-from agent.link.mqtt import Link
-from agent.link.topics import Topics
+from agent.mqtt.link import Link
+from agent.mqtt.topics import Topics
 from agent.names import encode_name
 from agent.telemetry import read_temperature
 
