@@ -86,7 +86,8 @@ def test_home_assistant_discovery(tmp_path: Path, fixtures: Path) -> None:
                               extra="[homeassistant]\nenabled = true\n")
         config.write_text(config.read_text() + IDLE_PIPELINES.format(model=fixtures / "colors_int8.json"))
         with Watcher(own.port, ["homeassistant/#", "lepton/d.ha/#"]) as w, Daemon(config) as daemon:
-            w.wait_json("/telemetry", lambda m: len(m) >= 2, timeout=60)
+            # A telemetry message from after the first item (latency has a value), and a result.
+            w.wait_json("/telemetry", lambda m: bool(m) and m[-1]["pipelines"]["colors"]["frames"] > 0, timeout=60)
             w.wait_json("/results/colors", lambda m: len(m) >= 1, timeout=30)
             configs = dict(_ha_messages(w))
             objects = {t.split("/")[3] for t in configs}
@@ -248,9 +249,13 @@ def test_a_running_home_assistant_sees_the_device_and_forgets_it_when_retired(tm
                                   extra="[homeassistant]\nenabled = true\n")
             config.write_text(config.read_text() + IDLE_PIPELINES.format(model=fixtures / "colors_int8.json"))
             with Daemon(config) as daemon:
-                snap = ha.wait(lambda s: len(s["entities"]) == 14 and all(
-                    e["state"] not in (None, "unavailable") for e in s["entities"]
-                    if not e["entity_id"].endswith("last_result")))
+                def settled(snap: dict[str, Any]) -> bool:
+                    # Every sensor there, available, and the colors pipeline's latency past its first item.
+                    states = {e["unique_id"].split("/", 1)[1]: e["state"] for e in snap["entities"]}
+                    return (len(states) == 14 and "unavailable" not in states.values()
+                            and states.get("colors_latency") not in (None, "unknown"))
+
+                snap = ha.wait(settled)
                 assert [d["identifiers"] for d in snap["devices"]] == [["lepton_x--d-2eha"]]
                 states = {e["unique_id"].split("/", 1)[1]: e["state"] for e in snap["entities"]}
                 assert states["temperature"] == "48.5"
