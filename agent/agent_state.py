@@ -68,6 +68,12 @@ class AgentState:
         with self._lock:
             self._db.execute("UPDATE commands SET reply = ? WHERE id = ?", (reply, command_id))
 
+    def unanswered(self) -> list[str]:
+        """Ids claimed and never answered: a previous process died while running them."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM commands WHERE reply IS NULL ORDER BY ts").fetchall()
+        return [str(r[0]) for r in rows]
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
