@@ -79,7 +79,7 @@ class Actions:
         if self.agent.delivery is None:
             raise CommandError("unsupported", "model delivery is off in this agent's config (delivery.enabled)")
         if isinstance(command, Rollback):
-            busy = self.agent.delivery.store.pending().get(command.model)
+            busy = next(iter(self.agent.delivery.pending_of(command.model)), None)
             if busy is not None:
                 # The deployment owns the pipelines and the store's record until it ends; a rollback now would
                 # be undone by its commit or its own undo. It rolls back by itself if it fails its probation.

@@ -2,8 +2,9 @@
 
 Sensors read the agent's own topics, so nothing extra is published for them: CPU, the
 agent's CPU share, memory, temperature and the governor's level from
-`lepton/<dev>/telemetry`; per pipeline its fps and median latency from the same payload,
-and its last result (the top class, the detected labels, or the wake word) from
+`lepton/<dev>/telemetry`; per pipeline its fps and median latency from the same payload
+(and for an IP camera its connection state: connected, reconnecting, …), and its last
+result (the top class, the detected labels, or the wake word) from
 `lepton/<dev>/results/<pipeline>`. Availability follows the retained status topic
 (`online` only while the agent's birth stands; the will and `stopped` make it unavailable).
 
@@ -58,7 +59,7 @@ class Retire(Command):
 
 
 TELEMETRY_OBJECTS = ("cpu", "agent_cpu", "memory", "temperature", "governor_level")
-PIPELINE_OBJECTS = ("fps", "latency", "last_result")
+PIPELINE_OBJECTS = ("fps", "latency", "last_result", "camera")
 """Per pipeline `<encoded name>_<suffix>`; no telemetry object ends in one of these, so ids never clash."""
 
 
@@ -86,13 +87,15 @@ class Discovery:
 
     def __init__(self, link: Link, topics: Topics, settings: HomeAssistantSection, *, device: str,
                  model: str, pipelines: Callable[[], list[str]], telemetry: bool, telemetry_interval_s: float,
-                 root: Path = Path("/")) -> None:
+                 root: Path = Path("/"), cameras: Callable[[], list[str]] = list) -> None:
         self.link = link
         self.topics = topics
         self.settings = settings
         self.device = device
         self.model = model
         self.pipelines = pipelines
+        self.cameras = cameras
+        """The pipelines reading a network camera: they get a connection-state sensor."""
         self.telemetry = telemetry
         self.telemetry_interval_s = telemetry_interval_s
         self.root = root
@@ -171,8 +174,9 @@ class Discovery:
                                                      "°C", device_class="temperature"))
             add("governor_level", self._measurement("governor_level", "Governor level",
                                                     "{{ value_json.governor.level }}", "steps", icon="mdi:speedometer"))
+        cameras = set(self.cameras()) if self.telemetry else set()
         for pipeline in self.pipelines():
-            fps, latency, last = (pipeline_object(pipeline, s) for s in PIPELINE_OBJECTS)
+            fps, latency, last, camera_id = (pipeline_object(pipeline, s) for s in PIPELINE_OBJECTS)
             ref = f"value_json.pipelines[{json.dumps(pipeline)}]"
             if self.telemetry:
                 add(fps, self._measurement(fps, f"{pipeline} fps", "{{ " + ref + ".fps }}", "fps",
@@ -181,6 +185,11 @@ class Discovery:
                 # Assistant's numeric MQTT sensor takes as unknown (not 0 ms).
                 add(latency, self._measurement(latency, f"{pipeline} latency", "{{ " + ref + ".latency_ms.p50 }}",
                                                "ms", device_class="duration"))
+            if pipeline in cameras:
+                camera = self._base(camera_id, f"{pipeline} camera", self.topics.telemetry,
+                                    "{{ " + ref + ".source.state if " + ref + ".source else 'stopped' }}")
+                camera.update(icon="mdi:cctv", expire_after=max(60, round(3 * self.telemetry_interval_s)))
+                add(camera_id, camera)
             result = self._base(last, f"{pipeline} last result", self.topics.results(pipeline), LAST_RESULT_TEMPLATE)
             result["icon"] = "mdi:eye"
             add(last, result)

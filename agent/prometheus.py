@@ -97,7 +97,14 @@ def _families(payload: dict[str, Any], device: str) -> Iterator[Any]:
     latency = GaugeMetricFamily("lepton_pipeline_latency_seconds", "Per-item latency percentile over the recent "
                                 "window (absent until the pipeline has processed an item)",
                                 labels=["device", "pipeline", "stage", "percentile"])
+    up = GaugeMetricFamily("lepton_source_connected", "1 while the camera or stream is open, 0 while it is being "
+                           "(re)connected or refused", labels=labels)
+    reopens = CounterMetricFamily("lepton_source_reopens", "Attempts to reopen the camera or stream", labels=labels)
     for name, p in pipelines.items():
+        source = p.get("source")
+        if source:  # live sources only (cameras, streams)
+            up.add_metric([device, name], 1.0 if source.get("state") == "connected" else 0.0)
+            reopens.add_metric([device, name], float(source.get("reopens", 0)))
         rate.add_metric([device, name], float(p.get("fps", 0.0)))
         cap.add_metric([device, name], float(p.get("max_fps", 0.0)))
         frames.add_metric([device, name], float(p.get("frames", 0)))
@@ -107,7 +114,7 @@ def _families(payload: dict[str, Any], device: str) -> Iterator[Any]:
                 seconds = _seconds(value)
                 if q in _PERCENTILES and seconds is not None:  # no sample yet: no series, not 0 s
                     latency.add_metric([device, name, stage, _PERCENTILES[q]], seconds)
-    yield from (rate, cap, frames, drops, latency)
+    yield from (rate, cap, frames, drops, latency, up, reopens)
 
 
 def _info(device: str) -> Any:

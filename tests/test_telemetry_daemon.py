@@ -305,7 +305,7 @@ def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> 
             rc, (report,) = fleet(broker.port, "retire", "d-prom")
             assert rc == 0 and report["by"] == "agent" and report["ok"], report
             emptied = set(report["result"]["configs_emptied"])
-            assert len(emptied) == 5 + 3 * 3  # the telemetry sensors, three per pipeline
+            assert len(emptied) == 5 + 4 * 3  # the telemetry sensors; fps, latency, last result, camera per pipeline
             assert ha.wait_for(lambda m: {t for t, p, _ in m if not p} == emptied, 30)
         assert daemon.terminate() == 0
     # Nothing listens once the agent is gone.
