@@ -155,6 +155,30 @@ def test_half_open_is_noticed_and_the_will_goes_out(tmp_path: Path, own_broker: 
     _close(a)
 
 
+@pytest.mark.parametrize("timeouts", [{"connect_timeout_s": 0.5, "keepalive_s": 3},  # ours ends the wait
+                                      {"connect_timeout_s": 60, "keepalive_s": 3}])  # paho's keepalive does
+def test_a_thawed_broker_is_reached_again_soon_after_timed_out_attempts(tmp_path: Path, own_broker: Broker,
+                                                                        timeouts: dict[str, float]) -> None:
+    # A SIGSTOPped broker still completes TCP handshakes (the kernel does), so each attempt waits for a CONNACK
+    # until a timeout gives up. Those attempts must not grow the backoff, or the agent stays away long after
+    # the thaw (17.6 s was the delay chosen after 4 such attempts with paho's keepalive giving up).
+    a = make_link(tmp_path, own_broker.url, backoff_min_s=0.2, backoff_max_s=60, **timeouts)
+    own_broker.freeze()
+    try:
+        a.link.start()
+        timed_out = threading.Event()
+        while not timed_out.wait(0.05):
+            if a.link.stats.connect_failures >= 3:
+                timed_out.set()
+        assert not a.link.connected.is_set()
+        assert a.link.backoff.failures == 0
+        assert a.link.backoff.last_delay <= 0.2 * 1.5  # grown, the 3rd delay would be 0.8 s or more
+    finally:
+        own_broker.thaw()
+    assert a.link.connected.wait(30)
+    _close(a)
+
+
 def test_refused_connack_never_announces_online(tmp_path: Path) -> None:
     b = Broker(tmp_path / "b")
     write_config = b._config
@@ -250,6 +274,9 @@ def test_backoff_grows_caps_and_resets() -> None:
     assert delays[0] < 2 and all(later >= earlier * 0.6 for earlier, later in itertools.pairwise(delays))
     assert max(delays) <= 120.0 and delays[-1] > 60
     assert 1.0 <= b.next_delay(refused=True) <= 1.5  # nobody listening: keep knocking softly
+    grown = b.failures
+    assert 1.0 <= b.next_delay(timed_out=True) <= 1.5  # the attempt's own timeout was the pause
+    assert b.failures == grown
     b.reset()
     assert b.next_delay() < 2
 

@@ -150,3 +150,23 @@ def test_stop_says_so_when_the_loop_has_not_ended(tmp_path: Path, fixtures: Path
     assert running.wait(30) and p.running
     agent.actions.stop(Stop(id="u", action="stop", pipeline="cam"))
     assert not p.running and p.stats.state == "stopped"
+
+
+def test_a_wake_word_pipeline_runs_its_model_on_one_thread_whatever_the_profile(models_dir: Path,
+                                                                                fixtures: Path) -> None:
+    # generic-x86_64 gives 4 threads (2 on this machine's cores): a wake word's tiny graph invoked with a
+    # pool is ~5x slower on LiteRT (3 us -> 15 us); a vision model keeps the profile's threads.
+    import os
+
+    from agent.slot import ModelSlot
+
+    profile = load_profile("generic-x86_64")
+    assert profile.threads > 1
+    audio = ModelSlot(PipelineSettings(name="w", source="mic:", model=models_dir / "wakeword" / "alexa.json"),
+                      profile=profile, backend=None)
+    model, _ = audio.prepare(audio.configured_spec())
+    assert model.threads == 1
+    vision = ModelSlot(PipelineSettings(name="v", source="test:colors", model=fixtures / "colors_int8.json"),
+                       profile=profile, backend=None)
+    model, _ = vision.prepare(vision.configured_spec())
+    assert model.threads == min(profile.threads, os.cpu_count() or 1)

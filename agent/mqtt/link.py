@@ -18,8 +18,8 @@ acknowledged is still in the spool, and is sent again from there, in order, as
   PUBACK longer than keepalive, or a probe (an UNSUBSCRIBE of a topic never subscribed,
   sent after keepalive/2 of silence) left unanswered for keepalive, drops the connection.
 - Reconnects back off exponentially from `backoff_min_s` to `backoff_max_s` (with jitter).
-  A broker that is simply not listening (connection refused costs it nothing) is retried
-  every 1-1.5 x `backoff_min_s`, so the agent is back within about a second of the broker.
+  A broker not listening (refused), or one that let an attempt wait out `connect_timeout_s`
+  (frozen: that wait is the pause), is retried after 1-1.5 x `backoff_min_s`: back within seconds.
   The backoff resets once a connection has lasted `STABLE_S`.
 - Every paho callback is wrapped: an exception is logged, counted and survived.
 - Other parts of the agent (model delivery) subscribe and publish through the same
@@ -60,6 +60,7 @@ from agent.mqtt.session import (
     closed_before_connack,
     select_ready,
     tls_pending,
+    went_unanswered,
 )
 from agent.mqtt.spool import Spool
 from agent.mqtt.tls import tls_context
@@ -221,7 +222,7 @@ class Link(PahoCallbacks):
         while not self._closing.is_set() and not self.stop.is_set():
             url = self.settings.broker[self._url_index % len(self.settings.broker)]
             session: Session | None = None
-            refused = False
+            refused = timed_out = False
             failed = False
             try:
                 session = self._connect(url)
@@ -229,6 +230,7 @@ class Link(PahoCallbacks):
             except Exception as exc:
                 failed = True
                 refused = isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED
+                timed_out = isinstance(exc, TimeoutError)
                 self._note_failure(url, exc, refused)
             finally:
                 if session is not None:
@@ -237,6 +239,7 @@ class Link(PahoCallbacks):
                 # Accepted, then closed with nothing said: a proxy, NAT or load balancer with no broker
                 # behind it. That is "nobody listening" as much as a refusal is: retry soon, not later.
                 refused = True
+            timed_out = timed_out or (not failed and not refused and session is not None and went_unanswered(session))
             up = session is not None and session.connected_at is not None
             if up and session is not None and session.connected_at is not None:
                 if time.monotonic() - session.connected_at >= STABLE_S:
@@ -246,7 +249,7 @@ class Link(PahoCallbacks):
                 self._url_index += 1
             if self._closing.is_set() or self.stop.is_set():
                 break
-            self._wait(self.backoff.next_delay(refused=refused and not up))
+            self._wait(self.backoff.next_delay(refused=refused and not up, timed_out=timed_out and not up))
 
     def _note_failure(self, url: str, exc: Exception, refused: bool) -> None:
         self.attempted.set()

@@ -50,18 +50,24 @@ class Backoff:
     def __init__(self, low: float, high: float, rng: random.Random | None = None) -> None:
         self.low, self.high = low, high
         self.failures = 0
+        self.last_delay = 0.0
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
 
     def reset(self) -> None:
         self.failures = 0
 
-    def next_delay(self, refused: bool = False) -> float:
-        """The wait before the next attempt; `refused`: nobody was listening, try again soon."""
-        if refused:
-            return self.low * self._rng.uniform(1.0, 1.5)
-        delay = min(self.high, self.low * (2 ** min(self.failures, 30)))
-        self.failures += 1
-        return min(self.high, delay * self._rng.uniform(1.0, 1.25))
+    def next_delay(self, refused: bool = False, timed_out: bool = False) -> float:
+        """The wait before the next attempt. `refused`: nobody was listening, try again soon. `timed_out`:
+        the attempt already waited its whole connect timeout (a frozen or swamped broker): that wait is
+        the pause, and growing the delay on top would leave the agent away for long after the broker
+        answers again (21 s after a SIGSTOPped broker was thawed)."""
+        if refused or timed_out:
+            delay = self.low * self._rng.uniform(1.0, 1.5)
+        else:
+            delay = self.low * (2 ** min(self.failures, 30)) * self._rng.uniform(1.0, 1.25)
+            self.failures += 1
+        self.last_delay = min(self.high, delay)
+        return self.last_delay
 
 
 QUICK_CLOSE_S = 2.0
@@ -71,6 +77,12 @@ QUICK_CLOSE_S = 2.0
 def closed_before_connack(s: Session) -> bool:
     return (s.connected_at is None and not s.reason.startswith("refused by the broker")
             and time.monotonic() - s.started < QUICK_CLOSE_S)
+
+
+def went_unanswered(s: Session) -> bool:
+    """Accepted and waited on, then given up with no CONNACK at all (paho's keepalive closes a connection
+    still waiting for one): a frozen or swamped broker, retried like a connect timeout."""
+    return s.connected_at is None and not s.reason.startswith("refused by the broker")
 
 
 @dataclass
