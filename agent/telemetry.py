@@ -154,10 +154,11 @@ class StageRings:
         with self._lock:
             window = self._values[: self._count].copy()
         ps = (50, 95, 99)
-        table = np.percentile(window, ps, axis=0) if window.shape[0] else np.zeros((len(ps), 4))
+        table = np.percentile(window, ps, axis=0) if window.shape[0] else None
 
-        def column(c: int, upto: int) -> dict[str, float]:
-            return {f"p{p}": round(float(table[k, c]), 3) for k, p in enumerate(ps[:upto])}
+        def column(c: int, upto: int) -> dict[str, float | None]:
+            # No sample yet: None, "no value", not 0 ms (issue 18).
+            return {f"p{p}": None if table is None else round(float(table[k, c]), 3) for k, p in enumerate(ps[:upto])}
 
         return {"latency_ms": column(3, 3), "pre_ms": column(0, 2), "invoke_ms": column(1, 2), "post_ms": column(2, 2)}
 
