@@ -37,6 +37,26 @@ def _positive(text: str) -> int:
     return value
 
 
+class _AgentVersion(argparse.Action):
+    """`--version`: the package, and the interpreter that would run models here (LEPTON_BACKEND honoured)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version, the runtime backend and its version, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from agent.runtime import load_backend
+
+        try:
+            backend = load_backend()
+            runtime = f"backend {backend.name} {backend.version}"
+        except BadInput as exc:
+            runtime = str(exc).split(" (", 1)[0]  # without the import errors
+        print(f"{parser.prog} {__version__} ({runtime})")
+        parser.exit()
+
+
 def _runtime_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--backend", help="ai-edge-litert | tflite-runtime | tensorflow (default: first installed; "
@@ -72,7 +92,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def _agent_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lepton-agent", description="Lepton Edge Agent (device side)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_AgentVersion)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
