@@ -1,7 +1,7 @@
 """The operator's side of the MQTT contract: `lepton-fleet watch` and `lepton-fleet cmd`.
 
 `watch` subscribes to results (and status) of one device or all and prints them as they
-arrive: a coloured line each on a terminal (rich), or JSON lines for scripts. `cmd` sends
+arrive: a line each on a terminal (coloured with rich when installed), or JSON lines for scripts. `cmd` sends
 one command with a fresh id and prints the reply (or every reply, for a group or all).
 """
 
@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 
 from agent.config import AuthSection, MqttSection, TlsSection, parse_broker_url
 from agent.errors import BadInput, LeptonError
+from agent.fleet import output
 from agent.link.mqtt import read_password, tls_context
 from agent.link.topics import SCHEMA_VERSION
 
@@ -122,9 +123,7 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
     lock = threading.Lock()
     console = None
     if args.format == "table":
-        from rich.console import Console
-
-        console = Console(file=out, highlight=False, soft_wrap=True)
+        console = output.console(out)
 
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
