@@ -177,8 +177,9 @@ if [ "$SYSTEMD" = 1 ]; then
   install -m 0644 "$PREFIX/share/lepton-agent.service" "$UNIT_DIR/lepton-agent.service"
   # MemoryMax= from the board's profile when the agent can tell it: a drop-in's MemoryMax= comes after the
   # unit's and replaces it, so the profile's budget wins over the unit's 512M (1024M on generic-x86_64).
-  rm -rf "$UNIT_DIR/lepton-agent.service.d"
+  # Only our own drop-ins are replaced: an operator's (e.g. Environment=LEPTON_BROKER=…) survive a re-install.
   mkdir -p "$UNIT_DIR/lepton-agent.service.d"
+  rm -f "$UNIT_DIR/lepton-agent.service.d/memory.conf" "$UNIT_DIR/lepton-agent.service.d/backend.conf"
   mem=$("$PREFIX/venv/bin/lepton-agent" profile --config "$CONFDIR/agent.toml" \
         --format json 2>/dev/null \
         | "$PREFIX/venv/bin/python" -c 'import json,sys; print(round(json.load(sys.stdin)["memory_budget_mb"]))' \
