@@ -97,3 +97,20 @@ def test_fresh_config_waits_then_takes_a_deployment_from_a_trusted_key_only(
             assert [json.loads(line)["state"] for line in status.stdout.splitlines()] == ["active"], status.stdout
         finally:
             _stop(agent)
+
+
+def test_watch_prints_plain_lines_without_rich(broker: Broker) -> None:
+    # A retained result: `watch --count 1` gets it at once; the rich markup must not leak into plain text.
+    import paho.mqtt.publish as publish
+
+    dev = f"plain-{uuid.uuid4().hex[:6]}"
+    payload = {"seq": 7, "pipeline": "colors", "ts": 0, "classes": [{"label": "red", "score": 0.99}]}
+    publish.single(f"lepton/{dev}/results/colors", json.dumps(payload), qos=1, retain=True,
+                   hostname="127.0.0.1", port=broker.port)
+    r = subprocess.run([sys.executable, "-c", NO_RICH, "watch", dev, "--format", "table", "--count", "1",
+                        "--seconds", "60", "--broker", broker.url], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    header, line = r.stdout.splitlines()
+    assert header.startswith(f"watching lepton/{dev}/results/# on ")
+    assert line.endswith(f" {dev} colors #7 red 0.99") and "[" not in line, line
