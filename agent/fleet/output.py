@@ -1,8 +1,8 @@
 """Terminal output of the operator's commands: rich when the `fleet` extra is installed, plain text otherwise.
 
 A device's venv has no rich (devices never need it), yet an operator may run `lepton-fleet deploy`
-there; it must print the same table, only without colour. Every rich import of the fleet commands
-goes through here.
+there; it must print the same table, only without colour. Every rich import of the fleet commands is
+here or behind `have_rich()`.
 """
 
 from __future__ import annotations
