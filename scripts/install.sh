@@ -148,6 +148,8 @@ if [ "$extra" = tflite ]; then
 fi
 # The same version number may hold other code than last time: the agent itself always replaced.
 "${pip[@]}" --force-reinstall --no-deps "$WHEEL"
+# The lane the unit will run (its backend.conf drop-in below says the same).
+if [ "$BACKEND" = tflite ]; then export LEPTON_BACKEND=tflite-runtime; fi
 say "$("$PREFIX/venv/bin/lepton-agent" --version)"
 cp "$SRC/README.md" "$PREFIX/share/README.md"
 rm -rf "$PREFIX/share/firmware_profiles"  # copied there by earlier installers; the wheel carries them now
