@@ -144,7 +144,8 @@ case "$BACKEND" in
 esac
 if [ "$extra" = tflite ]; then
   say "installing the tflite-runtime lane"
-  "${pip[@]}" "$WHEEL[tflite]"
+  "${pip[@]}" "$WHEEL[tflite]" \
+    || die "no LiteRT runtime for $(uname -m) with $("$py" -V): neither ai-edge-litert nor tflite-runtime 2.14 has a wheel"
 fi
 # The same version number may hold other code than last time: the agent itself always replaced.
 "${pip[@]}" --force-reinstall --no-deps "$WHEEL"
@@ -156,12 +157,14 @@ rm -rf "$PREFIX/share/firmware_profiles"  # copied there by earlier installers; 
 
 # 3. Configuration: written from the template only when absent, never overwritten.
 mkdir -p "$CONFDIR"
+fresh=0
 if [ -e "$CONFDIR/agent.toml" ]; then
   say "kept existing $CONFDIR/agent.toml"
 else
   template="$SRC/docs/agent.device.toml"
   [ -f "$template" ] || die "missing template $template"
   install -m 0640 "$template" "$CONFDIR/agent.toml"
+  fresh=1
   say "wrote $CONFDIR/agent.toml (set the broker, and trust your release key before the first deployment)"
 fi
 
@@ -202,7 +205,8 @@ if [ "$SYSTEMD" = 1 ]; then
       journalctl -u lepton-agent.service -n 5 --no-pager -o cat >&2 || true
       exit 1
     fi
-    say "lepton-agent running, waiting for its first deployment: systemctl status lepton-agent; journalctl -u lepton-agent -f"
+    waiting=; [ "$fresh" = 0 ] || waiting=", waiting for its first deployment"
+    say "lepton-agent running$waiting: systemctl status lepton-agent; journalctl -u lepton-agent -f"
   else
     say "systemd is not running here: unit installed, start it at boot"
   fi
