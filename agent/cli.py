@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from agent import __version__
 from agent.errors import BadInput, LeptonError
-from agent.fleet.commands import add_commands as add_delivery_commands
+from agent.fleet.verbs import add_commands as add_delivery_commands
 
 logger = logging.getLogger("agent")
 
@@ -412,7 +412,7 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
 def _cmd_bench_audio(args: argparse.Namespace, out: TextIO) -> int:
     import numpy as np
 
-    from agent.audio.bench import bench_audio
+    from agent.audio.realtime import bench_audio
     from agent.audio.stream import AUDIO_SOURCE_MODULES
     from agent.sources.audio import MicSource
     from agent.sources.base import EndOfStream, open_source
@@ -511,7 +511,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.config import load
+    from agent.config_load import load
     from agent.daemon import check_delivery, check_link, check_pipelines
 
     eff = load(args.config)
@@ -525,7 +525,7 @@ def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_profile(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
-    from agent.profiles import profile_report
+    from agent.config_load import profile_report
 
     report = profile_report(config=args.config, root=Path(args.root) if args.root else None)
     if args.format == "json":

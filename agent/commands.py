@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import queue
 import re
 import threading
@@ -31,6 +30,7 @@ from typing import Annotated, Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 from agent.config import PolicySettings, TopicName
+from agent.mqtt import wire
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 
 
 def _version(v: int | str | None) -> int | str | None:
-    from agent.delivery.manifest import version_key
+    from agent.version import version_key
 
     if v is not None:
         version_key(v)  # ValueError says what is wrong
@@ -180,54 +180,12 @@ for _schema in (Ping, Status, Start, Stop, Configure, Reload, Bench, Deploy, Rol
 # -- decoding ---------------------------------------------------------------------------------
 
 
-class _Refused(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Refused(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise _Refused(f"{name} is not a number JSON allows")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _Refused(f"number {text[:20]} is out of range")
-    return value
-
-
 def decode(payload: bytes) -> dict[str, Any]:
     """The command object, or CommandError saying what is wrong with the bytes."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise CommandError("too_large", f"command is {len(payload)} bytes, the limit is {MAX_COMMAND_BYTES}")
-    if not payload:
-        raise CommandError("bad_json", "empty command")
     try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CommandError("bad_encoding", f"not UTF-8 (byte {exc.start})") from None
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
-                          parse_float=_finite)
-    except _Refused as exc:
-        raise CommandError("bad_json", str(exc)) from None
-    except json.JSONDecodeError as exc:
-        raise CommandError("bad_json", f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except RecursionError:
-        raise CommandError("bad_json", "nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer with more digits than Python converts
-        raise CommandError("bad_json", str(exc)[:200]) from None
-    if not isinstance(data, dict):
-        raise CommandError("bad_request", f"a command is a JSON object, not {type(data).__name__}")
-    return data
+        return wire.decode(payload, MAX_COMMAND_BYTES, "command")
+    except wire.WireError as exc:
+        raise CommandError(exc.code, exc.message) from None
 
 
 _FIRST_ID = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([\x20\x21\x23-\x5b\x5d-\x7e]{1,128})"\s*[,}]')
@@ -300,7 +258,7 @@ Handler = Callable[[Command], dict[str, Any]]
 
 
 class CommandRecord(Protocol):
-    """Persistence of executed ids (agent.state.AgentState)."""
+    """Persistence of executed ids (agent.agent_state.AgentState)."""
 
     def claim_command(self, command_id: str) -> tuple[bool, str | None]: ...
 

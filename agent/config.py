@@ -1,36 +1,22 @@
-"""The agent's configuration (`agent.toml`, DESIGN §4): read with tomllib, validated at load by pydantic.
+"""The schema of the agent's configuration (`agent.toml`, DESIGN §4): one frozen pydantic model per section.
 
-Unknown keys are errors. An error names the key as written in the file and, where the
-key can be found in the text, its line. The environment overrides the values a fleet
-sets per device (`LEPTON_DEVICE_ID`, `LEPTON_BROKER`, `LEPTON_STATE_DIR`). The running
-code receives frozen settings objects (`AgentConfig`, `Effective`), never raw dicts.
+Unknown keys are errors. The running code receives frozen settings objects (`AgentConfig`,
+`Effective`), never raw dicts. Reading a file, the environment overrides and the merge over
+the profile are in `agent.config_load`; finding a key's line in the TOML text is `agent.tomlpos`.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import tomllib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agent.errors import BadInput
-from agent.profiles import Profile, detect_profile, load_profile
+from agent.profiles import Profile
 
-DEFAULT_CONFIG = Path("/etc/lepton/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/lepton")
-
-ENV_OVERRIDES = {
-    # environment variable: (section, key)
-    "LEPTON_DEVICE_ID": ("agent", "device_id"),
-    "LEPTON_BROKER": ("mqtt", "broker"),
-    "LEPTON_STATE_DIR": ("agent", "state_dir"),
-}
 
 # Topic levels we build from names: no MQTT wildcards, no separators, nothing a shell or a
 # dashboard would trip on.
@@ -115,7 +101,8 @@ class MqttSection(_Strict):
     max_inflight: Annotated[int, Field(ge=1, le=1000)] = 32
     """Results published and not yet acknowledged (PUBACK) at any time."""
     max_packet_bytes: Annotated[int, Field(ge=65536)] = 4 * 1024 * 1024
-    """MQTT 5: the broker must not send us bigger packets (it discards them)."""
+    """The biggest message the agent reads: MQTT 5 tells the broker (it discards bigger ones); with 3.1.1
+    the link skips bigger ones unread and counts them (`link.oversized`)."""
     tls: TlsSection = Field(default_factory=TlsSection)
     auth: AuthSection = Field(default_factory=AuthSection)
 
@@ -418,191 +405,3 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
         raise ValueError(f"{url!r}: no host")
     tls = parts.scheme == "mqtts"
     return parts.hostname, port or (8883 if tls else 1883), tls
-
-
-# -- loading ----------------------------------------------------------------------------------
-
-
-def config_path(given: str | Path | None) -> Path:
-    return Path(given or os.environ.get("LEPTON_CONFIG") or DEFAULT_CONFIG)
-
-
-def read_config(path: Path, env: Mapping[str, str] | None = None) -> tuple[AgentConfig, dict[str, str]]:
-    """Parse and validate one config file; BadInput names the file, the key and its line."""
-    env = os.environ if env is None else env
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such config file") from None
-    except UnicodeDecodeError:
-        raise BadInput(f"{path}: config is not UTF-8 text") from None
-    except OSError as exc:
-        raise BadInput(f"{path}: cannot read config ({exc.strerror})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"{path}: invalid TOML: {exc}") from None
-    applied: dict[str, str] = {}
-    for var, (section, key) in ENV_OVERRIDES.items():
-        value = env.get(var)
-        if value:
-            table = data.setdefault(section, {})
-            if isinstance(table, dict):
-                table[key] = value
-                applied[var] = value
-    try:
-        config = AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise BadInput(f"{path}: {describe_error(exc, text, applied)}") from None
-    return _resolve_paths(config, path.parent), applied
-
-
-def describe_error(exc: ValidationError, text: str, env: Mapping[str, str] | None = None) -> str:
-    """The first error as `key (line N): problem`, with the key written as in TOML."""
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    key = toml_key(loc)
-    for var, (section, name) in ENV_OVERRIDES.items():
-        if env and var in env and loc[:2] == (section, name):
-            key = f"{key} (from {var})"
-    line = find_line(text, loc)
-    where = f"{key} (line {line})" if line else key
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{where}: {msg}{more}"
-
-
-def toml_key(loc: tuple[Any, ...]) -> str:
-    """('pipelines', 0, 'policy', 'max_rate') → `pipelines[0].policy.max_rate`."""
-    out = ""
-    for part in loc:
-        if part == "[key]":
-            continue  # the error is in a table's key itself: name the key
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "config"
-
-
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^\s*([A-Za-z0-9_.:\-\"' ]+?)\s*=")
-
-
-def find_line(text: str, loc: tuple[Any, ...]) -> int | None:
-    """The line where the key at `loc` is written (1-based), or of its nearest written parent.
-
-    A small scan of table headers, arrays of tables and `key =` lines: enough for how
-    config files are written by hand; keys inside inline tables resolve to the parent key.
-    """
-    want = tuple(loc)
-    best: tuple[int, int] | None = None  # (matched length, line)
-    table: tuple[Any, ...] = ()
-    counters: dict[tuple[Any, ...], int] = {}
-    in_multiline = False
-    for number, line in enumerate(text.splitlines(), start=1):
-        if in_multiline:
-            if line.count('"""') % 2 == 1 or line.count("'''") % 2 == 1:
-                in_multiline = False
-            continue
-        header = _HEADER.match(line)
-        if header:
-            path = tuple(_split_key(header.group(2)))
-            if header.group(1) == "[[":
-                index = counters.get(path, -1) + 1
-                counters[path] = index
-                table = (*path, index)
-            else:
-                table = _with_indices(path, counters)
-            best = _better(best, want, table, number)
-            continue
-        key = _KEY.match(line)
-        if key:
-            full = (*table, *_split_key(key.group(1)))
-            best = _better(best, want, full, number)
-            rest = line[key.end():]
-            if rest.count('"""') % 2 == 1 or rest.count("'''") % 2 == 1:
-                in_multiline = True
-    return best[1] if best else None
-
-
-def _split_key(key: str) -> list[str]:
-    return [part.strip().strip("\"'") for part in key.split(".")]
-
-
-def _with_indices(path: tuple[str, ...], counters: dict[tuple[Any, ...], int]) -> tuple[Any, ...]:
-    # `[pipelines.policy]` after the 2nd `[[pipelines]]` belongs to pipelines[1].
-    out: list[Any] = []
-    for part in path:
-        out.append(part)
-        index = counters.get(tuple(p for p in out if not isinstance(p, int)))
-        if index is not None and tuple(out) != path:
-            out.append(index)
-    return tuple(out)
-
-
-def _better(best: tuple[int, int] | None, want: tuple[Any, ...], have: tuple[Any, ...],
-            line: int) -> tuple[int, int] | None:
-    if len(have) > len(want) or want[: len(have)] != have:
-        return best
-    if best is None or len(have) >= best[0]:
-        return (len(have), line)
-    return best
-
-
-def _resolve_paths(config: AgentConfig, base: Path) -> AgentConfig:
-    """Relative model, labels and key file paths are relative to the config file's folder."""
-
-    def rel(p: Path | None) -> Path | None:
-        return p if p is None or p.is_absolute() else base / p
-
-    pipelines = tuple(
-        p.model_copy(update={"model": rel(p.model), "labels": rel(p.labels)}) for p in config.pipelines
-    )
-    keys = {kid: KeyFile(file=base / key.file) if isinstance(key, KeyFile) and not key.file.is_absolute() else key
-            for kid, key in config.trusted_keys.items()}
-    return config.model_copy(update={"pipelines": pipelines, "trusted_keys": keys})
-
-
-def _default_device_id() -> str:
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64].strip("-.")
-    return name or "lepton-device"
-
-
-def effective(config: AgentConfig, path: Path | None, env: dict[str, str] | None = None) -> Effective:
-    """Merge the config over its profile; BadInput when the profile cannot be loaded."""
-    if config.agent.profile == "auto":
-        name, reason = detect_profile(config.telemetry.root)
-    else:
-        name, reason = config.agent.profile, "set in the config"
-    profile = load_profile(name)
-    overrides = config.profile.model_dump(exclude_none=True)
-    if overrides:
-        try:
-            profile = Profile.model_validate({**profile.model_dump(), **overrides})
-        except ValidationError as exc:
-            where = f"{path}: " if path else ""
-            raise BadInput(f"{where}profile: {exc.errors()[0]['msg']}") from None
-        reason += f"; overridden by the config: {', '.join(sorted(overrides))}"
-    device_id = config.agent.device_id or _default_device_id()
-    state = config.agent.state_dir
-    return Effective(
-        config=config,
-        path=path,
-        device_id=device_id,
-        profile=profile,
-        profile_reason=reason,
-        spool_path=config.spool.path or state / "spool.sqlite3",
-        spool_cap_bytes=config.spool.cap_bytes or profile.spool_cap_bytes,
-        client_id=config.mqtt.client_id or f"lepton-{device_id}",
-        env=env or {},
-    )
-
-
-def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Effective:
-    """Read, validate and merge the config at `path` (or `LEPTON_CONFIG`, or the default)."""
-    file = config_path(path)
-    config, applied = read_config(file, env)
-    return effective(config, file, applied)

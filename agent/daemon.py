@@ -20,6 +20,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.agent_state import AgentState
 from agent.commands import (
     Bench,
     Command,
@@ -32,23 +33,24 @@ from agent.commands import (
     Start,
     Stop,
 )
-from agent.config import Effective, PipelineSettings, load, parse_broker_url
+from agent.config import Effective, PipelineSettings, parse_broker_url
+from agent.config_load import load
 from agent.delivery.service import DeliveryService, PipelineHooks
 from agent.delivery.store import ModelStore
 from agent.errors import BadInput
 from agent.governor import Governor
-from agent.link.homeassistant import Discovery
-from agent.link.mqtt import Link, read_password, tls_context
-from agent.link.spool import Spool
-from agent.link.topics import Topics
+from agent.homeassistant import Discovery
 from agent.manifest import ModelSpec, load_spec
 from agent.monitor import Monitor
+from agent.mqtt.link import Link
+from agent.mqtt.spool import Spool
+from agent.mqtt.tls import read_password, tls_context
+from agent.mqtt.topics import Topics
 from agent.pipeline import Pipeline, build_runner
 from agent.policy import snapshot_encoder
 from agent.runtime import Backend, load_backend
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
 from agent.sources.base import open_source
-from agent.state import AgentState
 
 if TYPE_CHECKING:
     from agent.prometheus import PrometheusEndpoint
@@ -89,7 +91,7 @@ def check_link(eff: Effective) -> str | None:
 
 def check_delivery(eff: Effective) -> None:
     """The trusted keys: each parses and its id is its key's (BadInput names the entry and line)."""
-    from agent.delivery.daemon import trusted_keys
+    from agent.ota import trusted_keys
 
     trusted_keys(eff)
 
@@ -137,7 +139,7 @@ class Agent:
         except OSError as exc:
             raise BadInput(f"agent.state_dir: {state_dir}: cannot use it ({exc.strerror})") from None
         if self.eff.config.delivery.enabled:
-            from agent.delivery.daemon import open_store
+            from agent.ota import open_store
 
             self.store = open_store(self.eff)  # before the pipelines: they start on its active models
         for p in self.eff.config.pipelines:
@@ -157,7 +159,7 @@ class Agent:
             password=password,
         )
         if self.store is not None:
-            from agent.delivery.daemon import make_service
+            from agent.ota import make_service
 
             self.delivery = make_service(self.eff, self.link, self.store, self.backend.name, self.backend_name,
                                          hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop)
@@ -218,18 +220,18 @@ class Agent:
         return p
 
     def _delivered(self, configured: ModelSpec) -> ModelSpec | None:
-        from agent.delivery.daemon import delivered_spec
+        from agent.ota import delivered_spec
 
         return delivered_spec(self.store, configured) if self.store is not None else None
 
     def _configured_version(self, name: str) -> Any:
-        from agent.delivery.daemon import configured_version
+        from agent.ota import configured_version
 
         return configured_version(self._pipeline_list(), name)
 
     def _model_hooks(self, name: str) -> PipelineHooks | None:
         """How delivery reaches the live pipelines running model `name` (None: none runs it now)."""
-        from agent.delivery.daemon import ModelPipelines
+        from agent.ota import ModelPipelines
 
         chosen = [p for p in self._pipeline_list() if p.running and p.spec is not None and p.spec.name == name]
         return ModelPipelines(chosen).hooks() if chosen else None
@@ -378,8 +380,8 @@ class Agent:
 
     def _cmd_delivery(self, command: Command) -> dict[str, Any]:
         """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""
-        from agent.delivery.daemon import rollback_to_configured, shadow_request
         from agent.delivery.reasons import DeliveryError, Reason
+        from agent.ota import rollback_to_configured, shadow_request
 
         if self.delivery is None:
             raise CommandError("unsupported", "model delivery is off in this agent's config (delivery.enabled)")

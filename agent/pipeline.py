@@ -38,8 +38,8 @@ from typing import Any, Protocol
 
 from agent.config import PipelineSettings, SupervisorSection
 from agent.errors import BadInput, LeptonError
-from agent.link.topics import SCHEMA_VERSION
 from agent.manifest import ModelSpec, load_spec
+from agent.mqtt.topics import SCHEMA_VERSION
 from agent.policy import PolicyStats, ResultPolicy
 from agent.profiles import Profile
 from agent.runtime import Model

@@ -19,7 +19,7 @@ import platform
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -209,22 +209,3 @@ def detect_profile(root: Path = Path("/"), machine: str | None = None) -> tuple[
     """The profile class for this machine and the reason it was chosen."""
     found = detect(root, machine)
     return found.name, found.reason
-
-
-def profile_report(config: str | Path | None = None, root: Path | None = None) -> dict[str, Any]:
-    """What `lepton-agent profile` prints: the profile in force, why, what was read, and every value.
-    With `config`, the config's choice (`agent.profile`) and its `[profile]` overrides apply."""
-    from agent.config import effective, read_config
-
-    if config is not None:
-        cfg, applied = read_config(Path(config))
-        if root is not None:
-            cfg = cfg.model_copy(update={"telemetry": cfg.telemetry.model_copy(update={"root": root})})
-        eff = effective(cfg, Path(config), applied)
-        profile, reason = eff.profile, eff.profile_reason
-        evidence = detect(cfg.telemetry.root).evidence
-    else:
-        found = detect(root or Path("/"))
-        profile, reason, evidence = load_profile(found.name), found.reason, found.evidence
-    return {"profile": profile.name, "reason": reason, "evidence": evidence,
-            **profile.model_dump(mode="json", exclude={"name"})}

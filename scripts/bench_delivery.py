@@ -6,7 +6,7 @@
    of the same file (QoS 1) to a subscriber, through the same broker, in the same
    run, alternating; the ratio is our throughput over the C client's. The pull
    runs twice each round: over `PahoLink` (paho's own network thread, what the
-   tools use) and over the daemon's own link (`agent.link.mqtt.Link`, the
+   tools use) and over the daemon's own link (`agent.mqtt.link.Link`, the
    connection `lepton-agent run` shares with results and commands).
 2. A fleet: N devices (one process, one MQTT client each) pull the same model at
    once: seconds until all have it verified on disk, and the broker's RSS.
@@ -39,12 +39,12 @@ from broker import Broker  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from agent.delivery.download import Downloader  # noqa: E402
-from agent.delivery.link import BrokerAddress, PahoLink  # noqa: E402
-from agent.delivery.manifest import DevicePolicy  # noqa: E402
+from agent.delivery.signed_manifest import DevicePolicy  # noqa: E402
 from agent.delivery.signing import TrustedKeys, key_id, public_text  # noqa: E402
 from agent.delivery.store import ModelStore  # noqa: E402
-from agent.delivery.topics import Topics  # noqa: E402
 from agent.fleet.publish import build, upload  # noqa: E402
+from agent.mqtt.client import BrokerAddress, PahoLink  # noqa: E402
+from agent.mqtt.topics import FleetTopics  # noqa: E402
 
 
 def big_model(path: Path, size: int) -> Path:
@@ -94,11 +94,11 @@ def mosquitto_pub_once(port: int, model: Path, topic: str, sub: PahoLink) -> flo
 
 def daemon_link(port: int, tmp: Path) -> tuple[Any, Any]:
     """The daemon's MQTT link as `lepton-agent run` wires it (spool, state), connected; and how to close it."""
+    from agent.agent_state import AgentState
     from agent.config import MqttSection
-    from agent.link.mqtt import Link
-    from agent.link.spool import Spool
-    from agent.link.topics import Topics as DeviceTopics
-    from agent.state import AgentState
+    from agent.mqtt.link import Link
+    from agent.mqtt.spool import Spool
+    from agent.mqtt.topics import Topics as DeviceTopics
 
     spool = Spool(tmp / "spool.sqlite3", 1 << 22)
     state = AgentState(tmp / "agent.sqlite3")
@@ -119,7 +119,7 @@ def daemon_link(port: int, tmp: Path) -> tuple[Any, Any]:
     return link, close
 
 
-def download_once(link: Any, store_dir: Path, trusted: TrustedKeys, backend: str, topics: Topics,
+def download_once(link: Any, store_dir: Path, trusted: TrustedKeys, backend: str, topics: FleetTopics,
                   name: str) -> float:
     shutil.rmtree(store_dir, ignore_errors=True)
     store = ModelStore(store_dir)
@@ -146,7 +146,7 @@ def main() -> int:
     backend = load_backend().name
     key = Ed25519PrivateKey.generate()
     trusted = TrustedKeys.from_config({key_id(key.public_key()): public_text(key.public_key())})
-    topics = Topics("bench")
+    topics = FleetTopics("bench")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model = big_model(tmp / "model.tflite", int(args.size_mb * 1024 * 1024))

@@ -228,3 +228,55 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, step: float
 
 def wait_readable(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
+
+
+class Partition:
+    """A TCP relay in front of a broker that can cut the network without closing anything: after
+    `cut()`, the bytes of the connections open at that moment are read and dropped in both directions
+    (nothing is acknowledged, nothing arrives); connections made later are relayed normally."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._open: list[dict[str, Any]] = []
+        self.dropped = bytearray()
+        """What the client sent into a cut connection (so a test can see its message was lost)."""
+        self._closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            for conn in self._open:
+                conn["cut"] = True
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            conn: dict[str, Any] = {"cut": False}
+            with self._lock:
+                self._open.append(conn)
+            threading.Thread(target=self._relay, args=(client, upstream, conn, True), daemon=True).start()
+            threading.Thread(target=self._relay, args=(upstream, client, conn, False), daemon=True).start()
+
+    def _relay(self, src: socket.socket, dst: socket.socket, conn: dict[str, Any], from_client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if not conn["cut"]:
+                    dst.sendall(data)
+                elif from_client:
+                    with self._lock:
+                        self.dropped += data
+        if not conn["cut"]:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)

@@ -11,15 +11,16 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.delivery.link import BrokerAddress, PahoLink
-from agent.delivery.manifest import DevicePolicy, Version
+from agent.delivery.deploy_state import TERMINAL, State
 from agent.delivery.service import DeliveryService, DeliverySettings
+from agent.delivery.signed_manifest import DevicePolicy
 from agent.delivery.signing import TrustedKeys, key_id, public_text
-from agent.delivery.state import TERMINAL, State
 from agent.delivery.store import ModelStore
-from agent.delivery.topics import Topics
 from agent.errors import LeptonError
 from agent.fleet.publish import Publication, build, upload
+from agent.mqtt.client import BrokerAddress, PahoLink
+from agent.mqtt.topics import FleetTopics
+from agent.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -55,7 +56,7 @@ def unique_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-def publish(link: PahoLink, topics: Topics, model: Path, name: str, version: Version, keys: Keys,
+def publish(link: PahoLink, topics: FleetTopics, model: Path, name: str, version: Version, keys: Keys,
             chunk_size: int = 4096, **kw: Any) -> Publication:
     pub = build(model, name=name, version=version, key=keys.private, chunk_size=chunk_size, **kw)
     upload(link, pub, topics)
@@ -66,7 +67,7 @@ def policy(backend: str, **kw: Any) -> DevicePolicy:
     return DevicePolicy(backend=backend, board="generic-x86_64", **kw)
 
 
-def service(link: PahoLink, store_dir: Path, keys: Keys, topics: Topics, backend: str, device: str = "dev1",
+def service(link: PahoLink, store_dir: Path, keys: Keys, topics: FleetTopics, backend: str, device: str = "dev1",
             settings: DeliverySettings | None = None, hooks: Any = None, **policy_kw: Any) -> DeliveryService:
     return DeliveryService(link, ModelStore(store_dir), keys.trusted, policy(backend, **policy_kw), device_id=device,
                            topics=topics, settings=settings or DeliverySettings(),
@@ -76,7 +77,7 @@ def service(link: PahoLink, store_dir: Path, keys: Keys, topics: Topics, backend
 class StateWatch:
     """Collects the retained deploy states of one device as they arrive on the broker."""
 
-    def __init__(self, link: PahoLink, topics: Topics, device: str) -> None:
+    def __init__(self, link: PahoLink, topics: FleetTopics, device: str) -> None:
         self.states: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         link.subscribe(topics.deploy(device), self._on)
@@ -120,7 +121,7 @@ class StateWatch:
 class CommandDevice:
     """Stands in for the daemon's command handling: cmd topics → DeliveryService.handle → reply."""
 
-    def __init__(self, link: PahoLink, svc: DeliveryService, topics: Topics, device: str,
+    def __init__(self, link: PahoLink, svc: DeliveryService, topics: FleetTopics, device: str,
                  groups: tuple[str, ...] = ()) -> None:
         self.link, self.svc, self.topics, self.device = link, svc, topics, device
         for target in (device, "all", *(f"group:{g}" for g in groups)):

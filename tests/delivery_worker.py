@@ -27,13 +27,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agent.delivery import failpoints
-from agent.delivery.link import BrokerAddress, PahoLink
-from agent.delivery.manifest import DevicePolicy, parse_version
 from agent.delivery.service import DeliveryService, DeployRequest
+from agent.delivery.signed_manifest import DevicePolicy
 from agent.delivery.signing import TrustedKeys
 from agent.delivery.store import ModelStore
-from agent.delivery.topics import Topics
+from agent.mqtt.client import BrokerAddress, PahoLink
+from agent.mqtt.topics import FleetTopics
 from agent.runtime import load_backend
+from agent.version import parse_version
 
 
 def _die() -> None:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     store = ModelStore(Path(args.store))
     trusted = TrustedKeys.from_config(json.loads(args.keys))
     svc = DeliveryService(link, store, trusted, DevicePolicy(backend=load_backend().name), device_id="crash",
-                          topics=Topics(args.prefix))
+                          topics=FleetTopics(args.prefix))
     svc.recover()
     final = svc.deploy(DeployRequest(args.name, parse_version(args.version)))
     print(json.dumps(final.payload()), flush=True)

@@ -23,13 +23,13 @@ import pytest
 import soxr
 from wavs import RECORDINGS, pcm16, word_of, write_wav
 
-from agent.audio.capture import ArecordCapture, is_overrun_message
 from agent.audio.pcm import PcmConverter, PcmFormat, read_wav_info
 from agent.errors import BadInput
 from agent.manifest import load_spec
 from agent.runtime import Model
 from agent.sources.audio import MicSource, StdinSource, WavSource, parse_mic_uri
 from agent.sources.base import EndOfStream, Item, Source, open_source
+from agent.sources.microphone import ArecordCapture, is_overrun_message
 from agent.tasks.wakeword import MODEL_OPTIONS, WakeWordModel, WakeWordRunner
 
 ALEXA = next(p for p in RECORDINGS if word_of(p) == "alexa")

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.agent_state import AgentState
 from agent.commands import MAX_COMMAND_BYTES, Command, CommandBus, CommandError, Handler
-from agent.state import AgentState
 
 
 class Bus:

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Run, run_cli
 
-from agent.config import find_line, load
+from agent.config_load import load
 from agent.errors import BadInput
 from agent.profiles import available_profiles, load_profile
+from agent.tomlpos import find_line
 
 EXAMPLE = ROOT / "docs" / "agent.example.toml"
 

@@ -19,7 +19,7 @@ from delivery_kit import Keys, connect, new_keys, publish
 from test_daemon import Daemon
 
 from agent.delivery.signing import generate_key_file, key_id, public_text
-from agent.delivery.topics import Topics
+from agent.mqtt.topics import FleetTopics
 
 DEVICE = "cam-1"
 
@@ -197,7 +197,7 @@ def test_bad_models_roll_back_by_themselves_and_rollback_returns(tmp_path: Path,
     # the other every colour in turn (where fails_on_dark crashes).
     pipelines = _pipeline("steady", fixtures, hold=1_000_000) + _pipeline("cycling", fixtures, hold=1)
     config = write_config(tmp_path, broker.port, prefix, keys, pipelines, probation_s=4.0)
-    topics = Topics(prefix)
+    topics = FleetTopics(prefix)
     with connect(broker.port) as link:
         publish(link, topics, variant(tmp_path, fixtures, version=2), "colors", 2, keys)
         publish(link, topics, variant(tmp_path, fixtures, "invoke_fails.tflite", version=3), "colors", 3, keys)
@@ -265,7 +265,7 @@ def test_a_stall_in_probation_rolls_back(tmp_path: Path, broker: Broker, fixture
     pipeline = _pipeline("colors", fixtures, options="stall_after = 10")
     config = write_config(tmp_path, broker.port, prefix, keys, pipeline, probation_s=30, stall_s=1)
     with connect(broker.port) as link:
-        publish(link, Topics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, keys)
+        publish(link, FleetTopics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, keys)
     with Watcher(broker.port, [f"{prefix}/{DEVICE}/#"]) as w, Daemon(config) as daemon:
         w.wait_json("/results/colors", lambda m: len(m) >= 3, timeout=60)
         rc, (row,) = fleet(broker, prefix, "deploy", "colors@2", "--to", DEVICE)
@@ -280,7 +280,7 @@ def test_an_agent_killed_in_probation_comes_back_on_the_previous_model(tmp_path:
                                                                        prefix: str) -> None:
     config = write_config(tmp_path, broker.port, prefix, keys, _pipeline("colors", fixtures), probation_s=120)
     with connect(broker.port) as link:
-        publish(link, Topics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, keys)
+        publish(link, FleetTopics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, keys)
     with Watcher(broker.port, [f"{prefix}/{DEVICE}/#"]) as w:
         with Daemon(config) as daemon:
             w.wait_json("/results/colors", lambda m: len(m) >= 3, timeout=60)
@@ -309,9 +309,9 @@ def test_shadow_deploys_are_refused_or_promoted_by_their_thresholds(tmp_path: Pa
                                                                      keys: Keys, prefix: str) -> None:
     config = write_config(tmp_path, broker.port, prefix, keys, _pipeline("colors", fixtures, hold=2), probation_s=1)
     with connect(broker.port) as link:
-        publish(link, Topics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, keys)
+        publish(link, FleetTopics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, keys)
         # The same network with its labels shifted: it runs fine and names another colour for every frame.
-        publish(link, Topics(prefix), variant(tmp_path, fixtures, version=3, labels=["green", "blue", "red"]),
+        publish(link, FleetTopics(prefix), variant(tmp_path, fixtures, version=3, labels=["green", "blue", "red"]),
                 "colors", 3, keys)
     # A generous latency ratio: this test judges agreement, never the timing of a shared machine.
     shadow = ("--shadow", "20", "--min-agreement", "0.9", "--max-latency-ratio", "100")
@@ -412,7 +412,7 @@ def test_link_serves_other_subscribers_across_reconnects(tmp_path: Path) -> None
 
 
 def test_delivery_off_refuses_its_commands(tmp_path: Path, fixtures: Path) -> None:
-    from agent.config import load
+    from agent.config_load import load
     from agent.daemon import Agent
 
     path = tmp_path / "agent.toml"

@@ -26,15 +26,15 @@ from delivery_kit import (
 
 from agent.delivery.activation import PipelineHealth
 from agent.delivery.download import DownloadSettings
-from agent.delivery.link import PahoLink
-from agent.delivery.manifest import DevicePolicy, check_manifest
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit
 from agent.delivery.service import DeliverySettings, DeployRequest, PipelineHooks
+from agent.delivery.signed_manifest import DevicePolicy, check_manifest
 from agent.delivery.signing import sign
 from agent.delivery.store import ModelStore
-from agent.delivery.topics import Topics
 from agent.fleet.publish import build, upload
+from agent.mqtt.client import PahoLink
+from agent.mqtt.topics import FleetTopics
 from agent.runtime import Model
 
 COLORS = FIXTURES / "colors_int8.json"
@@ -54,8 +54,8 @@ def link(delivery_broker: Broker) -> Iterator[PahoLink]:
 
 
 @pytest.fixture
-def topics() -> Topics:
-    return Topics(unique_prefix())
+def topics() -> FleetTopics:
+    return FleetTopics(unique_prefix())
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def keys() -> Keys:
     return new_keys()
 
 
-def test_publish_download_verify_store(link: PahoLink, topics: Topics, keys: Keys, tmp_path: Path,
+def test_publish_download_verify_store(link: PahoLink, topics: FleetTopics, keys: Keys, tmp_path: Path,
                                        backend: str) -> None:
     pub = publish(link, topics, COLORS, "colors", 1, keys, chunk_size=1000)
     watch = StateWatch(link, topics, "dev1")
@@ -92,7 +92,7 @@ def test_publish_download_verify_store(link: PahoLink, topics: Topics, keys: Key
         assert late_watch.wait_for("active", 1)["model"] == "colors"
 
 
-def test_newer_version_keeps_last_known_good(link: PahoLink, topics: Topics, keys: Keys, tmp_path: Path,
+def test_newer_version_keeps_last_known_good(link: PahoLink, topics: FleetTopics, keys: Keys, tmp_path: Path,
                                              backend: str) -> None:
     publish(link, topics, COLORS, "colors", 1, keys)
     publish(link, topics, FIXTURES / "colors_float.json", "colors", 2, keys)
@@ -114,7 +114,7 @@ def test_newer_version_keeps_last_known_good(link: PahoLink, topics: Topics, key
     assert exc.value.reason is Reason.NOT_KEPT
 
 
-def test_replayed_older_manifest_is_rejected_also_after_restart(link: PahoLink, topics: Topics, keys: Keys,
+def test_replayed_older_manifest_is_rejected_also_after_restart(link: PahoLink, topics: FleetTopics, keys: Keys,
                                                                 tmp_path: Path, backend: str) -> None:
     publish(link, topics, COLORS, "colors", 1, keys)
     publish(link, topics, COLORS, "colors", 2, keys)
@@ -142,48 +142,48 @@ def _flip(data: bytes, at: int, bit: int = 0) -> bytes:
     return bytes(b)
 
 
-def _bad_payload_bit_flip(link: PahoLink, topics: Topics, keys: Keys, other: Keys) -> None:
+def _bad_payload_bit_flip(link: PahoLink, topics: FleetTopics, keys: Keys, other: Keys) -> None:
     pub = publish(link, topics, COLORS, "m", 2, keys, chunk_size=1024)
     chunk = (FIXTURES / "colors_int8.tflite").read_bytes()[1024:2048]
     _retain(link, topics.chunk("m", 2, 1), _flip(chunk, 100, 3))
     assert pub
 
 
-def _bad_manifest_bit_flip(link: PahoLink, topics: Topics, keys: Keys, other: Keys) -> None:
+def _bad_manifest_bit_flip(link: PahoLink, topics: FleetTopics, keys: Keys, other: Keys) -> None:
     pub = publish(link, topics, COLORS, "m", 2, keys)
     at = pub.raw.index(b'"sha256": "') + len(b'"sha256": "') + 5  # a hex digit, still valid JSON
     _retain(link, topics.manifest("m", 2), _flip(pub.raw, at, 0))
 
 
-def _bad_untrusted_key(link: PahoLink, topics: Topics, keys: Keys, other: Keys) -> None:
+def _bad_untrusted_key(link: PahoLink, topics: FleetTopics, keys: Keys, other: Keys) -> None:
     publish(link, topics, COLORS, "m", 2, other)
 
 
-def _bad_signature_of_another_manifest(link: PahoLink, topics: Topics, keys: Keys, other: Keys) -> None:
+def _bad_signature_of_another_manifest(link: PahoLink, topics: FleetTopics, keys: Keys, other: Keys) -> None:
     pub = publish(link, topics, COLORS, "m", 2, keys)
     another = build(SHAPES, name="m", version=2, key=keys.private, chunk_size=4096)
     forged = {**pub.manifest, "signature": another.manifest["signature"]}
     _retain(link, topics.manifest("m", 2), json.dumps(forged).encode())
 
 
-def _bad_no_signature(link: PahoLink, topics: Topics, keys: Keys, other: Keys) -> None:
+def _bad_no_signature(link: PahoLink, topics: FleetTopics, keys: Keys, other: Keys) -> None:
     pub = publish(link, topics, COLORS, "m", 2, keys)
     unsigned = {k: v for k, v in pub.manifest.items() if k != "signature"}
     _retain(link, topics.manifest("m", 2), json.dumps(unsigned).encode())
 
 
-def _bad_more_bytes_than_declared(link: PahoLink, topics: Topics, keys: Keys, other: Keys) -> None:
+def _bad_more_bytes_than_declared(link: PahoLink, topics: FleetTopics, keys: Keys, other: Keys) -> None:
     pub = publish(link, topics, COLORS, "m", 2, keys, chunk_size=1024)
     n = len(pub.manifest["delivery"]["chunks"])
     last = (FIXTURES / "colors_int8.tflite").read_bytes()[(n - 1) * 1024:]
     _retain(link, topics.chunk("m", 2, n - 1), last + b"\0" * 64)
 
 
-def _bad_over_size_cap(link: PahoLink, topics: Topics, keys: Keys, other: Keys) -> None:
+def _bad_over_size_cap(link: PahoLink, topics: FleetTopics, keys: Keys, other: Keys) -> None:
     publish(link, topics, SHAPES, "m", 2, keys)  # 36560 bytes; the policy below caps at 20000
 
 
-def _bad_wrong_runtime(link: PahoLink, topics: Topics, keys: Keys, other: Keys) -> None:
+def _bad_wrong_runtime(link: PahoLink, topics: FleetTopics, keys: Keys, other: Keys) -> None:
     publish(link, topics, COLORS, "m", 2, keys, backends=("edgetpu-only",))
 
 
@@ -200,7 +200,7 @@ BAD_ARTIFACTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_ARTIFACTS))
-def test_bad_artifact_is_rejected_and_nothing_loaded(case: str, link: PahoLink, topics: Topics, keys: Keys,
+def test_bad_artifact_is_rejected_and_nothing_loaded(case: str, link: PahoLink, topics: FleetTopics, keys: Keys,
                                                      tmp_path: Path, backend: str) -> None:
     make, reason = BAD_ARTIFACTS[case]
     publish(link, topics, FIXTURES / "colors_float.json", "m", 1, keys)  # other bytes than every v2 below
@@ -267,7 +267,7 @@ def _hooks_like(model_path: Path, swapped: list[Any]) -> PipelineHooks:
     ("invoke_fails.tflite", Reason.INVOKE_FAILED),
 ])
 def test_signed_model_that_fails_the_self_test_is_rolled_back(model: str, reason: Reason, link: PahoLink,
-                                                              topics: Topics, keys: Keys, tmp_path: Path,
+                                                              topics: FleetTopics, keys: Keys, tmp_path: Path,
                                                               backend: str) -> None:
     publish(link, topics, COLORS, "colors", 1, keys)
     bad = tmp_path / "bad.json"
@@ -288,7 +288,7 @@ def test_signed_model_that_fails_the_self_test_is_rolled_back(model: str, reason
     assert slot.active is not None and slot.active.version == 1 and slot.trial is None
 
 
-def test_deploy_service_queue_and_resume_pending(link: PahoLink, topics: Topics, keys: Keys, tmp_path: Path,
+def test_deploy_service_queue_and_resume_pending(link: PahoLink, topics: FleetTopics, keys: Keys, tmp_path: Path,
                                                  backend: str) -> None:
     """A deploy command queued before a stop is resumed by the next start, from the persisted request."""
     stop = threading.Event()
@@ -315,13 +315,13 @@ def test_deploy_service_queue_and_resume_pending(link: PahoLink, topics: Topics,
 def test_works_under_a_broker_packet_size_limit(tmp_path: Path, keys: Keys, backend: str) -> None:
     from paho.mqtt.enums import MQTTProtocolVersion
 
-    from agent.delivery.link import BrokerAddress
     from agent.errors import BadInput
     from agent.fleet.publish import chunk_limit
+    from agent.mqtt.client import BrokerAddress
 
     limit = 6000
     with Broker(tmp_path / "mosquitto", extra=f"max_packet_size {limit}") as small:
-        topics = Topics(unique_prefix())
+        topics = FleetTopics(unique_prefix())
         with PahoLink(BrokerAddress("127.0.0.1", small.port, False), protocol=MQTTProtocolVersion.MQTTv5) as op:
             assert op.max_packet_size == limit  # announced in CONNACK
             too_big = build(SHAPES, name="shapes", version=1, key=keys.private, chunk_size=16384)
@@ -345,7 +345,7 @@ def test_download_resumes_across_a_broker_restart(tmp_path: Path, keys: Keys, ba
 
     persist = tmp_path / "mosquitto"
     broker = Broker(persist, persistence=True).start()
-    topics = Topics(unique_prefix())
+    topics = FleetTopics(unique_prefix())
     try:
         with connect(broker.port) as op:
             pub = publish(op, topics, SHAPES, "shapes", 1, keys, chunk_size=2048)
@@ -383,7 +383,7 @@ def test_download_resumes_across_a_broker_restart(tmp_path: Path, keys: Keys, ba
         broker.stop()
 
 
-def test_download_memory_is_bounded_by_the_window(link: PahoLink, topics: Topics, keys: Keys, tmp_path: Path,
+def test_download_memory_is_bounded_by_the_window(link: PahoLink, topics: FleetTopics, keys: Keys, tmp_path: Path,
                                                   backend: str) -> None:
     """A 2 MiB model through a window of 4 chunks of 16 KiB: Python never holds more than a few chunks."""
     import tracemalloc

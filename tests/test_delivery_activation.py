@@ -20,12 +20,12 @@ from broker import Broker
 from delivery_kit import FIXTURES, Keys, StateWatch, connect, new_keys, publish, service, unique_prefix
 
 from agent.delivery.activation import PipelineHealth, ProbationSettings, ShadowSpec, ShadowTrial
-from agent.delivery.link import PahoLink
 from agent.delivery.reasons import Reason
 from agent.delivery.selftest import Fit, Prepared
 from agent.delivery.service import DeliverySettings, DeployRequest, PipelineHooks
-from agent.delivery.topics import Topics
 from agent.manifest import load_spec
+from agent.mqtt.client import PahoLink
+from agent.mqtt.topics import FleetTopics
 from agent.runtime import Model
 from agent.tasks import Inference, Runner, create_task
 
@@ -147,8 +147,8 @@ CANDIDATE = "fails_on_dark.tflite"
 
 
 def _setup(link: PahoLink, keys: Keys, tmp_path: Path, backend: str, frames: list[np.ndarray[Any, Any]],
-           probation: ProbationSettings) -> tuple[Any, LoopPipeline, Topics]:
-    topics = Topics(unique_prefix())
+           probation: ProbationSettings) -> tuple[Any, LoopPipeline, FleetTopics]:
+    topics = FleetTopics(unique_prefix())
     publish(link, topics, FIXTURES / "colors_int8.json", "colors", 1, keys)
     manifest = load_spec(FIXTURES / "colors_int8.json").manifest
     assert manifest is not None

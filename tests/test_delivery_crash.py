@@ -25,7 +25,7 @@ from delivery_kit import FIXTURES, Keys, connect, new_keys, publish, service, st
 
 from agent.delivery.service import DeployRequest
 from agent.delivery.store import ModelStore
-from agent.delivery.topics import Topics
+from agent.mqtt.topics import FleetTopics
 
 WORKER = Path(__file__).resolve().parent / "delivery_worker.py"
 CHUNK = 4096
@@ -88,7 +88,7 @@ class Device:
     def __init__(self, broker: Broker, tmp: Path, backend: str, worker: WorkerServer) -> None:
         self.worker = worker
         self.keys: Keys = new_keys()
-        self.topics = Topics(unique_prefix())
+        self.topics = FleetTopics(unique_prefix())
         self.store_dir = tmp / "store"
         with connect(broker.port) as link:
             publish(link, self.topics, FIXTURES / "colors_int8.json", "kt", 1, self.keys, chunk_size=CHUNK)

@@ -12,9 +12,9 @@ from broker import Broker
 from conftest import Run, run_cli
 from delivery_kit import FIXTURES, CommandDevice, Keys, connect, service, unique_prefix
 
-from agent.delivery.link import PahoLink
 from agent.delivery.signing import TrustedKeys, load_private_key
-from agent.delivery.topics import Topics
+from agent.mqtt.client import PahoLink
+from agent.mqtt.topics import FleetTopics
 
 
 def fleet(*args: str) -> Run:
@@ -68,7 +68,7 @@ def test_publish_deploy_rollback_status(fleet_broker: Broker, key_file: Path, tm
         summary = json.loads(r.out)
         assert summary["version"] == int(version) and summary["key_id"] == keys.kid
         assert summary["chunk_size"] == 64 * 1024 and summary["chunks"] == 1
-    topics = Topics(prefix)
+    topics = FleetTopics(prefix)
     links: list[PahoLink] = []
     try:
         for device, group in (("cam-1", "porch"), ("cam-2", "porch"), ("cam-3", "yard")):

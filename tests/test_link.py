@@ -13,13 +13,14 @@ from typing import Any
 
 import paho.mqtt.publish as publish
 import pytest
-from broker import Broker, Watcher, wait_until
+from broker import Broker, Partition, Watcher, wait_until
 
+from agent.agent_state import AgentState
 from agent.config import MqttSection
-from agent.link.mqtt import Backoff, Link
-from agent.link.spool import Spool
-from agent.link.topics import Topics
-from agent.state import AgentState
+from agent.mqtt.link import Link
+from agent.mqtt.session import Backoff
+from agent.mqtt.spool import Spool
+from agent.mqtt.topics import Topics
 
 T = Topics("lepton", "dev1")
 
@@ -251,3 +252,64 @@ def test_backoff_grows_caps_and_resets() -> None:
     assert 1.0 <= b.next_delay(refused=True) <= 1.5  # nobody listening: keep knocking softly
     b.reset()
     assert b.next_delay() < 2
+
+
+def test_unacknowledged_replies_and_retained_states_survive_a_lost_connection(tmp_path: Path,
+                                                                              broker: Broker) -> None:
+    """Fault 10: a reply and a retained deploy state sent just before the network went away (no PUBACK)
+    are sent again on the next connection, and the broker ends up retaining the current state."""
+    net = Partition(broker.port)
+    a = make_link(tmp_path, net.url, keepalive_s=2)
+    try:
+        with Watcher(broker.port, ["lepton/dev1/deploy", "lepton/dev1/reply"]) as w:
+            a.link.start()
+            assert a.link.connected.wait(10)
+            a.link.publish(T.deploy, json.dumps({"state": "activating"}).encode(), retain=True)
+            assert w.wait_json("/deploy", lambda m: bool(m))
+            net.cut()
+            a.link.publish(T.deploy, json.dumps({"state": "active"}).encode(), retain=True)
+            a.link.send(T.reply, {"id": "r1", "ok": True})
+            assert wait_until(lambda: b"r1" in net.dropped and b"active" in net.dropped, 10)
+            assert wait_until(lambda: a.link.stats.connects >= 2, 30)
+            assert w.wait_json("/reply", lambda m: any(r.get("id") == "r1" for r in m), 15)
+        with Watcher(broker.port, ["lepton/dev1/deploy"]) as late:  # what the broker retains now
+            assert late.wait_json("/deploy", lambda m: bool(m), 10)[-1]["state"] == "active"
+    finally:
+        _close(a)
+        net.close()
+
+
+def test_a_deeply_nested_status_message_is_a_bad_message(tmp_path: Path, broker: Broker,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Fault 14c: JSON nested deeper than the parser follows, on our own status topic, is counted and
+    logged in one line, not a RecursionError traceback from the link thread."""
+    a = make_link(tmp_path, broker.url)
+    try:
+        a.link.start()
+        assert a.link.subscribed.wait(10)
+        publish.single(T.status, "[" * 100_000, qos=1, hostname="127.0.0.1", port=broker.port)
+        assert wait_until(lambda: a.link.stats.bad_messages == 1, 10)
+        assert a.link.stats.callback_errors == 0
+        assert not [r for r in caplog.records if r.exc_info]
+    finally:
+        _close(a)
+
+
+def test_oversized_messages_on_mqtt_311_are_dropped_unread_acknowledged_and_counted(tmp_path: Path,
+                                                                                    broker: Broker) -> None:
+    """Fault 13: 3.1.1 has no Maximum Packet Size, so the link bounds what it reads itself. More oversized
+    QoS 1 commands than the broker keeps in flight: each is acknowledged (or the window would close and
+    the command after them never arrive), none reaches the command handler."""
+    a = make_link(tmp_path, broker.url, protocol="3.1.1", max_packet_bytes=65536)
+    try:
+        a.link.start()
+        assert a.link.subscribed.wait(10)
+        big = [(T.cmd, b"x" * (256 * 1024 + i), 1, False) for i in range(25)]
+        after = b'{"id": "after", "action": "ping"}'
+        publish.multiple([*big, (T.cmd, after, 1, False)], hostname="127.0.0.1", port=broker.port)
+        assert wait_until(lambda: (T.cmd, after) in a.commands, 20)
+        assert a.commands == [(T.cmd, after)]
+        assert a.link.stats.oversized == 25
+        assert a.link.connected.is_set() and a.link.stats.connects == 1
+    finally:
+        _close(a)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
-from agent.config import load
+from agent.config_load import load
 from agent.errors import BadInput
 from agent.profiles import PROFILES_DIR, available_profiles, cpuinfo_model, detect, load_profile
 

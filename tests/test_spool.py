@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.link.spool import Spool
+from agent.mqtt.spool import Spool
 
 
 def _payloads(spool: Spool) -> list[dict]:
@@ -43,7 +43,7 @@ def test_ack_removes_and_seq_survives_reopen(tmp_path: Path) -> None:
 
 
 def test_historical_marker() -> None:
-    from agent.link.spool import SpooledResult
+    from agent.mqtt.spool import SpooledResult
 
     row = SpooledResult(1, "a", 1, "t", '{"seq":1,"x":2}')
     assert json.loads(row.body(historical=True)) == {"seq": 1, "x": 2, "historical": True}
@@ -68,7 +68,7 @@ def test_cap_drops_oldest_and_counts(tmp_path: Path) -> None:
 _WRITER = """
 import sys
 from pathlib import Path
-from agent.link.spool import Spool
+from agent.mqtt.spool import Spool
 spool = Spool(Path(sys.argv[1]), 1 << 24)
 for i in range(1_000_000):
     spool.append("a", "t/a", {"i": i})

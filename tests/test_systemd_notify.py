@@ -14,7 +14,7 @@ import pytest
 from broker import Broker
 from test_daemon import Daemon, write_config
 
-from agent.config import load
+from agent.config_load import load
 from agent.daemon import Agent
 
 INTERVAL_S = 1.0  # WatchdogSec: pings every 0.5 s while healthy

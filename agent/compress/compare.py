@@ -35,7 +35,7 @@ import numpy as np
 
 from agent.bench import percentiles
 from agent.compress import agreement as agree
-from agent.compress.files import write_together
+from agent.compress.atomic import write_together
 from agent.errors import BadInput
 from agent.manifest import Manifest, ModelSpec, load_spec
 from agent.runtime import Model, load_backend

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.compress.files import write_together
+from agent.compress.atomic import write_together
 from agent.errors import BadInput, LeptonError
 from agent.manifest import Manifest, ModelSpec, load_spec
 from agent.modelfile import read_model_file

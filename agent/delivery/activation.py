@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from agent.delivery import failpoints
+from agent.delivery.deploy_state import DeployState, State
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Prepared
-from agent.delivery.state import DeployState, State
 from agent.delivery.store import ModelStore, StoredModel
 
 logger = logging.getLogger(__name__)

@@ -29,12 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.delivery import failpoints
-from agent.delivery.link import Link
-from agent.delivery.manifest import DevicePolicy, SignedManifest, Version, check_manifest
 from agent.delivery.reasons import DeliveryError, Reason
+from agent.delivery.signed_manifest import DevicePolicy, SignedManifest, check_manifest
 from agent.delivery.signing import TrustedKeys
 from agent.delivery.store import ModelStore, PartFile, StoredModel
-from agent.delivery.topics import Topics
+from agent.delivery.transport import Link
+from agent.mqtt.topics import FleetTopics
+from agent.version import Version
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +92,14 @@ class Downloader:
         trusted: TrustedKeys,
         policy: DevicePolicy,
         *,
-        topics: Topics | None = None,
+        topics: FleetTopics | None = None,
         settings: DownloadSettings | None = None,
     ) -> None:
         self.link = link
         self.store = store
         self.trusted = trusted
         self.policy = policy
-        self.topics = topics or Topics()
+        self.topics = topics or FleetTopics()
         self.settings = settings or DownloadSettings()
 
     # -- manifest ---------------------------------------------------------------

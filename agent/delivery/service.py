@@ -31,16 +31,17 @@ from agent.delivery.activation import (
     Swap,
     run_shadow,
 )
+from agent.delivery.deploy_state import DeployState, State, StateReporter
 from agent.delivery.download import Downloader, DownloadSettings
-from agent.delivery.link import Link
-from agent.delivery.manifest import NAME_RE, DevicePolicy, Version, check_manifest, parse_version, version_key
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit, RunnerFactory, default_runner, self_test
+from agent.delivery.signed_manifest import NAME_RE, DevicePolicy, check_manifest
 from agent.delivery.signing import TrustedKeys
-from agent.delivery.state import DeployState, State, StateReporter
 from agent.delivery.store import ModelStore, StoredModel
-from agent.delivery.topics import Topics
+from agent.delivery.transport import Link
 from agent.errors import BadInput
+from agent.mqtt.topics import FleetTopics
+from agent.version import Version, parse_version, version_key
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class DeliveryService:
         policy: DevicePolicy,
         *,
         device_id: str,
-        topics: Topics | None = None,
+        topics: FleetTopics | None = None,
         settings: DeliverySettings | None = None,
         hooks: Callable[[str], PipelineHooks | None] = lambda name: None,
         stop: threading.Event | None = None,
@@ -132,7 +133,7 @@ class DeliveryService:
         self.trusted = trusted
         self.policy = policy
         self.device_id = device_id
-        self.topics = topics or Topics()
+        self.topics = topics or FleetTopics()
         self.settings = settings or DeliverySettings()
         self.hooks = hooks
         self.stop = stop or threading.Event()

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.delivery import failpoints
-from agent.delivery.manifest import SignedManifest, Version, version_key
 from agent.delivery.reasons import DeliveryError, Reason
+from agent.delivery.signed_manifest import SignedManifest
 from agent.errors import LeptonError
+from agent.version import Version, version_key
 
 logger = logging.getLogger(__name__)
 

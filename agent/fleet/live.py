@@ -1,4 +1,5 @@
-"""The operator's side of the MQTT contract: `lepton-fleet watch` and `lepton-fleet cmd`.
+"""The operator's side of the MQTT contract: `lepton-fleet watch` and `lepton-fleet cmd`, and the broker
+options and connection (`open_link`, the shared `agent.mqtt.client.PahoLink`) of every fleet verb.
 
 `watch` subscribes to results (and status) of one device or all and prints them as they
 arrive: a line each on a terminal (coloured with rich when installed), or JSON lines for scripts. `cmd` sends
@@ -18,12 +19,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTProtocolVersion
 
-from agent.config import AuthSection, MqttSection, TlsSection, parse_broker_url
-from agent.errors import BadInput, LeptonError
+from agent.errors import BadInput
 from agent.fleet import output
-from agent.link.mqtt import read_password, tls_context
-from agent.link.topics import SCHEMA_VERSION
+from agent.mqtt.client import BrokerAddress, PahoLink, TlsOptions
+from agent.mqtt.tls import read_password
+from agent.mqtt.topics import SCHEMA_VERSION, FleetTopics
 
 DEFAULT_BROKER = "mqtt://localhost:1883"
 PASSWORD_ENV = "LEPTON_MQTT_PASSWORD"  # noqa: S105 - the name of the variable, not a password
@@ -49,57 +51,16 @@ def broker_password(args: argparse.Namespace) -> str | None:
     return read_password(args.password_file, PASSWORD_ENV) if args.username else None
 
 
-class Connection:
-    """A paho client on its own network thread, connected or BadInput/LeptonError."""
-
-    def __init__(self, args: argparse.Namespace, topics: list[str], on_message: Any) -> None:
-        url = broker_url(args)
-        try:
-            host, port, tls = parse_broker_url(url)
-            settings = MqttSection(
-                broker=(url,),
-                tls=TlsSection(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file),
-                auth=AuthSection(username=args.username, password_file=args.password_file),
-            )
-        except ValueError as exc:
-            raise BadInput(f"--broker: {str(exc).splitlines()[-1].strip()}") from None
-        self.url = url
-        self.topics = topics
-        self.ready = threading.Event()
-        self.error: str | None = None
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"lepton-fleet-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5)
-        if tls:
-            self.client.tls_set_context(tls_context(settings))
-        if args.username:
-            self.client.username_pw_set(args.username, broker_password(args))
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *a: self.ready.set()
-        self.client.on_message = on_message
-        try:
-            self.client.connect(host, port, keepalive=30)
-        except OSError as exc:
-            raise LeptonError(f"{url}: cannot connect ({exc.strerror or exc})") from None
-        self.client.loop_start()
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
-            self.error = f"{self.url}: the broker refused the connection: {reason}"
-            self.ready.set()
-            return
-        client.subscribe([(t, 1) for t in self.topics])
-
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        if not self.ready.wait(timeout):
-            self.close()
-            raise LeptonError(f"{self.url}: no answer from the broker within {timeout:g} s")
-        if self.error:
-            self.close()
-            raise LeptonError(self.error)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+def open_link(args: argparse.Namespace, timeout: float = 10.0) -> PahoLink:
+    """The operator's connection (MQTT 5), connected, from the broker options; BadInput/LeptonError otherwise."""
+    address = BrokerAddress.parse(broker_url(args))
+    for flag, path in (("--ca-file", args.ca_file), ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
+        if path is not None and not Path(path).is_file():
+            raise BadInput(f"{flag} {path}: no such file")
+    tls = TlsOptions(args.ca_file, args.cert_file, args.key_file)
+    link = PahoLink(address, client_id=f"lepton-fleet-{uuid.uuid4().hex[:8]}", tls=tls, username=args.username,
+                    password=broker_password(args), protocol=MQTTProtocolVersion.MQTTv5)
+    return link.start(timeout=timeout)
 
 
 # -- watch --------------------------------------------------------------------------------------
@@ -116,16 +77,17 @@ def summary(payload: dict[str, Any]) -> str:
 
 def watch(args: argparse.Namespace, out: TextIO) -> int:
     device = args.device or "+"
-    topics = [f"{args.prefix}/{device}/results/#"]
+    of = FleetTopics(args.prefix).device(device)
+    topics = [of.results("#")]
     if args.status:
-        topics.append(f"{args.prefix}/{device}/status")
+        topics.append(of.status)
     received = threading.Semaphore(0)
     lock = threading.Lock()
     console = None
     if args.format == "table":
         console = output.console(out)
 
-    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def on_message(msg: mqtt.MQTTMessage) -> None:
         try:
             payload = json.loads(msg.payload)
         except ValueError:
@@ -151,11 +113,13 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
         if is_result:
             received.release()
 
-    conn = Connection(args, topics, on_message)
+    link = open_link(args)
     try:
-        conn.wait_ready()
+        for topic in topics:
+            link.subscribe_messages(topic, on_message)
+        link.wait_subscribed(10.0)
         if console is not None:
-            console.print(f"[dim]watching {', '.join(topics)} on {conn.url} (Ctrl-C to stop)[/]", markup=True)
+            console.print(f"[dim]watching {', '.join(topics)} on {link.broker} (Ctrl-C to stop)[/]", markup=True)
         deadline = time.monotonic() + args.seconds if args.seconds else None
         got = 0
         while args.count is None or got < args.count:
@@ -165,7 +129,7 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
             if received.acquire(timeout=min(left, 1.0) if left is not None else 1.0):
                 got += 1
     finally:
-        conn.close()
+        link.close()
     if args.count is not None and got < args.count:
         print(f"lepton-fleet: {got} of {args.count} results within {args.seconds:g} s", file=sys.stderr)
         return 1
@@ -177,13 +141,12 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
 
 def command_topic(prefix: str, target: str) -> tuple[str, str]:
     """(command topic, reply topic filter) for DEVICE, group:G or all."""
-    if target == "all":
-        return f"{prefix}/all/cmd", f"{prefix}/+/reply"
-    if target.startswith("group:"):
-        return f"{prefix}/group/{target[6:]}/cmd", f"{prefix}/+/reply"
+    topics = FleetTopics(prefix)
+    if target == "all" or target.startswith("group:"):
+        return topics.cmd(target), topics.reply("+")
     if not target or any(c in target for c in "/+#"):
         raise BadInput(f"TARGET {target!r}: give a device id, group:NAME or all")
-    return f"{prefix}/{target}/cmd", f"{prefix}/{target}/reply"
+    return topics.cmd(target), topics.reply(target)
 
 
 def cmd(args: argparse.Namespace, out: TextIO) -> int:
@@ -202,27 +165,28 @@ def cmd(args: argparse.Namespace, out: TextIO) -> int:
     replies: list[dict[str, Any]] = []
     cond = threading.Condition()
 
-    def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def on_reply(reply_topic: str, payload: bytes) -> None:
         try:
-            reply = json.loads(msg.payload)
+            reply = json.loads(payload)
         except ValueError:
             return
         if isinstance(reply, dict) and reply.get("id") == command["id"]:
             with cond:
-                replies.append({"device": msg.topic.split("/")[1], **reply})
+                replies.append({"device": reply_topic.split("/")[1], **reply})
                 cond.notify_all()
 
-    conn = Connection(args, [reply_topic], on_message)
+    link = open_link(args)
     try:
-        conn.wait_ready()
-        conn.client.publish(topic, json.dumps(command), qos=1).wait_for_publish(args.timeout)
+        link.subscribe(reply_topic, on_reply)
+        link.wait_subscribed(10.0)
+        link.publish_wait(topic, json.dumps(command).encode(), qos=1, timeout=args.timeout)
         with cond:
             if single:
                 cond.wait_for(lambda: bool(replies), args.timeout)
             else:
                 cond.wait(args.timeout)  # a group answers over time: collect until the timeout
     finally:
-        conn.close()
+        link.close()
     if not replies:
         print(f"lepton-fleet: no reply from {args.target} within {args.timeout:g} s", file=sys.stderr)
         return 1

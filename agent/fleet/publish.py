@@ -21,12 +21,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.delivery.link import PahoLink
-from agent.delivery.manifest import NAME_RE, Version, version_key
+from agent.delivery.signed_manifest import NAME_RE
 from agent.delivery.signing import sign
-from agent.delivery.topics import Topics
 from agent.errors import BadInput, LeptonError
 from agent.manifest import Manifest, load_spec
+from agent.mqtt.client import PahoLink
+from agent.mqtt.topics import FleetTopics
+from agent.version import Version, version_key
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def build(
     return Publication(signed, json.dumps(signed, indent=1).encode(), path)
 
 
-def chunk_limit(link: PahoLink, topics: Topics, pub: Publication) -> int | None:
+def chunk_limit(link: PahoLink, topics: FleetTopics, pub: Publication) -> int | None:
     """The largest chunk the connected broker accepts (MQTT 5 Maximum Packet Size), if it says."""
     if link.max_packet_size is None:
         return None
@@ -142,7 +143,7 @@ def chunk_limit(link: PahoLink, topics: Topics, pub: Publication) -> int | None:
     return link.max_packet_size - len(topic.encode()) - _PACKET_OVERHEAD
 
 
-def upload(link: PahoLink, pub: Publication, topics: Topics, window: int = 16, timeout: float = 60.0) -> int:
+def upload(link: PahoLink, pub: Publication, topics: FleetTopics, window: int = 16, timeout: float = 60.0) -> int:
     """Publish every chunk then the manifest, retained, QoS 1; returns the bytes sent."""
     limit = chunk_limit(link, topics, pub)
     chunk_size = int(pub.manifest["delivery"]["chunk_size"])
@@ -184,7 +185,8 @@ def upload(link: PahoLink, pub: Publication, topics: Topics, window: int = 16, t
     return sent + len(pub.raw)
 
 
-def retire(link: PahoLink, name: str, version: Version, chunks: int, topics: Topics, timeout: float = 60.0) -> None:
+def retire(link: PahoLink, name: str, version: Version, chunks: int, topics: FleetTopics,
+           timeout: float = 60.0) -> None:
     """Remove a published version from the broker (empty retained messages), manifest first."""
     link.publish_wait(topics.manifest(name, version), b"", qos=1, retain=True, timeout=timeout)
     for i in range(chunks):

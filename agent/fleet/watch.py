@@ -10,9 +10,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.delivery.link import PahoLink
-from agent.delivery.state import TERMINAL
-from agent.delivery.topics import Topics
+from agent.delivery.deploy_state import TERMINAL
+from agent.mqtt.client import PahoLink
+from agent.mqtt.topics import FleetTopics
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _json(payload: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _device_of(topic: str, topics: Topics) -> str | None:
+def _device_of(topic: str, topics: FleetTopics) -> str | None:
     parts = topic[len(topics.prefix) + 1:].split("/")
     return parts[0] if len(parts) == 2 else None
 
@@ -59,13 +59,15 @@ def _device_of(topic: str, topics: Topics) -> str | None:
 class FleetView:
     """Devices' deploy states, replies and online status, as they arrive."""
 
-    def __init__(self, link: PahoLink, topics: Topics, request: str | None = None, model: str | None = None) -> None:
+    def __init__(self, link: PahoLink, topics: FleetTopics, request: str | None = None,
+                 model: str | None = None) -> None:
         self.link, self.topics, self.request, self.model = link, topics, request, model
         self.devices: dict[str, DeviceView] = {}
         self.cond = threading.Condition()
-        link.subscribe(f"{topics.prefix}/+/deploy", self._on_deploy)
-        link.subscribe(f"{topics.prefix}/+/reply", self._on_reply)
-        link.subscribe(f"{topics.prefix}/+/status", self._on_status)
+        every = topics.device("+")
+        link.subscribe(every.deploy, self._on_deploy)
+        link.subscribe(every.reply, self._on_reply)
+        link.subscribe(every.status, self._on_status)
 
     def _view(self, device: str) -> DeviceView:
         if device not in self.devices:
@@ -103,7 +105,7 @@ class FleetView:
 
     def sync(self, timeout: float = 10.0) -> bool:
         """Wait until the retained messages of our subscriptions are in: our own message comes back after them."""
-        marker = f"{self.topics.prefix}/fleet/sync/{uuid.uuid4().hex}"
+        marker = self.topics.sync(uuid.uuid4().hex)
         back = threading.Event()
         self.link.subscribe(marker, lambda t, p: back.set(), qos=1)
         self.link.publish(marker, b"{}", qos=1)

@@ -11,7 +11,6 @@ interpreted before the signature is verified except what is needed to find the k
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import time
@@ -25,46 +24,14 @@ from agent import __version__
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.signing import TrustedKeys, verify
 from agent.manifest import Manifest
+from agent.mqtt import wire
+from agent.version import Version, version_key
 
 MAX_MANIFEST_BYTES = 1 << 20
 """A manifest bigger than this is refused unparsed (a 1 GB model at 64 KiB chunks needs ~1 MB)."""
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Model names travel in topics: no `/`, `+`, `#` or spaces."""
-_SEMVER_RE = re.compile(r"^(\d{1,9})\.(\d{1,9})\.(\d{1,9})(?:-([0-9A-Za-z.-]{1,64}))?$")
-
-Version = int | str
-
-
-def version_key(version: Version) -> tuple[Any, ...]:
-    """Sort key: integers are versions n.0.0; semver orders a pre-release before its release."""
-    if isinstance(version, bool):
-        raise ValueError("a version is an integer or a semver string")
-    if isinstance(version, int):
-        if not 0 <= version < 10**12:
-            raise ValueError(f"version {version} is out of range")
-        return (version, 0, 0, 1, ())
-    m = _SEMVER_RE.match(version)
-    if not m:
-        raise ValueError(f"version {version!r} is neither an integer nor semver (1.2.3 or 1.2.3-rc.1)")
-    pre = m.group(4)
-    if pre is None:
-        return (int(m.group(1)), int(m.group(2)), int(m.group(3)), 1, ())
-    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3)), 0, parts)
-
-
-def parse_version(text: str) -> Version:
-    """A version as typed on a command line or found in a topic: digits are an integer."""
-    value: Version = int(text) if text.isdigit() else text
-    version_key(value)
-    return value
-
-
-def version_text(version: Version) -> str:
-    return str(version)
-
-
 @dataclass(frozen=True)
 class DevicePolicy:
     """What this device accepts: its runtime, its board, and the profile's size cap."""
@@ -125,34 +92,12 @@ class SignedManifest:
         return offset, min(self.chunk_size, self.size - offset)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def parse_json_object(raw: bytes, what: str = "manifest") -> dict[str, Any]:
     """Parse hostile JSON into a dict; DeliveryError(BAD_MANIFEST) for anything odd."""
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise DeliveryError(Reason.BAD_MANIFEST, f"{what} is {len(raw)} bytes, the limit is {MAX_MANIFEST_BYTES}")
     try:
-        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise DeliveryError(Reason.BAD_MANIFEST, f"{what} is not UTF-8") from None
-    except RecursionError:
-        raise DeliveryError(Reason.BAD_MANIFEST, f"{what} is nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, duplicate keys, NaN, over-long integers
-        raise DeliveryError(Reason.BAD_MANIFEST, f"{what} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise DeliveryError(Reason.BAD_MANIFEST, f"{what} is not a JSON object")
-    return data
+        return wire.decode(raw, MAX_MANIFEST_BYTES, what)
+    except wire.WireError as exc:
+        raise DeliveryError(Reason.BAD_MANIFEST, exc.message) from None
 
 
 def check_manifest(

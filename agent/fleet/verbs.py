@@ -124,31 +124,21 @@ def add_commands(sub: Any) -> None:
 
 
 def _connect(args: argparse.Namespace) -> Any:
-    from paho.mqtt.enums import MQTTProtocolVersion
+    from agent.fleet.live import open_link
 
-    from agent.delivery.link import BrokerAddress, PahoLink, TlsOptions
-    from agent.fleet.live import broker_password, broker_url
-
-    address = BrokerAddress.parse(broker_url(args))
-    tls = TlsOptions(args.ca_file, args.cert_file, args.key_file)
-    for flag, path in (("--ca-file", args.ca_file), ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
-        if path is not None and not Path(path).is_file():
-            raise BadInput(f"{flag} {path}: no such file")
-    link = PahoLink(address, client_id=f"lepton-fleet-{uuid.uuid4().hex[:8]}", tls=tls, username=args.username,
-                    password=broker_password(args), protocol=MQTTProtocolVersion.MQTTv5)
-    return link.start(timeout=min(args.timeout, 30.0))
+    return open_link(args, timeout=min(args.timeout, 30.0))
 
 
 def _topics(args: argparse.Namespace) -> Any:
-    from agent.delivery.topics import Topics
+    from agent.mqtt.topics import FleetTopics
 
     if not args.prefix or any(c in args.prefix for c in "+#") or args.prefix.endswith("/"):
         raise BadInput(f"--prefix {args.prefix!r}: not a topic prefix")
-    return Topics(args.prefix)
+    return FleetTopics(args.prefix)
 
 
 def _check_target(target: str) -> None:
-    from agent.delivery.manifest import NAME_RE
+    from agent.delivery.signed_manifest import NAME_RE
 
     name = target[6:] if target.startswith("group:") else target
     if target != "all" and not NAME_RE.match(name):
@@ -243,9 +233,9 @@ def cmd_keygen(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.delivery.manifest import parse_version
     from agent.delivery.signing import load_private_key
     from agent.fleet.publish import DEFAULT_CHUNK, build, upload
+    from agent.version import parse_version
 
     try:
         version = parse_version(args.version)
@@ -284,7 +274,8 @@ def cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _parse_ref(ref: str) -> tuple[str, Any]:
-    from agent.delivery.manifest import NAME_RE, parse_version
+    from agent.delivery.signed_manifest import NAME_RE
+    from agent.version import parse_version
 
     name, sep, version = ref.partition("@")
     if not sep or not NAME_RE.match(name):
@@ -326,8 +317,9 @@ def cmd_deploy(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.delivery.manifest import NAME_RE, parse_version
+    from agent.delivery.signed_manifest import NAME_RE
     from agent.fleet.watch import FleetView
+    from agent.version import parse_version
 
     if not NAME_RE.match(args.name):
         raise BadInput(f"{args.name!r}: not a model name")

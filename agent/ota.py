@@ -22,23 +22,25 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.config import Effective, KeyFile, ShadowDefaults, find_line
+from agent.config import Effective, KeyFile, ShadowDefaults
 from agent.delivery.activation import PipelineHealth, ProbationSettings, ShadowTrial
+from agent.delivery.deploy_state import DeployState, State
 from agent.delivery.download import DownloadSettings
-from agent.delivery.link import Link
-from agent.delivery.manifest import DevicePolicy, Version, version_key
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit, Prepared, spec_for
 from agent.delivery.service import DeliveryService, DeliverySettings, PipelineHooks
+from agent.delivery.signed_manifest import DevicePolicy
 from agent.delivery.signing import TrustedKeys, key_id
-from agent.delivery.state import DeployState, State
 from agent.delivery.store import ModelStore
-from agent.delivery.topics import Topics
+from agent.delivery.transport import Link
 from agent.errors import BadInput, LeptonError
 from agent.manifest import ModelSpec, load_spec
+from agent.mqtt.topics import FleetTopics
 from agent.pipeline import Pipeline, build_runner
 from agent.runtime import Model
 from agent.tasks.base import Runner
+from agent.tomlpos import find_line
+from agent.version import Version, version_key
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def make_service(eff: Effective, link: Link, store: ModelStore, backend: str, ba
                  hooks: Any, baseline: Any, stop: threading.Event) -> DeliveryService:
     return DeliveryService(
         link, store, trusted_keys(eff), device_policy(eff, backend),
-        device_id=eff.device_id, topics=Topics(eff.config.mqtt.prefix),
+        device_id=eff.device_id, topics=FleetTopics(eff.config.mqtt.prefix),
         settings=delivery_settings(eff, backend_option), hooks=hooks, baseline=baseline, stop=stop,
     )
 

@@ -1,45 +1,34 @@
-"""The MQTT seam of the delivery code: a three-method `Link`, and `PahoLink` that provides it.
+"""The small operator-side MQTT client: `PahoLink`, a paho-mqtt 2 client with the three methods of
+delivery's `Link` (agent.delivery.transport) for the fleet tools, the benchmarks and the tests.
 
-The device's delivery code needs only subscribe, unsubscribe and publish. The
-daemon's own MQTT client implements `Link` directly (its connection, will and
-reconnect policy are its business); `PahoLink` is a small paho-mqtt 2 client with
-the same methods for the operator tools, the benchmarks and the tests.
-
-A `Link` must (1) deliver each message to every callback whose filter matches, on
-one thread, one message at a time, (2) survive and count an exception in a
-callback, and (3) re-subscribe its filters after a reconnect, so that retained
-messages are sent again: the downloader relies on that to resume.
+The daemon's own connection is `agent.mqtt.link.Link` (its will, spool and reconnect policy are its
+business). A `Link` must (1) deliver each message to every callback whose filter matches, on one
+thread, one message at a time, (2) survive and count an exception in a callback, and (3) re-subscribe
+its filters after a reconnect, so that retained messages are sent again: the downloader relies on that
+to resume.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.config import parse_broker_url
+from agent.delivery.transport import MessageCallback
 from agent.errors import BadInput, LeptonError
+from agent.mqtt.tls import client_context
 
 logger = logging.getLogger(__name__)
-
-MessageCallback = Callable[[str, bytes], None]
-"""Called with (topic, payload) on the link's thread; keep it short, never block on the network."""
-
-
-class Link(Protocol):
-    def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None: ...
-
-    def unsubscribe(self, topic_filter: str) -> None: ...
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
-
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -66,9 +55,9 @@ class BrokerAddress:
 class TlsOptions:
     """TLS material as the agent config names it; all optional (system CAs by default)."""
 
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
 
 class PahoLink:
@@ -91,13 +80,16 @@ class PahoLink:
                                    reconnect_on_failure=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=15)
         if broker.tls:
-            self._client.tls_set(ca_certs=tls.ca_file if tls else None, certfile=tls.cert_file if tls else None,
-                                 keyfile=tls.key_file if tls else None, cert_reqs=ssl.CERT_REQUIRED)
+            tls = tls or TlsOptions()
+            self._client.tls_set_context(client_context(tls.ca_file, tls.cert_file, tls.key_file))
         if username is not None:
             self._client.username_pw_set(username, password)
         self._keepalive = keepalive
         self._lock = threading.Lock()
         self._filters: dict[str, tuple[MessageCallback, int]] = {}
+        self._message_filters: dict[str, tuple[Callable[[mqtt.MQTTMessage], None], int]] = {}
+        self._unacked_subscribes: set[int] = set()
+        self._subscribed = threading.Condition(self._lock)
         self.connected = threading.Event()
         self.connects = 0
         """Successful connects so far (the first one included)."""
@@ -108,6 +100,7 @@ class PahoLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -142,9 +135,9 @@ class PahoLink:
         if props is not None and getattr(props, "MaximumPacketSize", None):
             self.max_packet_size = int(props.MaximumPacketSize)
         with self._lock:
-            filters = list(self._filters.items())
-        for topic_filter, (_, qos) in filters:
-            client.subscribe(topic_filter, qos)
+            filters = [(f, qos) for f, (_, qos) in [*self._filters.items(), *self._message_filters.items()]]
+        for topic_filter, qos in filters:
+            self._send_subscribe(topic_filter, qos)
         self.connects += 1
         self.connected.set()
 
@@ -155,14 +148,32 @@ class PahoLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._lock:
-            targets = [cb for f, (cb, _) in self._filters.items() if mqtt.topic_matches_sub(f, message.topic)]
+            targets: list[Callable[[], None]] = [
+                functools.partial(cb, message.topic, bytes(message.payload))
+                for f, (cb, _) in self._filters.items() if mqtt.topic_matches_sub(f, message.topic)]
+            targets += [functools.partial(cb, message) for f, (cb, _) in self._message_filters.items()
+                        if mqtt.topic_matches_sub(f, message.topic)]
         for callback in targets:
             try:
-                callback(message.topic, bytes(message.payload))
+                callback()
             except Exception:
                 # One bad message or handler must never end the network thread.
                 self.callback_errors += 1
                 logger.exception("message handler for %s failed", message.topic)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        for code in reasons:
+            if code.is_failure:
+                logger.warning("broker %s refused a subscription: %s", self.broker, code)
+        with self._lock:
+            self._unacked_subscribes.discard(mid)
+            self._subscribed.notify_all()
+
+    def _send_subscribe(self, topic_filter: str, qos: int) -> None:
+        with self._lock:
+            rc, mid = self._client.subscribe(topic_filter, qos)
+            if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                self._unacked_subscribes.add(mid)
 
     # -- Link ----------------------------------------------------------------
 
@@ -170,12 +181,28 @@ class PahoLink:
         with self._lock:
             self._filters[topic_filter] = (callback, qos)
         # Not connected: on_connect subscribes everything in _filters.
-        self._client.subscribe(topic_filter, qos)
+        self._send_subscribe(topic_filter, qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._filters.pop(topic_filter, None)
+            self._message_filters.pop(topic_filter, None)
         self._client.unsubscribe(topic_filter)
+
+    # -- beyond Link: the operator tools ---------------------------------------
+
+    def subscribe_messages(self, topic_filter: str, callback: Callable[[mqtt.MQTTMessage], None],
+                           qos: int = 1) -> None:
+        """Like `subscribe`, but the callback gets paho's message (the tools show its `retain` flag)."""
+        with self._lock:
+            self._message_filters[topic_filter] = (callback, qos)
+        self._send_subscribe(topic_filter, qos)
+
+    def wait_subscribed(self, timeout: float) -> None:
+        """Until the broker has acknowledged every SUBSCRIBE sent so far (a reply must not beat it)."""
+        with self._lock:
+            if not self._subscribed.wait_for(lambda: not self._unacked_subscribes, timeout):
+                raise LeptonError(f"broker {self.broker}: subscription not acknowledged in {timeout:g} s")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self._client.publish(topic, payload, qos=qos, retain=retain)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from agent.delivery.manifest import Version
 from agent.delivery.reasons import Reason
+from agent.version import Version
 
 SCHEMA_VERSION = 1
 

@@ -25,8 +25,8 @@ from typing import Any
 
 from agent import __version__
 from agent.config import HomeAssistantSection
-from agent.link.mqtt import Link
-from agent.link.topics import Topics
+from agent.mqtt.link import Link
+from agent.mqtt.topics import Topics
 from agent.telemetry import read_temperature
 
 logger = logging.getLogger(__name__)

@@ -11,6 +11,9 @@ acknowledged is still in the spool, and is sent again from there, in order, as
   (the birth, same `bdseq`) is published only from a CONNACK that is not a failure.
 - Every (re)connect subscribes to the command topics and announces again.
 - Results leave the spool only on the broker's PUBACK; at most `max_inflight` at a time.
+- Replies the broker did not acknowledge before a connection ended go first on the next one; every
+  retained state published through the link (deploy states) is published again on each connect, as
+  its current value, so a lost PUBACK cannot leave a stale one retained (the status is the birth).
 - A link that stops answering is noticed within 1.5 x keepalive: a result waiting for its
   PUBACK longer than keepalive, or a probe (an UNSUBSCRIBE of a topic never subscribed,
   sent after keepalive/2 of silence) left unanswered for keepalive, drops the connection.
@@ -20,7 +23,7 @@ acknowledged is still in the spool, and is sent again from there, in order, as
   The backoff resets once a connection has lasted `STABLE_S`.
 - Every paho callback is wrapped: an exception is logged, counted and survived.
 - Other parts of the agent (model delivery) subscribe and publish through the same
-  connection with `subscribe`/`unsubscribe`/`publish` (agent.delivery.link.Link), safe from
+  connection with `subscribe`/`unsubscribe`/`publish` (agent.delivery.transport.Link), safe from
   any thread: the link thread sends the packets, keeps the filters and subscribes them again
   after every reconnect, so the broker re-sends what is retained on them.
 - Periodic figures (telemetry) go through `offer()`: QoS 0, latest only — while the link is
@@ -32,32 +35,36 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
-import json
 import logging
-import os
-import random
-import select
 import socket
 import ssl
-import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttSection, parse_broker_url
-from agent.errors import BadInput
-from agent.link.spool import Spool
-from agent.link.topics import SCHEMA_VERSION, Topics
+from agent.mqtt.callbacks import PahoCallbacks
+from agent.mqtt.guard import GuardedClient
+from agent.mqtt.routes import MessageCallback, Routes
+from agent.mqtt.session import (
+    Backoff,
+    LinkStats,
+    Session,
+    Waker,
+    closed_before_connack,
+    select_ready,
+    tls_pending,
+)
+from agent.mqtt.spool import Spool
+from agent.mqtt.tls import tls_context
+from agent.mqtt.topics import Topics
+from agent.mqtt.wire import encode
 from agent.sdnotify import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -67,151 +74,7 @@ STABLE_S = 10.0
 OUTBOX_MAX = 1000
 """Replies and status messages waiting for a connection, at most (the oldest go first)."""
 
-F = TypeVar("F", bound=Callable[..., None])
-
-MessageCallback = Callable[[str, bytes], None]
-"""(topic, payload), called on the link thread: keep it short, never wait on the network."""
-
-
-@dataclass
-class LinkStats:
-    """Counters of the link's life, reported in status."""
-
-    connects: int = 0
-    connect_failures: int = 0
-    disconnects: int = 0
-    half_open: int = 0
-    """Connections dropped because the broker stopped answering."""
-    published: int = 0
-    acked: int = 0
-    rejected: int = 0
-    """Results the broker answered with a failure reason code (dropped: retrying cannot help)."""
-    callback_errors: int = 0
-    outbox_dropped: int = 0
-    """Messages waiting for a connection that were dropped because too many were waiting."""
-    unrouted: int = 0
-    """Messages on topics nobody listens to any more (e.g. after an unsubscribe crossed them)."""
-    last_connect_s: float | None = None
-    """Wall time of the last successful CONNACK."""
-    last_error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-class Backoff:
-    """Exponential delays between connection attempts, with jitter."""
-
-    def __init__(self, low: float, high: float, rng: random.Random | None = None) -> None:
-        self.low, self.high = low, high
-        self.failures = 0
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
-
-    def reset(self) -> None:
-        self.failures = 0
-
-    def next_delay(self, refused: bool = False) -> float:
-        """The wait before the next attempt; `refused`: nobody was listening, try again soon."""
-        if refused:
-            return self.low * self._rng.uniform(1.0, 1.5)
-        delay = min(self.high, self.low * (2 ** min(self.failures, 30)))
-        self.failures += 1
-        return min(self.high, delay * self._rng.uniform(1.0, 1.25))
-
-
-QUICK_CLOSE_S = 2.0
-"""A connection the peer closes this soon after accepting it, before any CONNACK, counts as refused."""
-
-
-def _closed_before_connack(s: _Session) -> bool:
-    return (s.connected_at is None and not s.reason.startswith("refused by the broker")
-            and time.monotonic() - s.started < QUICK_CLOSE_S)
-
-
-def read_password(auth_file: Path | None, env_name: str | None, env: dict[str, str] | None = None) -> str | None:
-    """The broker password from its file (first line) or variable; BadInput names where it was looked for."""
-    if auth_file is not None:
-        try:
-            text = auth_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise BadInput(f"mqtt.auth.password_file: {auth_file}: cannot read ({exc.strerror})") from None
-        lines = text.splitlines()
-        if not lines or not lines[0]:
-            raise BadInput(f"mqtt.auth.password_file: {auth_file}: empty")
-        return lines[0]
-    if env_name is not None:
-        value = (env if env is not None else os.environ).get(env_name)
-        if not value:
-            raise BadInput(f"mqtt.auth.password_env: {env_name} is not set")
-        return value
-    return None
-
-
-def tls_context(settings: MqttSection) -> ssl.SSLContext:
-    """A client context trusting only the pinned CA (or the system store), with the client pair if given."""
-    tls = settings.tls
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        if tls.ca_file is not None:
-            ctx.load_verify_locations(cafile=str(tls.ca_file))
-        else:
-            ctx.load_default_certs()
-    except (OSError, ssl.SSLError) as exc:
-        raise BadInput(f"mqtt.tls.ca_file: {tls.ca_file}: cannot load ({exc})") from None
-    if tls.cert_file is not None and tls.key_file is not None:
-        check_key_file(tls.key_file)
-        try:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise BadInput(f"mqtt.tls.cert_file: {tls.cert_file}: cannot load with its key ({exc})") from None
-    return ctx
-
-
-def check_key_file(path: Path) -> None:
-    """Refuse a private key that group or others may read."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise BadInput(f"mqtt.tls.key_file: {path}: cannot read ({exc.strerror})") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise BadInput(
-            f"mqtt.tls.key_file: {path}: readable by others (mode {stat.S_IMODE(mode):04o}); chmod 600 it"
-        )
-
-
-@dataclass
-class _Session:
-    """What one connection knows; thrown away with it."""
-
-    client: mqtt.Client
-    url: str
-    bdseq: int
-    started: float
-    connected_at: float | None = None
-    refused: bool = False
-    lost: bool = False
-    reason: str = ""
-    first_live_id: int = 0
-    """Spool rows below this id were made before this connection: they go out as `historical`."""
-    cursor: int = 0
-    """The last spool id handed to paho in this session."""
-    more: bool = True
-    """The spool may hold rows after `cursor`."""
-    inflight: dict[int, tuple[int, float]] = field(default_factory=dict)
-    """mid → (spool id, sent at) of results awaiting PUBACK."""
-    others: dict[int, float] = field(default_factory=dict)
-    """mid → sent at, of status and replies awaiting PUBACK."""
-    acked: list[int] = field(default_factory=list)
-    last_inbound: float = 0.0
-    probe_sent: float | None = None
-    goodbye_mid: int | None = None
-    command_sub_mid: int | None = None
-    """The SUBSCRIBE of the command topics, whose SUBACK sets `Link.subscribed`."""
-    watch_mid: int | None = None
-
-
-class Link:
+class Link(PahoCallbacks):
     """The MQTT connection of one device: publishes the spool, status and replies; hears commands."""
 
     def __init__(
@@ -242,6 +105,7 @@ class Link:
         if any(parse_broker_url(u)[2] for u in settings.broker):
             self._tls = tls_context(settings)
         self.stats = LinkStats()
+        self.routes = Routes(self.stats)
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         """Set once the broker has acknowledged the command subscriptions of the current connection."""
@@ -250,30 +114,23 @@ class Link:
         self.heartbeat: Heartbeat | None = None
         """When set, the link thread beats it each time round its loop (systemd watchdog)."""
         self.backoff = Backoff(settings.backoff_min_s, settings.backoff_max_s)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waker = Waker()
         self._outbox: deque[tuple[str, bytes, int, bool]] = deque()
         self._outbox_lock = threading.Lock()
         self._command_topics = frozenset(topics.command_topics(groups))
-        self._filters: dict[str, tuple[MessageCallback, int]] = {}
-        """Other subscribers' filters: re-subscribed on every connect."""
-        self._filter_ops: dict[str, tuple[bool, int]] = {}
-        """filter → (subscribe?, qos) still to send on the current connection. The last change of a filter is
-        all that counts (a SUBSCRIBE of a filter already held replaces it and re-sends its retained
-        messages), so this stays as small as the set of filters, however long the link is down."""
-        self._filters_lock = threading.Lock()
         self._announce = False
         self._closing = threading.Event()
         self._goodbye: dict[str, Any] | None = None
         self._close_deadline = 0.0
         self._thread: threading.Thread | None = None
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._bdseq = -1
         self._url_index = 0
         self._rows_waiting = True
         self._latest: dict[str, tuple[bytes, bool]] = {}
-        self._watches: dict[str, Callable[[bytes], None]] = {}
+        self._retained: dict[str, bytes] = {}
+        """The current value of every retained topic published through `publish` (the deploy states): each
+        connection publishes them again, so a value lost with a connection (no PUBACK) is not left stale."""
         self.on_connected: list[Callable[[], None]] = []
         """Called in the link thread after each successful connect and birth (e.g. to send discovery)."""
         spool.on_append = self._spool_grew
@@ -286,9 +143,7 @@ class Link:
 
     def wake(self) -> None:
         """Make the link thread look at the spool, the outbox and the stop flag now."""
-        # Full of wake-ups already (BlockingIOError), or closing: either way nothing to add.
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+        self._waker.wake()
 
     def _spool_grew(self) -> None:
         self._rows_waiting = True
@@ -305,6 +160,8 @@ class Link:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Queue raw bytes for the current or next connection (never blocks; the oldest go when too many wait)."""
         with self._outbox_lock:
+            if retain:
+                self._retained[topic] = payload
             if len(self._outbox) >= OUTBOX_MAX:
                 self._outbox.popleft()
                 self.stats.outbox_dropped += 1
@@ -314,17 +171,12 @@ class Link:
     def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None:
         """Hear `topic_filter` on this connection and every later one: `callback(topic, payload)` runs on the
         link thread. Each (re)subscribe makes the broker send what is retained on the filter again."""
-        with self._filters_lock:
-            self._filters[topic_filter] = (callback, qos)
-            self._filter_ops[topic_filter] = (True, qos)
+        self.routes.add(topic_filter, callback, qos)
         self.wake()
 
     def unsubscribe(self, topic_filter: str) -> None:
-        with self._filters_lock:
-            if self._filters.pop(topic_filter, None) is None:
-                return
-            self._filter_ops[topic_filter] = (False, 0)
-        self.wake()
+        if self.routes.remove(topic_filter):
+            self.wake()
 
     def offer(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
         """Publish at QoS 0 when connected; an unsent older message on the same topic is replaced."""
@@ -336,7 +188,7 @@ class Link:
     def watch(self, topic: str, callback: Callable[[bytes], None]) -> None:
         """Subscribe to `topic` (exact, no wildcards) on every connection and hand its payloads to
         `callback` in the link thread. Call before `start()`."""
-        self._watches[topic] = callback
+        self.routes.watches[topic] = callback
 
     def announce(self) -> None:
         """Publish the birth status again (pipelines or models changed)."""
@@ -355,8 +207,7 @@ class Link:
             if self._thread.is_alive():
                 logger.warning("mqtt link did not finish within %.1f s", timeout)
                 return
-        self._wake_r.close()
-        self._wake_w.close()
+        self._waker.close()
 
     @property
     def bdseq(self) -> int:
@@ -369,7 +220,7 @@ class Link:
         # until close() has said goodbye and flushed.
         while not self._closing.is_set() and not self.stop.is_set():
             url = self.settings.broker[self._url_index % len(self.settings.broker)]
-            session: _Session | None = None
+            session: Session | None = None
             refused = False
             failed = False
             try:
@@ -382,7 +233,7 @@ class Link:
             finally:
                 if session is not None:
                     self._end(session)
-            if not failed and session is not None and _closed_before_connack(session):
+            if not failed and session is not None and closed_before_connack(session):
                 # Accepted, then closed with nothing said: a proxy, NAT or load balancer with no broker
                 # behind it. That is "nobody listening" as much as a refusal is: retry soon, not later.
                 refused = True
@@ -419,15 +270,17 @@ class Link:
             left = end - time.monotonic()
             if left <= 0:
                 return
-            self._select([self._wake_r], [], min(left, 1.0))
-            self._drain_wake()
+            select_ready([self._waker.reader], [], min(left, 1.0))
+            self._waker.drain()
         # Stopping while disconnected: there is no broker to say goodbye to.
 
-    def _connect(self, url: str) -> _Session:
+    def _connect(self, url: str) -> Session:
         host, port, tls = parse_broker_url(url)
         self._bdseq = bdseq = self.next_bdseq()
         v5 = self.settings.protocol == "5"
-        client = mqtt.Client(
+        client = GuardedClient(
+            max_packet_bytes=self.settings.max_packet_bytes,
+            on_oversized=self._oversized,
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
@@ -443,7 +296,7 @@ class Link:
         if self.settings.auth.username:
             client.username_pw_set(self.settings.auth.username, self._password)
         client.will_set(self.topics.status, encode({"state": "offline", "bdseq": bdseq}), qos=1, retain=True)
-        session = _Session(client=client, url=url, bdseq=bdseq, started=time.monotonic())
+        session = Session(client=client, url=url, bdseq=bdseq, started=time.monotonic())
         self._bind(session)
         props = None
         if v5:
@@ -464,27 +317,7 @@ class Link:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return session
 
-    def _bind(self, s: _Session) -> None:
-        c = s.client
-        c.on_connect = self._guard(functools.partial(self._on_connect, s))
-        c.on_disconnect = self._guard(functools.partial(self._on_disconnect, s))
-        c.on_publish = self._guard(functools.partial(self._on_publish, s))
-        c.on_message = self._guard(functools.partial(self._on_message, s))
-        c.on_subscribe = self._guard(functools.partial(self._on_subscribe, s))
-        c.on_unsubscribe = self._guard(functools.partial(self._on_unsubscribe, s))
-
-    def _guard(self, callback: F) -> F:
-        @functools.wraps(callback)
-        def guarded(*args: Any) -> None:
-            try:
-                callback(*args)
-            except Exception:
-                self.stats.callback_errors += 1
-                logger.exception("mqtt: error in %s (survived)", getattr(callback, "func", callback).__name__)
-
-        return guarded  # type: ignore[return-value]
-
-    def _serve(self, s: _Session) -> None:
+    def _serve(self, s: Session) -> None:
         """Run one connection until it is lost or the agent closes."""
         client = s.client
         while not s.lost:
@@ -501,11 +334,12 @@ class Link:
                 self._pump(s, now)
                 if s.lost:
                     return
-            timeout = 0.0 if _tls_pending(sock) else self._next_timer(s, now)
-            readable, writable = self._select([sock, self._wake_r], [sock] if client.want_write() else [], timeout)
-            if self._wake_r in readable:
-                self._drain_wake()
-            if sock in readable or _tls_pending(sock):
+            timeout = 0.0 if tls_pending(sock) else self._next_timer(s, now)
+            wlist = [sock] if client.want_write() else []
+            readable, writable = select_ready([sock, self._waker.reader], wlist, timeout)
+            if self._waker.reader in readable:
+                self._waker.drain()
+            if sock in readable or tls_pending(sock):
                 client.loop_read()
             if client.socket() is not None and (sock in writable or client.want_write()):
                 client.loop_write()
@@ -515,7 +349,7 @@ class Link:
                 self.spool.ack(s.acked)
                 s.acked.clear()
 
-    def _next_timer(self, s: _Session, now: float) -> float:
+    def _next_timer(self, s: Session, now: float) -> float:
         # Wake in time for the connect deadline, the probe and paho's keepalive (checked each round).
         if s.connected_at is None:
             return max(0.0, min(1.0, s.started + self.settings.connect_timeout_s - now))
@@ -523,7 +357,7 @@ class Link:
             return max(0.0, min(0.2, self._close_deadline - now))
         return min(1.0, self.settings.keepalive_s / 4)
 
-    def _pump(self, s: _Session, now: float) -> None:
+    def _pump(self, s: Session, now: float) -> None:
         client = s.client
         if self._announce and not self._closing.is_set():  # never an `online` after the goodbye
             self._announce = False
@@ -534,25 +368,20 @@ class Link:
             self._outbox.clear()
             latest = list(self._latest.items())
             self._latest.clear()
-        for topic, body, qos, retain in outgoing:
-            info = client.publish(topic, body, qos=qos, retain=retain)
-            if qos:
-                s.others[info.mid] = now
+        self._send_outbox(s, outgoing, now)
         for topic, (body, retain) in latest:
             client.publish(topic, body, qos=0, retain=retain)
         self._send_results(s, now)
         self._check_liveness(s, now)
 
-    def _send_filter_ops(self, s: _Session) -> None:
-        with self._filters_lock:
-            ops, self._filter_ops = self._filter_ops, {}
-        for topic_filter, (subscribe, qos) in ops.items():
+    def _send_filter_ops(self, s: Session) -> None:
+        for topic_filter, (subscribe, qos) in self.routes.take_ops().items():
             if subscribe:
                 s.client.subscribe(topic_filter, qos)
             else:
                 s.client.unsubscribe(topic_filter)
 
-    def _send_results(self, s: _Session, now: float) -> None:
+    def _send_results(self, s: Session, now: float) -> None:
         room = self.settings.max_inflight - len(s.inflight)
         if room <= 0 or not (s.more or self._rows_waiting):
             return
@@ -570,7 +399,7 @@ class Link:
             s.cursor = row.id
             self.stats.published += 1
 
-    def _check_liveness(self, s: _Session, now: float) -> None:
+    def _check_liveness(self, s: Session, now: float) -> None:
         keepalive = self.settings.keepalive_s
         waiting = [t for _, t in s.inflight.values()] + list(s.others.values())
         if s.probe_sent is not None:
@@ -585,7 +414,7 @@ class Link:
             s.probe_sent = now
             s.client.unsubscribe(self.topics.probe)
 
-    def _abandon(self, s: _Session, reason: str) -> None:
+    def _abandon(self, s: Session, reason: str) -> None:
         # Close without DISCONNECT, so that the broker (if it is still there) publishes the will.
         s.lost = True
         s.reason = reason
@@ -594,7 +423,7 @@ class Link:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    def _say_goodbye(self, s: _Session) -> bool:
+    def _say_goodbye(self, s: Session) -> bool:
         """The closing sequence, run each round while closing; True when done."""
         now = time.monotonic()
         if s.connected_at is None:
@@ -616,16 +445,42 @@ class Link:
             return True
         return False
 
-    def _pump_outbox_only(self, s: _Session, now: float) -> None:
+    def _pump_outbox_only(self, s: Session, now: float) -> None:
         with self._outbox_lock:
             outgoing = list(self._outbox)
             self._outbox.clear()
-        for topic, body, qos, retain in outgoing:
+        self._send_outbox(s, outgoing, now)
+
+    def _send_outbox(self, s: Session, outgoing: list[tuple[str, bytes, int, bool]], now: float) -> None:
+        for message in outgoing:
+            topic, body, qos, retain = message
             info = s.client.publish(topic, body, qos=qos, retain=retain)
             if qos:
                 s.others[info.mid] = now
+                s.unacked[info.mid] = message
 
-    def _end(self, s: _Session) -> None:
+    def _requeue_unacked(self, s: Session) -> None:
+        """Replies this connection took and the broker never acknowledged go first on the next one (retained
+        states need not: `_resend_retained` publishes their current value)."""
+        lost = [m for m in s.unacked.values() if not m[3]]
+        s.unacked.clear()
+        if not lost:
+            return
+        with self._outbox_lock:
+            self._outbox.extendleft(reversed(lost))
+            while len(self._outbox) > OUTBOX_MAX:
+                self._outbox.popleft()
+                self.stats.outbox_dropped += 1
+
+    def _resend_retained(self) -> None:
+        """On each connect: the current value of each retained topic replaces what of it was queued."""
+        with self._outbox_lock:
+            if not self._retained:
+                return
+            kept = [m for m in self._outbox if not (m[3] and m[0] in self._retained)]
+            self._outbox = deque([*kept, *((t, body, 1, True) for t, body in self._retained.items())])
+
+    def _end(self, s: Session) -> None:
         if s.connected_at is not None:
             self.stats.disconnects += 1
             logger.info("mqtt %s: disconnected (%s)", s.url, s.reason or "closed")
@@ -638,170 +493,5 @@ class Link:
         if s.acked:
             self.spool.ack(s.acked)
             s.acked.clear()
+        self._requeue_unacked(s)
         self._session = None
-
-    # -- paho callbacks (run in the link thread, inside loop_read/loop_write) -----------------
-
-    def _on_connect(self, s: _Session, client: mqtt.Client, userdata: Any, flags: Any,
-                    reason: ReasonCode, properties: Properties | None) -> None:
-        s.last_inbound = time.monotonic()
-        self.attempted.set()
-        if reason.is_failure:
-            s.lost = True
-            s.reason = f"refused by the broker: {reason}"
-            logger.error("mqtt %s: connection refused by the broker: %s", s.url, reason)
-            return
-        s.connected_at = time.monotonic()
-        s.first_live_id = self.spool.last_id() + 1
-        s.cursor = 0
-        s.more = True
-        self.stats.connects += 1
-        self.stats.last_connect_s = time.time()
-        _, s.command_sub_mid = client.subscribe([(t, 1) for t in self._subscriptions()])
-        if self._watches:
-            s.watch_mid = client.subscribe([(t, 1) for t in self._watches])[1]
-        with self._filters_lock:
-            # This connection starts from the whole set; queued changes were for the one before.
-            self._filter_ops.clear()
-            others = [(f, qos) for f, (_, qos) in self._filters.items()]
-        if others:
-            client.subscribe(others)
-        self._publish_birth(s)
-        self.connected.set()
-        logger.info("mqtt %s: connected (bdseq %d)", s.url, s.bdseq)
-        for hook in self.on_connected:
-            try:
-                hook()
-            except Exception:
-                self.stats.callback_errors += 1
-                logger.exception("mqtt: on_connected hook failed (survived)")
-
-    def _publish_birth(self, s: _Session) -> None:
-        payload = {**self.birth(), "state": "online", "bdseq": s.bdseq}
-        info = s.client.publish(self.topics.status, encode(payload), qos=1, retain=True)
-        s.others[info.mid] = time.monotonic()
-
-    def _on_disconnect(self, s: _Session, client: mqtt.Client, userdata: Any, flags: Any,
-                       reason: ReasonCode, properties: Properties | None) -> None:
-        s.lost = True
-        s.reason = s.reason or str(reason)
-
-    def _on_publish(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
-                    reason: ReasonCode, properties: Properties | None) -> None:
-        s.last_inbound = time.monotonic()
-        row = s.inflight.pop(mid, None)
-        if row is None:
-            s.others.pop(mid, None)
-            return
-        if reason.is_failure:
-            self.stats.rejected += 1
-            logger.warning("mqtt: broker refused a result (%s); dropped", reason)
-        else:
-            self.stats.acked += 1
-        s.acked.append(row[0])
-        s.more = True
-
-    def _subscriptions(self) -> list[str]:
-        # Our own status topic too: see _stale_will.
-        return [*self.topics.command_topics(self.groups), self.topics.status]
-
-    def _on_message(self, s: _Session, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        s.last_inbound = time.monotonic()
-        if message.topic == self.topics.status:
-            self._stale_will(s, message)
-            return
-        watcher = self._watches.get(message.topic)
-        if watcher is not None:
-            watcher(bytes(message.payload))
-            return
-        if message.topic in self._command_topics:
-            self.on_command(message.topic, bytes(message.payload))
-            return
-        self._deliver(message.topic, bytes(message.payload))
-
-    def _deliver(self, topic: str, payload: bytes) -> None:
-        """To every other subscriber whose filter matches; one failing callback does not stop the others."""
-        with self._filters_lock:
-            targets = [cb for f, (cb, _) in self._filters.items() if mqtt.topic_matches_sub(f, topic)]
-        if not targets:
-            self.stats.unrouted += 1
-            return
-        for callback in targets:
-            try:
-                callback(topic, payload)
-            except Exception:
-                self.stats.callback_errors += 1
-                logger.exception("mqtt: handler for %s failed (survived)", topic)
-
-    def _stale_will(self, s: _Session, message: mqtt.MQTTMessage) -> None:
-        """Re-announce when the broker publishes an earlier connection's will after our birth.
-
-        After a half-open connection the broker may only give up the old session (and publish
-        its retained `offline` will) once we are back: that would leave `offline` retained while
-        we are online. The retained copy delivered on subscribing is history, not news.
-        """
-        if message.retain:
-            return
-        try:
-            status = json.loads(message.payload)
-        except ValueError:
-            return
-        if isinstance(status, dict) and status.get("state") == "offline" and status.get("bdseq") != s.bdseq:
-            logger.info("mqtt: an earlier connection's will (bdseq %s) replaced our status; re-announcing",
-                        status.get("bdseq"))
-            self._announce = True
-            self.wake()
-
-    def _on_subscribe(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
-                      reasons: list[ReasonCode], properties: Properties | None) -> None:
-        s.last_inbound = time.monotonic()
-        if mid == s.watch_mid:
-            for topic, code in zip(self._watches, reasons, strict=False):
-                if code.is_failure:
-                    logger.error("mqtt: subscription to %s refused: %s", topic, code)
-            return
-        if mid != s.command_sub_mid:
-            for code in reasons:
-                if code.is_failure:
-                    logger.error("mqtt: a subscription was refused: %s", code)
-            return
-        for topic, code in zip(self._subscriptions(), reasons, strict=False):
-            if code.is_failure:
-                logger.error("mqtt: subscription to %s refused: %s", topic, code)
-        self.subscribed.set()
-
-    def _on_unsubscribe(self, s: _Session, client: mqtt.Client, userdata: Any, mid: int,
-                        reasons: list[ReasonCode], properties: Properties | None) -> None:
-        s.last_inbound = time.monotonic()
-        s.probe_sent = None
-
-    # -- helpers ---------------------------------------------------------------------------------
-
-    def _select(self, rlist: list[Any], wlist: list[Any], timeout: float) -> tuple[list[Any], list[Any]]:
-        try:
-            readable, writable, _ = select.select(rlist, wlist, [], max(0.0, timeout))
-        except (OSError, ValueError):
-            # A socket closed under us (the connection just died): the caller sees it next round.
-            return [], []
-        return readable, writable
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-
-
-def _tls_pending(sock: Any) -> bool:
-    # Bytes already decrypted by the TLS layer do not make the socket readable again.
-    pending = getattr(sock, "pending", None)
-    return bool(pending and pending() > 0)
-
-
-def encode(payload: dict[str, Any]) -> bytes:
-    """A payload as DESIGN §5 wants it: JSON object with `ts` and `v`, numbers as numbers."""
-    body = {**payload}
-    body.setdefault("ts", round(time.time(), 3))
-    body.setdefault("v", SCHEMA_VERSION)
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()

@@ -1,1 +1,0 @@
-"""The MQTT side of the agent: topics, the connection (`Link`), the result spool and commands."""
