@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
-from agent.config import PolicySettings, TopicName
+from agent.config import Fps, PolicySettings, Threshold, TopicName
 from agent.mqtt import wire
 
 logger = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ class PolicyPatch(BaseModel):
 class Configure(Command):
     action: Literal["configure"]
     pipeline: TopicName
-    threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    fps: Annotated[float, Field(gt=0, le=240)] | None = None
+    threshold: Threshold | None = None
+    fps: Fps | None = None
     policy: PolicyPatch | None = None
 
 
@@ -254,7 +254,40 @@ class CommandStats:
         return dict(self.__dict__)
 
 
-Handler = Callable[[Command], dict[str, Any]]
+class Later:
+    """A handler's answer that another thread gives later (`done` or `fail`), so that a long command
+    (bench) does not hold the single command worker. The reply still goes out once, when it comes; a
+    process that dies first leaves the id to be answered `interrupted` at the next start."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reply: tuple[dict[str, Any] | None, CommandError | None] | None = None
+        self._then: Callable[[dict[str, Any] | None, CommandError | None], object] | None = None
+        self.finished = threading.Event()
+
+    def done(self, result: dict[str, Any]) -> None:
+        self._settle(result, None)
+
+    def fail(self, error: CommandError) -> None:
+        self._settle(None, error)
+
+    def _settle(self, result: dict[str, Any] | None, error: CommandError | None) -> None:
+        with self._lock:
+            if self._reply is not None:
+                return
+            self._reply, then = (result, error), self._then
+        if then is not None:
+            then(result, error)
+        self.finished.set()
+
+    def then(self, callback: Callable[[dict[str, Any] | None, CommandError | None], object]) -> None:
+        with self._lock:
+            self._then, reply = callback, self._reply
+        if reply is not None:
+            callback(*reply)
+
+
+Handler = Callable[[Command], "dict[str, Any] | Later"]
 
 
 class CommandRecord(Protocol):
@@ -263,6 +296,8 @@ class CommandRecord(Protocol):
     def claim_command(self, command_id: str) -> tuple[bool, str | None]: ...
 
     def record_reply(self, command_id: str, reply: str) -> None: ...
+
+    def unanswered(self) -> list[str]: ...
 
 
 class CommandBus:
@@ -277,6 +312,8 @@ class CommandBus:
         self.stats = CommandStats()
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(QUEUE_SIZE)
         self._thread: threading.Thread | None = None
+        self._unrecorded: dict[str, str] = {}
+        """Replies the record could not store (disk full, SQLite error), by id: retries still get them."""
 
     def submit(self, topic: str, payload: bytes) -> None:
         """Called from the MQTT thread: never blocks."""
@@ -290,6 +327,7 @@ class CommandBus:
                 logger.warning("commands arrive faster than they run: %d dropped so far", self.stats.queue_full)
 
     def start(self) -> None:
+        self.recover()
         self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
         self._thread.start()
 
@@ -323,30 +361,87 @@ class CommandBus:
         except CommandError as exc:
             cid = raw_id if isinstance(raw_id, str) and readable_id(payload) == raw_id else None
             return self._error(cid, exc)
-        fresh, stored = self.record.claim_command(command.id)
+        try:
+            fresh, stored = self.record.claim_command(command.id)
+        except Exception as exc:  # e.g. SQLite failing: nothing was claimed, so nothing runs
+            logger.exception("command %s: the command record failed", command.id)
+            return self._error(command.id, CommandError("failed", f"the command record failed: {_brief(exc)}"))
         if not fresh:
             self.stats.repeated += 1
+            if stored is None:
+                stored = self._unrecorded.get(command.id)
             if stored is None:
                 logger.info("command %s: already running; the reply follows once", command.id)
                 return None
             reply = json.loads(stored)
-            self.reply(reply)
+            self._send(reply)
             return dict(reply)
+        # From here on the id is claimed: whatever fails, exactly one reply goes out and is kept for retries.
         try:
             result = self.handlers[command.action](command)
+        except CommandError as exc:
+            return self._finish(command, None, exc)
+        except Exception as exc:
+            logger.exception("command %s (%s) failed", command.id, command.action)
+            return self._finish(command, None, CommandError("failed", _brief(exc)))
+        if isinstance(result, Later):
+            result.then(lambda r, e: self._finish(command, r, e))  # answered from the thread that settles it
+            return None
+        return self._finish(command, result, None)
+
+    def _finish(self, command: Command, result: dict[str, Any] | None,
+                error: CommandError | None) -> dict[str, Any]:
+        """The one reply to a claimed id: recorded (or kept), then sent."""
+        reply: dict[str, Any]
+        try:
+            if error is not None:
+                raise error
             reply = {"id": command.id, "ok": True, "result": result}
+            text = json.dumps(reply, allow_nan=False)
             self.stats.executed += 1
         except CommandError as exc:
             reply = {"id": command.id, "ok": False, "error": {"code": exc.code, "message": exc.message}}
+            text = json.dumps(reply)
             self.stats.errors += 1
-        except Exception as exc:
-            logger.exception("command %s (%s) failed", command.id, command.action)
-            reply = {"id": command.id, "ok": False, "error": {"code": "failed", "message": f"{type(exc).__name__}: "
-                                                                                        f"{str(exc)[:200]}"}}
+        except Exception as exc:  # a result JSON cannot carry (NaN, an object)
+            logger.error("command %s (%s): the result cannot be sent: %s", command.id, command.action, exc)
+            reply = {"id": command.id, "ok": False, "error": {"code": "failed", "message": _brief(exc)}}
+            text = json.dumps(reply)
             self.stats.errors += 1
-        self.record.record_reply(command.id, json.dumps(reply, allow_nan=False))
-        self.reply(reply)
+        self._keep(command.id, text)
+        self._send(reply)
         return reply
+
+    def recover(self) -> None:
+        """Answer the ids a previous process claimed and never answered (it died mid-command)."""
+        try:
+            ids = self.record.unanswered()
+        except Exception:
+            logger.exception("command record: cannot list interrupted commands")
+            return
+        for cid in ids:
+            reply = {"id": cid, "ok": False, "error": {
+                "code": "interrupted",
+                "message": "the agent stopped while running this command; it may have been done in part"}}
+            logger.warning("command %s: interrupted by a stop or crash; answering so", cid)
+            self._keep(cid, json.dumps(reply))
+            self._send(reply)
+
+    def _keep(self, cid: str, text: str) -> None:
+        try:
+            self.record.record_reply(cid, text)
+        except Exception:
+            # Kept in memory instead: a retry in this process still gets this reply, not a second run.
+            logger.exception("command %s: cannot record its reply", cid)
+            if len(self._unrecorded) >= QUEUE_SIZE:
+                self._unrecorded.pop(next(iter(self._unrecorded)))
+            self._unrecorded[cid] = text
+
+    def _send(self, reply: dict[str, Any]) -> None:
+        try:
+            self.reply(reply)
+        except Exception:
+            logger.exception("command %s: sending the reply failed", reply.get("id"))
 
     def _error(self, cid: str | None, exc: CommandError) -> dict[str, Any] | None:
         if cid is None:
@@ -355,5 +450,9 @@ class CommandBus:
             return None
         self.stats.errors += 1
         reply = {"id": cid, "ok": False, "error": {"code": exc.code, "message": exc.message}}
-        self.reply(reply)
+        self._send(reply)
         return reply
+
+
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

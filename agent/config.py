@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, field_validator, model_validator
 
 from agent.profiles import Profile
 
@@ -22,6 +22,12 @@ DEFAULT_STATE_DIR = Path("/var/lib/lepton")
 # dashboard would trip on.
 _TOPIC_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TopicName = Annotated[str, Field(pattern=_TOPIC_NAME)]
+
+MIN_FPS = 0.01
+"""The lowest fps a pipeline runs at (one frame per 100 s): below it 1/fps stops being a usable interval."""
+Threshold = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+"""A score threshold: a JSON/TOML number, never a string that looks like one."""
+Fps = Annotated[StrictFloat, Field(ge=MIN_FPS, le=240)]
 
 
 class _Strict(BaseModel):
@@ -166,9 +172,9 @@ class PipelineSettings(_Strict):
     """Run as this task instead of the manifest's or the recognised one."""
     labels: Path | None = None
     """Labels file overriding the manifest's."""
-    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    threshold: Threshold = 0.5
     """Classes, detections and events scoring below this are not reported."""
-    fps: Annotated[float, Field(gt=0, le=240)] | None = None
+    fps: Fps | None = None
     """Frames per second to process at most; default and ceiling: the profile's `max_fps`."""
     enabled: bool = True
     """Start with the agent (a disabled pipeline can be started by command)."""
@@ -216,7 +222,7 @@ class GovernorSection(_Strict):
     """How often temperature and the agent's CPU share are read and a step is considered."""
     fps_step: Annotated[float, Field(gt=0.05, lt=1.0)] = 0.7
     """Each step down multiplies a vision pipeline's fps by this."""
-    min_fps: Annotated[float, Field(gt=0, le=240)] = 0.5
+    min_fps: Fps = 0.5
     """Steps never take a pipeline below this fps."""
     max_level: Annotated[int, Field(ge=1, le=20)] = 6
     """Steps down at most (level 0: full speed)."""
@@ -255,7 +261,7 @@ class ProfileOverrides(_Strict):
     """Profile values this device overrides (any `firmware_profiles` field)."""
 
     threads: Annotated[int, Field(ge=1, le=64)] | None = None
-    max_fps: Annotated[float, Field(gt=0, le=240)] | None = None
+    max_fps: Fps | None = None
     camera_width: Annotated[int, Field(ge=16, le=8192)] | None = None
     camera_height: Annotated[int, Field(ge=16, le=8192)] | None = None
     max_model_mb: Annotated[float, Field(gt=0)] | None = None

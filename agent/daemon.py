@@ -20,18 +20,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.actions import Actions
 from agent.agent_state import AgentState
 from agent.commands import (
-    Bench,
-    Command,
     CommandBus,
-    CommandError,
-    Configure,
-    Deploy,
     Handler,
-    Rollback,
-    Start,
-    Stop,
 )
 from agent.config import Effective, PipelineSettings, parse_broker_url
 from agent.config_load import load
@@ -40,17 +33,16 @@ from agent.delivery.store import ModelStore
 from agent.errors import BadInput
 from agent.governor import Governor
 from agent.homeassistant import Discovery
-from agent.manifest import ModelSpec, load_spec
+from agent.manifest import ModelSpec
 from agent.monitor import Monitor
 from agent.mqtt.link import Link
 from agent.mqtt.spool import Spool
 from agent.mqtt.tls import read_password, tls_context
 from agent.mqtt.topics import Topics
-from agent.pipeline import Pipeline, build_runner
-from agent.policy import snapshot_encoder
+from agent.pipeline import Pipeline, check_pipelines
 from agent.runtime import Backend, load_backend
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
-from agent.sources.base import open_source
+from agent.slot import ModelSlot
 
 if TYPE_CHECKING:
     from agent.prometheus import PrometheusEndpoint
@@ -62,19 +54,6 @@ STATUS_EVERY_S = 5.0
 
 SHUTDOWN_S = 4.5
 """Everything is stopped, said and flushed within this after SIGTERM (systemd waits longer)."""
-
-
-def check_pipelines(eff: Effective) -> None:
-    """Each pipeline's model, labels, source kind and snapshot support, without loading a model."""
-    where = f"{eff.path}: " if eff.path else ""
-    for i, p in enumerate(eff.config.pipelines):
-        try:
-            load_spec(p.model, p.labels)
-            open_source(p.source, dict(p.source_options))
-            if p.policy.snapshot.enabled:
-                snapshot_encoder()
-        except BadInput as exc:
-            raise BadInput(f"{where}pipelines[{i}] ({p.name}): {exc}") from None
 
 
 def check_link(eff: Effective) -> str | None:
@@ -105,6 +84,8 @@ class Agent:
         self.started = time.monotonic()
         self.topics = Topics(eff.config.mqtt.prefix, eff.device_id)
         self.pipelines: dict[str, Pipeline] = {}
+        self._slots: dict[str, ModelSlot] = {}
+        """The model slot of each pipeline name: kept when a reload rebuilds the pipeline (agent.slot)."""
         self._lock = threading.Lock()  # pipelines dict: the command worker changes it, status reads it
         backend = eff.config.agent.backend
         self.backend_name: str | None = None if backend == "auto" else backend
@@ -112,6 +93,7 @@ class Agent:
         self.state: AgentState | None = None
         self.link: Link | None = None
         self.commands: CommandBus | None = None
+        self.actions = Actions(self)
         self.backend: Backend | None = None
         self.store: ModelStore | None = None
         self.delivery: DeliveryService | None = None
@@ -162,7 +144,8 @@ class Agent:
             from agent.ota import make_service
 
             self.delivery = make_service(self.eff, self.link, self.store, self.backend.name, self.backend_name,
-                                         hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop)
+                                         hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop,
+                                         watchdog=self.watchdog)
         self._prepare_reporting()
 
     def _prepare_reporting(self) -> None:
@@ -208,15 +191,17 @@ class Agent:
         return {"queued": st.queued, "dropped": st.dropped, "bytes": st.bytes}
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline:
+        slot = self._slots.get(settings.name)
         p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
                      backend=self.backend_name, sink=self._spool_result, stop=self.stop,
-                     ring_size=self.eff.config.telemetry.ring_size)
+                     ring_size=self.eff.config.telemetry.ring_size, slot=slot)
+        self._slots[settings.name] = p.slot
         p.on_state = self._announce
         p.watchdog = self.watchdog
-        if self.store is not None:
-            p.model_source = self._delivered
+        if self.store is not None and slot is None:
+            p.slot.model_source = self._delivered
             with contextlib.suppress(BadInput):  # reported when the loop starts
-                p.spec = p.configured_spec()  # for status, before the model loads
+                p.slot.spec = p.slot.configured_spec()  # for status, before the model loads
         return p
 
     def _delivered(self, configured: ModelSpec) -> ModelSpec | None:
@@ -233,7 +218,7 @@ class Agent:
         """How delivery reaches the live pipelines running model `name` (None: none runs it now)."""
         from agent.ota import ModelPipelines
 
-        chosen = [p for p in self._pipeline_list() if p.running and p.spec is not None and p.spec.name == name]
+        chosen = [p.slot for p in self._pipeline_list() if p.running and p.spec is not None and p.spec.name == name]
         return ModelPipelines(chosen).hooks() if chosen else None
 
     def _spool_result(self, pipeline: str, payload: dict[str, Any]) -> None:
@@ -246,13 +231,13 @@ class Agent:
         self._install_signals()
         assert self.link is not None and self.commands is not None
         logger.info("lepton-agent %s: device %s, profile %s, %d pipelines", __version__, self.eff.device_id,
-                    self.eff.profile.name, len(self.pipelines))
+                    self.eff.profile.name, len(self._pipeline_list()))
         self.link.heartbeat = self.watchdog.register("mqtt")
         self.link.start()
         self.commands.start()
         if self.delivery is not None:
             self.delivery.recover()  # a model left on trial by a stop or crash is not what the pipelines start on
-        for p in self.pipelines.values():
+        for p in self._pipeline_list():  # the command worker runs already: a reload may change them
             if p.settings.enabled:
                 p.start()
         if self.delivery is not None:
@@ -275,9 +260,10 @@ class Agent:
     def status_line(self) -> str:
         """The short state systemctl shows (sd_notify STATUS=)."""
         link = "online" if self.link is not None and self.link.connected.is_set() else "offline"
-        running = sum(1 for p in self.pipelines.values() if p.stats.state == "running")
+        pipelines = self._pipeline_list()  # under the lock: `reload` changes them in the command worker
+        running = sum(1 for p in pipelines if p.stats.state == "running")
         queued = self.spool.stats().queued if self.spool is not None else 0
-        return f"{link}; {running}/{len(self.pipelines)} pipelines running; {queued} results queued"
+        return f"{link}; {running}/{len(pipelines)} pipelines running; {queued} results queued"
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -295,9 +281,11 @@ class Agent:
         deadline = time.monotonic() + SHUTDOWN_S
         self.stop.set()
         self.notifier.stopping()
-        for p in self.pipelines.values():
+        # A copy taken under the lock; a pipeline a reload adds after it ends at once (`stop` is set).
+        pipelines = self._pipeline_list()
+        for p in pipelines:
             p.halt()
-        for p in self.pipelines.values():
+        for p in pipelines:
             if not p.join(max(0.0, min(2.0, deadline - time.monotonic() - 1.5))):
                 logger.warning("pipeline %s did not stop in time", p.name)
         if self.commands is not None:
@@ -361,156 +349,12 @@ class Agent:
         if self.link is not None:
             self.link.send(self.topics.reply, reply)
 
-    # -- command handlers (run in the command worker) ------------------------------------------
-
     def _handlers(self) -> dict[str, Handler]:
-        return {
-            "ping": lambda c: {"pong": True, "agent": __version__,
-                               "uptime_s": round(time.monotonic() - self.started, 1)},
-            "status": lambda c: self.status_snapshot(),
-            "start": self._cmd_start,
-            "stop": self._cmd_stop,
-            "configure": self._cmd_configure,
-            "reload": lambda c: self.reload(),
-            "bench": self._cmd_bench,
-            "deploy": self._cmd_delivery,
-            "rollback": self._cmd_delivery,
-            "models": self._cmd_delivery,
-        }
-
-    def _cmd_delivery(self, command: Command) -> dict[str, Any]:
-        """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""
-        from agent.delivery.reasons import DeliveryError, Reason
-        from agent.ota import rollback_to_configured, shadow_request
-
-        if self.delivery is None:
-            raise CommandError("unsupported", "model delivery is off in this agent's config (delivery.enabled)")
-        if isinstance(command, Rollback):
-            busy = self.delivery.store.pending().get(command.model)
-            if busy is not None:
-                # The deployment owns the pipelines and the store's record until it ends; a rollback now would
-                # be undone by its commit or its own undo. It rolls back by itself if it fails its probation.
-                raise CommandError("failed", f"{command.model}@{busy.get('version')} is being deployed; roll back "
-                                             f"once its deployment has ended (it rolls back by itself if it fails)")
-        args = command.model_dump(exclude={"shadow"})
-        if isinstance(command, Deploy) and command.shadow is not None:
-            args["shadow"] = shadow_request(self.eff.config.delivery.shadow,
-                                            command.shadow.model_dump(exclude_none=True))
-        try:
-            try:
-                result = self.delivery.handle(command.action, args)
-            except DeliveryError as exc:
-                # The store keeps nothing older: the config's own model is the first known good.
-                if not (isinstance(command, Rollback) and exc.reason is Reason.NOT_KEPT):
-                    raise
-                restored = rollback_to_configured(self.delivery, self._pipeline_list(), command.model,
-                                                  command.version, command.id)
-                if restored is None:
-                    raise
-                result = restored
-        except BadInput as exc:
-            raise CommandError("bad_request", str(exc)) from None
-        except DeliveryError as exc:
-            raise CommandError("not_found" if exc.reason is Reason.NOT_KEPT else "failed", str(exc)) from None
-        if command.action == "rollback":
-            self._announce()
-        return result
-
-    def _chosen(self, name: str | None) -> list[Pipeline]:
-        with self._lock:
-            if name is None:
-                return list(self.pipelines.values())
-            if name not in self.pipelines:
-                raise CommandError("not_found", f"pipeline {name!r}: no such pipeline "
-                                                f"(have: {', '.join(self.pipelines) or 'none'})")
-            return [self.pipelines[name]]
-
-    def _cmd_start(self, command: Command) -> dict[str, Any]:
-        assert isinstance(command, Start)
-        chosen = self._chosen(command.pipeline)
-        for p in chosen:
-            p.start()
-        self._announce()
-        return {"pipelines": [p.describe() for p in chosen]}
-
-    def _cmd_stop(self, command: Command) -> dict[str, Any]:
-        assert isinstance(command, Stop)
-        chosen = self._chosen(command.pipeline)
-        for p in chosen:
-            p.halt()
-        for p in chosen:
-            p.join(3.0)
-        self._announce()
-        return {"pipelines": [p.describe() for p in chosen]}
-
-    def _cmd_configure(self, command: Command) -> dict[str, Any]:
-        assert isinstance(command, Configure)
-        (p,) = self._chosen(command.pipeline)
-        policy = command.policy.apply(p.settings.policy) if command.policy is not None else None
-        settings = p.reconfigure(threshold=command.threshold, fps=command.fps, policy=policy)
-        self._announce()
-        return {"pipeline": p.describe(), "policy": settings.policy.model_dump(mode="json")}
-
-    def _cmd_bench(self, command: Command) -> dict[str, Any]:
-        assert isinstance(command, Bench)
-        from agent.bench import bench
-        from agent.runtime import Model
-        from agent.tasks import Inference
-
-        (p,) = self._chosen(command.pipeline)
-        spec = load_spec(p.settings.model, p.settings.labels)
-        # A second interpreter: the pipeline's own is busy in its thread.
-        model = Model(spec.path, backend=self.backend_name, threads=self.eff.profile.threads)
-        runner = build_runner(model, spec, p.settings.task)
-        if not isinstance(runner, Inference):
-            raise CommandError("unsupported", f"pipeline {p.name}: bench runs per-item models only")
-        return bench(runner, [], runs=command.runs, warmup=min(10, command.runs))
+        return self.actions.handlers()
 
     def _announce(self) -> None:
         if self.link is not None:
             self.link.announce()
-
-    def reload(self) -> dict[str, Any]:
-        """Read the config file again; pipelines that changed are restarted, new ones started,
-        removed ones stopped. Link and agent settings need a restart (reported, not applied)."""
-        try:
-            fresh = load(self.eff.path)
-            check_pipelines(fresh)
-        except BadInput as exc:
-            raise CommandError("bad_config", str(exc)) from None
-        old, new = self.eff.config, fresh.config
-        restart_needed = [k for k in ("agent", "mqtt", "spool", "profile", "telemetry", "governor", "homeassistant",
-                                      "prometheus") if getattr(old, k) != getattr(new, k)]
-        before = {p.name: p for p in old.pipelines}
-        after = {p.name: p for p in new.pipelines}
-        report: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "unchanged": []}
-        for name in before.keys() - after.keys():
-            self._retire(name)
-            report["removed"].append(name)
-        for name, settings in after.items():
-            if name in before and before[name] == settings:
-                report["unchanged"].append(name)
-                continue
-            if name in before:
-                self._retire(name)
-                report["restarted"].append(name)
-            else:
-                report["added"].append(name)
-            p = self._pipeline(settings)
-            with self._lock:
-                self.pipelines[name] = p
-            if settings.enabled:
-                p.start()
-        self.eff = self.eff.model_copy(update={"config": old.model_copy(update={"pipelines": new.pipelines})})
-        self._announce()
-        return {**{k: sorted(v) for k, v in report.items()}, "restart_needed": restart_needed}
-
-    def _retire(self, name: str) -> None:
-        with self._lock:
-            p = self.pipelines.pop(name, None)
-        if p is not None:
-            p.halt()
-            p.join(3.0)
 
 
 def run(config: str | None) -> int:

@@ -161,7 +161,7 @@ class Governor:
     # -- what a level means for a pipeline -----------------------------------------------------------
 
     def _plan(self, pipeline: Pipeline) -> _Plan:
-        base = pipeline.base_spec
+        base = pipeline.slot.base_spec
         key = (id(pipeline), None if base is None else base.path, None if base is None else base.manifest_path)
         plan = self._plans.get(pipeline.name)
         if plan is None or plan.key != key:
@@ -227,7 +227,7 @@ class Governor:
 
     def _switch(self, pipeline: Pipeline, variant: ModelVariant | None) -> bool:
         try:
-            pipeline.use_variant(variant)
+            pipeline.slot.use_variant(variant)
         except BadInput as exc:
             if variant is not None:
                 self._plan(pipeline).broken.add(variant.file)

@@ -13,6 +13,7 @@ SubGraph, Tensor, Operator, Buffer). Field numbers below are that schema's.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ _OP_OPCODE_INDEX, _OP_INPUTS, _OP_OUTPUTS = 0, 1, 2
 _B_DATA, _B_OFFSET, _B_SIZE = 0, 1, 2
 
 CUSTOM = 32  # BuiltinOperator.CUSTOM
+# TensorType -> bytes per element. Unknown types count 8 (the widest scalar): this is an upper bound.
+_TYPE_BYTES = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 5: 1, 6: 1, 7: 2, 8: 8, 9: 1, 10: 8, 11: 16, 12: 8, 13: 8, 14: 8,
+               15: 4, 16: 2, 17: 1, 18: 2}
 FLOAT_TYPES = frozenset({0, 1, 10, 16})  # TensorType FLOAT32, FLOAT16, FLOAT64, BFLOAT16
 
 
@@ -137,6 +141,10 @@ class ModelFile:
     has_signatures: bool
     tensor_types: tuple[int, ...]
     """TensorType of every tensor of the main subgraph, by tensor index."""
+    arena_bound: int = 0
+    """Bytes of every tensor that is not a constant (shape x element size, over all subgraphs): an upper
+    bound of the arena an interpreter allocates, known before one is made. A flipped byte in a shape
+    makes it absurd, and the delivery self-test refuses such a model before loading it."""
 
     def is_float(self, tensor_index: int) -> bool:
         return 0 <= tensor_index < len(self.tensor_types) and self.tensor_types[tensor_index] in FLOAT_TYPES
@@ -173,25 +181,29 @@ def _walk(path: Path, r: _Reader) -> ModelFile:
         if builtin == CUSTOM:
             custom.append(code.string(_OC_CUSTOM_CODE) or "?")
     buffers = model.tables(_M_BUFFERS)
+    constant: list[bool] = []
     for k, buffer in enumerate(buffers):
-        buffer.vector(_B_DATA, 1)
+        _, data_len = buffer.vector(_B_DATA, 1)
         offset, size = buffer.scalar(_B_OFFSET, "Q", 0), buffer.scalar(_B_SIZE, "Q", 0)
         if offset > 1 and offset + size > r.n:
             raise _Corrupt(f"buffer {k} ends at byte {offset + size}, the file has {r.n}")
+        constant.append(data_len > 0 or (offset > 1 and size > 0))
     subgraphs = model.tables(_M_SUBGRAPHS)
     if not subgraphs:
         raise _Corrupt("no subgraph")
-    n_ops = 0
+    n_ops = arena = 0
     main_types: list[int] = []
     for k, sg in enumerate(subgraphs):
         tensors = sg.tables(_SG_TENSORS)
         if k == 0:
             main_types = [t.scalar(_T_TYPE, "b", 0) for t in tensors]
         for t in tensors:
-            t.vector(_T_SHAPE, 4)
+            shape = t.ints(_T_SHAPE)
             b = t.scalar(_T_BUFFER, "I", 0)
             if b >= max(len(buffers), 1):
                 raise _Corrupt(f"tensor refers to buffer {b} of {len(buffers)}")
+            if not (b < len(constant) and constant[b]):
+                arena += _TYPE_BYTES.get(t.scalar(_T_TYPE, "b", 0), 8) * math.prod(max(d, 1) for d in shape)
         for idx in sg.ints(_SG_INPUTS) + sg.ints(_SG_OUTPUTS):
             if not 0 <= idx < len(tensors):
                 raise _Corrupt(f"subgraph input/output {idx} is not a tensor")
@@ -211,4 +223,5 @@ def _walk(path: Path, r: _Reader) -> ModelFile:
         custom_ops=tuple(dict.fromkeys(custom)),
         has_signatures=n_sigs > 0,
         tensor_types=tuple(main_types),
+        arena_bound=arena,
     )

@@ -1,12 +1,14 @@
 """The daemon's side of model delivery: the service made from the config, and the pipelines it reaches.
 
-`DeliveryService` sees pipelines only through `PipelineHooks` (docs/delivery.md §8). A model
-name may run in several pipelines (two cameras, one detector); `ModelPipelines` makes those
-look like one: the swap goes into each of them (the first takes the self-tested runner, the
-others load their own interpreter of the same file, since an interpreter belongs to one
-thread), their health counters are summed, and a shadow trial and the self-test's sample
-item use the first. Only pipelines whose loop is alive take part; a stopped one picks the
-store's active model up when it starts again (`delivered_spec`).
+`DeliveryService` sees pipelines only through `PipelineHooks` (docs/delivery.md §8), and those
+reach the pipelines' model slots (`agent.slot`), never their loops: a reload that rebuilds a
+loop keeps its slot, so a deployment in probation goes on judging, and if need be undoing,
+the model that runs. A model name may run in several pipelines (two cameras, one detector);
+`ModelPipelines` makes their slots look like one: the swap goes into each of them (the first
+takes the self-tested runner, the others load their own interpreter of the same file, since
+an interpreter belongs to one thread), their health counters are summed, and a shadow trial
+and the self-test's sample item use the first. Only pipelines whose loop is alive take part;
+a stopped one picks the store's trial or active model up when it starts again (`delivered_spec`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from agent.delivery.transport import Link
 from agent.errors import BadInput, LeptonError
 from agent.manifest import ModelSpec, load_spec
 from agent.mqtt.topics import FleetTopics
-from agent.pipeline import Pipeline, build_runner
+from agent.pipeline import Pipeline
 from agent.runtime import Model
+from agent.sdnotify import Watchdog
+from agent.slot import ModelSlot, build_runner
 from agent.tasks.base import Runner
 from agent.tomlpos import find_line
 from agent.version import Version, version_key
@@ -106,6 +110,7 @@ def delivery_settings(eff: Effective, backend: str | None) -> DeliverySettings:
                                   stall_timeout=d.chunk_timeout_s),
         probation=ProbationSettings(window_s=d.probation_s, stall_s=d.stall_s),
         latency_budget_ms=eff.profile.selftest_latency_ms,
+        memory_budget=int(eff.profile.memory_budget_mb * MIB),
         shadow_timeout_s=d.shadow.timeout_s,
         backend=backend,
         threads=min(eff.profile.threads, os.cpu_count() or 1),
@@ -118,12 +123,23 @@ def open_store(eff: Effective) -> ModelStore:
 
 
 def make_service(eff: Effective, link: Link, store: ModelStore, backend: str, backend_option: str | None,
-                 hooks: Any, baseline: Any, stop: threading.Event) -> DeliveryService:
-    return DeliveryService(
+                 hooks: Any, baseline: Any, stop: threading.Event, watchdog: Watchdog | None = None) -> DeliveryService:
+    service = DeliveryService(
         link, store, trusted_keys(eff), device_policy(eff, backend),
         device_id=eff.device_id, topics=FleetTopics(eff.config.mqtt.prefix),
         settings=delivery_settings(eff, backend_option), hooks=hooks, baseline=baseline, stop=stop,
     )
+    if watchdog is not None:
+        def overrun(over: bool) -> None:
+            # A heart that never beats: systemd's watchdog ends a self-test stuck in the runtime (and the
+            # agent); at the next start the self-test marker rolls that deployment back, not tried again.
+            if over:
+                watchdog.register("delivery self-test")
+            else:
+                watchdog.unregister("delivery self-test")
+
+        service.overrun = overrun
+    return service
 
 
 def shadow_request(defaults: ShadowDefaults, given: dict[str, Any]) -> dict[str, Any]:
@@ -192,8 +208,8 @@ def rollback_to_configured(service: DeliveryService, pipelines: list[Pipeline], 
     try:
         for p, spec in chosen:
             if p.running:  # a stopped pipeline loads it when it starts (the store no longer names a model)
-                model, runner = p.prepare(spec)
-                undos.append(p.swap_model(spec, runner, model))
+                model, runner = p.slot.prepare(spec)
+                undos.append(p.slot.swap(spec, runner, model))
     except LeptonError as exc:
         for undo in reversed(undos):
             undo()
@@ -209,12 +225,12 @@ def rollback_to_configured(service: DeliveryService, pipelines: list[Pipeline], 
 
 
 class ModelPipelines:
-    """The running pipelines of one model name, as one `PipelineHooks` for the delivery service."""
+    """The model slots of the running pipelines of one model name, as one `PipelineHooks`."""
 
-    def __init__(self, pipelines: list[Pipeline]) -> None:
-        assert pipelines
-        self.pipelines = pipelines
-        self.lead = pipelines[0]
+    def __init__(self, slots: list[ModelSlot]) -> None:
+        assert slots
+        self.slots = slots
+        self.lead = slots[0]
 
     def hooks(self) -> PipelineHooks:
         return PipelineHooks(swap=self.swap, health=self.health, attach=self.attach, fit=self.fit,
@@ -224,11 +240,11 @@ class ModelPipelines:
         return build_runner(model, spec, self.lead.settings.task)
 
     def swap(self, prepared: Prepared) -> Any:
-        undos = [self.lead.swap_model(prepared.spec, prepared.runner, prepared.model)]
+        undos = [self.lead.swap(prepared.spec, prepared.runner, prepared.model)]
         try:
-            for p in self.pipelines[1:]:
-                model, runner = p.prepare(prepared.spec)
-                undos.append(p.swap_model(prepared.spec, runner, model))
+            for slot in self.slots[1:]:
+                model, runner = slot.prepare(prepared.spec)
+                undos.append(slot.swap(prepared.spec, runner, model))
         except LeptonError:
             for undo in reversed(undos):
                 undo()
@@ -241,7 +257,7 @@ class ModelPipelines:
         return undo_all
 
     def health(self) -> PipelineHealth:
-        states = [p.health() for p in self.pipelines]
+        states = [slot.health() for slot in self.slots]
         errors = [h.last_error for h in states if h.last_error]
         return PipelineHealth(items=sum(h.processed for h in states), errors=sum(h.errors for h in states),
                               restarts=sum(h.restarts for h in states), last_error=errors[0] if errors else None)

@@ -300,10 +300,16 @@ class Model:
         the interpreter is rebuilt; `generation` tells view holders to rebind.
         """
         if any(op.name == "VAR_HANDLE" for op in self.ops):
-            self._views = _Views()
-            del self._interp
-            self._open()
-            self._take_views()
+            # The old interpreter stays until the new one is complete: a reopen that fails (the file
+            # replaced or gone meanwhile) leaves this Model as it was, usable, and says so (BadInput).
+            kept = (self._interp, self.ops, self._invoke, self._dynamic_outputs, self._checked_outputs, self._views)
+            try:
+                self._open()
+                self._take_views()
+            except BaseException:
+                (self._interp, self.ops, self._invoke, self._dynamic_outputs, self._checked_outputs,
+                 self._views) = kept
+                raise
             self.generation += 1
         else:
             self._interp.reset_all_variables()

@@ -16,6 +16,7 @@ SIGKILLed mosquitto loses what it had not saved; not the agent's to keep), `drop
 new `online`), `half_open_detect_s` (fault → agent drops the dead link), `peak_spool_bytes`.
 
     scripts/faults.py [--n 10000] [--outage 30] [--keepalive 4] [--only broker_sigterm,...]
+    scripts/faults.py --quick        # every scenario, N=600, 4 s outages: a few minutes; prints a table
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from broker import Broker, Watcher  # noqa: E402
+
+QUICK: dict[str, Any] = {"n": 600, "rate": 60, "outage": 4.0, "keepalive": 2, "finish_timeout": 40.0}
+"""`--quick`: every scenario in a few minutes on 2 cores (the full run's figures need the defaults)."""
 
 SCENARIOS = ("baseline", "broker_sigterm", "broker_sigkill", "broker_sigstop", "proxy_blackhole", "proxy_reset",
              "agent_sigkill_broker_down", "spool_overflow")
@@ -306,14 +310,14 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     expected = args.n
     try:
         run.start_agent()
-        run.wait_received(min(2000, args.n // 5))
+        run.wait_received(max(1, min(2000, args.n // 5)), timeout=args.finish_timeout)
         if name in ("broker_sigterm", "broker_sigkill", "spool_overflow"):
             (run.broker.stop if name != "broker_sigkill" else run.broker.kill)()
             pause = threading.Event()
             pause.wait(args.outage)
             back = time.time()
             run.broker.start()
-            extra["reconnect_s"] = run.online_after(back)
+            extra["reconnect_s"] = run.online_after(back, timeout=args.finish_timeout)
         elif name == "broker_sigstop":
             frozen = time.time()
             run.broker.freeze()
@@ -321,7 +325,7 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
             back = time.time()
             run.broker.thaw()
             extra["half_open_detect_s"] = run.dropped_link_after(frozen)
-            extra["reconnect_s"] = run.online_after(back)
+            extra["reconnect_s"] = run.online_after(back, timeout=args.finish_timeout)
         elif name == "proxy_blackhole":
             dark = time.time()
             run.proxy.blackhole()
@@ -329,16 +333,19 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
             back = time.time()
             run.proxy.heal()
             extra["half_open_detect_s"] = run.dropped_link_after(dark)
-            extra["reconnect_s"] = run.online_after(back)
+            extra["reconnect_s"] = run.online_after(back, timeout=args.finish_timeout)
         elif name == "proxy_reset":
             back = time.time()
             run.proxy.reset()
-            extra["reconnect_s"] = run.online_after(back)
+            extra["reconnect_s"] = run.online_after(back, timeout=args.finish_timeout)
         elif name == "agent_sigkill_broker_down":
             run.broker.stop()
+            # Some rows spooled while the broker is away, then the kill; bounded by N and by time, since a
+            # short stream may end before that many rows pile up.
             before = run.spool_state()[0]
-            waiting = threading.Event()
-            while run.spool_state()[0] < before + 500 and not waiting.wait(0.1):
+            want = before + max(1, min(500, args.n // 4))
+            waiting, deadline = threading.Event(), time.monotonic() + max(10.0, 3 * args.outage)
+            while run.spool_state()[0] < want and time.monotonic() < deadline and not waiting.wait(0.1):
                 pass
             assert run.agent is not None
             run.agent.send_signal(signal.SIGKILL)
@@ -348,8 +355,8 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
             back = time.time()
             run.broker.start()
             run.start_agent()
-            extra["reconnect_s"] = run.online_after(back)
-        result = run.finish(expected)
+            extra["reconnect_s"] = run.online_after(back, timeout=args.finish_timeout)
+        result = run.finish(expected, timeout=args.finish_timeout)
     finally:
         run.close()
     return {"scenario": name, **result, **extra}
@@ -362,18 +369,54 @@ def main() -> int:
     parser.add_argument("--outage", type=float, default=30.0, help="seconds the broker stays down (default 30)")
     parser.add_argument("--keepalive", type=int, default=4, help="agent keepalive in seconds (default 4)")
     parser.add_argument("--only", help="comma-separated scenarios: " + ", ".join(SCENARIOS))
+    parser.add_argument("--quick", action="store_true",
+                        help="every scenario with small N and short outages (" +
+                             " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in QUICK.items()) + "): minutes")
+    parser.add_argument("--finish-timeout", type=float, default=300.0,
+                        help="longest wait for the stream and the spool to drain, per scenario (default 300)")
     args = parser.parse_args()
+    if args.n < 1 or args.outage < 0 or args.keepalive < 1 or not 1 <= args.rate <= 240:
+        print("faults: --n and --keepalive must be >= 1, --outage >= 0, --rate 1..240", file=sys.stderr)
+        return 2
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
     chosen = args.only.split(",") if args.only else list(SCENARIOS)
+    unknown = [c for c in chosen if c not in SCENARIOS]
+    if unknown:
+        print(f"faults: unknown scenario {', '.join(unknown)} (known: {', '.join(SCENARIOS)})", file=sys.stderr)
+        return 2
     report: dict[str, Any] = {"n": args.n, "rate": args.rate, "outage_s": args.outage, "keepalive_s": args.keepalive,
                               "targets": {"lost": 0, "order_inversions": 0, "reconnect_s": "<= 2",
                                           "half_open_detect_s": f"<= {1.5 * args.keepalive:g}"},
                               "scenarios": []}
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    started = time.monotonic()
     for name in chosen:
         print(f"faults: {name}", file=sys.stderr, flush=True)
         report["scenarios"].append(scenario(name, args))
+        print(table(report["scenarios"][-1:], header=len(report["scenarios"]) == 1), file=sys.stderr, flush=True)
+    report["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(report, indent=2))
+    print(table(report["scenarios"]), file=sys.stderr)
     return 0
+
+
+COLUMNS = ("scenario", "results", "received", "lost", "lost_by_broker", "dropped_by_spool", "duplicates",
+           "order_inversions", "reconnect_s", "half_open_detect_s")
+
+
+def table(rows: list[dict[str, Any]], header: bool = True) -> str:
+    """The scenarios as a fixed-width text table (the JSON on stdout has every figure)."""
+    def cell(v: Any) -> str:
+        return "-" if v is None else str(v)
+
+    widths = [max(len(c), 24 if c == "scenario" else 0) for c in COLUMNS]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(COLUMNS, widths, strict=True)))]
+    for r in rows:
+        lines.append("  ".join(cell(r.get(c)).rjust(w) if i else cell(r.get(c)).ljust(w)
+                               for i, (c, w) in enumerate(zip(COLUMNS, widths, strict=True))))
+    return "\n".join(lines if header else lines[1:])
 
 
 if __name__ == "__main__":

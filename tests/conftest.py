@@ -77,7 +77,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 RUNTIME_INDEPENDENT = frozenset({
     "test_agreement", "test_commands", "test_config", "test_delivery", "test_delivery_crash", "test_demo",
     "test_fleet_cli", "test_install", "test_link", "test_policy", "test_sdnotify", "test_spool",
-    "test_synthetic", "test_systemd_notify", "test_systemd_unit",
+    "test_synthetic", "test_systemd_notify", "test_systemd_unit", "test_corrupt_state", "test_delivery_pending",
 })
 
 

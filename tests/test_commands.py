@@ -87,6 +87,10 @@ def test_handler_errors_become_replies(bus: Bus) -> None:
     ('{"id": "x", "action": "ping", "extra": 1}', "bad_request", "extra: unknown field"),
     ('{"id": "x", "action": "configure", "pipeline": "p", "threshold": "high"}', "bad_request", "threshold"),
     ('{"id": "x", "action": "configure", "pipeline": "p", "threshold": 3}', "bad_request", "threshold"),
+    ('{"id": "x", "action": "configure", "pipeline": "p", "threshold": "0.3"}', "bad_request", "threshold"),
+    ('{"id": "x", "action": "configure", "pipeline": "p", "fps": 5e-324}', "bad_request", "fps"),
+    ('{"id": "x", "action": "configure", "pipeline": "p", "fps": 0.001}', "bad_request", "fps"),
+    ('{"id": "x", "action": "configure", "pipeline": "p", "fps": "5"}', "bad_request", "fps"),
     ('{"id": "x", "action": "configure", "pipeline": "a/b"}', "bad_request", "pipeline"),
     ('{"id": "x", "action": "configure", "pipeline": "p", "policy": {"max_rate": -1}}', "bad_request",
      "policy.max_rate"),
@@ -193,3 +197,48 @@ def test_flood_is_dropped_and_counted_without_blocking(tmp_path: Path) -> None:
     stop.set()
     bus.close(5)
     assert any(r["id"] == "after" and r["ok"] for r in replies)
+
+
+# -- fault 5: an id that was claimed is answered exactly once, whatever happens after the claim -----------------
+
+
+def test_a_result_json_cannot_carry_is_answered_once(bus: Bus) -> None:
+    bus.bus.handlers["ping"] = lambda c: {"score": float("nan")}
+    _error(bus.send('{"id": "nan", "action": "ping"}'), "nan", "failed")
+    again = bus.send('{"id": "nan", "action": "ping"}')  # a retry gets the same answer, not "already running"
+    assert again == bus.replies[0] and len(bus.replies) == 2
+
+
+def test_a_record_that_cannot_be_written_still_answers_once(bus: Bus) -> None:
+    bus.state.close()  # every write now raises sqlite3.ProgrammingError
+    reply = bus.send('{"id": "r", "action": "ping"}')
+    _error(reply, "r", "failed")
+    assert bus.replies == [reply]
+
+
+def test_a_command_interrupted_by_a_crash_is_answered_at_the_next_start(tmp_path: Path) -> None:
+    state = AgentState(tmp_path / "agent.sqlite3")
+    assert state.claim_command("mid") == (True, None)  # claimed, then the process died
+    state.close()
+    bus = Bus(tmp_path)
+    bus.bus.recover()
+    assert len(bus.replies) == 1
+    _error(bus.replies[0], "mid", "interrupted")
+    retry = bus.send('{"id": "mid", "action": "ping"}')
+    assert retry == bus.replies[0] and bus.executed == []
+
+
+def test_an_answer_given_later_leaves_the_worker_free_and_is_sent_once(bus: Bus) -> None:
+    from agent.commands import Later
+
+    pending = Later()
+    bus.bus.handlers["bench"] = lambda c: pending
+    assert bus.send('{"id": "slow", "action": "bench", "pipeline": "p"}') is None  # not answered yet
+    assert bus.send('{"id": "next", "action": "ping"}') is not None  # the worker went on
+    assert bus.send('{"id": "slow", "action": "bench", "pipeline": "p"}') is None  # a retry: still running
+    pending.done({"score": float("nan")})  # even a result JSON cannot carry is answered, once
+    pending.done({"items": 1})
+    slow = [r for r in bus.replies if r["id"] == "slow"]
+    assert len(slow) == 1
+    _error(slow[0], "slow", "failed")
+    assert bus.send('{"id": "slow", "action": "bench", "pipeline": "p"}') == slow[0]

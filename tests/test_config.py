@@ -97,6 +97,10 @@ def test_second_pipeline_error_points_at_its_line(tmp_path: Path, fixtures: Path
         ('[agent.extra]\nx = 1\n', "", ("agent.extra", "unknown key")),
         ("", 'task = 5\n', ("pipelines[0].task",)),
         ("", "fps = 0\n", ("pipelines[0].fps",)),
+        ("", 'threshold = "0.3"\n', ("pipelines[0].threshold", "valid number")),  # fault 14a: strict numbers
+        ("", "fps = 5e-324\n", ("pipelines[0].fps",)),  # fault 7: 1/fps would be inf
+        ("", "fps = 0.001\n", ("pipelines[0].fps",)),  # fault 7: one frame in 1,000 s is not a pipeline
+        ("[governor]\nmin_fps = 5e-324\n", "", ("governor.min_fps",)),  # fault 7, through the governor
         ('[agent]\n', "", ("invalid TOML",)),
     ],
 )

@@ -22,6 +22,7 @@ from conftest import ROOT, run_cli
 
 from agent.config import PipelineSettings, SupervisorSection
 from agent.errors import BadInput
+from agent.manifest import load_spec
 from agent.pipeline import Pipeline
 from agent.profiles import load_profile
 from agent.sources.base import Item, Source, register_source
@@ -277,3 +278,84 @@ def test_configuration_problems_are_not_retried(tmp_path: Path, fixtures: Path, 
     assert pipeline.stats.state == "failed" and pipeline.stats.restarts == 0
     with pytest.raises(BadInput):
         raise BadInput(pipeline.stats.last_error or "")
+
+
+class _LockChecked(dict[str, Pipeline]):
+    """The daemon's pipelines, counting every walk over them made without the daemon's lock."""
+
+    def __init__(self, lock: Any, items: dict[str, Pipeline]) -> None:
+        super().__init__(items)
+        self.lock = lock
+        self.unlocked: list[str] = []
+
+    def _check(self, how: str) -> None:
+        if not self.lock.locked():
+            self.unlocked.append(how)
+
+    def values(self) -> Any:
+        self._check("values")
+        return super().values()
+
+    def items(self) -> Any:
+        self._check("items")
+        return super().items()
+
+    def __iter__(self) -> Any:
+        self._check("iter")
+        return super().__iter__()
+
+
+def test_status_line_and_shutdown_walk_the_pipelines_under_the_lock(tmp_path: Path, fixtures: Path) -> None:
+    # Fault 9: `reload` changes the pipelines in the command worker while these walk them.
+    from agent.config_load import load
+    from agent.daemon import Agent
+
+    agent = Agent(load(str(write_config(tmp_path, 1, fixtures))))
+    agent.pipelines[agent.eff.config.pipelines[0].name] = agent._pipeline(agent.eff.config.pipelines[0])
+    checked = _LockChecked(agent._lock, agent.pipelines)
+    agent.pipelines = checked
+    assert "0/1 pipelines running" in agent.status_line()
+    agent.shutdown()
+    assert checked.unlocked == []
+
+
+def test_bench_runs_the_running_model_off_the_command_worker_one_at_a_time(tmp_path: Path, fixtures: Path) -> None:
+    # Fault 11: bench loaded the configured file (not what runs), with uncapped threads, in the command worker.
+    from test_pipeline import Seen
+
+    from agent.commands import Bench, CommandError, Later
+    from agent.config_load import load
+    from agent.daemon import Agent
+    from agent.variants import cheaper_variants
+
+    agent = Agent(load(str(write_config(tmp_path, 1, fixtures))))
+    model = fixtures / "colors_bench_variants.json"
+    p = agent._pipeline(PipelineSettings(name="cam", source="test:colors", model=model))
+    p.sink = lambda name, payload: None  # no spool: the agent is not prepared
+    agent.pipelines["cam"] = p
+    (variant,) = cheaper_variants(load_spec(model))
+    seen = Seen()
+    p.slot.attach(seen)
+    p.start()
+    try:
+        assert seen.more(1)
+        p.slot.use_variant(variant)  # what the governor does under pressure
+        assert seen.more(2) and p.variant == variant.file
+        later = agent.actions.bench(Bench(id="b1", action="bench", pipeline="cam", runs=300))
+        assert isinstance(later, Later)  # answered from its own thread, not the command worker's
+        got: list[Any] = []
+        later.then(lambda result, error: got.append((result, error)))
+        if not later.finished.is_set():
+            with pytest.raises(CommandError) as busy:
+                agent.actions.bench(Bench(id="b2", action="bench", pipeline="cam", runs=5))
+            assert busy.value.code == "busy"
+        assert later.finished.wait(120)
+        result, error = got[0]
+        assert error is None, error
+        assert result["running"] == {"name": "colors-bench", "version": 1, "variant": variant.file}
+        assert Path(result["model"]).name == variant.file
+        assert result["threads"] <= agent.eff.profile.threads
+        assert result["items"] == 300
+    finally:
+        p.halt()
+        p.join(10)

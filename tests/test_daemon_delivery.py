@@ -433,3 +433,52 @@ def test_delivery_off_refuses_its_commands(tmp_path: Path, fixtures: Path) -> No
         assert agent.spool is not None and agent.state is not None
         agent.spool.close()
         agent.state.close()
+
+
+def test_reload_in_probation_keeps_the_pipeline_and_the_store_in_agreement(tmp_path: Path, broker: Broker,
+                                                                         fixtures: Path, keys: Keys,
+                                                                         prefix: str) -> None:
+    # Fault 2: a reload that rebuilt the pipeline left the deployment watching the retired one; it stalled,
+    # the store rolled back, and the new pipeline went on running the model on trial.
+    config = write_config(tmp_path, broker.port, prefix, keys, _pipeline("colors", fixtures, hold=1),
+                          probation_s=8, stall_s=3)
+    with connect(broker.port) as link:
+        publish(link, FleetTopics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, keys)
+    with Watcher(broker.port, [f"{prefix}/{DEVICE}/#"]) as w, Daemon(config) as daemon:
+        w.wait_json("/results/colors", lambda m: len(m) >= 3, timeout=60)
+        assert fleet(broker, prefix, "deploy", "colors@2", "--to", DEVICE, "--no-wait")[0] == 0
+        wait_state(w, 2, "activating")
+        config.write_text(config.read_text().replace("threshold = 0.5", "threshold = 0.4"))
+        rc, (reply,) = fleet(broker, prefix, "cmd", DEVICE, "reload", timeout=30)
+        assert rc == 0 and reply["result"]["restarted"] == ["colors"], reply
+        final = w.wait_json("/deploy", lambda m: any(s["version"] == 2 and s["state"] in ("active", "rolled_back")
+                                                     for s in m), timeout=90)[-1]
+        rc, (models,) = fleet(broker, prefix, "cmd", DEVICE, "models", timeout=20)
+        active = models["result"]["models"]["colors"]["active"] or 1  # None: the config's model, version 1
+        assert active == (2 if final["state"] == "active" else 1), (final, models)
+        seen = len(results(w))
+        got = w.wait_json("/results/colors", lambda m: len(m) >= seen + 10, timeout=60)
+        assert {r["model"]["version"] for r in got[-3:]} == {active}, (final, [r["model"] for r in got[-3:]])
+        assert daemon.terminate(signal.SIGTERM) == 0
+
+
+def test_reload_rotates_trusted_keys_and_names_what_needs_a_restart(tmp_path: Path, broker: Broker, fixtures: Path,
+                                                                    keys: Keys, prefix: str) -> None:
+    # Fault 8: reload ignored [trusted_keys], [supervisor] and [delivery] and said nothing about it.
+    rotated = new_keys()
+    pipeline = _pipeline("colors", fixtures)
+    config = write_config(tmp_path, broker.port, prefix, keys, pipeline)
+    with connect(broker.port) as link:
+        publish(link, FleetTopics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, rotated)
+    with Watcher(broker.port, [f"{prefix}/{DEVICE}/#"]) as w, Daemon(config) as daemon:
+        w.wait_json("/results/colors", lambda m: len(m) >= 3, timeout=60)
+        write_config(tmp_path, broker.port, prefix, rotated, pipeline, probation_s=3.0)
+        config.write_text(config.read_text() + "\n[supervisor]\nmax_restarts = 7\n")
+        rc, (reply,) = fleet(broker, prefix, "cmd", DEVICE, "reload", timeout=30)
+        assert rc == 0, reply
+        rc, (row,) = fleet(broker, prefix, "deploy", "colors@2", "--to", DEVICE)
+        assert rc == 0 and (row["state"], row["active"]) == ("active", 2), row  # signed with the new key
+        assert reply["result"]["applied"] == ["supervisor", "trusted_keys"], reply
+        assert reply["result"]["restart_needed"] == ["delivery"], reply  # probation_s changed
+        assert reply["result"]["unchanged"] == ["colors"]
+        assert daemon.terminate(signal.SIGTERM) == 0

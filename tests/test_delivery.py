@@ -296,8 +296,8 @@ def test_deploy_service_queue_and_resume_pending(link: PahoLink, topics: FleetTo
     svc = service(link, tmp_path / "store", keys, topics, backend)
     svc.stop = stop
     reply = svc.submit_deploy({"model": "colors", "version": 1, "id": "c1"})
-    assert reply == {"queued": True, "model": "colors", "version": 1}
-    assert svc.store.pending()["colors"]["version"] == 1
+    assert reply == {"queued": True, "model": "colors", "version": 1, "deployment": "c1"}
+    assert svc.store.pending()["c1"]["version"] == 1
     publish(link, topics, COLORS, "colors", 1, keys)
     watch = StateWatch(link, topics, "dev1")
     again = service(link, tmp_path / "store", keys, topics, backend).start()

@@ -21,7 +21,17 @@ from typing import Any
 
 import pytest
 from broker import Broker
-from delivery_kit import FIXTURES, Keys, connect, new_keys, publish, service, store_files_are_whole, unique_prefix
+from delivery_kit import (
+    FIXTURES,
+    Keys,
+    StateWatch,
+    connect,
+    new_keys,
+    publish,
+    service,
+    store_files_are_whole,
+    unique_prefix,
+)
 
 from agent.delivery.service import DeployRequest
 from agent.delivery.store import ModelStore
@@ -182,3 +192,26 @@ def test_kill_at_named_points_then_resume(point: str, after_kill: str, crash_bro
     assert device.check() == "new"
     slot = ModelStore(device.store_dir).slot("kt")
     assert slot.previous is not None and slot.previous.sha256 == device.old_sha
+
+
+def test_killed_in_self_test_is_rolled_back_at_the_next_start_not_retried(
+        crash_broker: Broker, tmp_path: Path, backend: str, worker: WorkerServer) -> None:
+    """Issue 12, fault 1: the process dies in the self-test (as the OOM killer does): the next start fails
+    that deployment with a reason instead of resuming it into the same death at every start."""
+    device = Device(crash_broker, tmp_path, backend, worker)
+    rc, _ = device.run("--kill-at", "selftest")
+    assert rc == -signal.SIGKILL
+    assert device.check() == "old"
+    assert [e["version"] for e in ModelStore(device.store_dir).pending().values()] == [2]
+    with connect(device.port) as link:
+        watch = StateWatch(link, device.topics, "dev1")
+        svc = service(link, device.store_dir, device.keys, device.topics, backend)
+        svc.stop.set()  # recover() only: nothing is resumed
+        svc.start()
+        final = watch.wait_terminal(2)
+        svc.join(5)
+    assert final["state"] == "rolled_back" and final["reason"] == "selftest_crashed" and final["active"] == 1
+    store = ModelStore(device.store_dir)
+    assert store.pending() == {} and store.selftest_marker() is None
+    assert device.check() == "old"
+    assert [s["state"] for s in watch.states if s["version"] == 2] == ["rolled_back"]  # not tried again

@@ -138,3 +138,21 @@ def test_model_file_walk_reads_every_real_model(models_dir: Path) -> None:
 def test_unsupported_op_is_bad_input(fixtures: Path) -> None:
     with pytest.raises(BadInput, match=r"flex_op\.tflite: op not supported by .*Flex"):
         Model(fixtures / "flex_op.tflite")
+
+
+def test_a_failed_state_reset_keeps_the_working_interpreter(tmp_path: Path, fixtures: Path) -> None:
+    # Fault 14b: the rebuild reads the file again; when that fails the Model must not be left without one.
+    path = tmp_path / "counter.tflite"
+    path.write_bytes((fixtures / "counter_stateful.tflite").read_bytes())
+    model = Model(path, threads=1)
+    ones = np.ones(model.inputs[0].shape, np.float32)
+    out = np.empty(int(np.prod(model.outputs[0].shape)), np.float32)
+    model.quantize_into(0, ones)
+    model.invoke()
+    path.write_bytes(b"not a model any more")
+    with pytest.raises(BadInput, match="cannot load model"):
+        model.reset_state()
+    model.quantize_into(0, ones)
+    model.invoke()
+    assert float(model.dequantize_output(0, out)[0]) == 2.0  # the same interpreter, its state kept
+    assert model.generation == 0

@@ -103,7 +103,13 @@ class Activation:
             self.store.abort_trial(stored.name)
             raise DeliveryError(Reason.SWAP_FAILED, f"the pipeline refused the model: {exc}") from None
         try:
-            self._probation(base, lambda p: self.report(state(State.ACTIVATING, p)))
+            try:
+                self._probation(base, lambda p: self.report(state(State.ACTIVATING, p)))
+            except DeliveryError:
+                raise
+            except Exception as exc:  # a health read that fails is a failed probation, never a swap left behind
+                raise DeliveryError(Reason.PIPELINE_CRASHED, f"reading the pipeline's health failed: "
+                                                             f"{type(exc).__name__}: {exc}") from None
         except DeliveryError as exc:
             if exc.reason is Reason.STOPPED:
                 # Leave the trial recorded: the next start rolls back to the last known good.
@@ -114,7 +120,17 @@ class Activation:
             finally:
                 self.store.abort_trial(stored.name)
             raise
-        self.store.commit_trial(stored.name)
+        try:
+            self.store.commit_trial(stored.name)
+        except DeliveryError as exc:
+            # The index cannot say the new model is active (disk full): what runs must be what a restart
+            # would run, so back to the last known good, like any failed probation.
+            logger.warning("%s@%s: rolling back (%s)", stored.name, stored.version, exc)
+            try:
+                undo()
+            finally:
+                self.store.abort_trial(stored.name)
+            raise
         failpoints.reach("after_activate", sha256=stored.sha256)
         return stored
 

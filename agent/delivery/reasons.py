@@ -41,6 +41,12 @@ class Reason(StrEnum):
     NOT_KEPT = "not_kept"
     """A rollback asked for a version this device does not keep."""
     # Activation.
+    MEMORY_BUDGET = "memory_budget"
+    """The model's tensors (bounded from the file, before loading) would not fit the profile's memory budget."""
+    SELFTEST_TIMEOUT = "selftest_timeout"
+    """Loading and the sample inferences took longer than the self-test's time budget."""
+    SELFTEST_CRASHED = "selftest_crashed"
+    """The agent died (out of memory, killed, crashed) while self-testing this model; it is not tried again."""
     LOAD_FAILED = "load_failed"
     """The runtime refuses the file (corrupt, unsupported op)."""
     INPUT_SHAPE = "input_shape"
@@ -65,6 +71,8 @@ class Reason(StrEnum):
     """In a shadow trial the new model agreed with the active one less often than required."""
     SHADOW_LATENCY = "shadow_latency"
     """In a shadow trial the new model was slower than allowed."""
+    QUEUE_FULL = "queue_full"
+    """The device has as many deployments pending as it accepts; the deploy was not queued."""
     STOPPED = "stopped"
     """The agent is shutting down; the download resumes at the next start."""
 

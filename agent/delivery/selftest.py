@@ -1,6 +1,7 @@
 """Self-test of a stored model before it may run in a pipeline.
 
-Load it with the agent's runtime (which allocates), check its tensors fit the
+Bound the memory its tensors need against the profile's budget (from the flatbuffer, before any
+interpreter sees it), load it with the agent's runtime (which allocates), check its tensors fit the
 pipeline it is meant for, build the pipeline's runner for it, run one inference
 on a sample item, then time a few more against the profile's latency budget. The
 loaded, allocated runner is handed back: the pipeline swaps in exactly what was
@@ -19,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from agent.delivery import failpoints
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.store import ModelStore, StoredModel
-from agent.errors import LeptonError
+from agent.errors import BadInput, LeptonError
 from agent.manifest import Manifest, ModelSpec
+from agent.modelfile import read_model_file
 from agent.runtime import Model
 from agent.tasks.base import Inference, Runner, Task, create_task
 
@@ -30,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 TIMED_RUNS = 3
 """Inferences timed after the first (which pays for lazy kernel set-up); the median is checked."""
+
+MIB = 1024 * 1024
 
 RunnerFactory = Callable[[Model, ModelSpec], Runner]
 
@@ -121,13 +126,37 @@ def self_test(
     make_runner: RunnerFactory = default_runner,
     backend: str | None = None,
     threads: int | None = None,
+    memory_budget: int | None = None,
+    time_budget_s: float | None = None,
 ) -> Prepared:
-    """Load, check, run; DeliveryError with the reason when the model must not be activated."""
+    """Load, check, run; DeliveryError with the reason when the model must not be activated.
+
+    `memory_budget` (bytes): the flatbuffer's tensor bound must fit before an interpreter is made (a model
+    that would allocate gigabytes is refused, not loaded: the agent would be OOM-killed). `time_budget_s`:
+    the whole self-test (load, allocate, the sample inferences) must end within it; it is checked after
+    each step, since a call inside the runtime cannot be interrupted."""
+    started = time.monotonic()
     spec = spec_for(store, stored)
+    try:
+        bound = read_model_file(spec.path).arena_bound
+    except BadInput as exc:
+        raise DeliveryError(Reason.LOAD_FAILED, str(exc)) from None
+    if memory_budget is not None and bound > memory_budget:
+        raise DeliveryError(Reason.MEMORY_BUDGET, f"its tensors need up to {bound / MIB:,.1f} MiB, the profile's "
+                                                  f"memory budget is {memory_budget / MIB:,.1f} MiB")
+    failpoints.reach("selftest", stored=stored)
+
+    def in_time(step: str) -> None:
+        spent = time.monotonic() - started
+        if time_budget_s is not None and spent > time_budget_s:
+            raise DeliveryError(Reason.SELFTEST_TIMEOUT, f"the self-test took {spent:.1f} s by the end of {step}, "
+                                                         f"the budget is {time_budget_s:g} s")
+
     try:
         model = Model(spec.path, backend=backend, threads=threads)
     except LeptonError as exc:
         raise DeliveryError(Reason.LOAD_FAILED, str(exc)) from None
+    in_time("loading")
     if fit is not None and fit.inputs is not None and _shapes(model.inputs) != fit.inputs:
         raise DeliveryError(Reason.INPUT_SHAPE, f"inputs are {_describe(_shapes(model.inputs))}, "
                             f"the pipeline takes {_describe(fit.inputs)}")
@@ -152,6 +181,7 @@ def self_test(
             text = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise DeliveryError(Reason.INVOKE_FAILED, f"the sample inference failed: {text}") from None
         timings.append((time.perf_counter() - t0) * 1000)
+        in_time(f"inference {len(timings)}")
     latency = statistics.median(timings[1:])
     if budget_ms is not None and latency > budget_ms:
         raise DeliveryError(Reason.LATENCY_BUDGET,

@@ -14,8 +14,8 @@ States go out retained on `<prefix>/<dev>/deploy` as they change.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ from agent.delivery.activation import (
 )
 from agent.delivery.deploy_state import DeployState, State, StateReporter
 from agent.delivery.download import Downloader, DownloadSettings
+from agent.delivery.pending import DEFAULT_LIMIT, Deployment, PendingDeployments, order_of, same_version
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.selftest import Fit, RunnerFactory, default_runner, self_test
 from agent.delivery.signed_manifest import NAME_RE, DevicePolicy, check_manifest
@@ -72,6 +73,12 @@ class DeliverySettings:
     """A shadow trial that has not seen enough items by then is judged on what it saw."""
     backend: str | None = None
     threads: int | None = None
+    memory_budget: int | None = None
+    """Bytes the self-test lets a model's tensors take (the profile's memory budget); None: not bounded."""
+    selftest_timeout_s: float | None = 60.0
+    """The self-test (load, allocate, sample inferences) must end within this; None: no limit."""
+    max_pending: int = DEFAULT_LIMIT
+    """Deployments pending at once; a deploy past it is refused (`queue_full`)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ class DeployRequest:
             except ValueError as exc:
                 raise BadInput(str(exc)) from None
         rid = args.get("id")
-        return cls(name, version, shadow, rid if isinstance(rid, str) else None)
+        return cls(name, version, shadow, rid if isinstance(rid, str) and rid else None)
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"model": self.name, "version": self.version, "id": self.request}
@@ -144,8 +151,13 @@ class DeliveryService:
                                      settings=self.settings.download)
         self.report = StateReporter(
             lambda payload: link.publish(self.topics.deploy(device_id), payload, qos=1, retain=True))
-        self._queue: queue.Queue[DeployRequest] = queue.Queue()
+        self.pending = PendingDeployments(store, link, self.topics,
+                                          manifest_timeout=self.settings.download.manifest_timeout,
+                                          limit=self.settings.max_pending)
         self._thread: threading.Thread | None = None
+        self.overrun: Callable[[bool], None] | None = None
+        """Told True when a self-test outlives `selftest_timeout_s` inside the runtime, False when it ends after
+        all (the daemon withholds the systemd watchdog meanwhile)."""
         self.restarts = 0
         """Times the worker loop recovered from an unexpected error."""
 
@@ -153,12 +165,14 @@ class DeliveryService:
 
     def start(self) -> DeliveryService:
         self.recover()
-        for name, request in sorted(self.store.pending().items()):
+        saved = sorted(self.store.pending().items(), key=lambda kv: (order_of(kv[1]), kv[0]))
+        for did, entry in saved:
             try:
-                self._enqueue(DeployRequest.from_command({**request, "model": name}), persist=False)
-            except BadInput as exc:
-                logger.warning("dropping unreadable pending deployment of %s: %s", name, exc)
-                self.store.clear_pending(name)
+                request = DeployRequest.from_command(entry)
+                self._accept(did, request, persist=False, entry=entry)
+            except (BadInput, DeliveryError) as exc:
+                logger.warning("dropping pending deployment %s: %s", did, exc)
+                self.store.clear_pending(did)
         self._thread = threading.Thread(target=self._work, name="delivery", daemon=True)
         self._thread.start()
         return self
@@ -168,7 +182,9 @@ class DeliveryService:
             self._thread.join(timeout)
 
     def recover(self) -> list[StoredModel]:
-        """After a restart: a model still on trial was never confirmed, so the previous one stays."""
+        """After a restart: a deployment that died in its self-test is failed, not resumed; a model still on
+        trial was never confirmed, so the previous one stays."""
+        self._recover_selftest()
         undone = []
         for name in self.store.names():
             trial = self.store.abort_trial(name)
@@ -176,13 +192,36 @@ class DeliveryService:
                 undone.append(trial)
                 # Not resumed either: if the model is what brought the agent down, running it again would
                 # bring it down again, and again.
-                pending = self.store.pending().get(name, {})
-                if _same_version(pending.get("version"), trial.version):
-                    self.store.clear_pending(name)
+                rid = None
+                for did, entry in self.store.pending().items():
+                    if entry.get("model") == name and same_version(entry.get("version"), trial.version):
+                        self.store.clear_pending(did)
+                        rid = entry.get("id") if isinstance(entry.get("id"), str) else None
                 self.report(DeployState(name, trial.version, State.ROLLED_BACK, reason=Reason.RESTARTED_IN_PROBATION,
                                         detail="the agent restarted before the probation window passed",
-                                        active=self._active_version(name), request=pending.get("id")))
+                                        active=self._active_version(name), request=rid))
         return undone
+
+    def _recover_selftest(self) -> None:
+        marker = self.store.selftest_marker()
+        if marker is None:
+            return
+        self.store.end_selftest()
+        name, version, did = marker.get("model"), marker.get("version"), marker.get("deployment")
+        if not isinstance(name, str) or isinstance(version, bool) or not isinstance(version, int | str):
+            logger.warning("model store: dropping an unreadable self-test marker: %s", marker)
+            return
+        # The model brought the agent down (out of memory, a kill, a crash in the runtime): resuming the
+        # deployment would do it again at every start, a crash loop under systemd's MemoryMax.
+        for key, entry in self.store.pending().items():
+            if key == did or (entry.get("model") == name and same_version(entry.get("version"), version)):
+                self.store.clear_pending(key)
+        logger.error("%s@%s: the agent died during its self-test; the deployment is rolled back, not retried",
+                     name, version)
+        self.report(DeployState(name, version, State.ROLLED_BACK, reason=Reason.SELFTEST_CRASHED,
+                                detail="the agent died during this model's self-test (out of memory, killed or "
+                                       "crashed); it is not tried again",
+                                active=self._active_version(name), request=did if isinstance(did, str) else None))
 
     # -- commands -----------------------------------------------------------------
 
@@ -200,21 +239,29 @@ class DeliveryService:
         raise BadInput(f"action: {action!r} is not a delivery action")
 
     def submit_deploy(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Queue a deploy command; the reply's `result`. BadInput for a malformed command."""
+        """Queue a deploy command; the reply's `result`. BadInput for a malformed command, DeliveryError
+        (`queue_full`) when the device has as many deployments pending as it takes."""
         request = DeployRequest.from_command(args)
-        self._enqueue(request, persist=True)
-        return {"queued": True, "model": request.name, "version": request.version}
+        d, joined = self._accept(request.request or new_request_id(), request, persist=True)
+        result: dict[str, Any] = {"queued": True, "model": request.name, "version": request.version,
+                                  "deployment": d.id}
+        if joined:
+            result["joined"] = True  # the same name@version was pending: one deployment, its states carry both ids
+        return result
 
-    def _enqueue(self, request: DeployRequest, persist: bool) -> None:
-        if persist:
-            entry = request.as_dict()
-            earlier = self.store.pending().get(request.name, {})
-            if earlier.get("version") == request.version and "sha256" in earlier:
-                entry["sha256"] = earlier["sha256"]  # keeps its partial file safe from gc()
-            self.store.set_pending(request.name, entry)
-        self.report(DeployState(request.name, request.version, State.QUEUED, request=request.request,
-                                active=self._active_version(request.name)))
-        self._queue.put(request)
+    def _accept(self, did: str, request: DeployRequest, persist: bool,
+                entry: dict[str, Any] | None = None) -> tuple[Deployment, bool]:
+        active = self._active_version(request.name)
+        already = active is not None and same_version(active, request.version)
+        d, joined = self.pending.add(did, request, persist=persist, needs_manifest=not already, entry=entry)
+        if not joined:
+            self.report(DeployState(request.name, request.version, State.QUEUED, request=d.id,
+                                    active=active, extra=_ids(d)))
+        return d, joined
+
+    def pending_of(self, name: str) -> list[dict[str, Any]]:
+        """The deployments of model `name` not finished yet, in the order they were accepted."""
+        return [{**d.request.as_dict(), "deployment": d.id} for d in self.pending.of_model(name)]
 
     def rollback(self, args: dict[str, Any]) -> dict[str, Any]:
         """Return to a locally kept version (the previous one by default); runs now, reports rolled_back."""
@@ -258,46 +305,118 @@ class DeliveryService:
     # -- the worker -----------------------------------------------------------------
 
     def _work(self) -> None:
+        # Nothing may end this thread but `stop`: a dead worker leaves every later deploy `queued` for good.
         while not self.stop.is_set():
             try:
-                request = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                self.deploy(request)
-            except DeliveryError as exc:
-                if exc.reason is not Reason.STOPPED:
-                    raise
-                return  # still pending: the next start resumes it
+                if not self._step():
+                    return
             except Exception:
-                # deploy() reports every expected failure itself; this is a bug: log, count, carry on.
                 self.restarts += 1
-                logger.exception("deployment of %s@%s failed unexpectedly", request.name, request.version)
-                self.report(DeployState(request.name, request.version, State.FAILED, reason=Reason.STORAGE,
-                                        detail="internal error; see the agent log", request=request.request,
-                                        active=self._active_version(request.name)))
-                self.store.clear_pending(request.name)
+                logger.exception("delivery worker: unexpected error; going on")
+                self.stop.wait(1.0)  # not a hot loop if it keeps failing (e.g. a disk that stays full)
+
+    def _step(self) -> bool:
+        """One round of the worker; False when it must end (the agent stops mid-deployment)."""
+        self.store.flush()  # an index change a full disk refused is written once there is room
+        d, overdue = self.pending.take(self.stop)
+        for late in overdue:
+            self._finish(late, State.FAILED, Reason.NOT_FOUND,
+                         f"no manifest on {self.topics.manifest(late.request.name, late.request.version)} "
+                         f"after {self.settings.download.manifest_timeout:g} s")
+        if d is None:
+            return True
+        try:
+            self._run(d)
+        except DeliveryError as exc:
+            if exc.reason is not Reason.STOPPED:
+                self._finish(d, State.FAILED, exc.reason, exc.detail)
+                return True
+            self.pending.release(d)
+            return False  # still pending: the next start resumes it
+        except Exception as exc:
+            # _run() reports every expected failure itself; this is a bug or the disk: log, count, carry on.
+            self.restarts += 1
+            logger.exception("deployment of %s@%s failed unexpectedly", d.request.name, d.request.version)
+            self._finish(d, State.FAILED, Reason.STORAGE, f"internal error ({type(exc).__name__}); "
+                                                          f"see the agent log")
+        return True
+
+    def _finish(self, d: Deployment, final: State, reason: Reason, detail: str) -> DeployState:
+        self.pending.done(d)
+        st = DeployState(d.request.name, d.request.version, final, reason=reason, detail=detail,
+                         request=d.id, active=self._active_version(d.request.name), extra=_ids(d))
+        self.report(st)
+        return st
 
     def _active_version(self, name: str) -> Version | None:
         active = self.store.active(name)
         return active.version if active else self.baseline(name)
 
-    def _self_test(self, stored: StoredModel, hooks: PipelineHooks | None) -> Any:
-        return self_test(
-            self.store, stored,
-            fit=hooks.fit() if hooks else None,
-            budget_ms=self.settings.latency_budget_ms,
-            sample=hooks.sample() if hooks else None,
-            make_runner=hooks.make_runner if hooks else default_runner,
-            backend=self.settings.backend, threads=self.settings.threads,
-        )
+    def _self_test(self, stored: StoredModel, hooks: PipelineHooks | None, deployment: str | None = None) -> Any:
+        self.store.begin_selftest({"deployment": deployment, "model": stored.name, "version": stored.version,
+                                   "sha256": stored.sha256, "ts": time.time()})
+        lock = threading.Lock()
+        running, overran = [True], [False]
+        budget = self.settings.selftest_timeout_s
+
+        def watch() -> None:
+            # A call inside the runtime cannot be interrupted; what can be done is to say so and let the
+            # daemon withhold systemd's watchdog ping, so that systemd ends the process and the marker
+            # rolls the deployment back at the next start.
+            with lock:
+                if not running[0]:
+                    return
+                overran[0] = True
+                logger.error("%s@%s: the self-test is still running %g s into its budget, inside the runtime",
+                             stored.name, stored.version, budget)
+                if self.overrun is not None:
+                    self.overrun(True)
+
+        timer = threading.Timer(budget, watch) if budget is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            return self_test(
+                self.store, stored,
+                fit=hooks.fit() if hooks else None,
+                budget_ms=self.settings.latency_budget_ms,
+                sample=hooks.sample() if hooks else None,
+                make_runner=hooks.make_runner if hooks else default_runner,
+                backend=self.settings.backend, threads=self.settings.threads,
+                memory_budget=self.settings.memory_budget, time_budget_s=self.settings.selftest_timeout_s,
+            )
+        finally:
+            with lock:
+                running[0] = False
+                if overran[0] and self.overrun is not None:
+                    self.overrun(False)
+            if timer is not None:
+                timer.cancel()
+            self.store.end_selftest()  # not reached when the process dies in it: the marker stays
 
     def deploy(self, request: DeployRequest) -> DeployState:
-        """Run one deployment to its end on this thread; the final state (also reported)."""
-        name, version, rid = request.name, request.version, request.request
+        """Accept one deployment and run it to its end on the caller's thread (tools, tests; the daemon queues
+        through `submit_deploy`); the final state (also reported)."""
+        d, _ = self._accept(request.request or new_request_id(), request, persist=True)
+        if not self.pending.wait_manifest(d, self.stop):
+            if self.stop.is_set():
+                self.pending.release(d)
+                raise DeliveryError(Reason.STOPPED, "stopped while waiting for the manifest")
+            return self._finish(d, State.FAILED, Reason.NOT_FOUND,
+                                f"no manifest on {self.topics.manifest(request.name, request.version)} "
+                                f"after {self.settings.download.manifest_timeout:g} s")
+        return self._run(d)
+
+    def _run(self, d: Deployment) -> DeployState:
+        """Run one deployment whose manifest has arrived to its end on this thread; the final state (also
+        reported). It leaves the pending set unless the agent stops (DeliveryError `stopped`)."""
+        request = d.request
+        name, version, rid = request.name, request.version, d.id
         obtained = False
 
         def state(s: State, progress: float = 0.0, **kw: Any) -> DeployState:
+            kw["extra"] = {**_ids(d), **kw.get("extra", {})}
             st = DeployState(name, version, s, progress, request=rid, active=self._active_version(name), **kw)
             self.report(st)
             return st
@@ -311,17 +430,21 @@ class DeliveryService:
         try:
             active = self._active_version(name)
             if active is not None and version_key(active) == version_key(version):
-                self.store.clear_pending(name)
+                self.pending.done(d)
                 return state(State.ACTIVE, 1.0, detail="already active")
-            signed = self._manifest(request, active)
-            self.store.set_pending(name, {**request.as_dict(), "sha256": signed.sha256})
+            if d.manifest:
+                signed = check_manifest(d.manifest, self.trusted, self.policy, active=active,
+                                        expect_name=name, expect_version=version)
+            else:  # accepted as already active, and another version is active by now (a rollback): fetch it
+                signed = self.downloader.fetch_manifest(name, version, self.stop, active=active)
+            self.pending.note(d, sha256=signed.sha256)
             state(State.DOWNLOADING, 0.0)
             stored, stats = self.downloader.download(
                 signed, self.stop, progress=downloading)
             obtained = True
             state(State.VERIFYING, 0.0)
             hooks = self.hooks(name)
-            prepared = self._self_test(stored, hooks)
+            prepared = self._self_test(stored, hooks, d.id)
             extra: dict[str, Any] = {"selftest_ms": round(prepared.latency_ms, 3),
                                      "download": {"chunks_on_disk": stats.chunks_on_disk,
                                                   "bytes_received": stats.bytes_received}}
@@ -339,22 +462,18 @@ class DeliveryService:
                                     health=hooks.health if hooks else None, settings=self.settings.probation,
                                     report=self.report, stop=self.stop)
             activation.run(prepared, request=rid)
-            self.store.clear_pending(name)
+            self.pending.done(d)
             self.store.gc()
             return state(State.ACTIVE, 1.0, extra=extra)
         except DeliveryError as exc:
             if exc.reason is Reason.STOPPED:
                 logger.info("%s@%s: %s", name, version, exc.detail)
                 raise
-            self.store.clear_pending(name)
+            self.pending.done(d)
             extra = exc.extra if isinstance(exc, _Rejected) else {}
             final = State.ROLLED_BACK if obtained else State.FAILED
             logger.warning("%s@%s %s: %s", name, version, final.value, exc)
             return state(final, 0.0, reason=exc.reason, detail=exc.detail, extra=extra)
-
-    def _manifest(self, request: DeployRequest, active: Version | None) -> Any:
-        """The checked manifest, fetched again from the broker (also when resuming: it may have expired)."""
-        return self.downloader.fetch_manifest(request.name, request.version, self.stop, active=active)
 
 
 class _Rejected(DeliveryError):
@@ -363,11 +482,9 @@ class _Rejected(DeliveryError):
         self.extra = extra
 
 
-def _same_version(a: Any, b: Version) -> bool:
-    try:
-        return a is not None and version_key(a) == version_key(b)
-    except ValueError:
-        return False
+def _ids(d: Deployment) -> dict[str, Any]:
+    """`ids` in the state when several deploy commands share this deployment (each follows its own id)."""
+    return {"ids": list(d.ids)} if len(d.ids) > 1 else {}
 
 
 def new_request_id() -> str:

@@ -20,6 +20,7 @@ are kept (last known good); `gc()` removes the rest.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.delivery import failpoints
+from agent.delivery.index import fsync_dir, read_index, write_atomic
 from agent.delivery.reasons import DeliveryError, Reason
 from agent.delivery.signed_manifest import SignedManifest
 from agent.errors import LeptonError
@@ -38,7 +40,6 @@ from agent.version import Version, version_key
 
 logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
 _COPY_BLOCK = 1 << 16
 
 
@@ -71,25 +72,6 @@ class Slot:
     """The last known good model before the active one; an explicit rollback returns to it."""
     trial: StoredModel | None = None
     """Swapped in and on probation; becomes active only when the probation window passes."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def sha256_file(path: Path) -> str:
@@ -146,27 +128,54 @@ class ModelStore:
         except OSError as exc:
             raise LeptonError(f"{self.root}: cannot create the model store ({exc.strerror})") from None
         self._index_path = self.root / "index.json"
+        self._dirty = False
+        """The index in memory has a change the disk does not (a write failed); `flush()` retries."""
         self._index = self._read_index()
         self._remove_temp_files()
 
     # -- index ----------------------------------------------------------------
 
     def _read_index(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self._index_path.read_bytes())
-        except FileNotFoundError:
-            return {"v": INDEX_VERSION, "models": {}, "pending": {}}
-        except (OSError, ValueError) as exc:
-            # Written only by rename of a fsynced file, so this is outside damage: say so, do not guess.
-            raise LeptonError(f"{self._index_path}: unreadable model index ({exc})") from None
-        if not isinstance(data, dict) or data.get("v") != INDEX_VERSION:
-            raise LeptonError(f"{self._index_path}: model index of an unknown version")
-        data.setdefault("models", {})
-        data.setdefault("pending", {})
-        return data
+        return read_index(self._index_path)
 
     def _write_index(self) -> None:
         write_atomic(self._index_path, json.dumps(self._index, indent=1, sort_keys=True).encode())
+        if self._dirty:
+            logger.warning("model store: %s written again (the disk has room again)", self._index_path)
+        self._dirty = False
+
+    @contextlib.contextmanager
+    def _change(self, strict: bool = True) -> Iterator[None]:
+        """Change the index in the block, then write it. If the write fails (disk full, I/O error): `strict`
+        puts the index back and raises DeliveryError(storage), for records that must be on disk before the
+        caller acts on them; otherwise the change stands in memory and `flush()` writes it when it can (for
+        clean-ups, whose loss a restart repairs: a trial left on disk is rolled back, a pending entry left
+        resumes or fails once more)."""
+        with self._lock:
+            before = copy.deepcopy(self._index)
+            yield
+            try:
+                self._write_index()
+            except OSError as exc:
+                if strict:
+                    self._index = before
+                    raise DeliveryError(Reason.STORAGE, f"{self._index_path}: cannot write the index "
+                                                        f"({exc.strerror or exc})") from None
+                if not self._dirty:
+                    logger.warning("model store: cannot write %s (%s); kept in memory, written when it can",
+                                   self._index_path, exc.strerror or exc)
+                self._dirty = True
+
+    def flush(self) -> bool:
+        """Write an index whose last change could not be written; True when the disk has it all."""
+        with self._lock:
+            if not self._dirty:
+                return True
+            try:
+                self._write_index()
+            except OSError:
+                return False
+            return True
 
     def _remove_temp_files(self) -> None:
         for folder in (self.root, self.objects, self.partial):
@@ -193,12 +202,12 @@ class ModelStore:
         s = self.slot(name)
         return [m for m in (s.active, s.previous) if m is not None]
 
-    def _set_slot(self, name: str, slot: Slot) -> None:
-        self._index["models"][name] = {
-            key: (getattr(slot, key).as_dict() if getattr(slot, key) else None)
-            for key in ("active", "previous", "trial")
-        }
-        self._write_index()
+    def _set_slot(self, name: str, slot: Slot, strict: bool = True) -> None:
+        with self._change(strict):
+            self._index["models"][name] = {
+                key: (getattr(slot, key).as_dict() if getattr(slot, key) else None)
+                for key in ("active", "previous", "trial")
+            }
 
     # -- activation records ---------------------------------------------------
 
@@ -228,7 +237,7 @@ class ModelStore:
         with self._lock:
             s = self.slot(name)
             if s.trial is not None:
-                self._set_slot(name, Slot(active=s.active, previous=s.previous))
+                self._set_slot(name, Slot(active=s.active, previous=s.previous), strict=False)
             return s.trial
 
     def rollback(self, name: str, version: Version | None = None) -> StoredModel:
@@ -261,14 +270,32 @@ class ModelStore:
             return {k: dict(v) for k, v in self._index["pending"].items()}
 
     def set_pending(self, name: str, request: dict[str, Any]) -> None:
-        with self._lock:
+        with self._change():
             self._index["pending"][name] = request
-            self._write_index()
 
     def clear_pending(self, name: str) -> None:
         with self._lock:
-            if self._index["pending"].pop(name, None) is not None:
-                self._write_index()
+            if name in self._index["pending"]:
+                with self._change(strict=False):
+                    del self._index["pending"][name]
+
+    # -- the self-test marker (a deployment that takes the agent down is not tried again) ---------
+
+    def begin_selftest(self, marker: dict[str, Any]) -> None:
+        """Record, durably, that a self-test starts: found at the next start, it means the agent died in it."""
+        with self._change():
+            self._index["selftest"] = marker
+
+    def end_selftest(self) -> None:
+        with self._lock:
+            if "selftest" in self._index:
+                with self._change(strict=False):
+                    del self._index["selftest"]
+
+    def selftest_marker(self) -> dict[str, Any] | None:
+        with self._lock:
+            marker = self._index.get("selftest")
+            return dict(marker) if isinstance(marker, dict) else None
 
     # -- objects --------------------------------------------------------------
 

@@ -78,8 +78,9 @@ class FleetView:
         device, data = _device_of(topic, self.topics), _json(payload)
         if device is None or data is None:
             return
-        if self.request is not None and data.get("id") != self.request:
-            return  # a retained state of an earlier deployment
+        ids = data["ids"] if isinstance(data.get("ids"), list) else []
+        if self.request is not None and data.get("id") != self.request and self.request not in ids:
+            return  # a retained state of an earlier deployment (`ids`: deploys joined into one deployment)
         if self.model is not None and data.get("model") != self.model:
             return
         with self.cond:

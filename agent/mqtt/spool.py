@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.statefiles import SQLITE_SIDE_FILES, Episode, disk_full, open_or_quarantine, sqlite_check
+
 logger = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -81,44 +83,81 @@ class Spool:
         self._lock = threading.Lock()
         # One connection shared by the pipelines (append), the link (read, ack) and status; the lock
         # serialises them, which also keeps seq assignment and insertion one atomic step.
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
         self._seqs: dict[str, int] = {}
-        for name, value in self._db.execute("SELECT name, value FROM counters WHERE name LIKE 'seq:%'"):
-            self._seqs[name[4:]] = int(value)
-        row = self._db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
-        self._dropped = int(row[0]) if row else 0
-        count, total = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM results").fetchone()
-        self._queued, self._bytes = int(count), int(total)
+        self._dropped = self._queued = self._bytes = 0
+        self._unsaved_drops = False
+        self._unacked: list[int] = []
+        self._full = Episode(f"result spool {path}")
+        # Acknowledged results left the spool on their PUBACK, so a corrupt spool costs only the unsent ones.
+        self._db = open_or_quarantine(
+            path, self._open, what="result spool", side_files=SQLITE_SIDE_FILES,
+            lost="lost: the results the broker had not acknowledged yet (acknowledged ones were never in "
+                 "danger); seq starts again at 1")
         self._peak = self._bytes
         if self._queued:
             logger.info("spool %s: %d results (%d bytes) waiting from before", path, self._queued, self._bytes)
 
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            sqlite_check(db)
+            seqs = {name[4:]: int(value)
+                    for name, value in db.execute("SELECT name, value FROM counters WHERE name LIKE 'seq:%'")}
+            row = db.execute("SELECT value FROM counters WHERE name = 'dropped'").fetchone()
+            count, total = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM results").fetchone()
+        except BaseException:
+            db.close()
+            raise
+        self._seqs, self._dropped = seqs, int(row[0]) if row else 0
+        self._queued, self._bytes = int(count), int(total)
+        return db
+
     def append(self, pipeline: str, topic: str, result: dict[str, Any]) -> int:
-        """Assign the pipeline's next `seq`, store the result; returns the seq."""
+        """Assign the pipeline's next `seq`, store the result; returns the seq.
+
+        On a full disk the result is dropped and counted (`dropped`; its seq is a gap the consumer sees),
+        said once per episode, and the pipeline goes on: nothing can be kept without space, and a result
+        that cannot be stored must not stop the ones after it once there is room again."""
         with self._lock:
             seq = self._seqs.get(pipeline, 0) + 1
             payload = json.dumps({"seq": seq, **result}, separators=(",", ":"), allow_nan=False)
             size = len(payload)
-            self._db.execute("BEGIN IMMEDIATE")
+            figures = self._dropped, self._queued, self._bytes
             try:
-                if self._bytes + size > self.cap_bytes:
-                    self._make_room(size)
-                self._db.execute(
-                    "INSERT INTO results (pipeline, seq, topic, payload) VALUES (?, ?, ?, ?)",
-                    (pipeline, seq, topic, payload),
-                )
-                self._db.execute(
-                    "INSERT INTO counters (name, value) VALUES (?, ?) "
-                    "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                    (f"seq:{pipeline}", seq),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    if self._bytes + size > self.cap_bytes:
+                        self._make_room(size)
+                    self._db.execute(
+                        "INSERT INTO results (pipeline, seq, topic, payload) VALUES (?, ?, ?, ?)",
+                        (pipeline, seq, topic, payload),
+                    )
+                    self._db.execute(
+                        "INSERT INTO counters (name, value) VALUES (?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                        (f"seq:{pipeline}", seq),
+                    )
+                    if self._unsaved_drops:
+                        self._save_dropped()
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                        self._db.execute("ROLLBACK")
+                    self._dropped, self._queued, self._bytes = figures
+                    raise
+            except sqlite3.OperationalError as exc:
+                if not disk_full(exc):
+                    raise
+                self._seqs[pipeline] = seq
+                self._dropped += 1
+                self._unsaved_drops = True
+                self._full.failed(exc, "results are dropped and counted")
+                return seq
+            self._unsaved_drops = False
+            self._full.ok()
             self._seqs[pipeline] = seq
             self._queued += 1
             self._bytes += size
@@ -126,6 +165,13 @@ class Spool:
         if self.on_append is not None:
             self.on_append()
         return seq
+
+    def _save_dropped(self) -> None:
+        self._db.execute(
+            "INSERT INTO counters (name, value) VALUES ('dropped', ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (self._dropped,),
+        )
 
     def _make_room(self, size: int) -> None:
         # Inside the caller's transaction: drop the oldest rows until the new one fits.
@@ -141,11 +187,7 @@ class Spool:
         if last_id is not None:
             self._db.execute("DELETE FROM results WHERE id <= ?", (last_id,))
         self._dropped += dropped
-        self._db.execute(
-            "INSERT INTO counters (name, value) VALUES ('dropped', ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-            (self._dropped,),
-        )
+        self._save_dropped()
         self._queued -= dropped
         self._bytes -= freed
         if dropped:
@@ -166,28 +208,41 @@ class Spool:
         return int(row[0] or 0)
 
     def ack(self, ids: Iterable[int]) -> int:
-        """Remove acknowledged rows (ids already dropped are ignored); returns how many were removed."""
-        ids = list(ids)
-        if not ids:
-            return 0
+        """Remove acknowledged rows (ids already dropped are ignored); returns how many were removed.
+
+        A delete needs room too (the WAL): on a full disk the ids are kept and removed with the next ack
+        that can be written. Until then they stay in the spool (a restart would send them again: at least
+        once, never lost)."""
         with self._lock:
+            ids = self._unacked + list(ids)
+            if not ids:
+                return 0
             removed = freed = 0
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start : start + 500]
-                    marks = ",".join("?" * len(chunk))
-                    n, size = self._db.execute(
-                        f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM results WHERE id IN ({marks})",  # noqa: S608
-                        chunk,
-                    ).fetchone()
-                    self._db.execute(f"DELETE FROM results WHERE id IN ({marks})", chunk)  # noqa: S608
-                    removed += int(n)
-                    freed += int(size)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for start in range(0, len(ids), 500):
+                        chunk = ids[start : start + 500]
+                        marks = ",".join("?" * len(chunk))
+                        n, size = self._db.execute(
+                            f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM results WHERE id IN ({marks})",  # noqa: S608
+                            chunk,
+                        ).fetchone()
+                        self._db.execute(f"DELETE FROM results WHERE id IN ({marks})", chunk)  # noqa: S608
+                        removed += int(n)
+                        freed += int(size)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if not disk_full(exc):
+                    raise
+                self._unacked = ids[-100_000:]  # bounded: beyond it, a restart re-sends (at least once)
+                self._full.failed(exc, "acknowledged results stay in the spool")
+                return 0
+            self._unacked = []
             self._queued -= removed
             self._bytes -= freed
         return removed

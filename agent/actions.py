@@ -1,0 +1,258 @@
+"""What each fleet command does to the running agent: the handlers the command worker runs.
+
+`start`/`stop`/`configure` act on pipelines, `bench` measures the model a pipeline runs (in a
+thread of its own, one at a time), `deploy`/`rollback`/`models` go to the delivery service,
+and `reload` reads the config again and applies what can change while running (DESIGN §5).
+Decoding, validation and the one reply per id are `agent.commands`'s; the life cycle is
+`agent.daemon`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+from agent import __version__
+from agent.commands import Bench, Command, CommandError, Configure, Deploy, Handler, Later, Rollback, Start, Stop
+from agent.config import Effective, PipelineSettings
+from agent.config_load import load
+from agent.delivery.service import DeliveryService
+from agent.errors import BadInput, LeptonError
+from agent.pipeline import Pipeline, check_pipelines
+from agent.slot import ModelSlot
+from agent.supervisor import STOP_WAIT_S
+
+logger = logging.getLogger(__name__)
+
+
+class Host(Protocol):
+    """What the handlers use of the daemon (`agent.daemon.Agent`), which owns all of it."""
+
+    eff: Effective
+    started: float
+    pipelines: dict[str, Pipeline]
+    _lock: threading.Lock
+    _slots: dict[str, ModelSlot]
+    delivery: DeliveryService | None
+
+    def _pipeline(self, settings: PipelineSettings) -> Pipeline: ...
+
+    def _pipeline_list(self) -> list[Pipeline]: ...
+
+    def status_snapshot(self) -> dict[str, Any]: ...
+
+    def _announce(self) -> None: ...
+
+
+class Actions:
+    """The command handlers of one agent."""
+
+    APPLIED_ON_RELOAD = ("pipelines", "supervisor", "trusted_keys")
+    """Config sections a reload applies; a change anywhere else is reported in `restart_needed`."""
+
+    def __init__(self, agent: Host) -> None:
+        self.agent = agent
+        self._bench_gate = threading.Lock()  # one bench at a time: each takes the cores the pipelines use
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "ping": lambda c: {"pong": True, "agent": __version__,
+                               "uptime_s": round(time.monotonic() - self.agent.started, 1)},
+            "status": lambda c: self.agent.status_snapshot(),
+            "start": self.start,
+            "stop": self.stop,
+            "configure": self.configure,
+            "reload": lambda c: self.reload(),
+            "bench": self.bench,
+            "deploy": self.delivery_command,
+            "rollback": self.delivery_command,
+            "models": self.delivery_command,
+        }
+
+    def delivery_command(self, command: Command) -> dict[str, Any]:
+        """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""
+        from agent.delivery.reasons import DeliveryError, Reason
+        from agent.ota import rollback_to_configured, shadow_request
+
+        if self.agent.delivery is None:
+            raise CommandError("unsupported", "model delivery is off in this agent's config (delivery.enabled)")
+        if isinstance(command, Rollback):
+            busy = next(iter(self.agent.delivery.pending_of(command.model)), None)
+            if busy is not None:
+                # The deployment owns the pipelines and the store's record until it ends; a rollback now would
+                # be undone by its commit or its own undo. It rolls back by itself if it fails its probation.
+                raise CommandError("failed", f"{command.model}@{busy.get('version')} is being deployed; roll back "
+                                             f"once its deployment has ended (it rolls back by itself if it fails)")
+        args = command.model_dump(exclude={"shadow"})
+        if isinstance(command, Deploy) and command.shadow is not None:
+            args["shadow"] = shadow_request(self.agent.eff.config.delivery.shadow,
+                                            command.shadow.model_dump(exclude_none=True))
+        try:
+            try:
+                result = self.agent.delivery.handle(command.action, args)
+            except DeliveryError as exc:
+                # The store keeps nothing older: the config's own model is the first known good.
+                if not (isinstance(command, Rollback) and exc.reason is Reason.NOT_KEPT):
+                    raise
+                restored = rollback_to_configured(self.agent.delivery, self.agent._pipeline_list(), command.model,
+                                                  command.version, command.id)
+                if restored is None:
+                    raise
+                result = restored
+        except BadInput as exc:
+            raise CommandError("bad_request", str(exc)) from None
+        except DeliveryError as exc:
+            raise CommandError("not_found" if exc.reason is Reason.NOT_KEPT else "failed", str(exc)) from None
+        if command.action == "rollback":
+            self.agent._announce()
+        return result
+
+    def _chosen(self, name: str | None) -> list[Pipeline]:
+        with self.agent._lock:
+            if name is None:
+                return list(self.agent.pipelines.values())
+            if name not in self.agent.pipelines:
+                raise CommandError("not_found", f"pipeline {name!r}: no such pipeline "
+                                                f"(have: {', '.join(self.agent.pipelines) or 'none'})")
+            return [self.agent.pipelines[name]]
+
+    def start(self, command: Command) -> dict[str, Any]:
+        assert isinstance(command, Start)
+        chosen = self._chosen(command.pipeline)
+        try:
+            for p in chosen:
+                p.start()  # waits for a halted loop that is still ending; LeptonError if it does not end
+        except LeptonError as exc:
+            raise CommandError("busy", str(exc)) from None
+        finally:
+            self.agent._announce()
+        return {"pipelines": [p.describe() for p in chosen]}
+
+    def stop(self, command: Command) -> dict[str, Any]:
+        assert isinstance(command, Stop)
+        chosen = self._chosen(command.pipeline)
+        for p in chosen:
+            p.halt()
+        deadline = time.monotonic() + STOP_WAIT_S
+        stuck = [p.name for p in chosen if not p.join(max(0.0, deadline - time.monotonic()))]
+        self.agent._announce()
+        if stuck:
+            raise CommandError("busy", f"pipeline {', '.join(stuck)}: asked to stop, still ending its current item "
+                                       f"after {STOP_WAIT_S:.0f} s (it stops once that ends)")
+        return {"pipelines": [p.describe() for p in chosen]}
+
+    def configure(self, command: Command) -> dict[str, Any]:
+        assert isinstance(command, Configure)
+        (p,) = self._chosen(command.pipeline)
+        policy = command.policy.apply(p.settings.policy) if command.policy is not None else None
+        settings = p.reconfigure(threshold=command.threshold, fps=command.fps, policy=policy)
+        self.agent._announce()
+        return {"pipeline": p.describe(), "policy": settings.policy.model_dump(mode="json")}
+
+    def bench(self, command: Command) -> Later:
+        """Bench the model the pipeline runs now (its slot's, variant included), with the profile's
+        threads, in a thread of its own: the command worker goes on; one bench at a time."""
+        assert isinstance(command, Bench)
+        (p,) = self._chosen(command.pipeline)
+        slot = p.slot
+        try:
+            spec = slot.spec or slot.configured_spec()
+        except BadInput as exc:
+            raise CommandError("bad_config", f"pipeline {p.name}: {exc}") from None
+        if not self._bench_gate.acquire(blocking=False):
+            raise CommandError("busy", "a bench is running (one at a time); send this again once it has answered")
+        later = Later()
+        model_ref = {"name": spec.name, "version": spec.version, **({"variant": slot.variant} if slot.variant else {})}
+
+        def work() -> None:
+            from agent.bench import bench
+            from agent.tasks import Inference
+
+            try:
+                # A second interpreter of the same file: the pipeline's own belongs to its thread.
+                _, runner = slot.prepare(spec)
+                if not isinstance(runner, Inference):
+                    later.fail(CommandError("unsupported", f"pipeline {p.name}: bench runs per-item models only"))
+                    return
+                result = bench(runner, [], runs=command.runs, warmup=min(10, command.runs))
+                later.done({**result, "pipeline": p.name, "running": model_ref})
+            except BadInput as exc:
+                later.fail(CommandError("failed", f"pipeline {p.name}: {exc}"))
+            except Exception as exc:
+                logger.exception("bench of pipeline %s failed", p.name)
+                later.fail(CommandError("failed", f"{type(exc).__name__}: {str(exc)[:200]}"))
+            finally:
+                self._bench_gate.release()
+
+        threading.Thread(target=work, name=f"bench-{p.name}", daemon=True).start()
+        return later
+
+    def reload(self) -> dict[str, Any]:
+        """Read the config file again and apply what can change while running: pipelines that changed are
+        restarted (on the same model slot), new ones started, removed ones stopped; `[supervisor]` applies
+        to every pipeline; `[trusted_keys]` (re-read, key files too) to the next manifest checked. Every
+        other section that changed is listed in `restart_needed`, never silently ignored."""
+        try:
+            fresh = load(self.agent.eff.path)
+            check_pipelines(fresh)
+            keys = self._trusted_keys(fresh)
+        except BadInput as exc:
+            raise CommandError("bad_config", str(exc)) from None
+        old, new = self.agent.eff.config, fresh.config
+        restart_needed = [k for k in type(new).model_fields
+                          if k not in self.APPLIED_ON_RELOAD and getattr(old, k) != getattr(new, k)]
+        applied: list[str] = []
+        if new.supervisor != old.supervisor:
+            applied.append("supervisor")
+        service = self.agent.delivery
+        if keys is not None and service is not None and set(keys.keys) != set(service.trusted.keys):
+            # One assignment each: a manifest being checked now uses the old keys or the new, never a mix.
+            service.trusted = service.downloader.trusted = keys
+            applied.append("trusted_keys")
+            logger.info("reload: trusted keys are now %s", ", ".join(sorted(keys.keys)) or "none")
+        self.agent.eff = self.agent.eff.model_copy(update={"config": old.model_copy(update={
+            "pipelines": new.pipelines, "supervisor": new.supervisor, "trusted_keys": new.trusted_keys})})
+        before = {p.name: p for p in old.pipelines}
+        after = {p.name: p for p in new.pipelines}
+        report: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "unchanged": []}
+        for name in before.keys() - after.keys():
+            self._retire(name)
+            self.agent._slots.pop(name, None)
+            report["removed"].append(name)
+        for name, settings in after.items():
+            if name in before and before[name] == settings:
+                report["unchanged"].append(name)
+                with self.agent._lock:
+                    kept = self.agent.pipelines.get(name)
+                if kept is not None:
+                    kept.supervisor.budget.settings = new.supervisor  # read at its next failure
+                continue
+            if name in before:
+                self._retire(name)
+                report["restarted"].append(name)
+            else:
+                report["added"].append(name)
+            p = self.agent._pipeline(settings)
+            with self.agent._lock:
+                self.agent.pipelines[name] = p
+            if settings.enabled:
+                p.start()
+        self.agent._announce()
+        return {**{k: sorted(v) for k, v in report.items()}, "applied": applied, "restart_needed": restart_needed}
+
+    def _trusted_keys(self, eff: Effective) -> Any:
+        """The keys `eff` trusts (BadInput names a bad entry); None when delivery is off."""
+        from agent.ota import trusted_keys
+
+        return trusted_keys(eff) if eff.config.delivery.enabled else None
+
+    def _retire(self, name: str) -> None:
+        with self.agent._lock:
+            p = self.agent.pipelines.pop(name, None)
+        if p is not None:
+            p.halt()
+            if not p.join(STOP_WAIT_S):
+                # Its replacement starts anyway (on the same slot); this one ends once its item does.
+                logger.warning("reload: pipeline %s is still ending its current item", name)

@@ -1,0 +1,152 @@
+"""One pipeline in-process, on real models and the synthetic source: live fps changes, stop and start."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import PipelineSettings, SupervisorSection
+from agent.errors import LeptonError
+from agent.pipeline import Pipeline
+from agent.profiles import load_profile
+from agent.sources import base as sources
+from agent.sources.base import Item, Source
+
+
+class Seen:
+    """An observer counting the items the loop processes; waits on a condition, never sleeps."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.n = 0
+
+    def observe(self, item: Any, results: list[dict[str, Any]], latency_ms: float) -> None:
+        with self.cond:
+            self.n += 1
+            self.cond.notify_all()
+
+    def more(self, k: int, timeout: float = 30.0) -> bool:
+        with self.cond:
+            target = self.n + k
+            return self.cond.wait_for(lambda: self.n >= target, timeout)
+
+
+def _pipeline(fixtures: Path, source: str = "test:colors", fps: float | None = None) -> Pipeline:
+    settings = PipelineSettings(name="p", source=source, model=fixtures / "colors_int8.json", fps=fps)
+    return Pipeline(settings, profile=load_profile("generic-x86_64"), supervisor=SupervisorSection(),
+                    backend=None, sink=lambda n, p: None, stop=threading.Event())
+
+
+def test_a_new_fps_takes_effect_on_the_next_frame(fixtures: Path) -> None:
+    # Fault 7: fps 0.01 then 5 used to leave the next frame due 100 s later.
+    pipeline, seen = _pipeline(fixtures, fps=5), Seen()
+    pipeline.slot.attach(seen)
+    pipeline.start()
+    try:
+        assert seen.more(1)
+        pipeline.reconfigure(fps=0.01)
+        assert seen.more(1)  # the frame that was already due; the next would be 100 s away
+        pipeline.reconfigure(fps=5)
+        assert seen.more(2), "fps 5 did not take effect"
+        assert pipeline.stats.state == "running"
+    finally:
+        pipeline.halt()
+        pipeline.join(10)
+
+
+class _Gated(Source):
+    """Blocks in read until the test opens the gate, whatever the timeout: a loop slow to notice a halt."""
+
+    gate = threading.Event()
+
+    def open(self) -> None:
+        pass
+
+    def read(self, timeout: float) -> Item | None:
+        _Gated.gate.wait()
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def gated() -> Iterator[type[_Gated]]:
+    registry = list(sources._REGISTRY)
+    sources.register_source(lambda uri: uri == "gated:")(_Gated)
+    _Gated.gate.clear()
+    try:
+        yield _Gated
+    finally:
+        _Gated.gate.set()
+        sources._REGISTRY[:] = registry
+
+
+def test_start_while_the_halted_loop_is_still_alive_is_not_a_silent_no_op(fixtures: Path,
+                                                                           gated: type[_Gated]) -> None:
+    # Fault 6: start() returned early because the halted thread was alive, and the loop then ended.
+    pipeline = _pipeline(fixtures, source="gated:")
+    running = threading.Event()
+    pipeline.on_state = lambda: running.set() if pipeline.stats.state == "running" else None
+    pipeline.start()
+    assert running.wait(30)
+    pipeline.halt()
+    assert not pipeline.join(0.1)  # still inside read
+    with pytest.raises(LeptonError, match="still stopping"):
+        pipeline.start(wait_s=0.1)
+    running.clear()
+    gated.gate.set()
+    pipeline.start(wait_s=30)  # waits for the old loop to end, then starts a fresh one
+    assert running.wait(30) and pipeline.running
+    pipeline.halt()
+    assert pipeline.join(10) and pipeline.stats.state == "stopped"
+
+
+def test_an_undo_made_before_a_reload_changed_the_model_settings_reloads_the_previous_model(fixtures: Path) -> None:
+    # The old runner was built for the old settings: putting it back would run them again.
+    from agent.manifest import load_spec
+    from agent.slot import ModelSlot
+
+    settings = PipelineSettings(name="p", source="test:colors", model=fixtures / "colors_int8.json")
+    slot = ModelSlot(settings, profile=load_profile("generic-x86_64"), backend=None)
+    first = slot.load()
+    trial = load_spec(fixtures / "colors_int8.json").model_copy(update={"version": 2})
+    model, runner = slot.prepare(trial)
+    undo = slot.swap(trial, runner, model)
+    assert slot.take() is not None and slot.spec is not None and slot.spec.version == 2
+    slot.configure(settings.model_copy(update={"task": "classify"}))  # a reload with another task
+    undo()
+    back = slot.take()
+    assert back is not None and back[0].version == 1 and back[2] is not first
+    assert slot.spec is not None and slot.spec.version == 1
+
+
+def test_stop_says_so_when_the_loop_has_not_ended(tmp_path: Path, fixtures: Path, gated: type[_Gated]) -> None:
+    # Fault 6, the command side: `stop` ignored the join result and replied ok with the loop still alive.
+    from test_daemon import write_config
+
+    from agent.commands import CommandError, Start, Stop
+    from agent.config_load import load
+    from agent.daemon import Agent
+
+    agent = Agent(load(str(write_config(tmp_path, 1, fixtures))))
+    p = agent._pipeline(PipelineSettings(name="cam", source="gated:", model=fixtures / "colors_int8.json"))
+    agent.pipelines["cam"] = p
+    running = threading.Event()
+    p.on_state = lambda: running.set() if p.stats.state == "running" else None
+    p.start()
+    assert running.wait(30)
+    with pytest.raises(CommandError) as stuck:
+        agent.actions.stop(Stop(id="s", action="stop", pipeline="cam"))
+    assert stuck.value.code == "busy" and "still ending" in stuck.value.message
+    gated.gate.set()
+    assert p.join(10)
+    running.clear()
+    agent.actions.start(Start(id="t", action="start", pipeline="cam"))
+    assert running.wait(30) and p.running
+    agent.actions.stop(Stop(id="u", action="stop", pipeline="cam"))
+    assert not p.running and p.stats.state == "stopped"
