@@ -15,12 +15,26 @@ import time
 from typing import Any, Protocol
 
 from agent import __version__
-from agent.commands import Bench, Command, CommandError, Configure, Deploy, Handler, Later, Rollback, Start, Stop
+from agent.commands import (
+    Bench,
+    Capture,
+    Command,
+    CommandError,
+    Configure,
+    Deploy,
+    Handler,
+    Later,
+    Rollback,
+    Samples,
+    Start,
+    Stop,
+)
 from agent.config import Effective, PipelineSettings
 from agent.config_load import load
 from agent.delivery.service import DeliveryService
 from agent.errors import BadInput, LeptonError
 from agent.pipeline import Pipeline, check_pipelines
+from agent.samples.capturer import CaptureWriter
 from agent.slot import ModelSlot
 from agent.supervisor import STOP_WAIT_S
 
@@ -36,6 +50,7 @@ class Host(Protocol):
     _lock: threading.Lock
     _slots: dict[str, ModelSlot]
     delivery: DeliveryService | None
+    capture: CaptureWriter | None
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline: ...
 
@@ -69,7 +84,42 @@ class Actions:
             "deploy": self.delivery_command,
             "rollback": self.delivery_command,
             "models": self.delivery_command,
+            "capture": self.capture,
+            "samples": self.samples,
         }
+
+    def capture(self, command: Command) -> dict[str, Any]:
+        """Keep the next items of a pipeline whose capture is enabled (docs/capture.md)."""
+        assert isinstance(command, Capture)
+        (p,) = self._chosen(command.pipeline)
+        if p.capture is None:
+            raise CommandError("unsupported", f"pipeline {p.name}: capture is off in this agent's config "
+                                              f"([pipelines.capture] enabled)")
+        return p.capture.request(command.count, command.duration_s)
+
+    def samples(self, command: Command) -> dict[str, Any]:
+        """List, delete (the operator acknowledged them) or purge the captured samples."""
+        assert isinstance(command, Samples)
+        writer = self.agent.capture
+        if writer is None:
+            raise CommandError("unsupported", "no pipeline of this agent captures samples")
+        store = writer.store
+        if command.op == "delete":
+            return {"deleted": store.delete(list(command.ids)), "samples": len(store)}
+        if command.op == "purge":
+            return {"deleted": store.delete(store.ids()), "samples": 0}
+        listed: list[dict[str, Any]] = []
+        for sid in store.ids():
+            meta = store.sidecar(sid)
+            if meta is None or (command.pipeline and meta.get("pipeline") != command.pipeline) \
+                    or (command.reason and meta.get("reason") != command.reason) \
+                    or (command.since is not None and float(meta.get("ts", 0)) < command.since):
+                continue
+            listed.append({k: meta.get(k) for k in ("id", "pipeline", "reason", "kind", "ts", "bytes", "sha256",
+                                                     "file", "score")})
+            if len(listed) >= command.limit:
+                break
+        return {"samples": listed, "total": len(store), "bytes": store.size_bytes}
 
     def delivery_command(self, command: Command) -> dict[str, Any]:
         """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""
