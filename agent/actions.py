@@ -35,6 +35,7 @@ from agent.delivery.service import DeliveryService
 from agent.errors import BadInput, LeptonError
 from agent.pipeline import Pipeline, check_pipelines
 from agent.samples.capturer import CaptureWriter
+from agent.samples.offer import offer, retract
 from agent.slot import ModelSlot
 from agent.supervisor import STOP_WAIT_S
 
@@ -51,6 +52,8 @@ class Host(Protocol):
     _slots: dict[str, ModelSlot]
     delivery: DeliveryService | None
     capture: CaptureWriter | None
+    link: Any
+    topics: Any
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline: ...
 
@@ -70,6 +73,7 @@ class Actions:
     def __init__(self, agent: Host) -> None:
         self.agent = agent
         self._bench_gate = threading.Lock()  # one bench at a time: each takes the cores the pipelines use
+        self._offered: set[str] = set()  # samples published for a pull and not yet acknowledged
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -97,6 +101,9 @@ class Actions:
                                               f"([pipelines.capture] enabled)")
         return p.capture.request(command.count, command.duration_s)
 
+    def _publish_raw(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.agent.link.publish(topic, payload, qos=1, retain=retain)
+
     def samples(self, command: Command) -> dict[str, Any]:
         """List, delete (the operator acknowledged them) or purge the captured samples."""
         assert isinstance(command, Samples)
@@ -104,10 +111,23 @@ class Actions:
         if writer is None:
             raise CommandError("unsupported", "no pipeline of this agent captures samples")
         store = writer.store
-        if command.op == "delete":
-            return {"deleted": store.delete(list(command.ids)), "samples": len(store)}
-        if command.op == "purge":
-            return {"deleted": store.delete(store.ids()), "samples": 0}
+        if command.op in ("offer", "delete", "purge") and self.agent.link is None:
+            raise CommandError("unsupported", "this agent has no MQTT link")
+        publish = self._publish_raw
+        base = self.agent.topics.base
+        if command.op == "offer":
+            if not command.ids:
+                raise CommandError("bad_request", "ids: name the samples to offer")
+            result = offer(store, publish, base, list(command.ids))
+            self._offered.update(o["id"] for o in result["offered"])
+            return result
+        if command.op in ("delete", "purge"):
+            ids = list(command.ids) if command.op == "delete" else store.ids()
+            for sid in ids:
+                if command.op == "delete" or sid in self._offered:
+                    retract(store, publish, base, sid)
+                self._offered.discard(sid)
+            return {"deleted": store.delete(ids), "samples": len(store)}
         listed: list[dict[str, Any]] = []
         for sid in store.ids():
             meta = store.sidecar(sid)

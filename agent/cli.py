@@ -11,6 +11,7 @@ from typing import TextIO
 
 from agent import __version__
 from agent.errors import BadInput, LeptonError
+from agent.fleet.samples import add_sample_commands
 from agent.fleet.verbs import add_commands as add_delivery_commands
 
 logger = logging.getLogger("agent")
@@ -181,6 +182,7 @@ def _fleet_parser() -> argparse.ArgumentParser:
     add_connection_options(p)
     p.set_defaults(func=_cmd_fleet_cmd)
     add_delivery_commands(sub)
+    add_sample_commands(sub)
     return parser
 
 

@@ -192,17 +192,18 @@ SampleId = Annotated[str, Field(pattern=r"^[0-9]{13}-[A-Za-z0-9_.-]{1,64}-[0-9]{
 
 
 class Samples(Command):
-    """The captured samples: `list` them (filtered), `delete` the ones the operator holds, `purge` all."""
+    """The captured samples: `list` them (filtered), `offer` some for a pull (agent.samples.offer), `delete`
+    the ones the operator holds (acknowledged), `purge` all."""
 
     action: Literal["samples"]
-    op: Literal["list", "delete", "purge"]
+    op: Literal["list", "offer", "delete", "purge"]
     pipeline: TopicName | None = None
     reason: Annotated[str, Field(pattern=r"^[a-z_]{1,32}$")] | None = None
     since: float | None = None
     """Unix seconds: only samples captured from then on."""
     limit: Annotated[int, Field(ge=1, le=1000)] = 1000
     ids: Annotated[tuple[SampleId, ...], Field(max_length=1000)] = ()
-    """For `delete`: the samples the operator has pulled and verified."""
+    """For `offer`: the samples to publish; for `delete`: the samples the operator has pulled and verified."""
 
 
 ACTIONS: dict[str, type[Command]] = {}

@@ -96,11 +96,12 @@ def _like_base(variant: ModelSpec, base: ModelSpec, base_model: Model) -> ModelS
 
 
 def _eval_items(inputs: list[str], limit: int) -> list[np.ndarray[Any, Any]]:
+    from agent.samples.dataset import expand_inputs
     from agent.sources.files import decoded_frames
 
     items = []
     try:
-        for frame in decoded_frames(inputs):
+        for frame in decoded_frames(expand_inputs(inputs)):  # a pulled dataset folder: its images
             items.append(frame)
             if len(items) >= limit:
                 break
