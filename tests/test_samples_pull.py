@@ -32,7 +32,7 @@ def photo_video(path: Path) -> list[str]:
     from agent.vision.cv import cv2
 
     names = ["astronaut", "camera", "coffee", "chelsea", "rocket"]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 5, FRAME)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"FFV1"), 5, FRAME)
     assert writer.isOpened()
     for name in names:
         frame = cv2.resize(np.ascontiguousarray(PHOTOS[name]()[:, :, ::-1]), FRAME, interpolation=cv2.INTER_AREA)
