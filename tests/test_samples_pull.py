@@ -108,7 +108,8 @@ def test_capture_pull_calibrate_compare(tmp_path: Path, broker: Broker, models_d
 
         rc, lines, err = fleet(broker.port, "samples", "pull", "cap1", "--out", str(out))
         assert rc == 0, err
-        assert lines[0] == {"device": "cap1", "pulled": len(listed["samples"]), "deleted": len(listed["samples"])}
+        assert lines[0] == {"device": "cap1", "pulled": len(listed["samples"]), "deleted": len(listed["samples"]),
+                            "resumed_chunks": 0}
         rc, (after,), _ = fleet(broker.port, "samples", "list", "cap1")
         assert after["samples"] == [] and after["total"] == 0  # acknowledged, so deleted on the device
 

@@ -147,8 +147,9 @@ class Requests:
 
 
 def pull_one(link: Any, prefix: str, device: str, sample: dict[str, Any], folder: Path, stop: threading.Event,
-             stall_s: float, progress: Any = None) -> SampleFile:
-    """Pull one offered sample into `folder` (resuming its partial file); the verified manifest."""
+             stall_s: float, progress: Any = None) -> tuple[SampleFile, int]:
+    """Pull one offered sample into `folder` (resuming its partial file); the verified manifest and the
+    chunks an earlier, interrupted pull had left in the partial file."""
     from agent.delivery.download import ChunkSession
     from agent.delivery.reasons import DeliveryError
     from agent.delivery.store import PartFile
@@ -176,15 +177,16 @@ def pull_one(link: Any, prefix: str, device: str, sample: dict[str, Any], folder
     partials.mkdir(parents=True, exist_ok=True)
     partial = partials / manifest.file
     part = PartFile(partial)
+    session = ChunkSession(_Puller(link, base, partial, stall_s), manifest, part, stop, progress)
     try:
-        ChunkSession(_Puller(link, base, partial, stall_s), manifest, part, stop, progress).run()
+        session.run()
         part.sync()
     except DeliveryError as exc:
         raise LeptonError(f"{device}: sample {sid}: {exc}") from None
     finally:
         part.close()
     place(folder, partial, manifest.sidecar | {"sha256": manifest.sha256, "bytes": manifest.size})
-    return manifest
+    return manifest, session.stats.chunks_on_disk
 
 
 def _targets(args: argparse.Namespace, requests: Requests, filters: dict[str, Any]) -> list[tuple[str, dict]]:
@@ -257,6 +259,7 @@ def _pull(args: argparse.Namespace, link: Any, requests: Requests, listed: list[
     bar = _Bar(enabled=args.format == "table" and sys.stderr.isatty())
     failed = 0
     for device, result in listed:
+        resumed = 0
         wanted = [s for s in result["samples"] if not has(folder, s)]
         done = [s["id"] for s in result["samples"] if has(folder, s)]  # pulled before, not yet acknowledged
         for i in range(0, len(wanted), BATCH):
@@ -264,8 +267,8 @@ def _pull(args: argparse.Namespace, link: Any, requests: Requests, listed: list[
             offered = requests.one(device, {"op": "offer", "ids": [s["id"] for s in batch]})["offered"]
             for sample in offered:
                 try:
-                    pull_one(link, args.prefix, device, sample, folder, stop, args.stall,
-                             bar.task(f"{device} {sample['id']}", sample["size"]))
+                    resumed += pull_one(link, args.prefix, device, sample, folder, stop, args.stall,
+                                        bar.task(f"{device} {sample['id']}", sample["size"]))[1]
                 except LeptonError as exc:
                     failed += 1
                     print(f"lepton-fleet: {exc}", file=sys.stderr)
@@ -273,7 +276,8 @@ def _pull(args: argparse.Namespace, link: Any, requests: Requests, listed: list[
                 done.append(sample["id"])
         if done:
             acked = requests.one(device, {"op": "delete", "ids": done})
-            out.write(json.dumps({"device": device, "pulled": len(done), "deleted": acked["deleted"]}) + "\n")
+            out.write(json.dumps({"device": device, "pulled": len(done), "deleted": acked["deleted"],
+                                  "resumed_chunks": resumed}) + "\n")
     labels = write_labels(folder)
     out.write(json.dumps({"out": str(folder), **labels}) + "\n")
     return 1 if failed else 0
