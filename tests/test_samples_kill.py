@@ -95,7 +95,7 @@ def test_kill_while_capturing_and_while_pulling(tmp_path: Path, broker: Broker, 
             assert offered["size"] > 64 * 1024  # two chunks at least
             daemon.terminate(signal.SIGKILL)
             link.publish_wait(f"lepton/kill1/samples/{biggest}/chunk/1", b"", qos=1, retain=True)
-            with pytest.raises(LeptonError, match="chunk 1 .* did not arrive"):
+            with pytest.raises(LeptonError, match=r"chunk 1 .* did not arrive"):
                 pull_one(link, "lepton", "kill1", offered, out, threading.Event(), 0.5)
         finally:
             link.close()
