@@ -8,7 +8,8 @@ means a band of [0, 1]: every frame is a band hit, so every frame goes through t
 as many as `max_per_minute` allows (`--per-minute`: the default 60, up to the config's ceiling of 6000,
 100 a second) are copied, queued, JPEG-encoded, hashed and fsync'd into a store by the writer thread.
 Reported per mode: loop fps and the p50/p95 of the time per item (read → process → results → capture),
-and the throughput cost of capture in percent (on a shared machine this difference is mostly noise: the rounds show its spread);
+and the throughput cost of capture in percent (on a shared machine this difference is mostly noise:
+the rounds show its spread);
 `loop_share_percent` is the time the loop itself spent in capture (timed around each call) over the
 time it ran, which is what capture takes from the loop's thread; plus what the store got (stored,
 limited, dropped at the queue). The writer's JPEG encoding runs on its own thread, bounded by
