@@ -107,7 +107,7 @@ def run(model: Path, capture: bool, seconds: float, folder: Path, per_minute: fl
             observe(*a)
             spent.append(time.perf_counter() - t0)
 
-        p.capture.observe = timed  # type: ignore[method-assign]
+        p.capture.observe = timed  # type: ignore[method-assign,assignment]
     p.start()
     stop.wait(seconds)
     p.halt()
