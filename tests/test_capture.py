@@ -219,3 +219,23 @@ def test_hostile_sample_requests_are_refused(payload: dict[str, Any], field: str
 def test_band_must_be_ordered() -> None:
     with pytest.raises(ValidationError, match="low is above high"):
         SampleCaptureSettings(enabled=True, band=(0.7, 0.3))
+
+
+def test_check_config_names_a_bad_capture_setting(tmp_path: Path, fixtures: Path) -> None:
+    from conftest import run_cli
+
+    path = tmp_path / "agent.toml"
+    path.write_text(f"""
+[agent]
+state_dir = "{tmp_path / 'state'}"
+[[pipelines]]
+name = "p"
+source = "test:colors"
+model = "{fixtures / 'colors_int8.json'}"
+[pipelines.capture]
+enabled = true
+band = [0.7, 0.3]
+""")
+    r = run_cli("check-config", "--config", str(path))
+    assert r.rc == 2 and len(r.err_lines) == 1
+    assert "pipelines[0].capture" in r.err and "low is above high" in r.err and str(path) in r.err

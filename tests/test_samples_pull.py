@@ -113,6 +113,17 @@ def test_capture_pull_calibrate_compare(tmp_path: Path, broker: Broker, models_d
         rc, (after,), _ = fleet(broker.port, "samples", "list", "cap1")
         assert after["samples"] == [] and after["total"] == 0  # acknowledged, so deleted on the device
 
+        # Commands: a capture request is taken; hostile sample requests get error replies.
+        rc, (reply,), _ = fleet(broker.port, "cmd", "cap1", "capture", '{"pipeline": "wake", "count": 3}')
+        assert rc == 0 and reply["result"] == {"pipeline": "wake", "count": 3, "duration_s": None}
+        for args, code in (('{"op": "delete", "ids": ["../../etc/passwd"]}', "bad_request"),
+                           ('{"op": "list", "limit": 100000000}', "bad_request"),
+                           ('{"op": "offer", "ids": []}', "bad_request")):
+            rc, (reply,), _ = fleet(broker.port, "cmd", "cap1", "samples", args)
+            assert rc == 1 and reply["error"]["code"] == code, reply
+        rc, (reply,), _ = fleet(broker.port, "cmd", "cap1", "capture", '{"pipeline": "nope", "count": 1}')
+        assert rc == 1 and reply["error"]["code"] == "not_found"
+
     labels = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
     faces = [x for x in labels if x["pipeline"] == "faces"]
     assert faces and all(x["kind"] == "image" and x["file"].startswith("images/") for x in faces)
@@ -149,3 +160,8 @@ def test_pull_refuses_all_without_yes_and_bad_targets(broker: Broker, tmp_path: 
     assert rc == 2 and "TARGET" in err
     rc, _, err = fleet(broker.port, "samples", "pull", "dev1")
     assert rc == 2 and "--out" in err
+    (tmp_path / "file").write_text("")
+    rc, _, err = fleet(broker.port, "samples", "pull", "dev1", "--out", str(tmp_path / "file"))
+    assert rc == 2 and "not a folder" in err and err.count("\n") == 1
+    rc, _, err = fleet(broker.port, "samples", "purge", "group:lab")
+    assert rc == 2 and "one device" in err
