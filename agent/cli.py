@@ -64,6 +64,19 @@ def _audio_options(p: argparse.ArgumentParser) -> None:
                    help="how mic: inputs are captured (default arecord)")
 
 
+def _stream_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network streams (rtsp://, http://, ...)")
+    g.add_argument("--transport", choices=("tcp", "udp"), help="RTSP transport (default: FFmpeg's, TCP)")
+    g.add_argument("--timeout", type=_seconds, metavar="S", default=10.0,
+                   help="seconds a stream may take to open or to send the next frame (default 10); with --frames, "
+                        "a stream silent for three times this ends the run")
+    g.add_argument("--username", help="user name (instead of user@ in the URL)")
+    cred = g.add_mutually_exclusive_group()
+    cred.add_argument("--password-file", metavar="FILE", help="the password: first line of FILE (keep it out of "
+                      "the URL, which shows in the process list)")
+    cred.add_argument("--password-env", metavar="VAR", help="the password: environment variable VAR")
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a .tflite, or a manifest .json (ours or microWakeWord v2)")
     p.add_argument("--labels", metavar="FILE", help="labels, one per line (overrides the manifest's)")
@@ -91,6 +104,7 @@ def _agent_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_threshold, help="minimum score, 0..1")
     p.add_argument("--top-k", type=_positive, help="classes to report")
     p.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    _stream_options(p)
     _audio_options(p)
     _runtime_options(p)
     p.set_defaults(func=_cmd_infer)
@@ -251,12 +265,16 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     from agent.config_load import load
     from agent.daemon import check_delivery, check_link, check_pipelines
+    from agent.sources.capture import redact
 
     eff = load(args.config)
     check_pipelines(eff)
     check_link(eff)
     check_delivery(eff)
-    out.write(json.dumps(eff.describe(), indent=2) + "\n")
+    described = eff.describe()
+    for pipeline in described.get("pipelines", []):
+        pipeline["source"] = redact(pipeline["source"])  # a camera password in the URI is not shown
+    out.write(json.dumps(described, indent=2) + "\n")
     return 0
 
 

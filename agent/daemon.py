@@ -45,6 +45,7 @@ from agent.samples.capturer import CaptureWriter
 from agent.samples.sample_store import SampleStore
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
 from agent.slot import ModelSlot
+from agent.sources.network import network_source
 
 if TYPE_CHECKING:
     from agent.prometheus import PrometheusEndpoint
@@ -172,7 +173,8 @@ class Agent:
                 link, self.topics, cfg.homeassistant, device=self.eff.device_id,
                 model=profile.description or profile.name, pipelines=lambda: [p.name for p in self._pipeline_list()],
                 telemetry=cfg.telemetry.enabled, telemetry_interval_s=profile.telemetry_interval_s,
-                root=cfg.telemetry.root)
+                root=cfg.telemetry.root,
+                cameras=lambda: [p.name for p in self._pipeline_list() if network_source(p.settings.source)])
             self.discovery.attach()
             if self.monitor is not None:
                 self.monitor.on_tick.append(self.discovery.refresh)
@@ -195,6 +197,11 @@ class Agent:
         return {"queued": st.queued, "dropped": st.dropped, "bytes": st.bytes}
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline:
+        if network_source(settings.source):
+            # A camera down when the agent starts is waited for (retried with backoff, shown in status),
+            # not parked as failed: it is a runtime condition, not bad input. The config may still say no.
+            settings = settings.model_copy(update={"source_options": {"retry_open": True,
+                                                                      **settings.source_options}})
         slot = self._slots.get(settings.name)
         p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
                      backend=self.backend_name, sink=self._spool_result, stop=self.stop,
@@ -345,7 +352,7 @@ class Agent:
         """Everything the `status` command reports (and the base telemetry builds on)."""
         out = self.birth()
         with self._lock:
-            stats = {name: p.stats.as_dict() for name, p in self.pipelines.items()}
+            stats = {name: {**p.stats.as_dict(), "source": p.source_status()} for name, p in self.pipelines.items()}
         spool = self.spool.stats() if self.spool else None
         out.update(
             state="online" if self.link is not None and self.link.connected.is_set() else "offline",

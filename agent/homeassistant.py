@@ -2,8 +2,9 @@
 
 Sensors read the agent's own topics, so nothing extra is published for them: CPU, the
 agent's CPU share, memory, temperature and the governor's level from
-`lepton/<dev>/telemetry`; per pipeline its fps and median latency from the same payload,
-and its last result (the top class, the detected labels, or the wake word) from
+`lepton/<dev>/telemetry`; per pipeline its fps and median latency from the same payload
+(and for an IP camera its connection state: connected, reconnecting, …), and its last
+result (the top class, the detected labels, or the wake word) from
 `lepton/<dev>/results/<pipeline>`. Availability follows the retained status topic
 (`online` only while the agent's birth stands; the will and `stopped` make it unavailable).
 
@@ -52,13 +53,15 @@ class Discovery:
 
     def __init__(self, link: Link, topics: Topics, settings: HomeAssistantSection, *, device: str,
                  model: str, pipelines: Callable[[], list[str]], telemetry: bool, telemetry_interval_s: float,
-                 root: Path = Path("/")) -> None:
+                 root: Path = Path("/"), cameras: Callable[[], list[str]] = list) -> None:
         self.link = link
         self.topics = topics
         self.settings = settings
         self.device = device
         self.model = model
         self.pipelines = pipelines
+        self.cameras = cameras
+        """The pipelines reading a network camera: they get a connection-state sensor."""
         self.telemetry = telemetry
         self.telemetry_interval_s = telemetry_interval_s
         self.root = root
@@ -135,6 +138,7 @@ class Discovery:
                                                      "°C", device_class="temperature"))
             add("governor_level", self._measurement("governor_level", "Governor level",
                                                     "{{ value_json.governor.level }}", "steps", icon="mdi:speedometer"))
+        cameras = set(self.cameras()) if self.telemetry else set()
         for pipeline in self.pipelines():
             key = re.sub(r"[^A-Za-z0-9_-]", "_", pipeline)
             ref = f"value_json.pipelines[{json.dumps(pipeline)}]"
@@ -144,6 +148,11 @@ class Discovery:
                 add(f"{key}_latency", self._measurement(f"{key}_latency", f"{pipeline} latency",
                                                         "{{ " + ref + ".latency_ms.p50 }}", "ms",
                                                         device_class="duration"))
+            if pipeline in cameras:
+                camera = self._base(f"{key}_camera", f"{pipeline} camera", self.topics.telemetry,
+                                    "{{ " + ref + ".source.state if " + ref + ".source else 'stopped' }}")
+                camera.update(icon="mdi:cctv", expire_after=max(60, round(3 * self.telemetry_interval_s)))
+                add(f"{key}_camera", camera)
             result = self._base(f"{key}_last_result", f"{pipeline} last result", self.topics.results(pipeline),
                                 LAST_RESULT_TEMPLATE)
             result["icon"] = "mdi:eye"

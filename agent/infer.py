@@ -132,14 +132,48 @@ def _infer_audio(args: argparse.Namespace, out: TextIO) -> int:
     return 2 if failed else 0
 
 
-def _open_sources(uris: list[str]) -> list[Any]:
+def stream_source_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The source options of network stream inputs, from `--transport`, `--timeout` and the credentials."""
+    options: dict[str, Any] = {"timeout": args.timeout}
+    for key in ("transport", "username", "password_file", "password_env"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    return options
+
+
+def shown(source: Any) -> str:
+    """How a source is named in output: never with its password."""
+    from agent.sources.capture import redact
+
+    return str(getattr(source, "name", None) or redact(source.uri))
+
+
+class _Stall:
+    """Ends a run whose live source has sent nothing for `seconds` (None: never)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.last = time.monotonic()
+        self.fired = False
+
+    def saw(self) -> None:
+        self.last = time.monotonic()
+
+    def __call__(self) -> bool:
+        if self.seconds is not None and time.monotonic() - self.last > self.seconds:
+            self.fired = True
+        return self.fired
+
+
+def _open_sources(uris: list[str], stream_options: dict[str, Any] | None = None) -> list[Any]:
     """A source per INPUT, all opened before any work starts; BadInput names the first that is wrong."""
     from agent.sources.base import open_source
+    from agent.sources.network import network_source
 
     sources: list[Any] = []
     try:
         for uri in uris:
-            source = open_source(uri)
+            source = open_source(uri, stream_options if stream_options and network_source(uri) else None)
             source.open()
             sources.append(source)
     except BaseException:
@@ -164,7 +198,7 @@ def _items(source: Any, limit: int | None, stall_s: float | None = None) -> Iter
             continue
         if item is None:  # a live source between frames (it reconnects by itself)
             if stall_s is not None and time.monotonic() - waited_since > stall_s:
-                raise LeptonError(f"{getattr(source, 'name', source.uri)}: no frame for {stall_s:.0f} s")
+                raise LeptonError(f"{shown(source)}: no frame for {stall_s:g} s")
             continue
         count, waited_since = count + 1, time.monotonic()
         yield item
@@ -174,7 +208,7 @@ def infer_command(args: argparse.Namespace, out: TextIO) -> int:
     """`lepton-agent infer`: results per frame (images) or per detection (audio), one line each."""
     if _audio_run(args):
         return _infer_audio(args, out)
-    sources = _open_sources(args.inputs)
+    sources = _open_sources(args.inputs, stream_source_options(args))
     try:
         return _infer(args, sources, out)
     finally:
@@ -194,17 +228,22 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
     if args.format == "table":
         out.write(f"{'SOURCE':<32} {'FRAME':>5}  {'MS':>7}  RESULT\n")
     for source in sources:
-        name = getattr(source, "name", source.uri)
+        name = shown(source)
+        # With --frames the run has an end: a live source that goes silent must not hold it forever.
+        stall = _Stall(3 * source.settings.timeout if args.frames and hasattr(source, "settings") else None)
 
-        def bad(exc: BadInput, item: Any, name: str = name) -> None:
+        def bad(exc: BadInput, item: Any, name: str = name, stall: _Stall = stall) -> None:
             nonlocal failed
+            stall.saw()
             failed += 1
             where = "" if item is None else f"{item.file or name}: "  # a read error names its file itself
             print(f"lepton-agent: {where}{exc}", file=sys.stderr)
 
-        def emit(item: Any, results: list[dict[str, Any]], inference: Any, source: Any = source) -> None:
+        def emit(item: Any, results: list[dict[str, Any]], inference: Any, name: str = name,
+                 stall: _Stall = stall) -> None:
+            stall.saw()
             (result,) = results  # an Inference: one result per frame
-            line: dict[str, Any] = {"source": source.uri, "frame": item.index}
+            line: dict[str, Any] = {"source": name, "frame": item.index}
             if item.file is not None:
                 line["file"] = item.file
             line.update(model=model_ref, latency_ms=inference.latency.as_dict(), **result)
@@ -213,12 +252,14 @@ def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
             else:
                 lat = inference.latency
                 total = lat.pre + lat.invoke + lat.post
-                name = item.file or source.uri
-                out.write(f"{name[-32:]:<32} {item.index:>5}  {total:>7.2f}  {_summary(result)}\n")
+                shown_as = item.file or name
+                out.write(f"{shown_as[-32:]:<32} {item.index:>5}  {total:>7.2f}  {_summary(result)}\n")
             out.flush()
 
         with contextlib.suppress(EndOfStream):
-            run_items(source, inference, emit, timeout=0.5, limit=args.frames, on_bad=bad)
+            run_items(source, inference, emit, timeout=0.5, limit=args.frames, on_bad=bad, stopping=stall)
+        if stall.fired:
+            raise LeptonError(f"{name}: no frame for {stall.seconds:g} s")
     return 2 if failed else 0
 
 

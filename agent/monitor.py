@@ -42,6 +42,7 @@ def pipeline_figures(p: Pipeline) -> dict[str, Any]:
         "restarts": st.restarts,
         "errors": st.errors,
         "variant": p.variant,
+        "source": p.source_status(),
         **p.rings.summary(),
     }
 

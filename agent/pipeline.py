@@ -40,6 +40,7 @@ from agent.samples.capturer import CaptureWriter, PipelineCapture
 from agent.sdnotify import Watchdog
 from agent.slot import ItemObserver, LoopHealth, ModelSlot, build_runner
 from agent.sources.base import Item, Source, open_source
+from agent.sources.capture import redact
 from agent.supervisor import STOP_WAIT_S, PipelineStats, Supervisor
 from agent.tasks.base import Runner
 from agent.telemetry import StageRings
@@ -111,6 +112,8 @@ class Pipeline:
         self._next_due = 0.0
         self._now = 0.0
         self._rate_t, self._rate_n = 0.0, 0
+        self._limit_fps: Callable[[float | None], None] | None = None
+        self._limited: float | None = None
 
     # -- control (any thread) ----------------------------------------------------------------
 
@@ -172,11 +175,17 @@ class Pipeline:
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
-        d: dict[str, Any] = {"name": self.name, "state": self.stats.state, "source": s.source,
+        d: dict[str, Any] = {"name": self.name, "state": self.stats.state, "source": redact(s.source),
                              "task": self.slot.task_key, "threshold": s.threshold, "fps": round(self.max_fps, 3)}
         if self.slot.spec is not None:
             d["model"] = self.slot.model_ref()
         return d
+
+    def source_status(self) -> dict[str, Any] | None:
+        """The live source's own state (connected, reconnecting since, reopens, errors); None for a source
+        without one (files, audio) or while no source is open."""
+        status = getattr(self._source, "status", None)
+        return status() if callable(status) else None
 
     # What runs, as the slot says (status, telemetry, delivery's choice of pipelines).
 
@@ -258,7 +267,7 @@ class Pipeline:
         source = open_source(self.settings.source, dict(self.settings.source_options))
         wanted = _SOURCE_ITEMS.get(source.kind)
         if wanted is not None and runner.item_kind not in (wanted, "tensor"):
-            raise BadInput(f"pipeline {self.name}: source {self.settings.source} gives {source.kind}, "
+            raise BadInput(f"pipeline {self.name}: source {redact(self.settings.source)} gives {source.kind}, "
                            f"the model's task takes {runner.item_kind}")
         self._source = source
         self.source_kind = source.kind
@@ -268,6 +277,8 @@ class Pipeline:
         self._frames = source.kind == "frames"
         self._next_due = 0.0
         self._rate_t, self._rate_n = time.monotonic(), 0
+        # A capture thread converts no more frames than the loop will take (see `between`).
+        self._limit_fps, self._limited = getattr(source, "limit_fps", None), None
         run_items(source, runner, self._emit, stopping=self.supervisor.stopping, control=self)
 
     def _wait_paused(self, source: Source) -> None:
@@ -298,7 +309,19 @@ class Pipeline:
             self._wait_paused(self._source)
             self._rate_t, self._rate_n = time.monotonic(), 0
             return None
+        now = time.monotonic()
+        if now - self._rate_t >= 1.0:
+            self._update_fps(now)  # also when no frame comes (a camera that is gone): the fps falls to zero
+        if self._limit_fps is not None and self._limited != self.max_fps:
+            self._limited = self.max_fps
+            self._limit_fps(self._limited)
         return self._runner
+
+    def _update_fps(self, now: float) -> None:
+        # Smoothed while frames come; zero at once when a whole second brought none.
+        n = self._rate_n
+        self.stats.fps = 0.5 * self.stats.fps + 0.5 * n / (now - self._rate_t) if n else 0.0
+        self._rate_t, self._rate_n = now, 0
 
     def _take_swap(self) -> None:
         before = self.slot.spec
@@ -339,8 +362,7 @@ class Pipeline:
         stats.processed += 1
         self._rate_n += 1
         if now - self._rate_t >= 1.0:
-            stats.fps = 0.5 * stats.fps + 0.5 * self._rate_n / (now - self._rate_t)
-            self._rate_t, self._rate_n = now, 0
+            self._update_fps(now)
         lat = runner.latency
         self.rings.add(lat.pre, lat.invoke, lat.post)
         latency = lat.as_dict()

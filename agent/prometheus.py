@@ -72,7 +72,15 @@ def _families(payload: dict[str, Any], device: str) -> Iterator[Any]:
                                 labels=["device", "pipeline"])
     latency = GaugeMetricFamily("lepton_pipeline_latency_seconds", "Per-item latency over the recent window",
                                 labels=["device", "pipeline", "stage", "quantile"])
+    up = GaugeMetricFamily("lepton_source_connected", "1 while the camera or stream is open, 0 while it is being "
+                           "(re)connected or refused", labels=["device", "pipeline"])
+    reopens = CounterMetricFamily("lepton_source_reopens", "Attempts to reopen the camera or stream",
+                                  labels=["device", "pipeline"])
     for name, p in pipelines.items():
+        source = p.get("source")
+        if source:  # live sources only (cameras, streams)
+            up.add_metric([device, name], 1.0 if source.get("state") == "connected" else 0.0)
+            reopens.add_metric([device, name], float(source.get("reopens", 0)))
         fps.add_metric([device, name], float(p.get("fps", 0.0)))
         cap.add_metric([device, name], float(p.get("max_fps", 0.0)))
         frames.add_metric([device, name], float(p.get("frames", 0)))
@@ -81,7 +89,7 @@ def _families(payload: dict[str, Any], device: str) -> Iterator[Any]:
             for q, value in (p.get(key) or {}).items():
                 if q in _QUANTILES:
                     latency.add_metric([device, name, stage, _QUANTILES[q]], float(value) / 1000.0)
-    yield from (fps, cap, frames, drops, latency)
+    yield from (fps, cap, frames, drops, latency, up, reopens)
 
 
 def _gauge(cls: Any, name: str, doc: str, device: str, value: Any) -> Iterator[Any]:

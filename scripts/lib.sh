@@ -21,6 +21,17 @@ ensure_audio_tools() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq alsa-utils libportaudio2 >/dev/null
 }
 
+# GStreamer's RTSP server through the system Python's GObject bindings, with an H.264 encoder (x264 in
+# plugins-ugly): the RTSP tests serve a real camera stream with it (tests/rtsp_server.py).
+ensure_rtsp_server() {
+  /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0'); gi.require_version('Gst', '1.0');
+from gi.repository import Gst; Gst.init(None); assert Gst.ElementFactory.find('x264enc')" >/dev/null 2>&1 && return 0
+  echo "installing the GStreamer RTSP server (apt-get)" >&2
+  as_root apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends python3-gi \
+    gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly >/dev/null
+}
+
 # ensure_venv DIR LANE: a venv with the agent installed for that runtime lane.
 ensure_venv() {
   local dir=$1 lane=$2 stamp want

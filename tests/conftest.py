@@ -73,11 +73,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 # DESIGN §7: the core suite runs on both runtimes. These modules test code that does not depend on the
 # interpreter (MQTT link, spool, commands, config, delivery protocol, systemd, installer, demo); they run in
-# the ai-edge-litert lane only, which keeps both lanes together well inside the suite's time budget.
+# the ai-edge-litert lane only, which keeps both lanes together well inside the suite's time budget. test_rtsp
+# runs a real RTSP camera for about a minute; what it proves is about streams, not the interpreter.
 RUNTIME_INDEPENDENT = frozenset({
     "test_agreement", "test_arm64_compare", "test_commands", "test_config", "test_delivery", "test_delivery_crash",
-    "test_demo", "test_fleet_cli", "test_install", "test_link", "test_policy", "test_sdnotify", "test_spool",
-    "test_synthetic", "test_systemd_notify", "test_systemd_unit", "test_corrupt_state", "test_delivery_pending",
+    "test_demo", "test_fleet_cli", "test_install", "test_link", "test_policy", "test_rtsp", "test_sdnotify",
+    "test_spool", "test_synthetic", "test_systemd_notify", "test_systemd_unit", "test_corrupt_state",
+    "test_delivery_pending",
 })
 
 

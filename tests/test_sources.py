@@ -132,16 +132,19 @@ def test_stalled_and_closed_streams_are_reopened(mjpeg: tuple[str, Script], fixt
         assert script.connections >= 3 and source.stats.errors >= 2
 
 
-def test_a_corrupt_frame_is_counted_and_skipped(mjpeg: tuple[str, Script], fixtures: Path) -> None:
+def test_a_corrupt_frame_does_not_break_the_stream(mjpeg: tuple[str, Script], fixtures: Path) -> None:
+    # FFmpeg conceals or skips a truncated JPEG inside its own read (no failed grab reaches us, in either
+    # lane's OpenCV), so what is checked is that the stream goes on past it on the same connection. The
+    # stream stays open afterwards: its end would be failed reads of its own, racing the assertions.
     url, script = mjpeg
     good = _jpegs(fixtures, "red_1.png", 1)[0]
-    script.plans = [([good] * 5 + [good[: len(good) // 3] + b"\x00" * 64] + [good] * 500, False)]
+    script.plans = [([good] * 5 + [good[: len(good) // 3] + b"\x00" * 64] + [good] * 50, True)]
     source = open_source(url, {"timeout": 5.0})
     assert isinstance(source, LiveSource)
     with source:
         _read(source)
-        assert source.wait_for(lambda s: s.errors >= 1 and source.captured >= 12, WAIT), source.stats
-        assert source.stats.restarts == 0  # skipped, not a reason to reconnect
+        assert source.wait_for(lambda s: source.captured >= 40, WAIT), source.stats
+        assert source.stats.restarts == 0 and script.connections == 1  # not a reason to reconnect
 
 
 def test_camera_that_cannot_be_opened_is_bad_input_on_the_command_line(fixtures: Path) -> None:

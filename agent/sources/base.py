@@ -84,7 +84,7 @@ _REGISTRY: list[tuple[Callable[[str], bool], SourceFactory]] = []
 # Modules that register source kinds; imported on first use so that an
 # audio-only agent never imports OpenCV.
 SOURCE_MODULES: list[str] = ["agent.sources.synthetic", "agent.sources.audio", "agent.sources.camera",
-                               "agent.sources.files"]
+                               "agent.sources.network", "agent.sources.files"]
 
 
 def register_source(matcher: Callable[[str], bool]) -> Callable[[SourceFactory], SourceFactory]:

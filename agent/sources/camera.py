@@ -5,9 +5,7 @@
 - `csi:` / `csi:0`: the Raspberry Pi CSI camera through a libcamera GStreamer
   pipeline (needs an OpenCV built with GStreamer, e.g. Debian's python3-opencv).
 - `picamera2:N`: the CSI camera through Picamera2 (the optional `picamera2` extra).
-- `rtsp://`, `rtsps://`, `rtmp://`, `http://`, `https://`: network streams through
-  OpenCV's FFmpeg backend, with open and read timeouts so a stalled stream is
-  noticed, closed and reopened instead of hanging the loop.
+- network streams (`rtsp://`, …) are in `agent.sources.network`.
 
 OpenCV is imported when a device is first opened, never at registration.
 """
@@ -24,7 +22,7 @@ import numpy as np
 
 from agent.errors import BadInput
 from agent.sources.base import register_source
-from agent.sources.capture import Device, DeviceError, LiveSource, redact
+from agent.sources.capture import Device, DeviceError, LiveSource
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +32,6 @@ _CAMERA = re.compile(r"^camera:(\d+)$")
 _DEV_VIDEO = re.compile(r"^/dev/video(\d+)$")
 _CSI = re.compile(r"^csi:(\d*)$")
 _PICAMERA2 = re.compile(r"^picamera2:(\d*)$")
-STREAM_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "http", "https"})
 
 
 class OpenCVDevice(Device):
@@ -206,22 +203,3 @@ class Picamera2Camera(LiveSource):
             camera.close()
             raise DeviceError(f"cannot start CSI camera {self.camera_num}: {exc}") from None
         return Picamera2Device(camera)
-
-
-def _is_stream(uri: str) -> bool:
-    return "://" in uri and uri.split("://", 1)[0].lower() in STREAM_SCHEMES
-
-
-@register_source(_is_stream)
-class NetworkStream(LiveSource):
-    """An RTSP/RTMP/HTTP(S) video stream through FFmpeg; a stall past `timeout` reopens it."""
-
-    def connect(self) -> Device:
-        cv2 = _quiet_cv2()
-        ms = round(self.settings.timeout * 1000)
-        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
-        cap = cv2.VideoCapture(self.uri, cv2.CAP_FFMPEG, params)
-        if not cap.isOpened():
-            cap.release()
-            raise DeviceError(f"cannot open stream {redact(self.uri)} (unreachable, refused, or not video)")
-        return OpenCVDevice(cap)

@@ -6,8 +6,15 @@ low), decodes only the frames the fps cap lets through, and puts each into the
 *latest* slot. A frame nobody read before the next one arrived is dropped and
 counted in `stats.dropped`; the pipeline always gets the newest frame with its
 own capture time. A device that fails (open error, read errors, end of a
-stream) is closed, reopened after an exponential backoff and counted in
-`stats.restarts`; every wait is on the one stop event, so `close()` is prompt.
+stream) is closed, reopened after a backoff and counted in `stats.restarts`;
+every wait is on the one stop event, so `close()` is prompt.
+
+The backoff grows with the outage, not with the attempts: the wait before the
+next probe is a twentieth of how long the device has been gone (between
+`backoff_initial` and `backoff_max`). A camera that stays away for an hour is
+probed every 30 s; one back after a 20 s outage is found within about a second.
+`status()` says what the device is doing (connecting, connected, reconnecting
+since when, failed for a reason the retries will not fix by themselves).
 
 Frames live in a small pool of buffers (triple buffering: one being written, the
 latest, the one the reader holds), so a steady stream allocates nothing per
@@ -19,11 +26,12 @@ from __future__ import annotations
 
 import abc
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,6 +45,11 @@ Frame = np.ndarray[Any, Any]
 
 # Consecutive failed reads before the device is considered gone and reopened.
 MAX_READ_FAILURES = 5
+
+PROBE_FRACTION = 0.05
+"""The wait before the next reopen attempt, as a fraction of the outage so far (see the module doc)."""
+
+SourceState = Literal["stopped", "connecting", "connected", "reconnecting", "failed", "ended"]
 
 
 class FrameOptions(BaseModel):
@@ -58,9 +71,9 @@ class FrameOptions(BaseModel):
     """Keep retrying with backoff when the device cannot be opened at start (the daemon), instead of
     failing at once (the command line)."""
     backoff_initial: float = Field(default=0.5, gt=0, le=60)
-    """First wait before reopening a failed device, in seconds; doubles on every failure."""
+    """Shortest wait before reopening a failed device, in seconds; the wait grows with the outage."""
     backoff_max: float = Field(default=30.0, gt=0, le=3600)
-    """Longest wait between reopen attempts, in seconds."""
+    """Longest wait between reopen attempts, in seconds (reached after `backoff_max / 0.05` s of outage)."""
     timeout: float = Field(default=10.0, gt=0, le=600)
     """Seconds a stream may take to open or to deliver the next frame before it counts as stalled."""
     realtime: bool = False
@@ -68,18 +81,33 @@ class FrameOptions(BaseModel):
     of handing over every frame as fast as the reader takes them."""
     loop: bool = False
     """Video files: start again at the end instead of ending the stream."""
+    transport: Literal["tcp", "udp"] | None = None
+    """RTSP streams: the lower transport (None: FFmpeg's default through OpenCV, TCP)."""
+    decode_threads: int | None = Field(default=None, ge=1, le=64)
+    """Network streams: FFmpeg's decoder threads (None: FFmpeg's choice, one per core). Frame threading
+    holds back a frame per extra thread: 1 gives the freshest frames if one core keeps up with the stream."""
+    username: str | None = Field(default=None, min_length=1)
+    """Network streams: the user name (instead of `user@` in the URI)."""
+    password_file: Path | None = None
+    """Network streams: a file whose first line is the password (kept out of the URI and the config)."""
+    password_env: str | None = Field(default=None, min_length=1)
+    """Network streams: the environment variable holding the password."""
+
+
+# `scheme://user:password@…`, up to the *last* `@`: a password with an unescaped `@`, `/` or `:` is still
+# all hidden, and an `@` later in the path hides more than needed rather than less.
+_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):.*@(?P<tail>[^@]*)$", re.DOTALL)
+# Cheap cameras take credentials in the query (`video.cgi?user=admin&pwd=…`).
+_SECRET_PARAM = re.compile(r"(?P<key>(?:^|[?&;])(?:pass|passwd|password|pwd|pw|token|key|auth|secret)=)[^&;#]*",
+                           re.IGNORECASE)
 
 
 def redact(uri: str) -> str:
-    """The URI without its password, for logs and messages."""
-    try:
-        parts = urlsplit(uri)
-        if parts.password is None:
-            return uri
-        netloc = f"{parts.username}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    except ValueError:
-        return uri
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URI without its password (in the authority or a query parameter), for everything shown."""
+    m = _USERINFO.match(uri)
+    if m is not None:
+        uri = f"{m['head']}:***@{m['tail']}"
+    return _SECRET_PARAM.sub(lambda p: f"{p['key']}***", uri) if "=" in uri else uri
 
 
 def frame_options(uri: str, options: dict[str, Any]) -> FrameOptions:
@@ -93,6 +121,11 @@ def frame_options(uri: str, options: dict[str, Any]) -> FrameOptions:
 
 class DeviceError(Exception):
     """The device cannot be opened or has gone away; the message says why, in one line."""
+
+    def __init__(self, message: str, *, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting
+        """A refusal retrying will not fix by itself (wrong credentials): the source reports `failed`."""
 
 
 class Device(abc.ABC):
@@ -130,9 +163,16 @@ class LiveSource(Source):
         self._spare: list[Frame] = []
         self._ended = False
         self._captured = 0
+        self._decoded = 0
         self._t0 = 0.0
         self.connected = False
         """Whether a device is open right now."""
+        self.fps_cap: float | None = self.settings.max_fps
+        """Cap on the frames decoded and handed over (the pipeline sets it to its own fps); read per frame."""
+        self.state: SourceState = "stopped"
+        self._state_since = time.time()
+        self._down_since: float | None = None
+        self.last_error: str | None = None
 
     # -- what each kind provides ------------------------------------------------
 
@@ -152,6 +192,32 @@ class LiveSource(Source):
         """Set when the source closes; devices wait on it instead of sleeping."""
         return self._stop
 
+    def status(self) -> dict[str, Any]:
+        """What the device is doing, for status and telemetry: state, since (Unix s), reopens, errors, and
+        the frames grabbed and decoded since open (fewer decoded than grabbed: the fps cap at work)."""
+        return {"state": self.state, "since": round(self._state_since, 3), "reopens": self.stats.restarts,
+                "errors": self.stats.errors, "last_error": self.last_error, "grabbed": self._captured,
+                "decoded": self._decoded}
+
+    def limit_fps(self, fps: float | None) -> None:
+        """Decode no more than about `fps` frames a second (the pipeline's own cap; None: every frame).
+
+        With headroom: the loop's own pacing then still finds a fresh frame at each of its turns."""
+        caps = [c for c in (self.settings.max_fps, None if fps is None else fps * 1.5) if c is not None]
+        self.fps_cap = min(caps) if caps else None
+
+    def _set_state(self, state: SourceState, error: str | None = None) -> None:
+        if state != self.state:
+            self.state, self._state_since = state, time.time()
+        if error is not None:
+            self.last_error = error
+
+    def _probe_delay(self) -> float:
+        """The wait before the next reopen: a fraction of the outage so far, within the configured bounds."""
+        s = self.settings
+        down = 0.0 if self._down_since is None else time.monotonic() - self._down_since
+        return min(s.backoff_max, max(s.backoff_initial, down * PROBE_FRACTION))
+
     # -- the Source interface ---------------------------------------------------
 
     def open(self) -> None:
@@ -159,15 +225,19 @@ class LiveSource(Source):
             return
         self.check()
         device: Device | None = None
+        self._down_since = None
+        self._set_state("connecting")
         if not self.settings.retry_open:
             try:
                 device = self.connect()
             except DeviceError as exc:
+                self._set_state("failed", str(exc))
                 raise BadInput(f"{self.name}: {exc}") from None
             self.connected = True
+            self._set_state("connected")
         self._stop.clear()
         with self._changed:
-            self._ended, self._latest, self._captured = False, None, 0
+            self._ended, self._latest, self._captured, self._decoded = False, None, 0, 0
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, args=(device,), name=f"capture {self.name}", daemon=True)
         self._thread.start()
@@ -197,6 +267,7 @@ class LiveSource(Source):
             if thread.is_alive():
                 # Blocked inside the device's own read; it releases the device when that returns.
                 logger.warning("%s: capture thread still in a device call; leaving it to finish", self.name)
+        self._set_state("stopped")
 
     def wait_for(self, condition: Callable[[SourceStats], bool], timeout: float) -> bool:
         """Wait until `condition(stats)` holds (checked whenever the capture thread changes them)."""
@@ -211,31 +282,31 @@ class LiveSource(Source):
     # -- the capture thread -----------------------------------------------------
 
     def _run(self, device: Device | None) -> None:
-        backoff = self.settings.backoff_initial
         failures = 0
-        interval = 1.0 / self.settings.max_fps if self.settings.max_fps else 0.0
         next_due = 0.0
         writing: Frame | None = None
         try:
             while not self._stop.is_set():
                 if device is None:
+                    if self._down_since is None:
+                        self._down_since = time.monotonic()
                     try:
                         device = self.connect()
                     except DeviceError as exc:
-                        self._count_restart(f"cannot open: {exc}")
-                        if self._stop.wait(backoff):
+                        self._count_restart(f"cannot open: {exc}", failed=exc.lasting)
+                        if self._stop.wait(self._probe_delay()):
                             break
-                        backoff = min(backoff * 2.0, self.settings.backoff_max)
                         continue
                     except Exception:
                         logger.exception("%s: opening the device failed unexpectedly", self.name)
                         self._count_restart("unexpected error while opening")
-                        if self._stop.wait(backoff):
+                        if self._stop.wait(self._probe_delay()):
                             break
-                        backoff = min(backoff * 2.0, self.settings.backoff_max)
                         continue
                     self.connected = True
                     failures = 0
+                    self._set_state("connected")
+                    logger.info("%s: connected", self.name)
                 started = time.monotonic()
                 try:
                     grabbed = device.grab()
@@ -246,6 +317,7 @@ class LiveSource(Source):
                     break
                 if not grabbed:
                     if self.at_end(device):
+                        self._set_state("ended")
                         break
                     failures += 1
                     with self._changed:
@@ -257,16 +329,20 @@ class LiveSource(Source):
                     if stalled or failures >= MAX_READ_FAILURES:
                         self._release(device)
                         device = None
+                        if self._down_since is None:  # else: opened, but no frame since; the outage goes on
+                            self._down_since = time.monotonic()
                         self._count_restart("stalled" if stalled else f"{failures} failed reads in a row")
-                        if self._stop.wait(backoff):
+                        if self._stop.wait(self._probe_delay()):
                             break
-                        backoff = min(backoff * 2.0, self.settings.backoff_max)
                     continue
                 self._captured += 1
                 now, ts = time.monotonic() - self._t0, time.time()
+                cap = self.fps_cap
+                interval = 1.0 / cap if cap else 0.0
                 if interval and now < next_due:
                     continue  # the fps cap: grabbed to keep the device's queue short, not decoded
                 frame = device.retrieve(writing)
+                self._decoded += 1
                 if frame is None or frame.dtype != np.uint8 or frame.ndim not in (2, 3) or frame.size == 0:
                     failures += 1
                     with self._changed:
@@ -274,7 +350,7 @@ class LiveSource(Source):
                         self._changed.notify_all()
                     continue
                 failures = 0
-                backoff = self.settings.backoff_initial
+                self._down_since = None
                 if interval:
                     # A rate cap that forgives up to half an interval of jitter but never lets frames bunch up.
                     next_due = max(next_due, now - interval / 2) + interval
@@ -310,8 +386,9 @@ class LiveSource(Source):
         except Exception:
             logger.exception("%s: closing the device failed", self.name)
 
-    def _count_restart(self, why: str) -> None:
+    def _count_restart(self, why: str, failed: bool = False) -> None:
         with self._changed:
             self.stats.restarts += 1
+            self._set_state("failed" if failed else "connecting" if self.state == "connecting" else "reconnecting", why)
             self._changed.notify_all()
         logger.warning("%s: %s; reopening (restart %d)", self.name, why, self.stats.restarts)
