@@ -157,6 +157,9 @@ def test_capture_pull_calibrate_compare(tmp_path: Path, broker: Broker, models_d
     report = json.loads(r.out)
     assert report["eval_items"] == len(faces)
     assert report["models"][1]["agreement"]["kind"] == "detect"
+    by_reason = report["models"][1]["agreement_by_reason"]
+    assert list(by_reason) == ["band"] and by_reason["band"]["items"] == len(faces)
+    assert by_reason["band"]["kind"] == "detect"
 
 
 def test_pull_refuses_all_without_yes_and_bad_targets(broker: Broker, tmp_path: Path) -> None:

@@ -110,6 +110,23 @@ def dataset_files(folder: Path, kind: str) -> list[Path]:
     return [folder / _data_rel(m) for m in sidecars(folder) if m.get("kind") == kind]
 
 
+def reasoned_inputs(args: list[str], kind: str = "image") -> list[tuple[str, str | None]]:
+    """(input, capture reason) for command-line inputs: a dataset folder gives each of its files of `kind`
+    with the reason it was captured for; any other input is itself, with no reason."""
+    out: list[tuple[str, str | None]] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir() and is_dataset(path):
+            out.extend((str(folder_path), reason) for folder_path, reason in _files_and_reasons(path, kind))
+        else:
+            out.append((arg, None))
+    return out
+
+
+def _files_and_reasons(folder: Path, kind: str) -> list[tuple[Path, str | None]]:
+    return [(folder / _data_rel(m), m.get("reason")) for m in sidecars(folder) if m.get("kind") == kind]
+
+
 def expand_inputs(args: list[str], kind: str = "image") -> list[str]:
     """Command-line inputs with each dataset folder replaced by its files of `kind` (others as given)."""
     out: list[str] = []
