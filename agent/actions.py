@@ -35,7 +35,7 @@ from agent.delivery.service import DeliveryService
 from agent.errors import BadInput, LeptonError
 from agent.pipeline import Pipeline, check_pipelines
 from agent.samples.capturer import CaptureWriter
-from agent.samples.offer import offer, retract
+from agent.samples.offer import OFFER_MAX_BYTES, offer, retract
 from agent.slot import ModelSlot
 from agent.supervisor import STOP_WAIT_S
 
@@ -73,7 +73,7 @@ class Actions:
     def __init__(self, agent: Host) -> None:
         self.agent = agent
         self._bench_gate = threading.Lock()  # one bench at a time: each takes the cores the pipelines use
-        self._offered: set[str] = set()  # samples published for a pull and not yet acknowledged
+        self._offered: dict[str, int] = {}  # samples published for a pull and not yet acknowledged → bytes
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -118,15 +118,20 @@ class Actions:
         if command.op == "offer":
             if not command.ids:
                 raise CommandError("bad_request", "ids: name the samples to offer")
-            result = offer(store, publish, base, list(command.ids))
-            self._offered.update(o["id"] for o in result["offered"])
+            again = [sid for sid in command.ids if sid in self._offered]  # a resumed pull: counted once
+            outstanding = sum(size for sid, size in self._offered.items() if sid not in again)
+            if outstanding >= OFFER_MAX_BYTES:
+                raise CommandError("busy", f"{outstanding} bytes offered and not acknowledged; pull them (or purge) "
+                                           f"before offering more")
+            result = offer(store, publish, base, list(command.ids), OFFER_MAX_BYTES - outstanding)
+            self._offered.update((o["id"], o["size"]) for o in result["offered"])
             return result
         if command.op in ("delete", "purge"):
             ids = list(command.ids) if command.op == "delete" else store.ids()
             for sid in ids:
                 if command.op == "delete" or sid in self._offered:
                     retract(store, publish, base, sid)
-                self._offered.discard(sid)
+                self._offered.pop(sid, None)
             return {"deleted": store.delete(ids), "samples": len(store)}
         listed: list[dict[str, Any]] = []
         for sid in store.ids():

@@ -239,3 +239,34 @@ band = [0.7, 0.3]
     r = run_cli("check-config", "--config", str(path))
     assert r.rc == 2 and len(r.err_lines) == 1
     assert "pipelines[0].capture" in r.err and "low is above high" in r.err and str(path) in r.err
+
+
+def test_offer_chunks_within_its_budget_and_retract_empties_every_topic(tmp_path: Path) -> None:
+    import hashlib
+
+    from agent.samples.offer import CHUNK_BYTES, offer, retract
+
+    store = SampleStore(tmp_path / "s", cap_bytes=1 << 22, reserve_bytes=0)
+    rng = np.random.default_rng(1)
+    blobs = {f"1700000000000-p-{i}": rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes() for i in range(3)}
+    for sid, blob in blobs.items():
+        assert store.add(sid, ".wav", blob, {"id": sid})
+    retained: dict[str, bytes] = {}
+
+    def publish(topic: str, payload: bytes, retain: bool) -> None:
+        assert retain
+        retained[topic] = payload
+
+    result = offer(store, publish, "lepton/d", [*blobs, "1700000000000-p-99"], budget=250_000)
+    assert [o["id"] for o in result["offered"]] == list(blobs)[:2]  # the third waits for the next offer
+    assert result["missing"] == []  # the unknown id is never reached: the budget ran out first
+    sid = next(iter(blobs))
+    manifest = json.loads(retained[f"lepton/d/samples/{sid}/manifest"])
+    assert manifest["size"] == 100_000 and manifest["chunk_size"] == CHUNK_BYTES and len(manifest["chunks"]) == 2
+    data = retained[f"lepton/d/samples/{sid}/chunk/0"] + retained[f"lepton/d/samples/{sid}/chunk/1"]
+    assert data == blobs[sid] and hashlib.sha256(data).hexdigest() == manifest["sha256"]
+    assert manifest["sidecar"] == {"id": sid}
+    assert offer(store, publish, "lepton/d", ["1700000000000-p-99"])["missing"] == ["1700000000000-p-99"]
+    for sid in list(blobs)[:2]:
+        retract(store, publish, "lepton/d", sid)
+    assert all(payload == b"" for payload in retained.values())

@@ -23,7 +23,8 @@ from agent.samples.sample_store import SampleStore
 CHUNK_BYTES = 64 * 1024
 """Bytes per chunk: the delivery protocol's default, well under any broker's packet limit."""
 OFFER_MAX_BYTES = 16 * 1024 * 1024
-"""Bytes one offer publishes at most: the link keeps retained messages in memory until acknowledged."""
+"""Bytes offered and not yet acknowledged, at most: the daemon's link keeps what it published retained in
+memory (to publish it again after a reconnect) until a delete empties it."""
 
 Publish = Callable[[str, bytes, bool], None]
 """(topic, payload, retain): the daemon link's queue, never blocking."""
@@ -34,11 +35,12 @@ def sample_topic(base: str, sid: str) -> str:
     return f"{base}/samples/{sid}"
 
 
-def offer(store: SampleStore, publish: Publish, base: str, ids: list[str]) -> dict[str, Any]:
-    """Publish the named samples as retained chunks plus a manifest; unknown ids are listed in `missing`."""
+def offer(store: SampleStore, publish: Publish, base: str, ids: list[str],
+          budget: int = OFFER_MAX_BYTES) -> dict[str, Any]:
+    """Publish the named samples as retained chunks plus a manifest, up to `budget` bytes (the first always:
+    a pull must be able to progress); unknown ids are listed in `missing`, the rest wait for the next offer."""
     offered: list[dict[str, Any]] = []
     missing: list[str] = []
-    budget = OFFER_MAX_BYTES
     for sid in ids:
         path, meta = store.data_path(sid), store.sidecar(sid)
         if path is None or meta is None:
