@@ -169,6 +169,8 @@ class SampleCaptureSettings(_Strict):
     """`[low, high]`: keep an item whose top score lies inside (the model was unsure); none: no band."""
     random_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     """Fraction of items kept at random as a baseline (0.001: one in a thousand)."""
+    shadow_disagreement: bool = True
+    """Keep an item on which a shadow trial's candidate model (`deploy --shadow`) disagrees with the active one."""
     max_per_minute: Annotated[float, Field(gt=0, le=6000)] = 60.0
     """Samples this pipeline keeps per minute at most; the surplus is counted as `limited`."""
     pre_roll_s: Annotated[float, Field(ge=0, le=10)] = 1.5

@@ -370,12 +370,16 @@ class Pipeline:
         slot = self.slot
         if slot.sample_wanted.is_set():
             slot.take_sample(item.data)
+        observer = slot.observer
+        disagreed = False
+        if observer is not None:
+            # A shadow trial counts items and agreements; an observer that does not cannot disagree.
+            seen, agreed = getattr(observer, "items", 0), getattr(observer, "agreed", 0)
+            observer.observe(item.data, results, lat.pre + lat.invoke + lat.post)
+            disagreed = getattr(observer, "items", 0) > seen and getattr(observer, "agreed", 0) == agreed
         capture = self.capture
         if capture is not None:
-            capture.observe(item, results, runner, self._model_ref)
-        observer = slot.observer
-        if observer is not None:
-            observer.observe(item.data, results, lat.pre + lat.invoke + lat.post)
+            capture.observe(item, results, runner, self._model_ref, disagreed)
         policy = self.policy
         frames = self._frames
         for result in results:

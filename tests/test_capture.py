@@ -270,3 +270,31 @@ def test_offer_chunks_within_its_budget_and_retract_empties_every_topic(tmp_path
     for sid in list(blobs)[:2]:
         retract(store, publish, "lepton/d", sid)
     assert all(payload == b"" for payload in retained.values())
+
+
+def test_a_shadow_trials_disagreements_are_kept(tmp_path: Path, fixtures: Path) -> None:
+    # The candidate on trial is a shape classifier, the active model a colour classifier: their answers
+    # (labels) never match, so every item the trial sees is a disagreement.
+    from agent.delivery.activation import ShadowSpec, ShadowTrial
+    from agent.delivery.selftest import Prepared
+    from agent.delivery.store import StoredModel
+    from agent.manifest import load_spec
+    from agent.runtime import Model
+    from agent.slot import build_runner
+
+    writer = _writer(tmp_path)
+    settings = PipelineSettings(name="colors", source=f"paced:{fixtures / 'images'}",
+                                model=fixtures / "colors_int8.json",
+                                capture=SampleCaptureSettings(enabled=True, max_per_minute=6000))
+    p = Pipeline(settings, profile=load_profile("generic-x86_64"), supervisor=SupervisorSection(), backend=None,
+                 sink=lambda n, r: None, stop=threading.Event(), capture=writer)
+    spec = load_spec(fixtures / "shapes_int8.json")
+    model = Model(spec.path, threads=1)
+    trial = ShadowTrial(Prepared(StoredModel("shapes", 1, "0" * 64, "0" * 64), spec, model,
+                                 build_runner(model, spec, None), 1.0), ShadowSpec(items=3))
+    p.slot.attach(trial)
+    p.start()
+    assert p.join(60) and writer.drain(30)
+    reasons = [m["reason"] for m in (writer.store.sidecar(s) for s in writer.store.ids()) if m]
+    assert trial.items == 3 and trial.agreed == 0
+    assert reasons == ["shadow"] * 3  # the trial ended after 3 items; nothing else is a capture reason here

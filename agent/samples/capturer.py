@@ -203,13 +203,18 @@ class PipelineCapture:
             return True
         return now < self._command_until
 
-    def observe(self, item: Item, results: list[dict[str, Any]], runner: Runner, model: dict[str, Any]) -> None:
+    def observe(self, item: Item, results: list[dict[str, Any]], runner: Runner, model: dict[str, Any],
+                shadow_disagreed: bool = False) -> None:
+        """After each item: keep it, or not. `shadow_disagreed`: a shadow trial's candidate model answered
+        this item differently from the active one."""
         s = self.settings
         score = top_score(results, runner)
         now = time.monotonic()
         reason: str | None = None
         if self._commanded(now):
             reason = "command"
+        elif shadow_disagreed and s.shadow_disagreement:
+            reason = "shadow"
         elif s.band is not None and s.band[0] <= score <= s.band[1]:
             reason = "band"
         elif s.random_rate and self._rng.random() < s.random_rate:
