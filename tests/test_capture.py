@@ -298,3 +298,24 @@ def test_a_shadow_trials_disagreements_are_kept(tmp_path: Path, fixtures: Path) 
     reasons = [m["reason"] for m in (writer.store.sidecar(s) for s in writer.store.ids()) if m]
     assert trial.items == 3 and trial.agreed == 0
     assert reasons == ["shadow"] * 3  # the trial ended after 3 items; nothing else is a capture reason here
+
+
+@pytest.mark.parametrize("chunk", [160, 1000, 7000, 40000])
+def test_a_clip_is_the_stream_around_its_trigger_whatever_the_chunking(tmp_path: Path, chunk: int) -> None:
+    from agent.samples.capturer import PipelineCapture
+
+    store = SampleStore(tmp_path / "s", cap_bytes=1 << 22, reserve_bytes=0)
+    writer = CaptureWriter(store, "dev1", threading.Event())  # not started: the clip stays in its queue
+    capture = PipelineCapture("wake", SampleCaptureSettings(enabled=True, pre_roll_s=1.5, post_roll_s=0.5), writer,
+                              audio=True)
+    stream = (np.arange(16000 * 8) % 30011).astype(np.int16)  # every sample tells where it came from
+    trigger_item = (16000 * 4) // chunk
+    for i, start in enumerate(range(0, len(stream), chunk)):
+        if i == trigger_item:
+            capture.request(1, None)
+        capture.observe(Item(stream[start:start + chunk], i, start / 16000, 0.0), [], object(), {})  # type: ignore[arg-type]
+    capture.flush()
+    pending = writer.queue.get_nowait()
+    trigger = min((trigger_item + 1) * chunk, len(stream))  # the end of the item that was kept
+    assert np.array_equal(pending.data, stream[trigger - 24000:trigger + 8000])
+    assert pending.sidecar["pre_roll_s"] == 1.5 and pending.sidecar["duration_s"] == 2.0

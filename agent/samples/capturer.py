@@ -187,7 +187,7 @@ class PipelineCapture:
         # Audio: a ring of the last pre+post seconds, and the clip waiting for its post-roll.
         self._pre = int(settings.pre_roll_s * AUDIO_RATE)
         self._post = int(settings.post_roll_s * AUDIO_RATE)
-        self._ring = np.zeros(max(1, self._pre + self._post), dtype=np.int16) if audio else np.zeros(0, np.int16)
+        self._ring = np.zeros(max(1, self._pre + self._post) if audio else 0, dtype=np.int16)
         self._written = 0
         self._clip: tuple[int, str, float, dict[str, Any]] | None = None  # (due sample, reason, score, context)
 
@@ -220,7 +220,7 @@ class PipelineCapture:
         elif s.random_rate and self._rng.random() < s.random_rate:
             reason = "random"
         if self.audio:
-            self._push_audio(item.data)
+            self._take_audio(np.asarray(item.data, dtype=np.int16).reshape(-1))
         if reason is not None and self._clip is None:
             if now < self._next_ok:
                 self.stats.limited += 1
@@ -234,8 +234,17 @@ class PipelineCapture:
                     self._clip = (self._written + self._post, reason, score, context)
                 else:
                     self._queue("image", np.array(item.data, copy=True), reason, context)
-        if self._clip is not None and self._written >= self._clip[0]:
+
+    def _take_audio(self, chunk: np.ndarray[Any, Any]) -> None:
+        """Into the ring; a clip waiting for its post-roll is queued the moment it has it, mid-chunk if need be
+        (a chunk that overshot would push the clip's start out of the ring)."""
+        clip = self._clip
+        if clip is not None and self._written + len(chunk) >= clip[0]:
+            head = clip[0] - self._written
+            self._push_audio(chunk[:head])
             self.flush()
+            chunk = chunk[head:]
+        self._push_audio(chunk)
 
     def flush(self) -> None:
         """Queue the clip waiting for its post-roll with what has arrived (the source ended, or it is due)."""
@@ -243,16 +252,17 @@ class PipelineCapture:
         if clip is None:
             return
         due, reason, _, context = clip
-        end = min(due, self._written)
-        n = min(end, len(self._ring), self._pre + self._post)
-        start = self._written - n  # the ring's newest n samples, then trimmed to end at `due`
-        samples = self._ring_tail(n)[: max(0, end - start)]
-        context = {**context, "pre_roll_s": round(min(self._pre, n) / AUDIO_RATE, 3),
+        trigger = due - self._post
+        # Samples [lo, hi) of the stream: pre-roll before the trigger, post-roll after it, as far as the stream
+        # goes (it may have ended before the post-roll).
+        lo = max(trigger - self._pre, self._written - len(self._ring), 0)
+        hi = min(due, self._written)
+        samples = self._ring[np.arange(lo, hi) % len(self._ring)]
+        context = {**context, "pre_roll_s": round((trigger - lo) / AUDIO_RATE, 3),
                    "duration_s": round(len(samples) / AUDIO_RATE, 3), "sample_rate": AUDIO_RATE}
         self._queue("audio", samples, reason, context)
 
-    def _push_audio(self, data: Any) -> None:
-        chunk = np.asarray(data, dtype=np.int16).reshape(-1)
+    def _push_audio(self, chunk: np.ndarray[Any, Any]) -> None:
         ring, size = self._ring, len(self._ring)
         if len(chunk) >= size:
             total = self._written + len(chunk)
@@ -263,12 +273,6 @@ class PipelineCapture:
             ring[pos:pos + first] = chunk[:first]
             ring[: len(chunk) - first] = chunk[first:]
         self._written += len(chunk)
-
-    def _ring_tail(self, n: int) -> np.ndarray[Any, Any]:
-        size = len(self._ring)
-        end = self._written % size
-        idx = (np.arange(end - n, end) % size) if n else np.arange(0)
-        return self._ring[idx].copy()
 
     def _queue(self, kind: str, data: np.ndarray[Any, Any], reason: str, context: dict[str, Any]) -> None:
         writer = self.writer
