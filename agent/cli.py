@@ -165,7 +165,8 @@ def _fleet_parser() -> argparse.ArgumentParser:
     p = model.add_parser("compare", help="size, latency, agreement and op profile of variants against a base")
     p.add_argument("models", nargs="+", metavar="MODEL", help="BASE then VARIANT... (.tflite or manifest .json)")
     p.add_argument("--eval", nargs="+", required=True, metavar="INPUT", dest="eval_inputs",
-                   help="evaluation inputs: images, folders, globs, video files")
+                   help="evaluation inputs: images, folders, globs, video files, a pulled samples folder; "
+                        "WAV clips for a wake word BASE")
     p.add_argument("--runs", type=_positive, default=50, help="timed runs per model and thread count (default 50)")
     p.add_argument("--limit", type=_positive, default=1000, help="evaluation items at most (default 1000)")
     p.add_argument("--task", help="run every model as this task instead of its manifest's or the recognised one")

@@ -161,6 +161,23 @@ def test_capture_pull_calibrate_compare(tmp_path: Path, broker: Broker, models_d
     assert list(by_reason) == ["band"] and by_reason["band"]["items"] == len(faces)
     assert by_reason["band"]["kind"] == "detect"
 
+    # Wake word models are judged on the pulled clips: the decision per clip, per capture reason.
+    wake = tmp_path / "wake"
+    wake.mkdir()
+    for suffix in (".json", ".tflite"):
+        shutil.copy(models_dir / "wakeword" / f"hey_mycroft{suffix}", wake / f"hey_mycroft{suffix}")
+    r = run_cli("model", "compare", str(models_dir / "wakeword" / "hey_mycroft.json"), str(wake / "hey_mycroft.json"),
+                "--eval", str(out), "--runs", "2", "--format", "json", prog="fleet", timeout=600)
+    assert r.rc == 0, r.err
+    report = json.loads(r.out)
+    assert report["kind"] == "wakeword" and report["eval_items"] == 1
+    variant = report["models"][1]
+    assert variant["agreement"]["decision_agreement"] == 1.0 and variant["agreement"]["base_detections"] == 0
+    assert variant["agreement_by_reason"]["band"]["items"] == 1
+    r = run_cli("model", "compare", str(models_dir / "wakeword" / "hey_mycroft.json"), str(wake / "hey_mycroft.json"),
+                "--eval", str(wake / "hey_mycroft.json"), prog="fleet")
+    assert r.rc == 2 and "not a readable WAV" in r.err and len(r.err_lines) == 1
+
 
 def test_pull_refuses_all_without_yes_and_bad_targets(broker: Broker, tmp_path: Path) -> None:
     rc, _, err = fleet(broker.port, "samples", "pull", "all", "--out", str(tmp_path / "d"))

@@ -149,6 +149,10 @@ def compare(
 ) -> dict[str, Any]:
     """Measure BASE and every VARIANT side by side; the JSON report (see the module docstring)."""
     base_spec = load_spec(base_arg)
+    if base_spec.micro is not None or base_spec.task == "wakeword":
+        from agent.compress.compare_audio import compare_wakeword
+
+        return compare_wakeword(base_arg, variant_args, eval_inputs, runs=runs, limit=limit, backend=backend)
     many = threads or max(1, os.cpu_count() or 1)
     thread_counts = sorted({1, many})
     items, reasons = _eval_items(eval_inputs, limit)
@@ -310,6 +314,10 @@ def _percent(value: float | None) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
+    if report.get("kind") == "wakeword":
+        from agent.compress.compare_audio import format_wakeword_table
+
+        return format_wakeword_table(report)
     threads = [str(n) for n in report["threads"]]
     head = f"{'MODEL':<34} {'PREC':<8} {'SIZE KB':>8} {'xBASE':>6}"
     for n in threads:
