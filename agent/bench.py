@@ -15,25 +15,38 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
     return {"p50": round(float(np.percentile(a, 50)), 4), "p95": round(float(np.percentile(a, 95)), 4)}
 
 
-def bench(inference: Inference, items: list[Any], runs: int = 100, warmup: int = 10) -> dict[str, Any]:
-    """Time `runs` raw invokes and `runs` pipeline passes over `items` (decode excluded)."""
+def bench(inference: Inference, items: list[Any], runs: int = 100, warmup: int = 10,
+          fixed_costs: bool = False) -> dict[str, Any]:
+    """Time `runs` raw invokes and `runs` pipeline passes over `items` (decode excluded).
+
+    `fixed_costs`: also time the resize of each frame alone (`resize_ms`), right after an invoke as in the
+    pipeline (same cache state). It is a cost of the frame's size, not of the model: on a Pi invoke is
+    ~10x slower and the resize is not, so the benchmarks report it apart from pipeline / invoke."""
     model, task = inference.model, inference.task
     if not items:
         items = [task.synthetic_item()]
     for i in range(warmup):
         inference.run(items[i % len(items)])
+    resize = getattr(getattr(task, "preprocessor", None), "resize_only", None) if fixed_costs else None
     clock = time.perf_counter_ns
     invoke_ms: list[float] = []
     pipeline_ms: list[float] = []
+    resize_ms: list[float] = []
     for i in range(runs):
+        item = items[i % len(items)]
         t0 = clock()
         model.invoke()
         t1 = clock()
-        inference.run(items[i % len(items)])
+        inference.run(item)
         t2 = clock()
         invoke_ms.append((t1 - t0) / 1e6)
         pipeline_ms.append((t2 - t1) / 1e6)
-    return {
+        if resize is not None:
+            model.invoke()
+            t3 = clock()
+            resize(item)
+            resize_ms.append((clock() - t3) / 1e6)
+    report: dict[str, Any] = {
         "model": str(model.path),
         "backend": model.backend.name,
         "threads": model.threads,
@@ -41,3 +54,9 @@ def bench(inference: Inference, items: list[Any], runs: int = 100, warmup: int =
         "pipeline_ms": percentiles(pipeline_ms),
         "items": runs,
     }
+    if resize_ms:
+        invoke, pipeline, fixed = percentiles(invoke_ms), percentiles(pipeline_ms), percentiles(resize_ms)
+        report["resize_ms"] = fixed
+        report["ratio_p50"] = round(pipeline["p50"] / invoke["p50"], 3)
+        report["ratio_p50_without_resize"] = round((pipeline["p50"] - fixed["p50"]) / invoke["p50"], 3)
+    return report

@@ -91,13 +91,16 @@ class MqttSection(_Strict):
     broker: tuple[str, ...] = ("mqtt://localhost:1883",)
     """`mqtt://host[:port]` or `mqtts://host[:port]`; several are tried in turn. Env `LEPTON_BROKER`."""
     protocol: Literal["5", "3.1.1"] = "5"
-    """MQTT protocol version."""
+    """MQTT protocol version; "5" falls back to 3.1.1 on a broker that does not answer or refuses MQTT 5."""
     prefix: TopicName = "lepton"
     """First topic level of everything the agent publishes and hears."""
     client_id: str | None = None
     """MQTT client id; default `lepton-<device_id>`."""
     keepalive_s: Annotated[int, Field(ge=2, le=3600)] = 30
     """Seconds of silence after which the link is probed; a dead link is dropped within 1.5 x this."""
+    heartbeat_s: Annotated[float, Field(ge=1, le=3600)] = 60.0
+    """The status (birth) is published again this often, with a fresh `ts`: the fleet tools show a device whose
+    status is older than 2 x this + 5 s as stale (a halted broker node sends no will)."""
     connect_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
     """How long one connection attempt (TCP, TLS, CONNACK) may take."""
     backoff_min_s: Annotated[float, Field(gt=0, le=60)] = 1.0

@@ -364,9 +364,10 @@ class Pipeline:
         if now - self._rate_t >= 1.0:
             self._update_fps(now)
         lat = runner.latency
-        self.rings.add(lat.pre, lat.invoke, lat.post)
-        latency = lat.as_dict()
-        stats.latency_ms = latency
+        pre, invoke, post = lat.pre, lat.invoke, lat.post
+        self.rings.add(pre, invoke, post)
+        stats.latency = (pre, invoke, post)
+        latency: dict[str, float] | None = None  # rounded only for a result that goes out
         slot = self.slot
         if slot.sample_wanted.is_set():
             slot.take_sample(item.data)
@@ -375,7 +376,7 @@ class Pipeline:
         if observer is not None:
             # A shadow trial counts items and agreements; an observer that does not cannot disagree.
             seen, agreed = getattr(observer, "items", 0), getattr(observer, "agreed", 0)
-            observer.observe(item.data, results, lat.pre + lat.invoke + lat.post)
+            observer.observe(item.data, results, pre + invoke + post)
             disagreed = getattr(observer, "items", 0) > seen and getattr(observer, "agreed", 0) == agreed
         capture = self.capture
         if capture is not None:
@@ -386,6 +387,8 @@ class Pipeline:
             out = policy.apply(result, now, item.data if frames else None)
             if out is None:
                 continue
+            if latency is None:
+                latency = stats.latency_ms
             payload = {"pipeline": self.name, "model": self._model_ref, "task": out.pop("task", slot.task_key),
                        "latency_ms": latency, **out, "ts": round(item.ts, 3), "v": SCHEMA_VERSION}
             self.sink(self.name, payload)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import importlib
 import importlib.util
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,10 @@ from agent.errors import BadInput
 
 SNAPSHOT_MODULE = "agent.vision.snapshot"
 _LISTS = ("classes", "detections")
+
+
+def _minus_score(entry: dict[str, Any]) -> float:
+    return -float(entry.get("score", 0.0))
 
 
 @dataclass
@@ -55,7 +58,7 @@ class ResultPolicy:
         self.stats = stats or PolicyStats()
         self._allowed = frozenset(settings.labels)
         self._min_interval = 1.0 / settings.max_rate
-        self._last_signature: tuple[tuple[str, int], ...] | None = None
+        self._last_signature: tuple[str, ...] | None = None
         self._last_out = float("-inf")
         self._snapshot: Callable[[Any, list[dict[str, Any]], int], bytes] | None = None
         if settings.snapshot.enabled:
@@ -69,15 +72,19 @@ class ResultPolicy:
 
     def filter(self, result: dict[str, Any]) -> dict[str, Any]:
         """The result with only the entries the policy lets through (a new dict; the input is left alone)."""
-        out = dict(result)
+        return {**result, **self._kept(result)}
+
+    def _kept(self, result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        kept: dict[str, list[dict[str, Any]]] = {}
         for key in _LISTS:
             entries = result.get(key)
             if entries is None:
                 continue
-            kept = [e for e in entries if self._keep(e)]
-            kept.sort(key=lambda e: -float(e.get("score", 0.0)))
-            out[key] = kept[: self.settings.max_results]
-        return out
+            chosen = [e for e in entries if self._keep(e)]
+            if len(chosen) > 1:
+                chosen.sort(key=_minus_score)
+            kept[key] = chosen[: self.settings.max_results]
+        return kept
 
     def _keep(self, entry: dict[str, Any]) -> bool:
         if float(entry.get("score", 1.0)) < self.threshold:
@@ -85,18 +92,19 @@ class ResultPolicy:
         return not self._allowed or str(entry.get("label")) in self._allowed
 
     def apply(self, result: dict[str, Any], now: float, frame: Any = None) -> dict[str, Any] | None:
-        """The result to publish at monotonic time `now`, or None when the policy holds it back."""
+        """The result to publish at monotonic time `now`, or None when the policy holds it back.
+
+        A result held back builds nothing: the kept entries and their labels decide, and the outgoing
+        dict is made only for a result that goes out (most frames of an unchanged scene do not)."""
+        kept: dict[str, list[dict[str, Any]]] | None = None
         if "event" in result:
             if not self._keep(result):
                 return None
             signature = None  # an event is news every time
-            out = dict(result)
         else:
-            out = self.filter(result)
-            labels: Counter[str] = Counter()
-            for key in _LISTS:
-                labels.update(str(e.get("label")) for e in out.get(key, ()))
-            signature = tuple(sorted(labels.items()))
+            kept = self._kept(result)
+            # The multiset of labels, as a sorted tuple: equal exactly when the label counts are.
+            signature = tuple(sorted(str(e.get("label")) for entries in kept.values() for e in entries))
             if self.settings.on_change and signature == self._last_signature:
                 heartbeat = self.settings.heartbeat_s
                 if heartbeat <= 0 or now - self._last_out < heartbeat:
@@ -109,6 +117,7 @@ class ResultPolicy:
             self._last_signature = signature
         self._last_out = now
         self.stats.passed += 1
+        out = dict(result) if kept is None else {**result, **kept}
         if self._snapshot is not None and frame is not None:
             jpeg = self._snapshot(frame, list(out.get("detections", ())), self.settings.snapshot.max_bytes)
             out["snapshot"] = {"type": "image/jpeg", "b64": base64.b64encode(jpeg).decode("ascii")}

@@ -87,7 +87,10 @@ class Heartbeat:
 
     def beat(self) -> None:
         self.last = time.monotonic()
-        self._beaten.set()
+        # Called per frame: Event.set() takes a lock and notifies; once set, until the watchdog clears it,
+        # a read is all a beat needs.
+        if not self._beaten.is_set():
+            self._beaten.set()
 
 
 class Watchdog:

@@ -60,12 +60,23 @@ class PipelineStats:
     last_error: str | None = None
     fps: float = 0.0
     """Processed items per second, smoothed."""
-    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency: tuple[float, float, float] | None = None
+    """The last item's (pre, invoke, post) ms: stored per item as they are, rounded into `latency_ms` only
+    when status asks (a dict of three rounded floats per frame was most of the loop's own cost)."""
     policy: PolicyStats = field(default_factory=PolicyStats)
+
+    @property
+    def latency_ms(self) -> dict[str, float]:
+        if self.latency is None:
+            return {}
+        pre, invoke, post = self.latency
+        return {"pre": round(pre, 3), "invoke": round(invoke, 3), "post": round(post, 3)}
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
+        del d["latency"]
         d["fps"] = round(self.fps, 2)
+        d["latency_ms"] = self.latency_ms
         d["policy"] = dict(self.policy.__dict__)
         return d
 

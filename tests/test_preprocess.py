@@ -102,3 +102,51 @@ def test_quantization_normalize_on_a_float_input_is_bad_input(fixtures: Path) ->
     model = Model(fixtures / "colors_float.tflite", threads=1)
     with pytest.raises(BadInput, match="'quantization' needs a uint8 or int8 input"):
         ImagePreprocessor(model, Preprocess(normalize="quantization"))
+
+
+def test_benchmarks_time_the_resize_apart_and_the_cli_report_keeps_its_keys(fixtures: Path) -> None:
+    # The resize of a 640x480 frame is a cost of the frame size: bench_core/bench_vision report it on its
+    # own line (fixed_costs); `lepton-agent bench --format json` keeps exactly its documented keys.
+    from agent.bench import bench
+    from agent.manifest import load_spec
+    from agent.tasks import Inference, create_task
+    from agent.tasks.classify import Classify
+
+    spec = load_spec(fixtures / "colors_int8.json")
+    model = Model(spec.path, threads=1)
+    inference = Inference(model, create_task(model, spec))
+    frame = _frame()
+    plain = bench(inference, [frame], runs=5, warmup=1)
+    assert set(plain) == {"model", "backend", "threads", "invoke_ms", "pipeline_ms", "items"}
+    split = bench(inference, [frame], runs=5, warmup=1, fixed_costs=True)
+    assert split["resize_ms"]["p50"] > 0
+    expected = (split["pipeline_ms"]["p50"] - split["resize_ms"]["p50"]) / split["invoke_ms"]["p50"]
+    assert split["ratio_p50_without_resize"] == round(expected, 3)
+    # resize_only does the resize stage alone, into the same buffer the whole preprocess uses.
+    task = inference.task
+    assert isinstance(task, Classify)
+    pre = task.preprocessor
+    other = _frame(seed=9)
+    pre.resize_only(other)
+    h, w = model.inputs[0].shape[1:3]
+    assert np.array_equal(pre._resized, cv2.resize(other, (w, h), interpolation=pre.interpolation))
+
+
+@pytest.mark.parametrize("name, pre", [
+    ("colors_float.tflite", Preprocess(color="RGB", resize="letterbox", mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 8.0))),
+    ("colors_int8.tflite", Preprocess(color="RGB", resize="letterbox", normalize="quantization")),
+])
+def test_letterbox_borders_are_written_once_and_every_frame_reads_as_if_alone(fixtures: Path, name: str,
+                                                                             pre: Preprocess) -> None:
+    # After the first frame only the picture rows are rewritten; the border rows must still hold the pad
+    # after invokes and later frames.
+    model = Model(fixtures / name, threads=1)
+    ours = ImagePreprocessor(model, pre, pad_value=7)
+    for seed in (1, 2, 3):
+        frame = _frame(seed=seed)
+        ours(frame)
+        model.invoke()
+        fresh_model = Model(fixtures / name, threads=1)
+        ImagePreprocessor(fresh_model, pre, pad_value=7)(frame)
+        assert np.array_equal(model.input()[0], fresh_model.input()[0]), seed
+    assert ours._rows != slice(None)  # the band is in use: 4:3 frames in a square input

@@ -18,6 +18,8 @@ from test_samples_pull import fleet, near_miss_stream
 from agent.errors import LeptonError
 from agent.fleet.samples import Requests, pull_one
 from agent.mqtt.client import BrokerAddress, PahoLink
+from agent.mqtt.topics import FleetTopics
+from agent.samples.offer import sample_topic
 
 
 def write_config(tmp: Path, port: int, models_dir: Path, enabled: bool) -> Path:
@@ -33,7 +35,7 @@ keepalive_s = 5
 [profile]
 capture_cap_bytes = 4194304
 [[pipelines]]
-name = "wake"
+name = "wake.mic"
 source = "{wav}"
 model = "{models_dir / 'wakeword' / 'hey_mycroft.json'}"
 enabled = {str(enabled).lower()}
@@ -82,6 +84,7 @@ def test_kill_while_capturing_and_while_pulling(tmp_path: Path, broker: Broker, 
         assert not any(n.endswith(".partial") for n in names)
         ids = [s["id"] for s in listed["samples"]]
         assert len(ids) >= 6 and names == {f"{i}{e}" for i in ids for e in (".json", ".wav")}
+        assert all("-wake.mic-" in i for i in ids)
         for s in listed["samples"]:
             assert hashlib.sha256((samples / s["file"]).read_bytes()).hexdigest() == s["sha256"]
 
@@ -94,7 +97,10 @@ def test_kill_while_capturing_and_while_pulling(tmp_path: Path, broker: Broker, 
             (offered,) = requests.one("kill1", {"op": "offer", "ids": [biggest]})["offered"]
             assert offered["size"] > 64 * 1024  # two chunks at least
             daemon.terminate(signal.SIGKILL)
-            link.publish_wait(f"lepton/kill1/samples/{biggest}/chunk/1", b"", qos=1, retain=True)
+            # The id holds the pipeline's name, "wake.mic": its topic level is `segment`-encoded.
+            topic = sample_topic(FleetTopics("lepton").device("kill1").base, biggest)
+            assert "." not in topic
+            link.publish_wait(f"{topic}/chunk/1", b"", qos=1, retain=True)
             with pytest.raises(LeptonError, match=r"chunk 1 .* did not arrive"):
                 pull_one(link, "lepton", "kill1", offered, out, threading.Event(), 0.5)
         finally:

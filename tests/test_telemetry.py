@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.telemetry import LatencyRing, SystemSampler, decode_throttled, read_temperature, read_throttled
+from agent.telemetry import LatencyRing, StageRings, SystemSampler, decode_throttled, read_temperature, read_throttled
 
 
 def _zone(root: Path, n: int, kind: str, milli: int) -> None:
@@ -57,6 +57,24 @@ def test_ring_is_fixed_size_and_gives_percentiles() -> None:
     assert len(ring) == 100
     p = ring.percentiles(50, 95, 99)
     assert p["p50"] == pytest.approx(949.5) and p["p99"] == pytest.approx(998.01)
+
+
+def test_stage_rings_keep_the_last_items_and_give_each_stage_its_percentiles() -> None:
+    rings = StageRings(size=100)
+    empty = rings.summary()
+    assert empty["latency_ms"] == {"p50": 0.0, "p95": 0.0, "p99": 0.0} and empty["pre_ms"] == {"p50": 0.0, "p95": 0.0}
+    alone = {name: LatencyRing(size=100) for name in ("pre", "invoke", "post", "total")}
+    for v in range(1000):
+        pre, invoke, post = v * 0.001, v * 0.01 + 1, (v % 7) * 0.5
+        rings.add(pre, invoke, post)
+        for name, value in (("pre", pre), ("invoke", invoke), ("post", post), ("total", pre + invoke + post)):
+            alone[name].add(value)
+    assert len(rings) == 100
+    assert rings.summary() == {  # what one ring per stage gives
+        "latency_ms": alone["total"].percentiles(50, 95, 99), "pre_ms": alone["pre"].percentiles(50, 95),
+        "invoke_ms": alone["invoke"].percentiles(50, 95), "post_ms": alone["post"].percentiles(50, 95)}
+    rings.clear()
+    assert len(rings) == 0 and rings.summary() == empty
 
 
 def _meminfo() -> dict[str, int]:

@@ -209,3 +209,23 @@ def test_a_wake_word_model_needs_its_manifest(models_dir: Path) -> None:
     bare = models_dir / "wakeword" / "alexa.tflite"
     with pytest.raises(BadInput, match="needs a microWakeWord v2 manifest"):
         create_runner(Model(bare, threads=1), load_spec(bare), "wakeword")
+
+
+def test_a_stream_runs_on_one_interpreter_with_one_thread(models_dir: Path, recordings: dict[Path, np.ndarray]) -> None:
+    # Rebuilding the interpreter (reset_state on these VAR_HANDLE graphs: 0.35 ms on tflite-runtime, 1 ms on
+    # LiteRT) costs 20-300 invokes, so it happens per stream, never per chunk or per detection; and the agent
+    # builds wake word interpreters with one thread whatever the profile says (a pool makes each invoke ~5x
+    # slower on LiteRT).
+    from agent.tasks.base import interpreter_threads
+
+    spec = load_spec(_manifest(models_dir, WORDS[0]))
+    assert interpreter_threads(spec, 4) == 1 and interpreter_threads(spec, None) == 1
+    model = Model(spec.path, threads=interpreter_threads(spec, 4))
+    assert model.threads == 1
+    runner = create_runner(model, spec)
+    assert isinstance(runner, WakeWordRunner)
+    runner.reset()
+    generation = model.generation
+    detections = sum(len(_feed(runner, samples)) for samples in recordings.values())
+    assert detections >= 1  # detections happened, and still one interpreter for the whole stream
+    assert model.generation == generation

@@ -152,7 +152,8 @@ def compare(
     if base_spec.micro is not None or base_spec.task == "wakeword":
         from agent.compress.compare_audio import compare_wakeword
 
-        return compare_wakeword(base_arg, variant_args, eval_inputs, runs=runs, limit=limit, backend=backend)
+        return compare_wakeword(base_arg, variant_args, eval_inputs, runs=runs, limit=limit, precision=precision,
+                                backend=backend)
     many = threads or max(1, os.cpu_count() or 1)
     thread_counts = sorted({1, many})
     items, reasons = _eval_items(eval_inputs, limit)

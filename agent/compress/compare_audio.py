@@ -14,6 +14,7 @@ import hashlib
 import platform
 import time
 import wave
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,8 @@ def clips(inputs: list[str], limit: int) -> tuple[list[np.ndarray[Any, Any]], li
 
 
 def compare_wakeword(base_arg: str, variant_args: list[str], eval_inputs: list[str], *, runs: int, limit: int,
-                     backend: str | None = None) -> dict[str, Any]:
-    from agent.compress.compare import precision
+                     precision: Callable[[Model], str], backend: str | None = None) -> dict[str, Any]:
+    """The report of `model compare` for a wake word BASE (`precision`: compare's reading of the tensors)."""
     from agent.tasks import create_runner
 
     items, reasons = clips(eval_inputs, limit)

@@ -27,7 +27,7 @@ from agent.errors import BadInput, LeptonError
 from agent.manifest import Manifest, ModelSpec
 from agent.modelfile import read_model_file
 from agent.runtime import Model
-from agent.tasks.base import Inference, Runner, Task, create_task
+from agent.tasks.base import Inference, Runner, Task, create_task, interpreter_threads
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def self_test(
                                                          f"the budget is {time_budget_s:g} s")
 
     try:
-        model = Model(spec.path, backend=backend, threads=threads)
+        model = Model(spec.path, backend=backend, threads=interpreter_threads(spec, threads))
     except LeptonError as exc:
         raise DeliveryError(Reason.LOAD_FAILED, str(exc)) from None
     in_time("loading")

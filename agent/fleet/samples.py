@@ -71,7 +71,9 @@ class _Topics:
         self.base = base
 
     def chunk(self, name: str, version: Any, index: int) -> str:
-        return f"{self.base}/samples/{name}/chunk/{index}"
+        from agent.samples.offer import sample_topic
+
+        return f"{sample_topic(self.base, name)}/chunk/{index}"
 
 
 class _Partials:
@@ -92,6 +94,10 @@ class _Puller:
         self.settings = DownloadSettings(window=8, stall_timeout=stall_s, max_stalls=3)
         self.topics = _Topics(base)
         self.store = _Partials(partial)
+        self.asking: set[tuple[str, str]] = set()  # the device publishes its samples itself: no seeder to ask
+
+    def want(self, name: str, version: Any, request: dict[str, Any]) -> None:
+        """A stalled model pull asks a seeder; a sample has none (a re-offer by the device is the remedy)."""
 
 
 class Requests:
@@ -107,6 +113,8 @@ class Requests:
         link.wait_subscribed(10.0)
 
     def _on_reply(self, topic: str, payload: bytes) -> None:
+        from agent.mqtt.topics import unsegment
+
         try:
             reply = json.loads(payload)
         except ValueError:
@@ -114,7 +122,7 @@ class Requests:
         if isinstance(reply, dict) and isinstance(reply.get("id"), str):
             with self._cond:
                 if reply["id"] in self._replies:
-                    self._replies[reply["id"]].append({"device": topic.split("/")[-2], **reply})
+                    self._replies[reply["id"]].append({"device": unsegment(topic.split("/")[-2]), **reply})
                     self._cond.notify_all()
 
     def send(self, target: str, fields: dict[str, Any], *, many: bool = False) -> list[dict[str, Any]]:
@@ -153,10 +161,12 @@ def pull_one(link: Any, prefix: str, device: str, sample: dict[str, Any], folder
     from agent.delivery.download import ChunkSession
     from agent.delivery.reasons import DeliveryError
     from agent.delivery.store import PartFile
+    from agent.mqtt.topics import FleetTopics
     from agent.samples.dataset import place
+    from agent.samples.offer import sample_topic
 
     sid = sample["id"]
-    base = f"{prefix}/{device}"
+    base = FleetTopics(prefix).device(device).base
     arrived = threading.Event()
     raw: list[bytes] = []
 
@@ -165,7 +175,7 @@ def pull_one(link: Any, prefix: str, device: str, sample: dict[str, Any], folder
             raw.append(bytes(data))
             arrived.set()
 
-    topic = f"{base}/samples/{sid}/manifest"
+    topic = f"{sample_topic(base, sid)}/manifest"
     link.subscribe(topic, on_manifest)
     try:
         if not arrived.wait(stall_s * 3):

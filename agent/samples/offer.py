@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from agent.mqtt.topics import segment
 from agent.samples.sample_store import SampleStore
 
 CHUNK_BYTES = 64 * 1024
@@ -31,8 +32,9 @@ Publish = Callable[[str, bytes, bool], None]
 
 
 def sample_topic(base: str, sid: str) -> str:
-    """`lepton/<dev>/samples/<id>` (`base` is the device's topic base)."""
-    return f"{base}/samples/{sid}"
+    """`lepton/<dev>/samples/<id>` (`base` is the device's topic base; an id holds its pipeline's name, so it
+    goes through `segment` like every name in a topic)."""
+    return f"{base}/samples/{segment(sid)}"
 
 
 def offer(store: SampleStore, publish: Publish, base: str, ids: list[str],

@@ -39,7 +39,7 @@ from pymicro_features import MicroFrontend
 from agent.errors import BadInput
 from agent.manifest import ModelSpec
 from agent.runtime import Model
-from agent.tasks.base import Latency, Runner, register_runner
+from agent.tasks.base import TASK_THREADS, Latency, Runner, register_runner
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +50,15 @@ FEATURES = 40
 """Channels of the micro frontend's filterbank."""
 DEFAULT_REFRACTORY_S = 2.0
 
-MODEL_OPTIONS: dict[str, Any] = {"threads": 1}
+MODEL_OPTIONS: dict[str, Any] = {"threads": TASK_THREADS["wakeword"]}
 """How to build a wake word `Model`: one thread, the models are tiny and a thread pool only adds
 wake-ups to every invoke. XNNPACK stays on: it runs these models 5-10x faster than the builtin
-kernels. Its int8 arithmetic rounds differently, so a probability can land one output step
-(1/256) away from the reference's; on the real recordings every decision at every step is
-still the reference's."""
+kernels (LiteRT; tflite-runtime 2.14's default XNNPACK takes float graphs only, so there these int8
+models run on the builtin kernels, ~17 us an invoke, still ahead of pymicro-wakeword's loop).
+Its int8 arithmetic rounds differently, so a probability can land one output step (1/256) away
+from the reference's; on the real recordings every decision at every step is still the reference's."""
 
-EXACT_MODEL_OPTIONS: dict[str, Any] = {"threads": 1, "xnnpack": False}
+EXACT_MODEL_OPTIONS: dict[str, Any] = {"threads": TASK_THREADS["wakeword"], "xnnpack": False}
 """The builtin kernels the reference (pymicro-wakeword's TFLite) runs: with ai-edge-litert every
 probability equals the reference's bit for bit (`--no-xnnpack` on the command line)."""
 

@@ -309,7 +309,7 @@ class BlazeFace(Decoder):
 
     def decode(self) -> Detections:
         logits = self._logits.read().reshape(-1)
-        cand = np.flatnonzero(logits > self.min_logit)
+        cand = (logits > self.min_logit).nonzero()[0]  # np.flatnonzero, without its wrapper
         if cand.size == 0:
             return _EMPTY
         raw = self._regressors.read()[0, cand, :4]  # x, y, w, h of the box; keypoints are not reported
