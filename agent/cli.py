@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from agent import __version__
 from agent.errors import BadInput, LeptonError
+from agent.fleet.samples import add_sample_commands
 from agent.fleet.verbs import add_commands as add_delivery_commands
 
 logger = logging.getLogger("agent")
@@ -184,7 +185,8 @@ def _fleet_parser() -> argparse.ArgumentParser:
     p = model.add_parser("compare", help="size, latency, agreement and op profile of variants against a base")
     p.add_argument("models", nargs="+", metavar="MODEL", help="BASE then VARIANT... (.tflite or manifest .json)")
     p.add_argument("--eval", nargs="+", required=True, metavar="INPUT", dest="eval_inputs",
-                   help="evaluation inputs: images, folders, globs, video files")
+                   help="evaluation inputs: images, folders, globs, video files, a pulled samples folder; "
+                        "WAV clips for a wake word BASE")
     p.add_argument("--runs", type=_positive, default=50, help="timed runs per model and thread count (default 50)")
     p.add_argument("--limit", type=_positive, default=1000, help="evaluation items at most (default 1000)")
     p.add_argument("--task", help="run every model as this task instead of its manifest's or the recognised one")
@@ -215,6 +217,7 @@ def _fleet_parser() -> argparse.ArgumentParser:
     add_connection_options(p)
     p.set_defaults(func=_cmd_fleet_cmd)
     add_delivery_commands(sub)
+    add_sample_commands(sub)
     return parser
 
 

@@ -80,6 +80,8 @@ class Profile(BaseModel):
     """SoC temperature at which the governor pauses the vision loops."""
     spool_cap_bytes: Annotated[int, Field(ge=64 * 1024)]
     """Payload bytes the store-and-forward spool may hold; the oldest results go first beyond it."""
+    capture_cap_bytes: Annotated[int, Field(ge=64 * 1024)] = 32 * 1024 * 1024
+    """Bytes the captured samples (`[pipelines.capture]`) may hold; the oldest go first beyond it."""
     selftest_latency_ms: Annotated[float, Field(gt=0)]
     """A new model's single inference must finish within this in its self-test."""
     cpu_budget_percent: Annotated[float, Field(gt=0, le=100)] = 60.0
