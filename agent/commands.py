@@ -7,8 +7,7 @@ link); one worker decodes, validates and executes them in order.
 Decoding is strict: at most 64 KiB, UTF-8, JSON without NaN/Infinity, without numbers that
 overflow, without duplicate keys, an object at the top. A bad command gets an error reply
 when its id can be read (a lenient second parse looks for a single top-level `id`);
-otherwise it is dropped and counted. An id already executed is answered from the persisted
-record and not executed again.
+otherwise it is dropped and counted. An id already executed is answered from the persisted record.
 
 Each action registers a pydantic schema (`extra="forbid"`) with `register_action`; the
 daemon supplies the handlers. `deploy`, `rollback` and `models` are answered by the model

@@ -294,7 +294,7 @@ def _pull(args: argparse.Namespace, link: Any, requests: Requests, listed: list[
 
 
 class _Bar:
-    """Progress per sample on a terminal (rich); nothing for scripts."""
+    """Progress per sample on stderr when it is a terminal; nothing for scripts."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
