@@ -91,13 +91,16 @@ class MqttSection(_Strict):
     broker: tuple[str, ...] = ("mqtt://localhost:1883",)
     """`mqtt://host[:port]` or `mqtts://host[:port]`; several are tried in turn. Env `LEPTON_BROKER`."""
     protocol: Literal["5", "3.1.1"] = "5"
-    """MQTT protocol version."""
+    """MQTT protocol version; "5" falls back to 3.1.1 on a broker that does not answer or refuses MQTT 5."""
     prefix: TopicName = "lepton"
     """First topic level of everything the agent publishes and hears."""
     client_id: str | None = None
     """MQTT client id; default `lepton-<device_id>`."""
     keepalive_s: Annotated[int, Field(ge=2, le=3600)] = 30
     """Seconds of silence after which the link is probed; a dead link is dropped within 1.5 x this."""
+    heartbeat_s: Annotated[float, Field(ge=1, le=3600)] = 60.0
+    """The status (birth) is published again this often, with a fresh `ts`: the fleet tools show a device whose
+    status is older than 2 x this + 5 s as stale (a halted broker node sends no will)."""
     connect_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
     """How long one connection attempt (TCP, TLS, CONNACK) may take."""
     backoff_min_s: Annotated[float, Field(gt=0, le=60)] = 1.0
@@ -157,6 +160,36 @@ class PolicySettings(_Strict):
     snapshot: SnapshotSettings = Field(default_factory=SnapshotSettings)
 
 
+class SampleCaptureSettings(_Strict):
+    """Keeping the items that matter for the next model (docs/capture.md). Off unless enabled: frames are
+    stored as JPEG at the source's resolution, audio as WAV clips, each with a JSON sidecar, under
+    `<state_dir>/samples`, until the operator pulls them or the profile's `capture_cap_bytes` pushes
+    the oldest out."""
+
+    enabled: bool = False
+    """Nothing is captured unless this is true."""
+    band: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] | None = None
+    """`[low, high]`: keep an item whose top score lies inside (the model was unsure); none: no band."""
+    random_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Fraction of items kept at random as a baseline (0.001: one in a thousand)."""
+    shadow_disagreement: bool = True
+    """Keep an item on which a shadow trial's candidate model (`deploy --shadow`) disagrees with the active one."""
+    max_per_minute: Annotated[float, Field(gt=0, le=6000)] = 60.0
+    """Samples this pipeline keeps per minute at most; the surplus is counted as `limited`."""
+    pre_roll_s: Annotated[float, Field(ge=0, le=10)] = 1.5
+    """Audio before the moment that triggered a clip (so a wake word ends inside it)."""
+    post_roll_s: Annotated[float, Field(ge=0, le=10)] = 0.5
+    """Audio after that moment."""
+
+    @model_validator(mode="after")
+    def _band(self) -> SampleCaptureSettings:
+        if self.band is not None and self.band[0] > self.band[1]:
+            raise ValueError("band: low is above high")
+        if self.pre_roll_s + self.post_roll_s <= 0:
+            raise ValueError("pre_roll_s + post_roll_s must be above 0")
+        return self
+
+
 class PipelineSettings(_Strict):
     """One loop: a source feeding a model whose results pass the policy and go out over MQTT."""
 
@@ -179,6 +212,7 @@ class PipelineSettings(_Strict):
     enabled: bool = True
     """Start with the agent (a disabled pipeline can be started by command)."""
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    capture: SampleCaptureSettings = Field(default_factory=SampleCaptureSettings)
 
 
 class SpoolSection(_Strict):
@@ -270,6 +304,7 @@ class ProfileOverrides(_Strict):
     thermal_soft_c: Annotated[float, Field(ge=30, le=120)] | None = None
     thermal_hard_c: Annotated[float, Field(ge=30, le=125)] | None = None
     spool_cap_bytes: Annotated[int, Field(ge=64 * 1024)] | None = None
+    capture_cap_bytes: Annotated[int, Field(ge=64 * 1024)] | None = None
     selftest_latency_ms: Annotated[float, Field(gt=0)] | None = None
     cpu_budget_percent: Annotated[float, Field(gt=0, le=100)] | None = None
 

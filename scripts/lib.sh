@@ -23,6 +23,15 @@ ensure_promtool() {
   as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
 }
 
+# RabbitMQ (tests/test_brokers.py runs a two-node cluster of it); the tests run the server binary themselves.
+ensure_rabbitmq() {
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && return 0
+  echo "installing rabbitmq-server (apt-get)" >&2
+  as_root apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq rabbitmq-server >/dev/null
+  as_root systemctl disable --now rabbitmq-server epmd.socket epmd.service >/dev/null 2>&1 || true
+}
+
 # arecord (alsa-utils) and PortAudio: the tests capture from a real ALSA device (a file-backed PCM).
 ensure_audio_tools() {
   command -v arecord >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep libportaudio >/dev/null && return 0

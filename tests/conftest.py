@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +73,31 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         yield b
 
 
+# source_kind(matcher, factory): what the `source_kind` fixture hands a test.
+RegisterSource = Callable[[Callable[[str], bool], Any], None]
+
+
+@pytest.fixture
+def source_kind() -> Iterator[RegisterSource]:
+    """Register a test's own source kind for that test only: the registry is global, so a kind left behind
+    would answer for its URI in every later test of the session."""
+    from agent.sources import base
+
+    # The real kinds register on first import; import them now so that restoring the snapshot below
+    # cannot drop kinds whose modules a test happened to import first (they would never register again).
+    for name in base.SOURCE_MODULES:
+        importlib.import_module(name)
+    saved = list(base._REGISTRY)
+
+    def register(matcher: Callable[[str], bool], factory: Any) -> None:
+        base.register_source(matcher)(factory)
+
+    try:
+        yield register
+    finally:
+        base._REGISTRY[:] = saved
+
+
 # DESIGN §7: the core suite runs on both runtimes. These modules test code that does not depend on the
 # interpreter (MQTT link, spool, commands, config, delivery protocol, systemd, installer, demo); they run in
 # the ai-edge-litert lane only, which keeps both lanes together well inside the suite's time budget. test_rtsp
@@ -80,6 +107,9 @@ RUNTIME_INDEPENDENT = frozenset({
     "test_demo", "test_fleet_cli", "test_install", "test_link", "test_names", "test_policy", "test_rtsp",
     "test_sdnotify", "test_spool", "test_synthetic", "test_systemd_notify", "test_systemd_unit", "test_corrupt_state",
     "test_delivery_pending",
+    # The link's reporting extras, /proc and sysfs readers, board profiles: no model is loaded in any of them.
+    "test_link_reporting", "test_paho_link", "test_telemetry", "test_profiles",
+    "test_brokers", "test_bridge", "test_mtls", "test_presence", "test_seeder", "test_topics",
 })
 
 

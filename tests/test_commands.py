@@ -75,9 +75,12 @@ def test_same_id_is_answered_from_the_record(tmp_path: Path) -> None:
     assert restarted.bus.stats.repeated == 1
 
 
-def test_handler_errors_become_replies(bus: Bus) -> None:
-    _error(bus.send('{"id": "s", "action": "start", "pipeline": "x"}'), "s", "not_found")
-    _error(bus.send('{"id": "t", "action": "stop"}'), "t", "failed")
+@pytest.mark.parametrize(("payload", "code"), [
+    ('{"id": "s", "action": "start", "pipeline": "x"}', "not_found"),
+    ('{"id": "s", "action": "stop"}', "failed"),
+])
+def test_handler_errors_become_replies(bus: Bus, payload: str, code: str) -> None:
+    _error(bus.send(payload), "s", code)
     assert bus.send('{"id": "u", "action": "ping"}') is not None  # and the bus goes on
 
 

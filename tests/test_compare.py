@@ -97,14 +97,21 @@ def _one_line(args: list[str], *fragments: str) -> None:
         assert fragment in r.err_lines[0], r.err_lines[0]
 
 
-def test_bad_compare_inputs(fixtures: Path, tmp_path: Path) -> None:
-    base, variant = str(fixtures / "colors_float.json"), str(fixtures / "colors_int8.json")
-    _one_line(["model", "compare", base, "--eval", str(fixtures / "images")], "needs BASE and at least one VARIANT")
-    _one_line(["model", "compare", base, str(tmp_path / "gone.tflite"), "--eval", str(fixtures / "images")],
-              "gone.tflite", "no such model file")
-    _one_line(["model", "compare", base, variant, "--eval", str(tmp_path / "none.png")], "--eval", "none.png")
+# One case per test: a first refusal that fails must not hide the others. "{fx}" is the fixtures directory,
+# "{tmp}" the test's own (holding an empty folder "empty").
+@pytest.mark.parametrize(("args", "fragments"), [
+    (("{fx}/colors_float.json", "--eval", "{fx}/images"), ("needs BASE and at least one VARIANT",)),
+    (("{fx}/colors_float.json", "{tmp}/gone.tflite", "--eval", "{fx}/images"), ("gone.tflite", "no such model file")),
+    (("{fx}/colors_float.json", "{fx}/colors_int8.json", "--eval", "{tmp}/none.png"), ("--eval", "none.png")),
+    (("{fx}/colors_float.json", "{fx}/colors_int8.json", "--eval", "{tmp}/empty"), ("no image files",)),
+], ids=["no-variant", "missing-variant", "missing-eval", "empty-eval"])
+def test_bad_compare_inputs(fixtures: Path, tmp_path: Path, args: tuple[str, ...], fragments: tuple[str, ...]) -> None:
     (tmp_path / "empty").mkdir()
-    _one_line(["model", "compare", base, variant, "--eval", str(tmp_path / "empty")], "no image files")
+    _one_line(["model", "compare", *(a.format(fx=fixtures, tmp=tmp_path) for a in args)], *fragments)
+
+
+def test_compare_writes_no_manifest_away_from_the_models(fixtures: Path, tmp_path: Path) -> None:
+    base, variant = str(fixtures / "colors_float.json"), str(fixtures / "colors_int8.json")
     _one_line(["model", "compare", base, variant, "--eval", str(fixtures / "images"), "--runs", "2",
                "--write-manifest", str(tmp_path / "variants.json")], "is not beside the manifest")
     assert not (tmp_path / "variants.json").exists()

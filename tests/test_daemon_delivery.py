@@ -196,7 +196,7 @@ def test_bad_models_roll_back_by_themselves_and_rollback_returns(tmp_path: Path,
     # Two pipelines run the colors model: one sees only red (the self-test's sample comes from it),
     # the other every colour in turn (where fails_on_dark crashes).
     pipelines = _pipeline("steady", fixtures, hold=1_000_000) + _pipeline("cycling", fixtures, hold=1)
-    config = write_config(tmp_path, broker.port, prefix, keys, pipelines, probation_s=4.0)
+    config = write_config(tmp_path, broker.port, prefix, keys, pipelines)  # 2 s probation: 40 frames of cycling
     topics = FleetTopics(prefix)
     with connect(broker.port) as link:
         publish(link, topics, variant(tmp_path, fixtures, version=2), "colors", 2, keys)

@@ -103,19 +103,25 @@ def test_publish_deploy_rollback_status(fleet_broker: Broker, key_file: Path, tm
             link.close()
 
 
-def test_fleet_bad_input(key_file: Path, tmp_path: Path) -> None:
-    _one_line(fleet("deploy", "colors", "--to", "cam-1"), "NAME@VERSION")
-    _one_line(fleet("deploy", "colors@1.x", "--to", "cam-1"), "colors@1.x")
-    _one_line(fleet("deploy", "colors@1", "--to", "cam/1", "--broker", "mqtt://127.0.0.1:1"), "--to")
-    _one_line(fleet("status", "--broker", "http://example.org"), "--broker", "mqtt://")
-    _one_line(fleet("publish", str(FIXTURES / "colors_int8.json"), "--name", "c", "--version", "1",
-                    "--key", str(tmp_path / "none.key")), "none.key", "no such key file")
-    _one_line(fleet("publish", str(FIXTURES / "colors_int8.json"), "--name", "c", "--version", "v1",
-                    "--key", str(key_file)), "--version")
-    not_a_key = tmp_path / "bad.key"
-    not_a_key.write_text("hello")
-    _one_line(fleet("publish", str(FIXTURES / "colors_int8.json"), "--name", "c", "--version", "1",
-                    "--key", str(not_a_key)), "bad.key", "PEM")
+COLORS_MANIFEST = str(FIXTURES / "colors_int8.json")
+
+
+# Each case on its own: one refused argument must not hide whether the next is refused too.
+# "{key}" is the real signing key, "{tmp}" the test's own directory.
+@pytest.mark.parametrize(("args", "fragments"), [
+    (("deploy", "colors", "--to", "cam-1"), ("NAME@VERSION",)),
+    (("deploy", "colors@1.x", "--to", "cam-1"), ("colors@1.x",)),
+    (("deploy", "colors@1", "--to", "cam/1", "--broker", "mqtt://127.0.0.1:1"), ("--to",)),
+    (("status", "--broker", "http://example.org"), ("--broker", "mqtt://")),
+    (("publish", COLORS_MANIFEST, "--name", "c", "--version", "1", "--key", "{tmp}/none.key"),
+     ("none.key", "no such key file")),
+    (("publish", COLORS_MANIFEST, "--name", "c", "--version", "v1", "--key", "{key}"), ("--version",)),
+    (("publish", COLORS_MANIFEST, "--name", "c", "--version", "1", "--key", "{tmp}/bad.key"), ("bad.key", "PEM")),
+], ids=["deploy-no-version", "deploy-bad-version", "deploy-bad-device", "status-bad-broker", "publish-missing-key",
+        "publish-bad-version", "publish-key-not-pem"])
+def test_fleet_bad_input(key_file: Path, tmp_path: Path, args: tuple[str, ...], fragments: tuple[str, ...]) -> None:
+    (tmp_path / "bad.key").write_text("hello")
+    _one_line(fleet(*(a.format(key=key_file, tmp=tmp_path) for a in args)), *fragments)
 
 
 def test_retire_bad_input(fleet_broker: Broker) -> None:

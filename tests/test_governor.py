@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import RegisterSource
 
 from agent.config import GovernorSection, PipelineSettings, PolicySettings, SupervisorSection
 from agent.governor import Governor, Reading
@@ -16,7 +17,7 @@ from agent.manifest import load_spec
 from agent.monitor import Monitor
 from agent.pipeline import Pipeline
 from agent.profiles import Profile, load_profile
-from agent.sources.base import Item, Source, register_source
+from agent.sources.base import Item, Source
 from agent.telemetry import CpuShare
 from agent.variants import cheaper_variants
 
@@ -36,7 +37,6 @@ class _Microphone(Source):
         pass
 
 
-register_source(lambda uri: uri == "fake-mic:")(_Microphone)
 
 
 class ScriptedCpu(CpuShare):
@@ -102,7 +102,8 @@ def test_variants_are_read_from_the_manifest(fixtures: Path) -> None:
     assert cheaper_variants(load_spec(fixtures / "colors_int8.json")) == []
 
 
-def test_scripted_temperature_ramp(tmp_path: Path, fixtures: Path) -> None:
+def test_scripted_temperature_ramp(tmp_path: Path, fixtures: Path, source_kind: RegisterSource) -> None:
+    source_kind(lambda uri: uri == "fake-mic:", _Microphone)
     stop = threading.Event()
     cam = Watched(_pipeline("cam", "test:colors", fixtures / "colors_bench_variants.json", stop, fps=30, width=64,
                             height=48, hold=3))
@@ -251,7 +252,7 @@ def test_monitor_survives_a_failing_tick_and_counts_it(tmp_path: Path) -> None:
     stop = threading.Event()
     _zone(tmp_path, 41.0)
     monitor = Monitor(pipelines=list, spool=spool, publish=publish, governor=None, root=tmp_path,
-                      disk_path=tmp_path, telemetry_interval_s=1, governor_interval_s=5, profile="p", stop=stop)
+                      disk_path=tmp_path, telemetry_interval_s=0.2, governor_interval_s=5, profile="p", stop=stop)
     monitor.start()
     try:
         with cond:

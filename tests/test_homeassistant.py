@@ -22,6 +22,8 @@ from conftest import ROOT
 from test_daemon import Daemon, fleet
 from test_telemetry_daemon import IDLE_PIPELINES, _fake_root, write_config
 
+D_HA = "lepton/x--d-2eha"
+"""Device d.ha's topics: a dot in a topic segment is encoded (agent.mqtt.topics.segment), as in its HA ids."""
 STATUSES = ['{"state": "online", "bdseq": 3}', '{"state": "offline", "bdseq": 3}', '{"state": "stopped", "bdseq": 3}',
             ""]  # the last: a retained status cleared by `lepton-fleet retire`
 
@@ -85,7 +87,7 @@ def test_home_assistant_discovery(tmp_path: Path, fixtures: Path) -> None:
         config = write_config(tmp_path, own.port, root, fixtures / "colors_int8.json", "d.ha",
                               extra="[homeassistant]\nenabled = true\n")
         config.write_text(config.read_text() + IDLE_PIPELINES.format(model=fixtures / "colors_int8.json"))
-        with Watcher(own.port, ["homeassistant/#", "lepton/d.ha/#"]) as w, Daemon(config) as daemon:
+        with Watcher(own.port, ["homeassistant/#", f"{D_HA}/#"]) as w, Daemon(config) as daemon:
             # A telemetry message from after the first item (latency has a value), and a result.
             w.wait_json("/telemetry", lambda m: bool(m) and m[-1]["pipelines"]["colors"]["frames"] > 0, timeout=60)
             w.wait_json("/results/colors", lambda m: len(m) >= 1, timeout=30)
@@ -148,7 +150,7 @@ fps = 5
             w.stop()
             own.stop()
             own.start()
-            w2 = Watcher(own.port, ["homeassistant/#", "lepton/d.ha/#"]).start()
+            w2 = Watcher(own.port, ["homeassistant/#", f"{D_HA}/#"]).start()
             try:
                 assert w2.wait_for(lambda m: len([t for t, p, _ in m if t.endswith("/config") and p])
                                    >= len(configs), timeout=60)
@@ -183,8 +185,8 @@ def _retire(own: Broker, w: Watcher, daemon: Daemon, configs: set[str]) -> None:
     rc, (report,) = fleet(own.port, "retire", "d.ha")
     assert rc == 0 and report["by"] == "fleet" and report["state"] == "stopped", report
     _all_sensors(report["configs_emptied"], configs)
-    assert "lepton/d.ha/status" in report["retained_cleared"]
-    with Watcher(own.port, ["lepton/d.ha/#", "sync/probe"]) as after:
+    assert f"{D_HA}/status" in report["retained_cleared"]
+    with Watcher(own.port, [f"{D_HA}/#", "sync/probe"]) as after:
         publish.single("sync/probe", "x", hostname="127.0.0.1", port=own.port)
         assert after.wait_for(lambda m: any(t == "sync/probe" for t, _, _ in m), 30)
         assert [t for t, _, retained in after.messages if retained] == []

@@ -80,7 +80,7 @@ def test_birth_after_connack_results_in_order_and_goodbye(tmp_path: Path, broker
         assert not any(m.get("historical") for m in got)
         births = w.json("/status")
         assert births[0]["state"] == "online" and births[0]["bdseq"] == a.link.bdseq
-        w.wait_for(lambda m: a.spool.stats().queued == 0, 10)
+        assert wait_until(lambda: a.spool.stats().queued == 0, 10)  # every PUBACK in: nothing left to replay
         _close(a)
         status = w.wait_json("/status", lambda m: m[-1]["state"] == "stopped")
         assert status[-1]["bdseq"] == births[0]["bdseq"]
@@ -103,7 +103,7 @@ def test_broker_outage_replays_in_order_as_historical(tmp_path: Path, own_broker
     with Watcher(own_broker.port, ["lepton/dev1/results/#"]) as w2:
         # The new connection sends the backlog first; a fresh subscriber sees what comes after
         # it subscribed, so wait on the spool emptying instead.
-        assert w2.wait_for(lambda m: a.spool.stats().queued == 0, 20)
+        assert wait_until(lambda: a.spool.stats().queued == 0, 20)
         a.put(5, start=50)
         got = w2.wait_json("/results/p", lambda m: any(x["i"] == 54 for x in m))
     assert [m["i"] for m in got if m["i"] >= 50] == [50, 51, 52, 53, 54]
@@ -149,7 +149,7 @@ def test_half_open_is_noticed_and_the_will_goes_out(tmp_path: Path, own_broker: 
     assert a.link.connected.wait(30)
     assert a.link.bdseq > first_bdseq
     with Watcher(own_broker.port, ["lepton/dev1/#"]) as w:
-        assert w.wait_for(lambda m: a.spool.stats().queued == 0, 20)  # the 3 results went out after all
+        assert wait_until(lambda: a.spool.stats().queued == 0, 20)  # the 3 results went out after all
         status = w.wait_json("/status", lambda m: bool(m))
         assert status[-1]["state"] == "online" and status[-1]["bdseq"] == a.link.bdseq
     _close(a)

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import RegisterSource
 
 from agent.config import PipelineSettings, SupervisorSection
 from agent.errors import LeptonError
 from agent.pipeline import Pipeline
 from agent.profiles import load_profile
-from agent.sources import base as sources
 from agent.sources.base import Item, Source
 
 
@@ -75,15 +75,13 @@ class _Gated(Source):
 
 
 @pytest.fixture
-def gated() -> Iterator[type[_Gated]]:
-    registry = list(sources._REGISTRY)
-    sources.register_source(lambda uri: uri == "gated:")(_Gated)
+def gated(source_kind: RegisterSource) -> Iterator[type[_Gated]]:
+    source_kind(lambda uri: uri == "gated:", _Gated)
     _Gated.gate.clear()
     try:
         yield _Gated
     finally:
         _Gated.gate.set()
-        sources._REGISTRY[:] = registry
 
 
 def test_start_while_the_halted_loop_is_still_alive_is_not_a_silent_no_op(fixtures: Path,
@@ -125,13 +123,18 @@ def test_an_undo_made_before_a_reload_changed_the_model_settings_reloads_the_pre
     assert slot.spec is not None and slot.spec.version == 1
 
 
-def test_stop_says_so_when_the_loop_has_not_ended(tmp_path: Path, fixtures: Path, gated: type[_Gated]) -> None:
+def test_stop_says_so_when_the_loop_has_not_ended(tmp_path: Path, fixtures: Path, gated: type[_Gated],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # Fault 6, the command side: `stop` ignored the join result and replied ok with the loop still alive.
     from test_daemon import write_config
 
+    from agent import actions
     from agent.commands import CommandError, Start, Stop
     from agent.config_load import load
     from agent.daemon import Agent
+
+    # The gate holds the loop for as long as the test likes: how long stop waits for it proves nothing.
+    monkeypatch.setattr(actions, "STOP_WAIT_S", 0.2)
 
     agent = Agent(load(str(write_config(tmp_path, 1, fixtures))))
     p = agent._pipeline(PipelineSettings(name="cam", source="gated:", model=fixtures / "colors_int8.json"))

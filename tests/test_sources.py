@@ -40,6 +40,7 @@ class Script:
     plans: list[tuple[list[bytes], bool]]
     connections: int = 0
     release: threading.Event = field(default_factory=threading.Event)
+    sent_all: threading.Event = field(default_factory=threading.Event)  # a connection's frames all went out
 
 
 class MjpegServer(socketserver.ThreadingTCPServer):
@@ -69,6 +70,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 if script.release.wait(0.01):  # pace like a camera; end at once when the test is over
                     return
+            script.sent_all.set()
             if stall:
                 script.release.wait(WAIT)  # connection open, nothing sent: a stalled camera
         except (BrokenPipeError, ConnectionResetError):
@@ -147,12 +149,26 @@ def test_a_corrupt_frame_does_not_break_the_stream(mjpeg: tuple[str, Script], fi
         assert source.stats.restarts == 0 and script.connections == 1  # not a reason to reconnect
 
 
-def test_camera_that_cannot_be_opened_is_bad_input_on_the_command_line(fixtures: Path) -> None:
-    for uri in ("camera:57", "/dev/video57"):
-        r = run_cli("infer", str(fixtures / "colors_int8.json"), uri)
-        assert r.rc == 2 and len(r.err_lines) == 1, r.err
-        assert r.err_lines[0].startswith(f"lepton-agent: {uri}: no such camera"), r.err
-        assert "Traceback" not in r.err and r.out == ""
+def test_an_undecodable_frame_is_counted_and_skipped(mjpeg: tuple[str, Script], fixtures: Path) -> None:
+    # A frame whose start was lost is no JPEG any more: FFmpeg cannot conceal it and the grab fails at once.
+    url, script = mjpeg
+    good = _jpegs(fixtures, "red_1.png", 1)[0]
+    script.plans = [([good] * 5 + [good[len(good) // 2:]] + [good] * 500, False)]
+    source = open_source(url, {"timeout": 5.0})
+    assert isinstance(source, LiveSource)
+    with source:
+        _read(source)
+        assert source.wait_for(lambda s: s.errors >= 1 and source.captured >= 12, WAIT), source.stats
+        assert not script.sent_all.is_set()  # counted mid-stream, not at the stream's end
+        assert source.stats.restarts == 0 and script.connections == 1  # skipped, not a reason to reconnect
+
+
+@pytest.mark.parametrize("uri", ["camera:57", "/dev/video57"])
+def test_camera_that_cannot_be_opened_is_bad_input_on_the_command_line(fixtures: Path, uri: str) -> None:
+    r = run_cli("infer", str(fixtures / "colors_int8.json"), uri)
+    assert r.rc == 2 and len(r.err_lines) == 1, r.err
+    assert r.err_lines[0].startswith(f"lepton-agent: {uri}: no such camera"), r.err
+    assert "Traceback" not in r.err and r.out == ""
 
 
 def test_missing_camera_is_retried_with_backoff_and_counted() -> None:

@@ -14,7 +14,14 @@ re-read and every chunk whose bytes hash to the manifest's value counts as
 present, so a torn write or a lost page cache (power cut) costs only that chunk.
 After a reconnect the link re-subscribes the window and the broker re-sends it; a
 window that stays silent is re-subscribed, and after `max_stalls` such rounds the
-download fails as `not_found`. The whole-file sha256 is computed as the file
+download fails as `not_found`.
+
+Where retained messages do not reach the device (RabbitMQ keeps them on the node they were published
+through), a seeder answers instead (`lepton-fleet serve-models`, docs/delivery.md §1): a manifest not
+there after `ask_after` seconds is asked for on `…/<name>/<version>/want`, and from then on every chunk
+subscription of that download is followed by a request for it; a stalled window is always asked for.
+The request goes out after the SUBSCRIBE on the same connection, so the broker routes the answer to it.
+The whole-file sha256 is computed as the file
 grows (chunks in order are hashed from memory; a gap is filled from disk once
 its chunks are there) and checked before the file enters the store.
 """
@@ -22,11 +29,13 @@ its chunks are there) and checked before the file enters the store.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from agent.delivery import failpoints
 from agent.delivery.reasons import DeliveryError, Reason
@@ -53,6 +62,8 @@ class DownloadSettings:
     """Seconds without a chunk before the open window is re-subscribed."""
     max_stalls: int = 6
     """Silent rounds in a row before `not_found`."""
+    ask_after: float = 1.0
+    """Seconds without the retained manifest before asking a seeder for it (and for every chunk after it)."""
 
 
 @dataclass
@@ -101,6 +112,8 @@ class Downloader:
         self.policy = policy
         self.topics = topics or FleetTopics()
         self.settings = settings or DownloadSettings()
+        self.asking: set[tuple[str, str]] = set()
+        """(name, version) whose manifest came from a seeder: their chunks are asked for as they are subscribed."""
 
     # -- manifest ---------------------------------------------------------------
 
@@ -124,16 +137,34 @@ class Downloader:
                 arrived.set()
 
         self.link.subscribe(topic, on_manifest)
+        deadline = time.monotonic() + self.settings.manifest_timeout
+        wait = min(self.settings.ask_after, self.settings.manifest_timeout)
         try:
-            if not _wait(arrived, stop, self.settings.manifest_timeout):
+            while not _wait(arrived, stop, wait):
+                left = deadline - time.monotonic()
                 if stop.is_set():
                     raise DeliveryError(Reason.STOPPED, "stopped while waiting for the manifest")
-                raise DeliveryError(Reason.NOT_FOUND,
-                                    f"no manifest on {topic} after {self.settings.manifest_timeout:g} s")
+                if left <= 0:
+                    raise DeliveryError(Reason.NOT_FOUND,
+                                        f"no manifest on {topic} after {self.settings.manifest_timeout:g} s")
+                # Not retained here: ask the seeder (again every stall_timeout: it may start later).
+                self.ask_manifest(name, version)
+                wait = min(left, self.settings.stall_timeout)
         finally:
             self.link.unsubscribe(topic)
         return check_manifest(payload[0], self.trusted, self.policy, active=active, rollback=rollback,
                               expect_name=name, expect_version=version)
+
+    def ask_manifest(self, name: str, version: Version) -> None:
+        """Ask a seeder for a manifest the broker did not have retained; the chunks of that version are then
+        asked for as they are subscribed (the retained ones are not here either)."""
+        self.asking.add((name, str(version)))
+        self.want(name, version, {"manifest": True})
+
+    def want(self, name: str, version: Version, request: dict[str, Any]) -> None:
+        """Ask a seeder for the manifest or chunks of name@version (QoS 0: a lost request is asked again)."""
+        body = json.dumps({**request, "ts": round(time.time(), 3), "v": 1}, separators=(",", ":")).encode()
+        self.link.publish(self.topics.want(name, version), body, qos=0)
 
     # -- payload ----------------------------------------------------------------
 
@@ -163,10 +194,57 @@ class Downloader:
         return self.store.commit(signed, part), session.stats
 
 
+class ChunkedFile(Protocol):
+    """What a chunked pull needs to know of the file: a signed model manifest here, a captured sample's
+    manifest in `agent.fleet.samples` (the same protocol in the other direction)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> Any: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def chunks(self) -> tuple[str, ...]: ...
+
+    def chunk_span(self, index: int) -> tuple[int, int]: ...
+
+
+class ChunkTopics(Protocol):
+    def chunk(self, name: str, version: Any, index: int) -> str: ...
+
+
+class PartStore(Protocol):
+    def discard_part(self, sha256: str) -> None: ...
+
+
+class Puller(Protocol):
+    """The side that pulls: its link, settings, chunk topics and where a failed partial file goes."""
+
+    link: Link
+    settings: DownloadSettings
+    asking: set[tuple[str, str]]
+    """(name, version) pulls that ask a seeder for their chunks (`want`)."""
+
+    @property
+    def topics(self) -> ChunkTopics: ...
+
+    def want(self, name: str, version: Any, request: dict[str, Any]) -> None: ...
+
+    @property
+    def store(self) -> PartStore: ...
+
+
 class _Session:
     """One download: the window of chunk subscriptions and the state the link thread updates."""
 
-    def __init__(self, downloader: Downloader, signed: SignedManifest, part: PartFile, stop: threading.Event,
+    def __init__(self, downloader: Puller, signed: ChunkedFile, part: PartFile, stop: threading.Event,
                  progress: Callable[[float], None] | None) -> None:
         self.d = downloader
         self.signed = signed
@@ -187,6 +265,7 @@ class _Session:
         """Chunk index → topic, for the subscriptions of the window."""
         self.cursor = 0
         """Next index to consider subscribing to."""
+        self.asking = (signed.name, str(signed.version)) in downloader.asking
 
     # -- start ------------------------------------------------------------------
 
@@ -247,6 +326,7 @@ class _Session:
     def _fill_window(self) -> None:
         """Subscribe to missing chunks until the window is full (lock held)."""
         n = len(self.have)
+        new: list[int] = []
         while len(self.open) < self.d.settings.window and self.cursor < n:
             i = self.cursor
             self.cursor += 1
@@ -257,6 +337,9 @@ class _Session:
             topic = self.d.topics.chunk(self.signed.name, self.signed.version, i)
             self.open[i] = topic
             self.d.link.subscribe(topic, self._make_handler(i))
+            new.append(i)
+        if self.asking and new:
+            self.d.want(self.signed.name, self.signed.version, {"chunks": new})
 
     def _make_handler(self, index: int) -> Callable[[str, bytes], None]:
         def on_chunk(_topic: str, data: bytes) -> None:
@@ -274,6 +357,10 @@ class _Session:
             # Subscribing again makes the broker send the retained message again.
             self.d.link.unsubscribe(topic)
             self.d.link.subscribe(topic, self._make_handler(i))
+        if pending:
+            # Retained chunks may not be on this broker node: a seeder answers if there is one.
+            self.asking = True
+            self.d.want(self.signed.name, self.signed.version, {"chunks": [i for i, _ in pending]})
 
     # -- the link thread ----------------------------------------------------------
 
@@ -333,3 +420,7 @@ class _Session:
         if self.part.size() != self.signed.size:
             raise DeliveryError(Reason.SIZE_MISMATCH,
                                 f"the file has {self.part.size()} bytes, the manifest declares {self.signed.size}")
+
+
+ChunkSession = _Session
+"""One chunked pull into a `PartFile`, resumable, each chunk and the whole hash-checked (`run()`)."""

@@ -12,7 +12,9 @@ Manifests are awaited concurrently, not one after another on the worker: every p
 deployment keeps its manifest topic subscribed from the moment it is accepted, and becomes
 *ready* when its retained manifest arrives. The worker takes ready deployments only, so a
 deploy of a model that was never published costs a subscription and fails `not_found` after
-`manifest_timeout`, while real deploys behind it run at once.
+`manifest_timeout`, while real deploys behind it run at once. A manifest still missing after
+`ask_after` seconds is asked for (`ask`: a seeder answers where retained messages are not shared,
+docs/delivery.md §1), and again every `ask_every` seconds until it comes or is overdue.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class Deployment:
     manifest: bytes | None = None
     started: bool = False
     subscribed: str | None = None
+    asked: float | None = None
+    """When the manifest was last asked of a seeder (monotonic)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -61,7 +65,10 @@ class PendingDeployments:
     """Accepted deployments, their manifests awaited concurrently; `take()` gives the next ready one."""
 
     def __init__(self, store: ModelStore, link: Link, topics: FleetTopics, *, manifest_timeout: float,
-                 limit: int = DEFAULT_LIMIT, clock: Callable[[], float] = time.monotonic) -> None:
+                 limit: int = DEFAULT_LIMIT, clock: Callable[[], float] = time.monotonic,
+                 ask: Callable[[str, Version], None] | None = None, ask_after: float = 1.0,
+                 ask_every: float = 10.0) -> None:
+        self.ask, self.ask_after, self.ask_every = ask, ask_after, ask_every
         self.store = store
         self.link = link
         self.topics = topics
@@ -149,9 +156,24 @@ class PendingDeployments:
                 ready, overdue = self._pick()
             for d in ([ready] if ready else []) + overdue:
                 d.started = True
+            unanswered = self._to_ask()
         for d in ([ready] if ready else []) + overdue:
             self._unwatch(d)
+        if self.ask is not None:
+            for name, version in unanswered:
+                self.ask(name, version)
         return ready, overdue
+
+    def _to_ask(self) -> list[tuple[str, Version]]:
+        """Deployments whose manifest has not come after `ask_after` (or since the last ask); marked asked."""
+        if self.ask is None:
+            return []
+        now = self.clock()
+        due = [d for d in self._all.values() if not d.started and d.manifest is None and now >= (
+            d.asked + self.ask_every if d.asked is not None else d.deadline - self.manifest_timeout + self.ask_after)]
+        for d in due:
+            d.asked = now
+        return [(d.request.name, d.request.version) for d in due]
 
     def wait_manifest(self, d: Deployment, stop: threading.Event) -> bool:
         """Wait for this one deployment's manifest (False: overdue or stopped); then it is taken."""

@@ -153,7 +153,9 @@ class DeliveryService:
             lambda payload: link.publish(self.topics.deploy(device_id), payload, qos=1, retain=True))
         self.pending = PendingDeployments(store, link, self.topics,
                                           manifest_timeout=self.settings.download.manifest_timeout,
-                                          limit=self.settings.max_pending)
+                                          limit=self.settings.max_pending, ask=self.downloader.ask_manifest,
+                                          ask_after=self.settings.download.ask_after,
+                                          ask_every=self.settings.download.stall_timeout)
         self._thread: threading.Thread | None = None
         self.overrun: Callable[[bool], None] | None = None
         """Told True when a self-test outlives `selftest_timeout_s` inside the runtime, False when it ends after

@@ -2,7 +2,7 @@
 options and connection (`open_link`, the shared `agent.mqtt.client.PahoLink`) of every fleet verb.
 
 `watch` subscribes to results (and status) of one device or all and prints them as they
-arrive: a coloured line each on a terminal (rich), or JSON lines for scripts. `cmd` sends
+arrive: a line each on a terminal (coloured with rich when installed), or JSON lines for scripts. `cmd` sends
 one command with a fresh id and prints the reply (or every reply, for a group or all).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -21,19 +22,25 @@ from typing import Any, TextIO
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from agent.errors import BadInput
-from agent.mqtt.client import BrokerAddress, PahoLink, TlsOptions
+from agent.errors import BadInput, LeptonError
+from agent.fleet import output
+from agent.fleet.watch import is_stale
+from agent.mqtt.client import BrokerAddress, PahoLink, TlsOptions, Unanswered
 from agent.mqtt.tls import read_password
 from agent.mqtt.topics import SCHEMA_VERSION, FleetTopics
 
 DEFAULT_BROKER = "mqtt://localhost:1883"
 PASSWORD_ENV = "LEPTON_MQTT_PASSWORD"  # noqa: S105 - the name of the variable, not a password
 
+logger = logging.getLogger(__name__)
+
 
 def add_connection_options(p: argparse.ArgumentParser) -> None:
     """The broker options every `lepton-fleet` command that talks MQTT takes (the agent config's names)."""
     g = p.add_argument_group("broker")
     g.add_argument("--broker", help=f"mqtt://host:port or mqtts://… (default: LEPTON_BROKER, else {DEFAULT_BROKER})")
+    g.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
+                   help="MQTT version; 5 falls back to 3.1.1 when the broker does not answer it (default 5)")
     g.add_argument("--prefix", default="lepton", help="topic prefix (default lepton)")
     g.add_argument("--ca-file", type=Path, help="CA file to trust for mqtts:// (pinned)")
     g.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS)")
@@ -51,15 +58,37 @@ def broker_password(args: argparse.Namespace) -> str | None:
 
 
 def open_link(args: argparse.Namespace, timeout: float = 10.0) -> PahoLink:
-    """The operator's connection (MQTT 5), connected, from the broker options; BadInput/LeptonError otherwise."""
+    """The operator's connection, connected, from the broker options; BadInput/LeptonError otherwise.
+
+    `--protocol 5` (the default) falls back to 3.1.1 when the broker ends the MQTT 5 attempt unanswered or
+    refuses the version: RabbitMQ before 3.13 closes the connection on an MQTT 5 CONNECT."""
     address = BrokerAddress.parse(broker_url(args))
     for flag, path in (("--ca-file", args.ca_file), ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
         if path is not None and not Path(path).is_file():
             raise BadInput(f"{flag} {path}: no such file")
     tls = TlsOptions(args.ca_file, args.cert_file, args.key_file)
-    link = PahoLink(address, client_id=f"lepton-fleet-{uuid.uuid4().hex[:8]}", tls=tls, username=args.username,
-                    password=broker_password(args), protocol=MQTTProtocolVersion.MQTTv5)
-    return link.start(timeout=timeout)
+    password = broker_password(args)
+    client_id = f"lepton-fleet-{uuid.uuid4().hex[:8]}"
+
+    def link(protocol: MQTTProtocolVersion) -> PahoLink:
+        return PahoLink(address, client_id=client_id, tls=tls, username=args.username, password=password,
+                        protocol=protocol)
+
+    if getattr(args, "protocol", "5") == "3.1.1":
+        return link(MQTTProtocolVersion.MQTTv311).start(timeout=timeout, give_up_unanswered=True)
+    started = time.monotonic()
+    try:
+        return link(MQTTProtocolVersion.MQTTv5).start(timeout=timeout, give_up_unanswered=True)
+    except Unanswered as exc:
+        if "TLS handshake" in str(exc):
+            raise LeptonError(str(exc)) from None  # the broker's TLS alert: not about the MQTT version
+        refused = exc
+    # Said once the fallback worked: when it does not, its own error is the one line the operator needs (over
+    # TLS the broker's alert can be lost to a reset, so a bare close there may mean a missing certificate).
+    left = max(1.0, timeout - (time.monotonic() - started))
+    fallback = link(MQTTProtocolVersion.MQTTv311).start(timeout=left, give_up_unanswered=True)
+    logger.warning("%s; connected with MQTT 3.1.1 instead", refused)
+    return fallback
 
 
 # -- watch --------------------------------------------------------------------------------------
@@ -82,11 +111,11 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
         topics.append(of.status)
     received = threading.Semaphore(0)
     lock = threading.Lock()
+    statuses: dict[str, tuple[str, dict[str, Any]]] = {}
+    """device → (topic, latest status) not yet shown as stale: checked every second for a stopped heartbeat."""
     console = None
     if args.format == "table":
-        from rich.console import Console
-
-        console = Console(file=out, highlight=False, soft_wrap=True)
+        console = output.console(out)
 
     def on_message(msg: mqtt.MQTTMessage) -> None:
         try:
@@ -94,10 +123,14 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
         except ValueError:
             payload = {"raw": msg.payload[:200].decode(errors="replace")}
         parts = msg.topic.split("/")
-        dev = parts[1] if len(parts) > 1 else "?"
+        dev = FleetTopics(args.prefix).device_of(msg.topic) or "?"
         is_result = "/results/" in msg.topic
         with lock:
-            if console is None:
+            if not is_result:
+                statuses[dev] = (msg.topic, payload)
+            if not is_result and is_stale(payload):
+                show_stale(dev)
+            elif console is None:
                 out.write(json.dumps({"topic": msg.topic, "device": dev, "retained": bool(msg.retain),
                                       "payload": payload}) + "\n")
                 out.flush()
@@ -114,11 +147,24 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
         if is_result:
             received.release()
 
+    def show_stale(dev: str) -> None:
+        """Under `lock`: the device's last status is `online` but its heartbeat stopped (no will came)."""
+        topic, status = statuses.pop(dev)
+        if console is None:
+            out.write(json.dumps({"topic": topic, "device": dev, "stale": True, "payload": status}) + "\n")
+            out.flush()
+        else:
+            when = time.strftime("%H:%M:%S", time.localtime(status.get("ts", 0)))
+            console.print(f"[bold cyan]{dev}[/] status [red]stale[/] (online, last heard {when})", markup=True)
+
     link = open_link(args)
     try:
         for topic in topics:
             link.subscribe_messages(topic, on_message)
         link.wait_subscribed(10.0)
+        if args.status:
+            # Devices answer with their status, live: a wildcard subscriber gets no retained one on RabbitMQ.
+            link.publish(FleetTopics(args.prefix).device("all").presence, b'{"v": 1}', qos=1)
         if console is not None:
             console.print(f"[dim]watching {', '.join(topics)} on {link.broker} (Ctrl-C to stop)[/]", markup=True)
         deadline = time.monotonic() + args.seconds if args.seconds else None
@@ -129,6 +175,9 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
                 break
             if received.acquire(timeout=min(left, 1.0) if left is not None else 1.0):
                 got += 1
+            with lock:
+                for dev in [d for d, (_, status) in statuses.items() if is_stale(status)]:
+                    show_stale(dev)
     finally:
         link.close()
     if args.count is not None and got < args.count:
@@ -162,7 +211,7 @@ def cmd(args: argparse.Namespace, out: TextIO) -> int:
             raise BadInput("ARGS: give a JSON object, e.g. '{\"pipeline\": \"cam\"}'")
     command = {**extra, "id": args.id or uuid.uuid4().hex, "action": args.action, "ts": round(time.time(), 3),
                "v": SCHEMA_VERSION}
-    single = topic.endswith(f"/{args.target}/cmd")
+    single = not (args.target == "all" or args.target.startswith("group:"))
     replies: list[dict[str, Any]] = []
     cond = threading.Condition()
 
@@ -173,7 +222,7 @@ def cmd(args: argparse.Namespace, out: TextIO) -> int:
             return
         if isinstance(reply, dict) and reply.get("id") == command["id"]:
             with cond:
-                replies.append({"device": reply_topic.split("/")[1], **reply})
+                replies.append({"device": FleetTopics(args.prefix).device_of(reply_topic), **reply})
                 cond.notify_all()
 
     link = open_link(args)
@@ -185,7 +234,10 @@ def cmd(args: argparse.Namespace, out: TextIO) -> int:
             if single:
                 cond.wait_for(lambda: bool(replies), args.timeout)
             else:
-                cond.wait(args.timeout)  # a group answers over time: collect until the timeout
+                # A group answers over time: collect until the timeout (each reply wakes us: wait on).
+                deadline = time.monotonic() + args.timeout
+                while (left := deadline - time.monotonic()) > 0:
+                    cond.wait(left)
     finally:
         link.close()
     if not replies:

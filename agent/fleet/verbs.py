@@ -1,7 +1,7 @@
 """`lepton-fleet keygen | publish | deploy | rollback | status` (DESIGN §3, docs/delivery.md).
 
 `add_commands()` registers the sub-commands on the fleet parser; the handlers import
-paho, cryptography and rich only when they run.
+paho, cryptography and rich (through `output`, optional) only when they run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.errors import BadInput, LeptonError
+from agent.fleet import output
 
 
 def _positive_float(text: str) -> float:
@@ -82,9 +83,18 @@ def add_commands(sub: Any) -> None:
                    help="runtime constraint: only agents on this backend accept it (repeatable)")
     p.add_argument("--board", action="append", default=[], metavar="CLASS",
                    help="runtime constraint: only these profile classes accept it (repeatable)")
+    p.add_argument("--seed-dir", type=Path, metavar="DIR",
+                   help="also keep the signed manifest and the model in DIR for `serve-models`")
     p.add_argument("--format", choices=("text", "json"), default="text")
     _broker_options(p)
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("serve-models", help="answer devices' requests for models where retained messages do not "
+                                            "reach them (RabbitMQ cluster): one for the fleet, on any node")
+    p.add_argument("--dir", type=Path, required=True, help="the --seed-dir of `publish`")
+    p.add_argument("--seconds", type=_positive_float, help="stop after this long (default: until Ctrl-C)")
+    _broker_options(p)
+    p.set_defaults(func=cmd_serve_models)
 
     p = sub.add_parser("deploy", help="tell devices to pull and activate NAME@VERSION, with live progress")
     p.add_argument("ref", metavar="NAME@VERSION")
@@ -111,8 +121,10 @@ def add_commands(sub: Any) -> None:
     _broker_options(p)
     p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("status", help="every device's deployment state (retained), optionally live")
+    p = sub.add_parser("status", help="every device's deployment state and presence, optionally live")
     p.add_argument("--model", help="only this model")
+    p.add_argument("--settle", type=_positive_float, default=2.0,
+                   help="seconds to collect the devices' answers to the presence query (default: %(default)s)")
     p.add_argument("--follow", action="store_true", help="keep the table live until interrupted")
     p.add_argument("--format", choices=("table", "json"), default="table")
     _broker_options(p)
@@ -163,33 +175,20 @@ def _row(view: Any) -> dict[str, Any]:
     }
 
 
-def _print_table(out: TextIO, rows: list[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in ("device", "state", "version", "active", "reason", "detail"):
-        table.add_column(column.upper())
-    for r in rows:
-        table.add_row(*("" if r[c] is None else str(r[c]) for c in ("device", "state", "version", "active",
-                                                                      "reason", "detail")))
-    Console(file=out, width=max(100, Console().width)).print(table)
+def _print_table(out: TextIO, rows: list[dict[str, Any]], title: str,
+                 columns: tuple[str, ...] = ("device", "state", "version", "active", "reason", "detail")) -> None:
+    output.print_table(out, title, columns, [["" if r[c] is None else str(r[c]) for c in columns] for r in rows])
 
 
 def _follow(args: argparse.Namespace, link: Any, view: Any, expected: set[str] | None, out: TextIO) -> bool:
     """Live progress bars per device until every device is done (or the timeout); True if they all were."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn
-
     stop = threading.Event()
     deadline = time.monotonic() + args.timeout
     finished: list[bool] = []
     waiter = threading.Thread(target=lambda: finished.append(view.wait(expected, args.settle, deadline, stop)))
     waiter.start()
-    console = Console(file=sys.stderr)
     bars: dict[str, Any] = {}
-    with Progress(TextColumn("{task.fields[device]:<20}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                  TextColumn("{task.fields[state]}"), console=console, transient=False) as progress:
+    with output.progress(sys.stderr) as progress:
         try:
             while True:
                 alive = waiter.is_alive()
@@ -267,6 +266,10 @@ def cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
         pub = build(Path(args.model), name=args.name, version=version, key=key, chunk_size=chunk, task=args.task,
                     expires_in=days * 86400 if days is not None else None, backends=tuple(args.backend),
                     boards=tuple(args.board))
+        if args.seed_dir is not None:
+            from agent.fleet.seeder import save_seed
+
+            save_seed(args.seed_dir, args.name, version, pub.raw, pub.path)
         started = time.perf_counter()
         sent = upload(link, pub, topics, timeout=args.timeout)
         took = time.perf_counter() - started
@@ -283,6 +286,12 @@ def cmd_publish(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"published {m['name']}@{m['version']}: {m['size']} bytes in {summary['chunks']} chunks of "
                   f"{summary['chunk_size']} on {summary['topic']}/ (sha256 {m['sha256'][:16]}…, key {m['key_id']})\n")
     return 0
+
+
+def cmd_serve_models(args: argparse.Namespace, out: TextIO) -> int:
+    from agent.fleet.seeder import serve
+
+    return serve(args, out, _topics(args))
 
 
 def _parse_ref(ref: str) -> tuple[str, Any]:
@@ -367,36 +376,60 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         view = FleetView(link, topics, model=args.model)
         if not view.sync(args.timeout):
             raise LeptonError(f"broker {link.broker}: no answer to our own message in {args.timeout:g} s")
+        view.ask_presence()
+        # The answers come over the settle time, however many devices there are: collect until it ends.
+        threading.Event().wait(args.settle)
         if args.follow:
             _status_live(view)
-        rows = [_row(v) | {"online": v.online} for v in view.snapshot()]
+        rows = [_row(v) | {"online": v.online, "presence": v.presence,
+                           "last_seen": (v.status or {}).get("ts")} for v in view.snapshot()]
     finally:
         link.close()
     if args.format == "json":
         for r in rows:
             out.write(json.dumps(r) + "\n")
     else:
-        _print_table(out, rows, "deployments" + (f" of {args.model}" if args.model else ""))
+        _print_table(out, rows, "deployments" + (f" of {args.model}" if args.model else ""),
+                     ("device", "presence", "state", "version", "active", "reason", "detail"))
     return 0
 
 
 def _status_live(view: Any) -> None:
+    columns = ("device", "online", "model", "version", "state", "progress", "reason")
+    title = "deployments (live; Ctrl-C to stop)"
+
+    def rows() -> list[list[str]]:
+        out = []
+        for v in view.snapshot():
+            r = _row(v)
+            progress = f"{r['progress']:.0%}" if isinstance(r["progress"], int | float) else ""
+            out.append([r["device"], v.presence, str(r["model"] or ""),
+                        str(r["version"] or ""), r["state"], progress, str(r["reason"] or "")])
+        return out
+
+    stop = threading.Event()
+    if not output.have_rich():  # the table again whenever a row changes
+        shown: list[list[str]] = []
+        try:
+            while not stop.wait(0.25):
+                if (now := rows()) != shown:
+                    shown = now
+                    output.print_table(sys.stderr, title, columns, now)
+        except KeyboardInterrupt:
+            return
+        return
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
     def render() -> Table:
-        table = Table(title="deployments (live; Ctrl-C to stop)")
-        for column in ("device", "online", "model", "version", "state", "progress", "reason"):
+        table = Table(title=title)
+        for column in columns:
             table.add_column(column.upper())
-        for v in view.snapshot():
-            r = _row(v)
-            progress = f"{r['progress']:.0%}" if isinstance(r["progress"], int | float) else ""
-            table.add_row(r["device"], {True: "yes", False: "no", None: "?"}[v.online], str(r["model"] or ""),
-                          str(r["version"] or ""), r["state"], progress, str(r["reason"] or ""))
+        for row in rows():
+            table.add_row(*row)
         return table
 
-    stop = threading.Event()
     with Live(render(), console=Console(file=sys.stderr), refresh_per_second=4) as live:
         try:
             while not stop.wait(0.25):

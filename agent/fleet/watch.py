@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -18,6 +19,18 @@ logger = logging.getLogger(__name__)
 
 _TERMINAL = {s.value for s in TERMINAL}
 
+STALE_GRACE_S = 5.0
+"""Clock skew and a slow link: a status is stale once older than 2 heartbeats plus this."""
+
+
+def is_stale(status: dict[str, Any], now: float | None = None) -> bool:
+    """An `online` status whose heartbeat stopped: its device (or its broker node) is gone without a will.
+    A status without `heartbeat_s` (an older agent) is never called stale."""
+    heartbeat, ts = status.get("heartbeat_s"), status.get("ts")
+    if status.get("state") != "online" or not isinstance(heartbeat, int | float) or not isinstance(ts, int | float):
+        return False
+    return (now if now is not None else time.time()) - ts > 2 * heartbeat + STALE_GRACE_S
+
 
 @dataclass
 class DeviceView:
@@ -27,6 +40,19 @@ class DeviceView:
     reply: dict[str, Any] | None = None
     online: bool | None = None
     first_seen: float = field(default_factory=time.monotonic)
+    status: dict[str, Any] | None = None
+    """The latest status (birth, heartbeat or will) heard."""
+
+    @property
+    def stale(self) -> bool:
+        return self.status is not None and is_stale(self.status)
+
+    @property
+    def presence(self) -> str:
+        """yes, no, stale (online, heartbeat stopped) or ? (no status heard)."""
+        if self.online is None:
+            return "?"
+        return "stale" if self.stale else "yes" if self.online else "no"
 
     @property
     def done(self) -> bool:
@@ -53,7 +79,7 @@ def _json(payload: bytes) -> dict[str, Any] | None:
 
 def _device_of(topic: str, topics: FleetTopics) -> str | None:
     parts = topic[len(topics.prefix) + 1:].split("/")
-    return parts[0] if len(parts) == 2 else None
+    return topics.device_of(topic) if len(parts) == 2 else None
 
 
 class FleetView:
@@ -101,7 +127,8 @@ class FleetView:
             return
         with self.cond:
             if self.request is None or device in self.devices:
-                self._view(device).online = data.get("state") == "online"
+                view = self._view(device)
+                view.online, view.status = data.get("state") == "online", data
             self.cond.notify_all()
 
     def sync(self, timeout: float = 10.0) -> bool:
@@ -114,10 +141,14 @@ class FleetView:
         self.link.unsubscribe(marker)
         return ok
 
+    def ask_presence(self) -> None:
+        """Every device publishes its status and deploy states again: live messages reach wildcard subscriptions
+        on every broker, where retained ones may not (RabbitMQ sends them only to exact topic filters)."""
+        self.link.publish(self.topics.device("all").presence, b'{"v": 1}', qos=1)
+
     def snapshot(self) -> list[DeviceView]:
         with self.cond:
-            return [DeviceView(d.device, d.state, d.reply, d.online, d.first_seen)
-                    for d in sorted(self.devices.values(), key=lambda v: v.device)]
+            return [dataclasses.replace(d) for d in sorted(self.devices.values(), key=lambda v: v.device)]
 
     def wait(self, expected: set[str] | None, settle_s: float, deadline: float, stop: threading.Event,
              tick: float = 0.2) -> bool:

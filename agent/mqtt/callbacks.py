@@ -19,7 +19,7 @@ from agent.config import MqttSection
 from agent.mqtt import wire
 from agent.mqtt.guard import OVERSIZED_TOPIC
 from agent.mqtt.routes import Routes
-from agent.mqtt.session import LinkStats, Session
+from agent.mqtt.session import PRESENCE_MIN_S, LinkStats, Session
 from agent.mqtt.spool import Spool
 from agent.mqtt.topics import Topics
 from agent.mqtt.wire import encode
@@ -69,6 +69,12 @@ class PahoCallbacks:
         c.on_message = self._guard(functools.partial(self._on_message, s))
         c.on_subscribe = self._guard(functools.partial(self._on_subscribe, s))
         c.on_unsubscribe = self._guard(functools.partial(self._on_unsubscribe, s))
+        c.on_log = functools.partial(self._on_log, s)
+
+    def _on_log(self, s: Session, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        # paho says why a read failed only in its log (a TLS alert from the broker, for one).
+        if level == mqtt.MQTT_LOG_ERR:
+            s.socket_error = text
 
     def _guard(self, callback: F) -> F:
         @functools.wraps(callback)
@@ -114,9 +120,19 @@ class PahoCallbacks:
                 logger.exception("mqtt: on_connected hook failed (survived)")
 
     def _publish_birth(self, s: Session) -> None:
-        payload = {**self.birth(), "state": "online", "bdseq": s.bdseq}
+        payload = {**self.birth(), "state": "online", "bdseq": s.bdseq, "heartbeat_s": self.settings.heartbeat_s}
         info = s.client.publish(self.topics.status, encode(payload), qos=1, retain=True)
-        s.others[info.mid] = time.monotonic()
+        s.others[info.mid] = s.birth_at = time.monotonic()
+
+    def _answer_presence(self, s: Session) -> None:
+        """Status and deploy states again, live: what a wildcard subscriber on RabbitMQ never gets retained."""
+        now = time.monotonic()
+        if now - s.presence_at < PRESENCE_MIN_S:
+            return
+        s.presence_at = now
+        self._announce = True
+        self._resend_retained()
+        self.wake()
 
     def _on_disconnect(self, s: Session, client: mqtt.Client, userdata: Any, flags: Any,
                        reason: ReasonCode, properties: Properties | None) -> None:
@@ -141,7 +157,7 @@ class PahoCallbacks:
 
     def _subscriptions(self) -> list[str]:
         # Our own status topic too: see _stale_will.
-        return [*self.topics.command_topics(self.groups), self.topics.status]
+        return [*self.topics.command_topics(self.groups), self.topics.status, self.topics.presence]
 
     def _on_message(self, s: Session, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         s.last_inbound = time.monotonic()
@@ -149,6 +165,9 @@ class PahoCallbacks:
             return  # acknowledged by paho, counted by the guard
         if message.topic == self.topics.status:
             self._stale_will(s, message)
+            return
+        if message.topic == self.topics.presence:
+            self._answer_presence(s)
             return
         watcher = self.routes.watches.get(message.topic)
         if watcher is not None:

@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,13 @@ from agent.errors import BadInput, LeptonError
 from agent.mqtt.tls import client_context
 
 logger = logging.getLogger(__name__)
+
+UNSUPPORTED_PROTOCOL = 0x84
+"""CONNACK reason: Unsupported Protocol Version (3.1.1's return code 1 maps to it too)."""
+
+
+class Unanswered(LeptonError):
+    """The broker ended a connection attempt before any CONNACK (or refused its protocol version)."""
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -108,6 +116,7 @@ class PahoLink:
         self._client = _PromptClient(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol,
                                      reconnect_on_failure=True)
         self._client.reconnect_delay_set(min_delay=1, max_delay=15)
+        self.tls_client_cert = tls.cert_file if tls is not None else None
         if broker.tls:
             tls = tls or TlsOptions()
             self._client.tls_set_context(client_context(tls.ca_file, tls.cert_file, tls.key_file))
@@ -127,6 +136,12 @@ class PahoLink:
         self.max_packet_size: int | None = None
         """The broker's Maximum Packet Size from an MQTT 5 CONNACK, if it sent one."""
         self._refused: str | None = None
+        self.protocol = protocol
+        self.ended_unanswered: str | None = None
+        """Why the first attempt ended before any CONNACK, if it did (the fallback and the error lines use it)."""
+        self._outcome = threading.Event()
+        self._last_socket_error: str | None = None
+        self._client.on_log = self._on_log
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -134,10 +149,13 @@ class PahoLink:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def start(self, timeout: float = 10.0) -> PahoLink:
+    def start(self, timeout: float = 10.0, give_up_unanswered: bool = False) -> PahoLink:
         """Connect and start the network thread; wait for the first connect up to `timeout`. A link already
         started is returned as it is: connecting again would orphan the socket paho's thread is reading,
-        which then reconnects a second later and forgets what was in flight (`with link.start()` did)."""
+        which then reconnects a second later and forgets what was in flight (`with link.start()` did).
+
+        `give_up_unanswered`: when the broker ends the first attempt before any CONNACK (what a 3.1.1-only
+        broker does with an MQTT 5 CONNECT), raise `Unanswered` at once instead of retrying until `timeout`."""
         if self._started:
             return self
         try:
@@ -146,12 +164,38 @@ class PahoLink:
             raise LeptonError(f"broker {self.broker}: cannot connect ({exc})") from None
         self._client.loop_start()
         self._started = True
-        if not self.connected.wait(timeout):
-            self._client.loop_stop()
-            self._started = False
-            why = self._refused or "no answer"
-            raise LeptonError(f"broker {self.broker}: not connected after {timeout:g} s ({why})")
+        deadline = time.monotonic() + timeout
+        if give_up_unanswered and self._outcome.wait(timeout) and not self.connected.is_set():
+            # Ended unanswered, or refused (bad credentials, not authorised): trying on will not change that.
+            self._stop_loop()
+            error = Unanswered if self.ended_unanswered is not None else LeptonError
+            raise error(f"broker {self.broker}: {self._why_not_connected(timeout)}")
+        if not self.connected.wait(max(0.0, deadline - time.monotonic())):
+            self._stop_loop()
+            raise LeptonError(f"broker {self.broker}: {self._why_not_connected(timeout)}")
         return self
+
+    def _stop_loop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._started = False
+
+    def _why_not_connected(self, timeout: float) -> str:
+        if self._refused:
+            return f"refused the connection ({self._refused})"
+        unanswered = self.ended_unanswered
+        hint = "it may require a client certificate (--cert-file and --key-file)"
+        if unanswered is not None and self.broker.tls and "alert" in unanswered:
+            # TLS 1.3 finishes the client's side of the handshake before the broker checks the client's
+            # certificate, so a missing one shows up as an alert on the first read, not as a connect error.
+            return f"the broker closed the TLS handshake ({unanswered}); {hint}"
+        if unanswered is not None:
+            version = "5" if self.protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1"
+            if self.broker.tls and self.tls_client_cert is None:
+                # The alert may be lost when the broker closes at once: a bare close over TLS hints the same.
+                return f"the broker closed the TLS connection without answering our MQTT {version} CONNECT; {hint}"
+            return f"closed the connection without answering our MQTT {version} CONNECT ({unanswered})"
+        return f"no answer within {timeout:g} s"
 
     def close(self) -> None:
         self._client.disconnect()
@@ -164,10 +208,17 @@ class PahoLink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, text: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            self._last_socket_error = text
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
             self._refused = str(reason)
+            if reason.value == UNSUPPORTED_PROTOCOL:
+                self.ended_unanswered = f"the broker does not accept this protocol version ({reason})"
             logger.warning("broker %s refused the connection: %s", self.broker, reason)
+            self._outcome.set()
             return
         if props is not None and getattr(props, "MaximumPacketSize", None):
             self.max_packet_size = int(props.MaximumPacketSize)
@@ -179,9 +230,13 @@ class PahoLink:
             self._send_subscribe(topic_filter, qos)
         self.connects += 1
         self.connected.set()
+        self._outcome.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self.connected.clear()
+        if self.connects == 0 and not self._outcome.is_set():
+            self.ended_unanswered = self._last_socket_error or "closed with no CONNACK"
+            self._outcome.set()
         if reason.is_failure:
             logger.info("broker %s: disconnected (%s); reconnecting", self.broker, reason)
 

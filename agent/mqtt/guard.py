@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 OVERSIZED_TOPIC = "$lepton/oversized"
 """Where a dropped PUBLISH is handed to paho: no broker delivers on `$` topics to a client."""
@@ -142,3 +144,14 @@ class GuardedClient(mqtt.Client):
     def _create_socket(self) -> Any:
         return PacketGuard(super()._create_socket(), self._max_packet_bytes,
                            self.protocol == mqtt.MQTTv5, self._on_oversized)
+
+    def connect_clean(self, host: str, port: int, keepalive: int) -> None:
+        """CONNECT in this client's protocol: with MQTT 5 a clean start, no session kept after it, and our
+        Maximum Packet Size (the broker then drops bigger messages for us)."""
+        if self.protocol != mqtt.MQTTv5:
+            self.connect(host, port, keepalive=keepalive)
+            return
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0
+        props.MaximumPacketSize = self._max_packet_bytes
+        self.connect(host, port, keepalive=keepalive, clean_start=True, properties=props)

@@ -17,6 +17,8 @@ acknowledged is still in the spool, and is sent again from there, in order, as
 - A link that stops answering is noticed within 1.5 x keepalive: a result waiting for its
   PUBACK longer than keepalive, or a probe (an UNSUBSCRIBE of a topic never subscribed,
   sent after keepalive/2 of silence) left unanswered for keepalive, drops the connection.
+- With `protocol = "5"`, a broker that ends an MQTT 5 attempt unanswered or refuses the version is tried
+  again at once with 3.1.1 (a WARNING says why), and keeps 3.1.1 while it answers (session.Protocols).
 - Reconnects back off exponentially from `backoff_min_s` to `backoff_max_s` (with jitter).
   A broker not listening (refused), or one that let an attempt wait out `connect_timeout_s`
   (frozen: that wait is the pause), is retried after 1-1.5 x `backoff_min_s`: back within seconds.
@@ -45,8 +47,6 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.config import MqttSection, parse_broker_url
 from agent.mqtt.callbacks import PahoCallbacks
@@ -55,6 +55,7 @@ from agent.mqtt.routes import MessageCallback, Routes
 from agent.mqtt.session import (
     Backoff,
     LinkStats,
+    Protocols,
     Session,
     Waker,
     closed_before_connack,
@@ -74,6 +75,7 @@ STABLE_S = 10.0
 """A connection that lasted this long resets the backoff; one dropped sooner counts as a failure."""
 OUTBOX_MAX = 1000
 """Replies and status messages waiting for a connection, at most (the oldest go first)."""
+
 
 class Link(PahoCallbacks):
     """The MQTT connection of one device: publishes the spool, status and replies; hears commands."""
@@ -115,6 +117,7 @@ class Link(PahoCallbacks):
         self.heartbeat: Heartbeat | None = None
         """When set, the link thread beats it each time round its loop (systemd watchdog)."""
         self.backoff = Backoff(settings.backoff_min_s, settings.backoff_max_s)
+        self.protocols = Protocols(settings.protocol)
         self._waker = Waker()
         self._outbox: deque[tuple[str, bytes, int, bool]] = deque()
         self._outbox_lock = threading.Lock()
@@ -235,16 +238,18 @@ class Link(PahoCallbacks):
             finally:
                 if session is not None:
                     self._end(session)
+            if session is not None and self.protocols.after(session):
+                continue
             if not failed and session is not None and closed_before_connack(session):
                 # Accepted, then closed with nothing said: a proxy, NAT or load balancer with no broker
                 # behind it. That is "nobody listening" as much as a refusal is: retry soon, not later.
                 refused = True
             timed_out = timed_out or (not failed and not refused and session is not None and went_unanswered(session))
-            up = session is not None and session.connected_at is not None
-            if up and session is not None and session.connected_at is not None:
-                if time.monotonic() - session.connected_at >= STABLE_S:
-                    self.backoff.reset()
-            else:
+            up_since = session.connected_at if session is not None else None
+            up = up_since is not None
+            if up_since is not None and time.monotonic() - up_since >= STABLE_S:
+                self.backoff.reset()
+            elif up_since is None:
                 self.stats.connect_failures += 1
                 self._url_index += 1
             if self._closing.is_set() or self.stop.is_set():
@@ -280,7 +285,8 @@ class Link(PahoCallbacks):
     def _connect(self, url: str) -> Session:
         host, port, tls = parse_broker_url(url)
         self._bdseq = bdseq = self.next_bdseq()
-        v5 = self.settings.protocol == "5"
+        protocol = self.protocols.for_url(url)
+        v5 = protocol == "5"
         client = GuardedClient(
             max_packet_bytes=self.settings.max_packet_bytes,
             on_oversized=self._oversized,
@@ -299,19 +305,11 @@ class Link(PahoCallbacks):
         if self.settings.auth.username:
             client.username_pw_set(self.settings.auth.username, self._password)
         client.will_set(self.topics.status, encode({"state": "offline", "bdseq": bdseq}), qos=1, retain=True)
-        session = Session(client=client, url=url, bdseq=bdseq, started=time.monotonic())
+        session = Session(client=client, url=url, bdseq=bdseq, started=time.monotonic(), protocol=protocol)
         self._bind(session)
-        props = None
-        if v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 0
-            props.MaximumPacketSize = self.settings.max_packet_bytes
-        logger.info("mqtt: connecting to %s as %s (bdseq %d)", url, self.client_id, bdseq)
+        logger.info("mqtt: connecting to %s as %s (MQTT %s, bdseq %d)", url, self.client_id, protocol, bdseq)
         self._session = session
-        if v5:
-            client.connect(host, port, keepalive=self.settings.keepalive_s, clean_start=True, properties=props)
-        else:
-            client.connect(host, port, keepalive=self.settings.keepalive_s)
+        client.connect_clean(host, port, self.settings.keepalive_s)
         sock: Any = client.socket()
         if sock is not None:
             # Small packets go out at once: with Nagle, a SUBSCRIBE written right after a PUBACK waits for the
@@ -362,6 +360,8 @@ class Link(PahoCallbacks):
 
     def _pump(self, s: Session, now: float) -> None:
         client = s.client
+        if now - s.birth_at >= self.settings.heartbeat_s:
+            self._announce = True
         if self._announce and not self._closing.is_set():  # never an `online` after the goodbye
             self._announce = False
             self._publish_birth(s)

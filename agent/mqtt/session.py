@@ -4,6 +4,7 @@ connection knows (`Session`), plus the select() helpers the link thread waits wi
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import select
 import socket
@@ -13,6 +14,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+logger = logging.getLogger("agent.mqtt.link")
 
 @dataclass
 class LinkStats:
@@ -70,6 +72,9 @@ class Backoff:
         return self.last_delay
 
 
+PRESENCE_MIN_S = 1.0
+"""Presence queries closer together than this are answered once (a query storm costs one answer a second)."""
+
 QUICK_CLOSE_S = 2.0
 """A connection the peer closes this soon after accepting it, before any CONNACK, counts as refused."""
 
@@ -93,6 +98,9 @@ class Session:
     url: str
     bdseq: int
     started: float
+    protocol: str = "5"
+    socket_error: str = ""
+    """paho's last error on the socket (e.g. the TLS alert of a broker that wants a client certificate)."""
     connected_at: float | None = None
     refused: bool = False
     lost: bool = False
@@ -116,7 +124,48 @@ class Session:
     command_sub_mid: int | None = None
     """The SUBSCRIBE of the command topics, whose SUBACK sets `Link.subscribed`."""
     watch_mid: int | None = None
+    birth_at: float = 0.0
+    """When the status was last published (the heartbeat publishes it again after `heartbeat_s`)."""
+    presence_at: float = -PRESENCE_MIN_S
+    """When the last presence query was answered."""
 
+
+
+class Protocols:
+    """Which MQTT version each broker URL gets: the configured one, except that with "5" a broker that ends an
+    MQTT 5 attempt unanswered (RabbitMQ before 3.13 closes the connection) or refuses the version gets 3.1.1."""
+
+    def __init__(self, configured: str) -> None:
+        self.configured = configured
+        self._fallen_back: set[str] = set()
+
+    def for_url(self, url: str) -> str:
+        return "3.1.1" if self.configured == "3.1.1" or url in self._fallen_back else "5"
+
+    def after(self, s: Session) -> bool:
+        """Note how attempt `s` ended; True if the next attempt should go at once, to the same URL, in 3.1.1."""
+        if s.connected_at is not None:
+            return False
+        if "alert" in s.socket_error:
+            # TLS 1.3 completes the client's side before the broker checks the client's certificate: a missing or
+            # refused one arrives as an alert on the first read. Not a protocol version matter.
+            logger.warning("mqtt %s: the broker closed the TLS handshake (%s); it may require a client certificate "
+                           "(mqtt.tls.cert_file and key_file)", s.url, s.socket_error)
+            return False
+        unsupported = "nsupported protocol version" in s.reason
+        if not (unsupported or closed_before_connack(s)):
+            return False
+        if s.protocol == "5" and self.configured == "5":
+            self._fallen_back.add(s.url)
+            why = "refused MQTT 5" if unsupported else "closed the connection on our MQTT 5 CONNECT without answering"
+            guess = "a broker that speaks only 3.1.1?"
+            if s.url.startswith("mqtts:") and not unsupported:
+                guess += " Over TLS, also one that wants a client certificate (mqtt.tls.cert_file and key_file)"
+            logger.warning("mqtt %s: the broker %s (%s); trying MQTT 3.1.1 on it", s.url, why, guess)
+            return True
+        # 3.1.1 was not answered either: the version was not the reason (e.g. a proxy with no broker behind it).
+        self._fallen_back.discard(s.url)
+        return False
 
 
 class Waker:
