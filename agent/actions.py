@@ -16,12 +16,28 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent import __version__
-from agent.commands import Bench, Command, CommandError, Configure, Deploy, Handler, Later, Rollback, Start, Stop, Tune
+from agent.commands import (
+    Bench,
+    Capture,
+    Command,
+    CommandError,
+    Configure,
+    Deploy,
+    Handler,
+    Later,
+    Rollback,
+    Samples,
+    Start,
+    Stop,
+    Tune,
+)
 from agent.config import Effective, PipelineSettings
 from agent.config_load import load
 from agent.delivery.service import DeliveryService
 from agent.errors import BadInput, LeptonError
 from agent.pipeline import Pipeline, check_pipelines
+from agent.samples.capturer import CaptureWriter
+from agent.samples.offer import OFFER_MAX_BYTES, offer, retract
 from agent.slot import ModelSlot
 from agent.supervisor import STOP_WAIT_S
 from agent.tune import Tuner, TuneResult
@@ -39,6 +55,9 @@ class Host(Protocol):
     _slots: dict[str, ModelSlot]
     delivery: DeliveryService | None
     tuner: Tuner | None
+    capture: CaptureWriter | None
+    link: Any
+    topics: Any
 
     def _pipeline(self, settings: PipelineSettings) -> Pipeline: ...
 
@@ -58,6 +77,7 @@ class Actions:
     def __init__(self, agent: Host) -> None:
         self.agent = agent
         self._bench_gate = threading.Lock()  # one bench at a time: each takes the cores the pipelines use
+        self._offered: dict[str, int] = {}  # samples published for a pull and not yet acknowledged → bytes
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -73,7 +93,63 @@ class Actions:
             "deploy": self.delivery_command,
             "rollback": self.delivery_command,
             "models": self.delivery_command,
+            "capture": self.capture,
+            "samples": self.samples,
         }
+
+    def capture(self, command: Command) -> dict[str, Any]:
+        """Keep the next items of a pipeline whose capture is enabled (docs/capture.md)."""
+        assert isinstance(command, Capture)
+        (p,) = self._chosen(command.pipeline)
+        if p.capture is None:
+            raise CommandError("unsupported", f"pipeline {p.name}: capture is off in this agent's config "
+                                              f"([pipelines.capture] enabled)")
+        return p.capture.request(command.count, command.duration_s)
+
+    def _publish_raw(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.agent.link.publish(topic, payload, qos=1, retain=retain)
+
+    def samples(self, command: Command) -> dict[str, Any]:
+        """List, delete (the operator acknowledged them) or purge the captured samples."""
+        assert isinstance(command, Samples)
+        writer = self.agent.capture
+        if writer is None:
+            raise CommandError("unsupported", "no pipeline of this agent captures samples")
+        store = writer.store
+        if command.op in ("offer", "delete", "purge") and self.agent.link is None:
+            raise CommandError("unsupported", "this agent has no MQTT link")
+        publish = self._publish_raw
+        base = self.agent.topics.base
+        if command.op == "offer":
+            if not command.ids:
+                raise CommandError("bad_request", "ids: name the samples to offer")
+            again = [sid for sid in command.ids if sid in self._offered]  # a resumed pull: counted once
+            outstanding = sum(size for sid, size in self._offered.items() if sid not in again)
+            if outstanding >= OFFER_MAX_BYTES:
+                raise CommandError("busy", f"{outstanding} bytes offered and not acknowledged; pull them (or purge) "
+                                           f"before offering more")
+            result = offer(store, publish, base, list(command.ids), OFFER_MAX_BYTES - outstanding)
+            self._offered.update((o["id"], o["size"]) for o in result["offered"])
+            return result
+        if command.op in ("delete", "purge"):
+            ids = list(command.ids) if command.op == "delete" else store.ids()
+            for sid in ids:
+                if command.op == "delete" or sid in self._offered:
+                    retract(store, publish, base, sid)
+                self._offered.pop(sid, None)
+            return {"deleted": store.delete(ids), "samples": len(store)}
+        listed: list[dict[str, Any]] = []
+        for sid in store.ids():
+            meta = store.sidecar(sid)
+            if meta is None or (command.pipeline and meta.get("pipeline") != command.pipeline) \
+                    or (command.reason and meta.get("reason") != command.reason) \
+                    or (command.since is not None and float(meta.get("ts", 0)) < command.since):
+                continue
+            listed.append({k: meta.get(k) for k in ("id", "pipeline", "reason", "kind", "ts", "bytes", "sha256",
+                                                     "file", "score")})
+            if len(listed) >= command.limit:
+                break
+        return {"samples": listed, "total": len(store), "bytes": store.size_bytes}
 
     def delivery_command(self, command: Command) -> dict[str, Any]:
         """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""

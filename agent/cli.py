@@ -7,10 +7,11 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from agent import __version__
 from agent.errors import BadInput, LeptonError
+from agent.fleet.samples import add_sample_commands
 from agent.fleet.verbs import add_commands as add_delivery_commands
 
 logger = logging.getLogger("agent")
@@ -34,6 +35,26 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be at least 1")
     return value
+
+
+class _AgentVersion(argparse.Action):
+    """`--version`: the package, and the interpreter that would run models here (LEPTON_BACKEND honoured)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version, the runtime backend and its version, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from agent.runtime import load_backend
+
+        try:
+            backend = load_backend()
+            runtime = f"backend {backend.name} {backend.version}"
+        except BadInput as exc:
+            runtime = str(exc).split(" (", 1)[0]  # without the import errors
+        print(f"{parser.prog} {__version__} ({runtime})")
+        parser.exit()
 
 
 def _runtime_options(p: argparse.ArgumentParser) -> None:
@@ -84,7 +105,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def _agent_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lepton-agent", description="Lepton Edge Agent (device side)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_AgentVersion)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -164,7 +185,8 @@ def _fleet_parser() -> argparse.ArgumentParser:
     p = model.add_parser("compare", help="size, latency, agreement and op profile of variants against a base")
     p.add_argument("models", nargs="+", metavar="MODEL", help="BASE then VARIANT... (.tflite or manifest .json)")
     p.add_argument("--eval", nargs="+", required=True, metavar="INPUT", dest="eval_inputs",
-                   help="evaluation inputs: images, folders, globs, video files")
+                   help="evaluation inputs: images, folders, globs, video files, a pulled samples folder; "
+                        "WAV clips for a wake word BASE")
     p.add_argument("--runs", type=_positive, default=50, help="timed runs per model and thread count (default 50)")
     p.add_argument("--limit", type=_positive, default=1000, help="evaluation items at most (default 1000)")
     p.add_argument("--task", help="run every model as this task instead of its manifest's or the recognised one")
@@ -199,6 +221,10 @@ def _fleet_parser() -> argparse.ArgumentParser:
     add_connection_options(p)
     p.set_defaults(func=_cmd_fleet_cmd)
     add_delivery_commands(sub)
+    add_sample_commands(sub)
+    from agent.fleet.retire import add_retire_command
+
+    add_retire_command(sub)
     return parser
 
 

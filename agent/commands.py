@@ -7,8 +7,7 @@ link); one worker decodes, validates and executes them in order.
 Decoding is strict: at most 64 KiB, UTF-8, JSON without NaN/Infinity, without numbers that
 overflow, without duplicate keys, an object at the top. A bad command gets an error reply
 when its id can be read (a lenient second parse looks for a single top-level `id`);
-otherwise it is dropped and counted. An id already executed is answered from the persisted
-record and not executed again.
+otherwise it is dropped and counted. An id already executed is answered from the persisted record.
 
 Each action registers a pydantic schema (`extra="forbid"`) with `register_action`; the
 daemon supplies the handlers. `deploy`, `rollback` and `models` are answered by the model
@@ -27,7 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.config import Fps, PolicySettings, Threshold, TopicName
 from agent.mqtt import wire
@@ -169,6 +177,40 @@ class Models(Command):
     action: Literal["models"]
 
 
+class Capture(Command):
+    """Keep the next `count` items of a pipeline, or every item for `duration_s` (docs/capture.md)."""
+
+    action: Literal["capture"]
+    pipeline: TopicName
+    count: Annotated[int, Field(ge=1, le=1000)] | None = None
+    duration_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Capture:
+        if (self.count is None) == (self.duration_s is None):
+            raise ValueError("give either count or duration_s")
+        return self
+
+
+SampleId = Annotated[str, Field(pattern=r"^[0-9]{13}-[A-Za-z0-9_.-]{1,64}-[0-9]{1,9}$")]
+"""A sample id as the device's store names it (never a path)."""
+
+
+class Samples(Command):
+    """The captured samples: `list` them (filtered), `offer` some for a pull (agent.samples.offer), `delete`
+    the ones the operator holds (acknowledged), `purge` all."""
+
+    action: Literal["samples"]
+    op: Literal["list", "offer", "delete", "purge"]
+    pipeline: TopicName | None = None
+    reason: Annotated[str, Field(pattern=r"^[a-z_]{1,32}$")] | None = None
+    since: float | None = None
+    """Unix seconds: only samples captured from then on."""
+    limit: Annotated[int, Field(ge=1, le=1000)] = 1000
+    ids: Annotated[tuple[SampleId, ...], Field(max_length=1000)] = ()
+    """For `offer`: the samples to publish; for `delete`: the samples the operator has pulled and verified."""
+
+
 ACTIONS: dict[str, type[Command]] = {}
 
 
@@ -179,7 +221,7 @@ def register_action(schema: type[Command]) -> type[Command]:
     return schema
 
 
-for _schema in (Ping, Status, Start, Stop, Configure, Reload, Bench, Tune, Deploy, Rollback, Models):
+for _schema in (Ping, Status, Start, Stop, Configure, Reload, Bench, Tune, Deploy, Rollback, Models, Capture, Samples):
     register_action(_schema)
 
 

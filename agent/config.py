@@ -160,6 +160,36 @@ class PolicySettings(_Strict):
     snapshot: SnapshotSettings = Field(default_factory=SnapshotSettings)
 
 
+class SampleCaptureSettings(_Strict):
+    """Keeping the items that matter for the next model (docs/capture.md). Off unless enabled: frames are
+    stored as JPEG at the source's resolution, audio as WAV clips, each with a JSON sidecar, under
+    `<state_dir>/samples`, until the operator pulls them or the profile's `capture_cap_bytes` pushes
+    the oldest out."""
+
+    enabled: bool = False
+    """Nothing is captured unless this is true."""
+    band: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] | None = None
+    """`[low, high]`: keep an item whose top score lies inside (the model was unsure); none: no band."""
+    random_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Fraction of items kept at random as a baseline (0.001: one in a thousand)."""
+    shadow_disagreement: bool = True
+    """Keep an item on which a shadow trial's candidate model (`deploy --shadow`) disagrees with the active one."""
+    max_per_minute: Annotated[float, Field(gt=0, le=6000)] = 60.0
+    """Samples this pipeline keeps per minute at most; the surplus is counted as `limited`."""
+    pre_roll_s: Annotated[float, Field(ge=0, le=10)] = 1.5
+    """Audio before the moment that triggered a clip (so a wake word ends inside it)."""
+    post_roll_s: Annotated[float, Field(ge=0, le=10)] = 0.5
+    """Audio after that moment."""
+
+    @model_validator(mode="after")
+    def _band(self) -> SampleCaptureSettings:
+        if self.band is not None and self.band[0] > self.band[1]:
+            raise ValueError("band: low is above high")
+        if self.pre_roll_s + self.post_roll_s <= 0:
+            raise ValueError("pre_roll_s + post_roll_s must be above 0")
+        return self
+
+
 class PipelineSettings(_Strict):
     """One loop: a source feeding a model whose results pass the policy and go out over MQTT."""
 
@@ -182,6 +212,7 @@ class PipelineSettings(_Strict):
     enabled: bool = True
     """Start with the agent (a disabled pipeline can be started by command)."""
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    capture: SampleCaptureSettings = Field(default_factory=SampleCaptureSettings)
     latency_budget_ms: Annotated[float, Field(gt=0)] | None = None
     """p95 latency per item the model may take on this device; with manifest `variants`, the device
     runs the cheapest one meeting it (agent.tune); default: the profile's."""
@@ -280,6 +311,7 @@ class ProfileOverrides(_Strict):
     thermal_soft_c: Annotated[float, Field(ge=30, le=120)] | None = None
     thermal_hard_c: Annotated[float, Field(ge=30, le=125)] | None = None
     spool_cap_bytes: Annotated[int, Field(ge=64 * 1024)] | None = None
+    capture_cap_bytes: Annotated[int, Field(ge=64 * 1024)] | None = None
     selftest_latency_ms: Annotated[float, Field(gt=0)] | None = None
     cpu_budget_percent: Annotated[float, Field(gt=0, le=100)] | None = None
     latency_budget_ms: Annotated[float, Field(gt=0)] | None = None

@@ -23,6 +23,7 @@ from agent import __version__
 from agent.actions import Actions
 from agent.agent_state import AgentState
 from agent.commands import (
+    Command,
     CommandBus,
     Handler,
 )
@@ -41,6 +42,8 @@ from agent.mqtt.tls import read_password, tls_context
 from agent.mqtt.topics import Topics
 from agent.pipeline import Pipeline, check_pipelines
 from agent.runtime import Backend, load_backend
+from agent.samples.capturer import CaptureWriter
+from agent.samples.sample_store import SampleStore
 from agent.sdnotify import Notifier, Watchdog, watchdog_interval
 from agent.slot import ModelSlot
 from agent.sources.network import network_source
@@ -109,6 +112,8 @@ class Agent:
         self.monitor: Monitor | None = None
         self.discovery: Discovery | None = None
         self.prometheus: PrometheusEndpoint | None = None
+        self.capture: CaptureWriter | None = None
+        """Sample capture's writer and store, made when a pipeline enables `[pipelines.capture]`."""
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -208,7 +213,8 @@ class Agent:
         slot = self._slots.get(settings.name)
         p = Pipeline(settings, profile=self.eff.profile, supervisor=self.eff.config.supervisor,
                      backend=self.backend_name, sink=self._spool_result, stop=self.stop,
-                     ring_size=self.eff.config.telemetry.ring_size, slot=slot)
+                     ring_size=self.eff.config.telemetry.ring_size, slot=slot,
+                     capture=self._capture_writer() if settings.capture.enabled else None)
         self._slots[settings.name] = p.slot
         p.on_state = self._announce
         p.watchdog = self.watchdog
@@ -217,6 +223,13 @@ class Agent:
             with contextlib.suppress(BadInput):  # reported when the loop starts
                 p.slot.spec = p.slot.configured_spec()  # for status, before the model loads
         return p
+
+    def _capture_writer(self) -> CaptureWriter:
+        if self.capture is None:
+            store = SampleStore(self.eff.config.agent.state_dir / "samples", self.eff.profile.capture_cap_bytes)
+            self.capture = CaptureWriter(store, self.eff.device_id, self.stop)
+            self.capture.start()
+        return self.capture
 
     def _delivered(self, configured: ModelSpec) -> ModelSpec | None:
         from agent.ota import delivered_spec
@@ -304,6 +317,8 @@ class Agent:
         for p in pipelines:
             if not p.join(max(0.0, min(2.0, deadline - time.monotonic() - 1.5))):
                 logger.warning("pipeline %s did not stop in time", p.name)
+        if self.capture is not None:
+            self.capture.drain(max(0.0, min(1.0, deadline - time.monotonic() - 2.0)))  # what the loops kept
         if self.commands is not None:
             self.commands.close(0.3)
         if self.delivery is not None:
@@ -362,14 +377,32 @@ class Agent:
             governor=None if self.governor is None else self.governor.state(),
             tune=None if self.tuner is None else self.tuner.state(),
         )
+        if self.capture is not None:
+            out["capture"] = self.capture_status()
         return out
+
+    def capture_status(self) -> dict[str, Any]:
+        assert self.capture is not None
+        store = self.capture.store
+        with self._lock:
+            per = {n: p.capture.stats.as_dict() for n, p in self.pipelines.items() if p.capture is not None}
+        return {"samples": len(store), "bytes": store.size_bytes, "cap_bytes": store.cap_bytes,
+                **store.stats.as_dict(), "errors": self.capture.errors, "pipelines": per}
 
     def _reply(self, reply: dict[str, Any]) -> None:
         if self.link is not None:
             self.link.send(self.topics.reply, reply)
 
     def _handlers(self) -> dict[str, Handler]:
-        return self.actions.handlers()
+        return {**self.actions.handlers(), "retire": self._cmd_retire}
+
+    def _cmd_retire(self, command: Command) -> dict[str, Any]:
+        """Home Assistant's side of the device: empty every discovery config (agent.homeassistant.retire)."""
+        from agent.homeassistant import retire
+
+        assert self.link is not None
+        return retire(self.discovery, self.link, self.eff.config.homeassistant.discovery_prefix, self.eff.device_id,
+                      [p.name for p in self._pipeline_list()])
 
     def _announce(self) -> None:
         if self.link is not None:

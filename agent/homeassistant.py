@@ -8,31 +8,39 @@ result (the top class, the detected labels, or the wake word) from
 `lepton/<dev>/results/<pipeline>`. Availability follows the retained status topic
 (`online` only while the agent's birth stands; the will and `stopped` make it unavailable).
 
-Configs are sent unretained — a device taken out of the fleet leaves no ghost behind —
-so they are sent again on every (re)connect and whenever Home Assistant announces itself
-with `online` on `<discovery_prefix>/status`. A pipeline removed by a reload has its
-sensors removed (an empty config).
+Configs are sent unretained, so they are sent again on every (re)connect and whenever Home
+Assistant announces itself with `online` on `<discovery_prefix>/status`. A pipeline removed
+by a reload has its sensors removed (an empty config). Home Assistant keeps a discovered
+device in its registry (its entities `unavailable`) until it gets an empty config for each
+of them: `retire` (the agent command, or `lepton-fleet retire` for a device that is gone)
+sends those.
+
+Ids go through `agent.names.encode_name`, so distinct device and pipeline names never share
+an id (`cam.a` and `cam_a` used to become one). `unique_id` is `<node>/<object>`: the
+encoded names hold `_`, so joining them with `_` would not be unambiguous.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from agent import __version__
+from agent.commands import Command, register_action
 from agent.config import HomeAssistantSection
 from agent.mqtt.link import Link
 from agent.mqtt.topics import Topics
+from agent.names import encode_name
 from agent.telemetry import read_temperature
 
 logger = logging.getLogger(__name__)
 
-AVAILABILITY_TEMPLATE = "{{ 'online' if value_json.state == 'online' else 'offline' }}"
+# `value_json is defined`: an emptied (retired) retained status is not JSON, and must read as offline quietly.
+AVAILABILITY_TEMPLATE = "{{ 'online' if value_json is defined and value_json.state == 'online' else 'offline' }}"
 LAST_RESULT_TEMPLATE = (
     "{% if value_json.classes is defined %}"
     "{{ value_json.classes[0].label if value_json.classes else 'nothing' }}"
@@ -43,9 +51,35 @@ LAST_RESULT_TEMPLATE = (
 )
 
 
+@register_action
+class Retire(Command):
+    """`retire`: empty every discovery config of this device (docs/telemetry.md); the reply lists them."""
+
+    action: Literal["retire"]
+
+
+TELEMETRY_OBJECTS = ("cpu", "agent_cpu", "memory", "temperature", "governor_level")
+PIPELINE_OBJECTS = ("fps", "latency", "last_result", "camera")
+"""Per pipeline `<encoded name>_<suffix>`; no telemetry object ends in one of these, so ids never clash."""
+
+
 def node_id(device: str) -> str:
-    """The discovery node id: Home Assistant takes [a-zA-Z0-9_-] only."""
-    return "lepton_" + re.sub(r"[^A-Za-z0-9_-]", "_", device)
+    """The discovery node id: Home Assistant takes [a-zA-Z0-9_-] only; distinct devices, distinct ids."""
+    return "lepton_" + encode_name(device)
+
+
+def pipeline_object(pipeline: str, suffix: str) -> str:
+    return f"{encode_name(pipeline)}_{suffix}"
+
+
+def config_topic(prefix: str, device: str, object_id: str) -> str:
+    return f"{prefix}/sensor/{node_id(device)}/{object_id}/config"
+
+
+def every_config_topic(prefix: str, device: str, pipelines: Iterable[str]) -> list[str]:
+    """The config topics of every sensor the device can have with these pipelines (what retiring empties)."""
+    objects = [*TELEMETRY_OBJECTS, *(pipeline_object(p, s) for p in pipelines for s in PIPELINE_OBJECTS)]
+    return [config_topic(prefix, device, o) for o in objects]
 
 
 class Discovery:
@@ -67,6 +101,8 @@ class Discovery:
         self.root = root
         self.node = node_id(device)
         self.sent = 0
+        self.retired = False
+        """Set by `retire()`: nothing is announced again until the agent restarts."""
         self._announced: set[str] = set()
         self._has_temperature = False  # sticky: a zone that fails one read must not remove the sensor
         self._lock = threading.Lock()  # the link thread (connects, HA online) and the monitor (refresh) send
@@ -86,12 +122,12 @@ class Discovery:
             self.send()
 
     def config_topic(self, object_id: str) -> str:
-        return f"{self.settings.discovery_prefix}/sensor/{self.node}/{object_id}/config"
+        return config_topic(self.settings.discovery_prefix, self.device, object_id)
 
     def _base(self, object_id: str, name: str, state_topic: str, template: str) -> dict[str, Any]:
         return {
             "name": name,
-            "unique_id": f"{self.node}_{object_id}",
+            "unique_id": f"{self.node}/{object_id}",
             "state_topic": state_topic,
             "value_template": template,
             "availability": [{"topic": self.topics.status, "value_template": AVAILABILITY_TEMPLATE}],
@@ -140,28 +176,30 @@ class Discovery:
                                                     "{{ value_json.governor.level }}", "steps", icon="mdi:speedometer"))
         cameras = set(self.cameras()) if self.telemetry else set()
         for pipeline in self.pipelines():
-            key = re.sub(r"[^A-Za-z0-9_-]", "_", pipeline)
+            fps, latency, last, camera_id = (pipeline_object(pipeline, s) for s in PIPELINE_OBJECTS)
             ref = f"value_json.pipelines[{json.dumps(pipeline)}]"
             if self.telemetry:
-                add(f"{key}_fps", self._measurement(f"{key}_fps", f"{pipeline} fps", "{{ " + ref + ".fps }}", "fps",
-                                                    icon="mdi:camera-timer"))
-                add(f"{key}_latency", self._measurement(f"{key}_latency", f"{pipeline} latency",
-                                                        "{{ " + ref + ".latency_ms.p50 }}", "ms",
-                                                        device_class="duration"))
+                add(fps, self._measurement(fps, f"{pipeline} fps", "{{ " + ref + ".fps }}", "fps",
+                                           icon="mdi:camera-timer"))
+                # p50 is null until the pipeline has an item: Jinja renders it `None`, which Home
+                # Assistant's numeric MQTT sensor takes as unknown (not 0 ms).
+                add(latency, self._measurement(latency, f"{pipeline} latency", "{{ " + ref + ".latency_ms.p50 }}",
+                                               "ms", device_class="duration"))
             if pipeline in cameras:
-                camera = self._base(f"{key}_camera", f"{pipeline} camera", self.topics.telemetry,
+                camera = self._base(camera_id, f"{pipeline} camera", self.topics.telemetry,
                                     "{{ " + ref + ".source.state if " + ref + ".source else 'stopped' }}")
                 camera.update(icon="mdi:cctv", expire_after=max(60, round(3 * self.telemetry_interval_s)))
-                add(f"{key}_camera", camera)
-            result = self._base(f"{key}_last_result", f"{pipeline} last result", self.topics.results(pipeline),
-                                LAST_RESULT_TEMPLATE)
+                add(camera_id, camera)
+            result = self._base(last, f"{pipeline} last result", self.topics.results(pipeline), LAST_RESULT_TEMPLATE)
             result["icon"] = "mdi:eye"
-            add(f"{key}_last_result", result)
+            add(last, result)
         return out
 
     def send(self) -> None:
         """Send every config (and empty ones for sensors that are gone)."""
         with self._lock:
+            if self.retired:
+                return
             configs = self.configs()
             for topic in sorted(self._announced - configs.keys()):
                 self.link.send_raw(topic, b"")
@@ -174,6 +212,33 @@ class Discovery:
     def refresh(self) -> None:
         """Send again if the sensors changed (a pipeline added or removed)."""
         with self._lock:
-            changed = set(self.configs()) != self._announced
+            changed = not self.retired and set(self.configs()) != self._announced
         if changed:
             self.send()
+
+    def retire(self) -> list[str]:
+        """Remove the device from Home Assistant: an empty config for every sensor it has or had.
+
+        Announcing stops until the agent restarts (a restart with `[homeassistant] enabled`
+        announces the device again). Returns the config topics emptied.
+        """
+        with self._lock:
+            self.retired = True
+            topics = sorted(self._announced | set(every_config_topic(
+                self.settings.discovery_prefix, self.device, self.pipelines())))
+            for topic in topics:
+                self.link.send_raw(topic, b"")
+            self._announced = set()
+        logger.warning("home assistant: device retired (%d sensor configs emptied)", len(topics))
+        return topics
+
+
+def retire(discovery: Discovery | None, link: Link, prefix: str, device: str, pipelines: list[str]) -> dict[str, Any]:
+    """The `retire` command: also with discovery off now, since an earlier run may have announced the device."""
+    if discovery is not None:
+        topics = discovery.retire()
+    else:
+        topics = every_config_topic(prefix, device, pipelines)
+        for topic in topics:
+            link.send_raw(topic, b"")
+    return {"configs_emptied": topics, "announcing": False}

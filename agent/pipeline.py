@@ -36,6 +36,7 @@ from agent.mqtt.topics import SCHEMA_VERSION
 from agent.policy import ResultPolicy, snapshot_encoder
 from agent.profiles import Profile
 from agent.runtime import Model
+from agent.samples.capturer import CaptureWriter, PipelineCapture
 from agent.sdnotify import Watchdog
 from agent.slot import ItemObserver, LoopHealth, ModelSlot, build_runner
 from agent.sources.base import Item, Source, open_source
@@ -74,7 +75,7 @@ class Pipeline:
 
     def __init__(self, settings: PipelineSettings, *, profile: Profile, supervisor: SupervisorSection,
                  backend: str | None, sink: Sink, stop: threading.Event, ring_size: int = 512,
-                 slot: ModelSlot | None = None) -> None:
+                 slot: ModelSlot | None = None, capture: CaptureWriter | None = None) -> None:
         self.settings = settings
         self.name = settings.name
         self.profile = profile
@@ -96,6 +97,10 @@ class Pipeline:
         with contextlib.suppress(BadInput):  # reported when the loop starts
             self.source_kind = open_source(settings.source, dict(settings.source_options)).kind
         self.rings = StageRings(ring_size)
+        self.capture: PipelineCapture | None = None
+        """Sample capture (`[pipelines.capture]`), None unless enabled."""
+        if settings.capture.enabled and capture is not None:
+            self.capture = PipelineCapture(self.name, settings.capture, capture, audio=self.source_kind == "audio")
         self.governed_fps: float | None = None
         """The governor's fps cap (None: not capped)."""
         self._paused = threading.Event()
@@ -246,6 +251,8 @@ class Pipeline:
     # -- the thread ----------------------------------------------------------------------------
 
     def _close_source(self) -> None:
+        if self.capture is not None:
+            self.capture.flush()  # a clip still waiting for its post-roll keeps what the source gave
         source, self._source = self._source, None
         if source is not None:
             self._dropped_before += source.stats.dropped
@@ -365,8 +372,15 @@ class Pipeline:
         if slot.sample_wanted.is_set():
             slot.take_sample(item.data)
         observer = slot.observer
+        disagreed = False
         if observer is not None:
+            # A shadow trial counts items and agreements; an observer that does not cannot disagree.
+            seen, agreed = getattr(observer, "items", 0), getattr(observer, "agreed", 0)
             observer.observe(item.data, results, pre + invoke + post)
+            disagreed = getattr(observer, "items", 0) > seen and getattr(observer, "agreed", 0) == agreed
+        capture = self.capture
+        if capture is not None:
+            capture.observe(item, results, runner, self._model_ref, disagreed)
         if slot.pacing:
             slot.item_done.set()
         policy = self.policy

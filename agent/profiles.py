@@ -7,16 +7,15 @@ from the CPU architecture, or named by the config's `agent.profile`. A profile w
 board rules match beats one that matches on the architecture alone; `detect()` says
 which rule decided, so `lepton-agent profile` can tell the operator why.
 
-Where the files are: `LEPTON_PROFILES_DIR`, else the source checkout's
-`firmware_profiles/`, else `<prefix>/share/firmware_profiles` beside the venv that runs
-us (where scripts/install.sh puts them for a non-editable install).
+Where the files are: `LEPTON_PROFILES_DIR`, else `agent/firmware_profiles/` inside the
+installed package (setup.py copies them into the wheel), else the source checkout's
+top-level `firmware_profiles/` (an editable install, or PYTHONPATH on a checkout).
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,14 @@ from agent.errors import BadInput
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "firmware_profiles"
 """Where the profile files live in a source checkout; `LEPTON_PROFILES_DIR` overrides."""
 
+PACKAGED_DIR = Path(__file__).resolve().parent / "firmware_profiles"
+"""Where they live in an installed wheel (copied there at build time, see setup.py)."""
+
 FALLBACK_PROFILE = "generic-arm64"
 """The most frugal generic class, for an architecture no profile names."""
+
+ARCH_FALLBACKS = {"x86_64": "generic-x86_64", "amd64": "generic-x86_64"}
+"""Generic classes named before any profile file is read, so even a missing folder names the right one."""
 
 
 class Match(BaseModel):
@@ -75,6 +80,8 @@ class Profile(BaseModel):
     """SoC temperature at which the governor pauses the vision loops."""
     spool_cap_bytes: Annotated[int, Field(ge=64 * 1024)]
     """Payload bytes the store-and-forward spool may hold; the oldest results go first beyond it."""
+    capture_cap_bytes: Annotated[int, Field(ge=64 * 1024)] = 32 * 1024 * 1024
+    """Bytes the captured samples (`[pipelines.capture]`) may hold; the oldest go first beyond it."""
     selftest_latency_ms: Annotated[float, Field(gt=0)]
     """A new model's single inference must finish within this in its self-test."""
     cpu_budget_percent: Annotated[float, Field(gt=0, le=100)] = 60.0
@@ -109,11 +116,7 @@ def profiles_dir() -> Path:
     env = os.environ.get("LEPTON_PROFILES_DIR")
     if env:
         return Path(env)
-    if PROFILES_DIR.is_dir():
-        return PROFILES_DIR
-    # A venv at <prefix>/venv installed by scripts/install.sh: <prefix>/share/firmware_profiles.
-    installed = Path(sys.prefix).parent / "share" / "firmware_profiles"
-    return installed if installed.is_dir() else PROFILES_DIR
+    return PACKAGED_DIR if PACKAGED_DIR.is_dir() else PROFILES_DIR
 
 
 def available_profiles(folder: Path | None = None) -> list[str]:
@@ -203,6 +206,9 @@ def detect(root: Path = Path("/"), machine: str | None = None, folder: Path | No
     if best is not None:
         return Detection(best[1], best[2], evidence)
     what = f"board {board!r}, architecture {arch!r}" if board else f"architecture {arch!r}"
+    if arch in ARCH_FALLBACKS:
+        return Detection(ARCH_FALLBACKS[arch], f"no profile matches ({what}); using the generic one for "
+                         f"{arch}", evidence)
     return Detection(FALLBACK_PROFILE, f"no profile matches ({what}); using the most frugal generic one",
                      evidence)
 

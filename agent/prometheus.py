@@ -3,7 +3,9 @@
 `prometheus-client` is imported only when the endpoint is enabled. A scrape reads the
 monitor's latest telemetry payload (refreshed every telemetry interval) through a custom
 collector, so a scrape costs no sampling and the figures are the ones MQTT carries.
-Units follow Prometheus' conventions: seconds and bytes; counters end in `_total`.
+Units follow Prometheus' conventions: seconds, whole bytes, 0-1 ratios instead of percent;
+counters end in `_total`; a figure with no value (no thermal zone, no latency sample yet) has
+no sample rather than a 0.
 """
 
 from __future__ import annotations
@@ -13,33 +15,51 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from agent import __version__
 from agent.errors import BadInput
 
 logger = logging.getLogger(__name__)
 
 Latest = Callable[[], dict[str, Any] | None]
 
-_QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
+_PERCENTILES = {"p50": "50", "p95": "95", "p99": "99"}
+
+
+def _ratio(percent: Any) -> float | None:
+    """A 0-100 figure as Prometheus' 0-1 ratio, without float noise (0.5 %: 0.005, not 0.005000000000000001)."""
+    return round(percent / 100.0, 6) if _number(percent) else None
+
+
+def _bytes(mib: Any) -> int | None:
+    # The payload carries MiB to 0.1; Prometheus counts whole bytes.
+    return round(mib * 2**20) if _number(mib) else None
+
+
+def _seconds(ms: Any) -> float | None:
+    # Milliseconds come rounded to 3 decimals, so 6 decimals of seconds keep every digit and drop the noise.
+    return round(ms / 1000.0, 6) if _number(ms) else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _families(payload: dict[str, Any], device: str) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    yield from _gauge(GaugeMetricFamily, "lepton_cpu_percent", "Machine CPU use, percent", device,
-                      payload.get("cpu_percent"))
-    yield from _gauge(GaugeMetricFamily, "lepton_agent_cpu_percent", "The agent's share of all cores, percent",
-                      device, payload.get("agent_cpu_percent"))
+    yield from _gauge(GaugeMetricFamily, "lepton_cpu_usage_ratio", "Machine CPU use (0-1)", device,
+                      _ratio(payload.get("cpu_percent")))
+    yield from _gauge(GaugeMetricFamily, "lepton_agent_cpu_usage_ratio",
+                      "The agent's share of all cores (0-1)", device, _ratio(payload.get("agent_cpu_percent")))
     yield from _gauge(GaugeMetricFamily, "lepton_load1", "1-minute load average", device, payload.get("load1"))
-    yield from _gauge(GaugeMetricFamily, "lepton_memory_used_percent", "Machine memory in use, percent", device,
-                      payload.get("mem_percent"))
-    rss = payload.get("rss_mb")
+    yield from _gauge(GaugeMetricFamily, "lepton_memory_used_ratio", "Machine memory in use (0-1)", device,
+                      _ratio(payload.get("mem_percent")))
     yield from _gauge(GaugeMetricFamily, "lepton_agent_resident_bytes", "The agent's resident memory", device,
-                      None if rss is None else rss * 2**20)
+                      _bytes(payload.get("rss_mb")))
     yield from _gauge(GaugeMetricFamily, "lepton_temperature_celsius", "SoC temperature", device,
                       payload.get("temp_c"))
-    disk = payload.get("disk_free_mb")
     yield from _gauge(GaugeMetricFamily, "lepton_disk_free_bytes", "Free space where the agent keeps its state",
-                      device, None if disk is None else disk * 2**20)
+                      device, _bytes(payload.get("disk_free_mb")))
     yield from _gauge(GaugeMetricFamily, "lepton_agent_uptime_seconds", "Seconds since the agent started", device,
                       payload.get("uptime_s"))
     throttled = payload.get("throttled")
@@ -64,36 +84,50 @@ def _families(payload: dict[str, Any], device: str) -> Iterator[Any]:
     yield dropped
 
     pipelines: dict[str, Any] = payload.get("pipelines") or {}
-    fps = GaugeMetricFamily("lepton_pipeline_fps", "Items processed per second", labels=["device", "pipeline"])
-    cap = GaugeMetricFamily("lepton_pipeline_max_fps", "The fps limit in force (governed)",
-                            labels=["device", "pipeline"])
-    frames = CounterMetricFamily("lepton_pipeline_frames", "Items processed", labels=["device", "pipeline"])
+    labels = ["device", "pipeline"]
+    rate = GaugeMetricFamily("lepton_pipeline_items_per_second", "Items processed per second, smoothed",
+                             labels=labels)
+    cap = GaugeMetricFamily("lepton_pipeline_max_items_per_second", "The item rate limit in force (governed)",
+                            labels=labels)
+    frames = CounterMetricFamily("lepton_pipeline_frames", "Items processed", labels=labels)
     drops = CounterMetricFamily("lepton_pipeline_dropped", "Items not processed (fps limit, stale frames)",
-                                labels=["device", "pipeline"])
-    latency = GaugeMetricFamily("lepton_pipeline_latency_seconds", "Per-item latency over the recent window",
-                                labels=["device", "pipeline", "stage", "quantile"])
+                                labels=labels)
+    # A gauge per percentile, not a summary: the rings give a window's percentiles but no _sum/_count.
+    # Its label is `percentile`, since Prometheus reserves `quantile` for summaries (promtool refuses it here).
+    latency = GaugeMetricFamily("lepton_pipeline_latency_seconds", "Per-item latency percentile over the recent "
+                                "window (absent until the pipeline has processed an item)",
+                                labels=["device", "pipeline", "stage", "percentile"])
     up = GaugeMetricFamily("lepton_source_connected", "1 while the camera or stream is open, 0 while it is being "
-                           "(re)connected or refused", labels=["device", "pipeline"])
-    reopens = CounterMetricFamily("lepton_source_reopens", "Attempts to reopen the camera or stream",
-                                  labels=["device", "pipeline"])
+                           "(re)connected or refused", labels=labels)
+    reopens = CounterMetricFamily("lepton_source_reopens", "Attempts to reopen the camera or stream", labels=labels)
     for name, p in pipelines.items():
         source = p.get("source")
         if source:  # live sources only (cameras, streams)
             up.add_metric([device, name], 1.0 if source.get("state") == "connected" else 0.0)
             reopens.add_metric([device, name], float(source.get("reopens", 0)))
-        fps.add_metric([device, name], float(p.get("fps", 0.0)))
+        rate.add_metric([device, name], float(p.get("fps", 0.0)))
         cap.add_metric([device, name], float(p.get("max_fps", 0.0)))
         frames.add_metric([device, name], float(p.get("frames", 0)))
         drops.add_metric([device, name], float(p.get("dropped", 0)))
         for stage, key in (("total", "latency_ms"), ("pre", "pre_ms"), ("invoke", "invoke_ms"), ("post", "post_ms")):
             for q, value in (p.get(key) or {}).items():
-                if q in _QUANTILES:
-                    latency.add_metric([device, name, stage, _QUANTILES[q]], float(value) / 1000.0)
-    yield from (fps, cap, frames, drops, latency, up, reopens)
+                seconds = _seconds(value)
+                if q in _PERCENTILES and seconds is not None:  # no sample yet: no series, not 0 s
+                    latency.add_metric([device, name, stage, _PERCENTILES[q]], seconds)
+    yield from (rate, cap, frames, drops, latency, up, reopens)
+
+
+def _info(device: str) -> Any:
+    from prometheus_client.core import GaugeMetricFamily
+
+    fam = GaugeMetricFamily("lepton_agent_info", "The agent serving these figures (always 1)",
+                            labels=["device", "version"])
+    fam.add_metric([device, __version__], 1.0)
+    return fam
 
 
 def _gauge(cls: Any, name: str, doc: str, device: str, value: Any) -> Iterator[Any]:
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if _number(value):
         fam = cls(name, doc, labels=["device"])
         fam.add_metric([device], float(value))
         yield fam
@@ -117,6 +151,9 @@ class PrometheusEndpoint:
 
         class Collector:
             def collect(self) -> Iterator[Any]:
+                # Before the first telemetry payload (~2 s after start) only the info series: a scrape
+                # then is not an empty body, and absent figures are absent, not zeros.
+                yield _info(endpoint.device)
                 payload = endpoint.latest()
                 if payload is not None:
                     yield from _families(payload, endpoint.device)

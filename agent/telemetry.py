@@ -102,11 +102,12 @@ class LatencyRing:
             self._next = (self._next + 1) % self._values.size
             self._count = min(self._count + 1, self._values.size)
 
-    def percentiles(self, *ps: int) -> dict[str, float]:
+    def percentiles(self, *ps: int) -> dict[str, float | None]:
+        """`{"p50": …}` in ms; None with no sample yet ("no value", not 0 ms: issue 18)."""
         with self._lock:
             window = self._values[: self._count].copy()
         if window.size == 0:
-            return {f"p{p}": 0.0 for p in ps}
+            return {f"p{p}": None for p in ps}
         values = np.percentile(window, ps)
         return {f"p{p}": round(float(v), 3) for p, v in zip(ps, values, strict=True)}
 
@@ -148,15 +149,16 @@ class StageRings:
     def __len__(self) -> int:
         return self._count
 
-    def summary(self) -> dict[str, dict[str, float]]:
+    def summary(self) -> dict[str, dict[str, float | None]]:
         """`latency_ms` {p50, p95, p99} of the whole item, `pre_ms`, `invoke_ms`, `post_ms` {p50, p95}."""
         with self._lock:
             window = self._values[: self._count].copy()
         ps = (50, 95, 99)
-        table = np.percentile(window, ps, axis=0) if window.shape[0] else np.zeros((len(ps), 4))
+        table = np.percentile(window, ps, axis=0) if window.shape[0] else None
 
-        def column(c: int, upto: int) -> dict[str, float]:
-            return {f"p{p}": round(float(table[k, c]), 3) for k, p in enumerate(ps[:upto])}
+        def column(c: int, upto: int) -> dict[str, float | None]:
+            # No sample yet: None, "no value", not 0 ms (issue 18).
+            return {f"p{p}": None if table is None else round(float(table[k, c]), 3) for k, p in enumerate(ps[:upto])}
 
         return {"latency_ms": column(3, 3), "pre_ms": column(0, 2), "invoke_ms": column(1, 2), "post_ms": column(2, 2)}
 

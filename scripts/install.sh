@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Install the Lepton Edge Agent on Raspberry Pi OS (Bookworm and later) or Debian. Idempotent.
 #
-#   sudo scripts/install.sh                       # /opt/lepton, /etc/lepton, systemd unit enabled and started
+#   sudo scripts/install.sh [--wheel dist/lepton_agent-*.whl]   # /opt/lepton, /etc/lepton, the unit started
 #   scripts/install.sh --prefix DIR --confdir DIR --no-systemd     # e.g. CI, into a temp dir
-#   sudo scripts/install.sh --uninstall [--purge]  # remove what it added; --purge also config and state
+#   sudo scripts/install.sh --uninstall [--purge]  # remove what it added; --purge also config, state and user
 #   scripts/install.sh --prefix DIR --print-unit   # print the systemd unit as it would be installed, and exit
 #
-# Options: --prefix DIR (default /opt/lepton), --confdir DIR (default /etc/lepton), --statedir DIR
+# What runs on the device is a wheel, as tested: --wheel FILE (CI passes the one it tested), else one built
+# from this checkout first. A fresh install ends with the agent running, announcing itself and waiting for
+# its first deployment (the config written is docs/agent.device.toml: no pipelines, no trusted key).
+# Options: --wheel FILE, --prefix DIR (default /opt/lepton), --confdir DIR (default /etc/lepton), --statedir DIR
 # (default /var/lib/lepton: what --purge removes; systemd's StateDirectory= makes it),
-# --backend auto|litert|tflite (default auto: ai-edge-litert where a wheel exists, else tflite-runtime),
-# --no-systemd (no user, no unit), --no-apt (skip apt-get), --uninstall, --purge, --print-unit.
+# --backend auto|litert|tflite (default auto: the wheel's own runtime, ai-edge-litert where it ships; where it
+# does not, tflite-runtime; tflite: tflite-runtime beside it, chosen by LEPTON_BACKEND in a unit drop-in),
+# --no-systemd (no user, no unit), --no-apt (skip apt-get), --uninstall, --purge (with --uninstall), --print-unit.
 set -euo pipefail
 
 PREFIX=/opt/lepton
@@ -21,6 +25,7 @@ APT=1
 UNINSTALL=0
 PURGE=0
 PRINT_UNIT=0
+WHEEL=
 UNIT_DIR=/etc/systemd/system
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -28,6 +33,7 @@ die() { echo "install.sh: $*" >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
+    --wheel) [ $# -ge 2 ] || die "--wheel needs a .whl file"; WHEEL=$2; shift 2 ;;
     --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; PREFIX=$2; shift 2 ;;
     --confdir) [ $# -ge 2 ] || die "--confdir needs a directory"; CONFDIR=$2; shift 2 ;;
     --statedir) [ $# -ge 2 ] || die "--statedir needs a directory"; STATEDIR=$2; shift 2 ;;
@@ -37,23 +43,26 @@ while [ $# -gt 0 ]; do
     --uninstall) UNINSTALL=1; shift ;;
     --purge) PURGE=1; shift ;;
     --print-unit) PRINT_UNIT=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
 case "$BACKEND" in auto|litert|tflite) ;; *) die "--backend must be auto, litert or tflite, not $BACKEND" ;; esac
 case "$PREFIX" in /*) ;; *) PREFIX=$(pwd)/$PREFIX ;; esac
 case "$CONFDIR" in /*) ;; *) CONFDIR=$(pwd)/$CONFDIR ;; esac
+# Before anything is touched: --purge alone used to fall through to a full install.
+[ "$PURGE" = 0 ] || [ "$UNINSTALL" = 1 ] || die "--purge goes with --uninstall (sudo scripts/install.sh --uninstall --purge)"
+if [ -n "$WHEEL" ]; then
+  case "$WHEEL" in *.whl) ;; *) die "--wheel $WHEEL: not a .whl file" ;; esac
+  [ -f "$WHEEL" ] || die "--wheel $WHEEL: no such file"
+  case "$WHEEL" in /*) ;; *) WHEEL=$(pwd)/$WHEEL ;; esac
+fi
 
-PROFILES=$PREFIX/share/firmware_profiles
-
-# The unit for this prefix: paths rewritten, and the profiles the non-editable install cannot find
-# beside its package pointed at.
+# The unit for this prefix (the wheel carries its device profiles: nothing else to point at).
 render_unit() {
   sed -e "s#/opt/lepton/venv/bin/lepton-agent#$PREFIX/venv/bin/lepton-agent#" \
       -e "s#file:/opt/lepton/share/README.md#file:$PREFIX/share/README.md#" \
       -e "s#/etc/lepton/agent.toml#$CONFDIR/agent.toml#" \
-      -e "s#^Environment=LEPTON_STATE_DIR=.*#&\\nEnvironment=LEPTON_PROFILES_DIR=$PROFILES#" \
       "$SRC/systemd/lepton-agent.service"
 }
 if [ "$PRINT_UNIT" = 1 ]; then render_unit; exit 0; fi
@@ -68,7 +77,7 @@ if [ "$UNINSTALL" = 1 ]; then
     if systemd_running; then systemctl disable --now lepton-agent.service >/dev/null 2>&1 || true; fi
     rm -f "$UNIT_DIR/lepton-agent.service"
     rm -rf "$UNIT_DIR/lepton-agent.service.d"
-    if systemd_running; then systemctl daemon-reload; fi
+    if systemd_running; then systemctl daemon-reload; systemctl reset-failed lepton-agent.service 2>/dev/null || true; fi
     say "removed the systemd unit"
   fi
   rm -rf "$PREFIX"
@@ -76,6 +85,15 @@ if [ "$UNINSTALL" = 1 ]; then
   if [ "$PURGE" = 1 ]; then
     rm -rf "$CONFDIR" "$STATEDIR"
     say "purged $CONFDIR and $STATEDIR"
+    if [ "$SYSTEMD" = 1 ]; then
+      # /var/log/lepton: made by the LogsDirectory= of earlier units (the agent logs to the journal).
+      [ ! -d /var/log/lepton ] || { need_root "removing /var/log/lepton"; rm -rf /var/log/lepton; }
+      if id lepton >/dev/null 2>&1; then
+        need_root "removing the lepton user"
+        userdel lepton
+        say "removed system user lepton"
+      fi
+    fi
   else
     say "kept configuration in $CONFDIR and state in $STATEDIR (--purge removes them)"
   fi
@@ -103,36 +121,51 @@ if [ ! -x "$PREFIX/venv/bin/python" ]; then
   say "creating $PREFIX/venv"
   python3 -m venv "$PREFIX/venv"
 fi
-pip=("$PREFIX/venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+py=$PREFIX/venv/bin/python
+pip=("$py" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --upgrade pip >/dev/null
+if [ -z "$WHEEL" ]; then
+  say "building the wheel from $SRC"
+  build=$(mktemp -d)
+  trap 'rm -rf "$build"' EXIT
+  # From a copy: setuptools builds in the tree, and root-owned build/ folders in a user's checkout get in the way.
+  mkdir "$build/src"
+  tar -C "$SRC" --exclude=./.git --exclude='./.venv*' --exclude=./.cache --exclude=./build --exclude=./dist \
+      -cf - . | tar -C "$build/src" -xf -
+  "$py" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$build" "$build/src" >/dev/null
+  WHEEL=$(ls "$build"/lepton_agent-*.whl)
+fi
+has_litert() { "$py" -c 'import ai_edge_litert.interpreter' 2>/dev/null; }
 extra=$BACKEND
-if [ "$BACKEND" = auto ]; then
-  if "$PREFIX/venv/bin/python" -m pip download --quiet --no-deps -d "$PREFIX/share/.probe" ai-edge-litert >/dev/null 2>&1
-  then extra=litert; else extra=tflite; fi
-  rm -rf "$PREFIX/share/.probe"
-fi
-say "installing the agent ($extra runtime)"
+say "installing $(basename "$WHEEL")"
+case "$BACKEND" in
+  auto) "${pip[@]}" "$WHEEL"; has_litert || extra=tflite ;;
+  litert) "${pip[@]}" "$WHEEL[litert]" ;;
+esac
 if [ "$extra" = tflite ]; then
-  "${pip[@]}" "$SRC[tflite]" "numpy<2" "opencv-python-headless<4.11"
-else
-  "${pip[@]}" "$SRC[litert]"
+  say "installing the tflite-runtime lane"
+  "${pip[@]}" "$WHEEL[tflite]" \
+    || die "no LiteRT runtime for $(uname -m) with $("$py" -V): neither ai-edge-litert nor tflite-runtime 2.14 has a wheel"
 fi
-"$PREFIX/venv/bin/lepton-agent" --version >/dev/null
+# The same version number may hold other code than last time: the agent itself always replaced.
+"${pip[@]}" --force-reinstall --no-deps "$WHEEL"
+# The lane the unit will run (its backend.conf drop-in below says the same).
+if [ "$BACKEND" = tflite ]; then export LEPTON_BACKEND=tflite-runtime; fi
+say "$("$PREFIX/venv/bin/lepton-agent" --version)"
 cp "$SRC/README.md" "$PREFIX/share/README.md"
-# The device profiles: a non-editable install has no source tree to find them in.
-rm -rf "$PROFILES"
-mkdir -p "$PROFILES"
-cp -R "$SRC/firmware_profiles/." "$PROFILES/"
+rm -rf "$PREFIX/share/firmware_profiles"  # copied there by earlier installers; the wheel carries them now
 
 # 3. Configuration: written from the template only when absent, never overwritten.
 mkdir -p "$CONFDIR"
+fresh=0
 if [ -e "$CONFDIR/agent.toml" ]; then
   say "kept existing $CONFDIR/agent.toml"
 else
-  template="$SRC/docs/agent.example.toml"
+  template="$SRC/docs/agent.device.toml"
   [ -f "$template" ] || die "missing template $template"
   install -m 0640 "$template" "$CONFDIR/agent.toml"
-  say "wrote $CONFDIR/agent.toml (edit device id, broker and keys)"
+  fresh=1
+  say "wrote $CONFDIR/agent.toml (set the broker, and trust your release key before the first deployment)"
 fi
 
 # 4. The unit, rendered for this prefix; the user; enabled and started when systemd runs.
@@ -147,19 +180,33 @@ if [ "$SYSTEMD" = 1 ]; then
   chown root:lepton "$CONFDIR" "$CONFDIR/agent.toml"
   chmod 0750 "$CONFDIR"
   install -m 0644 "$PREFIX/share/lepton-agent.service" "$UNIT_DIR/lepton-agent.service"
-  # MemoryMax= from the board's profile when the agent can tell it.
-  mem=$(LEPTON_PROFILES_DIR=$PROFILES "$PREFIX/venv/bin/lepton-agent" profile --config "$CONFDIR/agent.toml" \
+  # MemoryMax= from the board's profile when the agent can tell it: a drop-in's MemoryMax= comes after the
+  # unit's and replaces it, so the profile's budget wins over the unit's 512M (1024M on generic-x86_64).
+  # Only our own drop-ins are replaced: an operator's (e.g. Environment=LEPTON_BROKER=…) survive a re-install.
+  mkdir -p "$UNIT_DIR/lepton-agent.service.d"
+  rm -f "$UNIT_DIR/lepton-agent.service.d/memory.conf" "$UNIT_DIR/lepton-agent.service.d/backend.conf"
+  mem=$("$PREFIX/venv/bin/lepton-agent" profile --config "$CONFDIR/agent.toml" \
         --format json 2>/dev/null \
         | "$PREFIX/venv/bin/python" -c 'import json,sys; print(round(json.load(sys.stdin)["memory_budget_mb"]))' \
         2>/dev/null || true)
   if [ -n "$mem" ]; then
-    mkdir -p "$UNIT_DIR/lepton-agent.service.d"
     printf '[Service]\nMemoryMax=%sM\n' "$mem" > "$UNIT_DIR/lepton-agent.service.d/memory.conf"
+  fi
+  if [ "$BACKEND" = tflite ]; then
+    printf '[Service]\nEnvironment=LEPTON_BACKEND=tflite-runtime\n' > "$UNIT_DIR/lepton-agent.service.d/backend.conf"
   fi
   if systemd_running; then
     systemctl daemon-reload
-    systemctl enable --now lepton-agent.service
-    say "lepton-agent enabled and started: systemctl status lepton-agent; journalctl -u lepton-agent -f"
+    # A restart, not just a start: a re-install must run the agent it just installed.
+    systemctl enable lepton-agent.service
+    systemctl reset-failed lepton-agent.service 2>/dev/null || true
+    if ! systemctl restart lepton-agent.service; then
+      echo "install.sh: lepton-agent did not start; its last lines:" >&2
+      journalctl -u lepton-agent.service -n 5 --no-pager -o cat >&2 || true
+      exit 1
+    fi
+    waiting=; [ "$fresh" = 0 ] || waiting=", waiting for its first deployment"
+    say "lepton-agent running$waiting: systemctl status lepton-agent; journalctl -u lepton-agent -f"
   else
     say "systemd is not running here: unit installed, start it at boot"
   fi

@@ -13,6 +13,16 @@ ensure_mosquitto() {
   as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
 }
 
+# Debian's prometheus package: promtool checks the agent's /metrics, and the tests start a server that scrapes it.
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  echo "installing prometheus for promtool (apt-get)" >&2
+  as_root apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # The tests start their own server; the package's would otherwise run on :9090 for good.
+  as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+}
+
 # RabbitMQ (tests/test_brokers.py runs a two-node cluster of it); the tests run the server binary themselves.
 ensure_rabbitmq() {
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && return 0

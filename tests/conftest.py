@@ -104,8 +104,8 @@ def source_kind() -> Iterator[RegisterSource]:
 # runs a real RTSP camera for about a minute; what it proves is about streams, not the interpreter.
 RUNTIME_INDEPENDENT = frozenset({
     "test_agreement", "test_arm64_compare", "test_commands", "test_config", "test_delivery", "test_delivery_crash",
-    "test_demo", "test_fleet_cli", "test_install", "test_link", "test_policy", "test_rtsp", "test_sdnotify",
-    "test_spool", "test_synthetic", "test_systemd_notify", "test_systemd_unit", "test_corrupt_state",
+    "test_demo", "test_fleet_cli", "test_install", "test_link", "test_names", "test_policy", "test_rtsp",
+    "test_sdnotify", "test_spool", "test_synthetic", "test_systemd_notify", "test_systemd_unit", "test_corrupt_state",
     "test_delivery_pending",
     # The link's reporting extras, /proc and sysfs readers, board profiles: no model is loaded in any of them.
     "test_link_reporting", "test_paho_link", "test_telemetry", "test_profiles",

@@ -122,3 +122,13 @@ COLORS_MANIFEST = str(FIXTURES / "colors_int8.json")
 def test_fleet_bad_input(key_file: Path, tmp_path: Path, args: tuple[str, ...], fragments: tuple[str, ...]) -> None:
     (tmp_path / "bad.key").write_text("hello")
     _one_line(fleet(*(a.format(key=key_file, tmp=tmp_path) for a in args)), *fragments)
+
+
+def test_retire_bad_input(fleet_broker: Broker) -> None:
+    broker = f"mqtt://127.0.0.1:{fleet_broker.port}"
+    _one_line(fleet("retire", "cam/1", "--broker", broker), "DEVICE", "cam/1")
+    _one_line(fleet("retire", "cam-1", "--pipeline", "a+b", "--broker", broker), "--pipeline", "a+b")
+    _one_line(fleet("retire", "cam-1", "--discovery-prefix", "home/assistant", "--broker", broker),
+              "--discovery-prefix")
+    # A device this broker never saw: nothing to retire, said so (not a silent success).
+    _one_line(fleet("retire", "never-seen", "--broker", broker), "never-seen", "no retained status", "--pipeline")

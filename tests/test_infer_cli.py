@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
+import agent
 from agent.manifest import load_spec
-from agent.runtime import Model
+from agent.runtime import Model, load_backend
 from agent.tasks import Inference, create_task
 
 
@@ -120,7 +125,13 @@ def test_bench_json_has_exactly_the_documented_keys(fixtures: Path) -> None:
 
 def test_python_dash_m_and_fleet_model_inspect(fixtures: Path) -> None:
     r = run_cli("--version")
-    assert r.rc == 0 and r.out.startswith("lepton-agent ")
+    m = re.fullmatch(r"lepton-agent (\S+) \(backend (\S+) (\S+)\)\n", r.out)
+    assert r.rc == 0 and m, r.out + r.err
+    assert m[1] == agent.__version__ and m[2] == load_backend().name and m[3] == load_backend().version
+    missing = subprocess.run([sys.executable, "-m", "agent", "--version"], capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "LEPTON_BACKEND": "tensorflow"}, timeout=60, check=False)
+    assert (missing.returncode, missing.stdout) == (0, f"lepton-agent {agent.__version__} (backend 'tensorflow' is "
+                                                       "not installed)\n"), missing.stderr
     f = run_cli("model", "inspect", str(fixtures / "shapes_int8.json"), "--format", "json", prog="fleet")
     assert f.rc == 0, f.err
     assert json.loads(f.out)["inputs"][0]["shape"] == [1, 48, 48, 1]

@@ -156,28 +156,41 @@ def test_broken_profile_file_names_file_and_key(tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines() == [f"lepton-agent: {folder / 'pi-4b.toml'}: turbo: unknown key"]
 
 
-def test_installed_layout_finds_profiles_beside_the_venv(tmp_path: Path) -> None:
-    # scripts/install.sh: <prefix>/venv (non-editable install) and <prefix>/share/firmware_profiles.
-    prefix = tmp_path / "opt-lepton"
-    shutil.copytree(PROFILES_DIR, prefix / "share" / "firmware_profiles")
-    code = ("import json, sys, agent.profiles as p; p.PROFILES_DIR = p.Path('/nonexistent'); "
-            f"sys.prefix = {str(prefix / 'venv')!r}; print(p.profiles_dir()); "
-            "print(json.dumps(p.available_profiles()))")
-    env = {k: v for k, v in os.environ.items() if k != "LEPTON_PROFILES_DIR"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
-                       check=False, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    folder, names = r.stdout.splitlines()
-    assert folder == str(prefix / "share" / "firmware_profiles") and set(json.loads(names)) >= CLASSES
+def test_installed_package_holds_its_profiles_and_the_environment_wins(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A wheel's copy (agent/firmware_profiles, made by setup.py) beats the checkout's; LEPTON_PROFILES_DIR both.
+    import agent.profiles as profiles
+
+    packaged = tmp_path / "site-packages" / "agent" / "firmware_profiles"
+    shutil.copytree(PROFILES_DIR, packaged)
+    (packaged / "pi-4b.toml").unlink()
+    monkeypatch.delenv("LEPTON_PROFILES_DIR", raising=False)
+    monkeypatch.setattr(profiles, "PACKAGED_DIR", packaged)
+    assert profiles.profiles_dir() == packaged and "pi-4b" not in available_profiles()
+    monkeypatch.setenv("LEPTON_PROFILES_DIR", str(PROFILES_DIR))
+    assert profiles.profiles_dir() == PROFILES_DIR and "pi-4b" in available_profiles()
+    monkeypatch.setattr(profiles, "PACKAGED_DIR", tmp_path / "absent")
+    monkeypatch.delenv("LEPTON_PROFILES_DIR")
+    assert profiles.profiles_dir() == PROFILES_DIR  # a checkout
 
 
-def test_install_script_copies_profiles_and_points_the_unit_at_them(tmp_path: Path) -> None:
+def test_no_profile_files_still_names_the_class_of_this_architecture(tmp_path: Path) -> None:
+    # Before: a wheel without its profiles asked for generic-arm64 on x86_64.
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert detect(_tree(tmp_path), machine="x86_64", folder=empty).name == "generic-x86_64"
+    assert detect(_tree(tmp_path), machine="aarch64", folder=empty).name == "generic-arm64"
+    with pytest.raises(BadInput, match=r"profile 'generic-x86_64': no such profile in .*none \(available: none\)"):
+        load_profile(detect(_tree(tmp_path), machine="x86_64", folder=empty).name, empty)
+
+
+def test_install_script_renders_the_unit_for_its_prefix(tmp_path: Path) -> None:
     prefix = tmp_path / "prefix"
     r = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "--prefix", str(prefix), "--confdir",
                         str(tmp_path / "etc"), "--print-unit"], capture_output=True, text=True, timeout=60,
                        check=False)
     assert r.returncode == 0, r.stderr
-    assert f"Environment=LEPTON_PROFILES_DIR={prefix}/share/firmware_profiles\n" in r.stdout
+    assert "LEPTON_PROFILES_DIR" not in r.stdout  # the installed wheel carries its profiles
     assert f"ExecStart={prefix}/venv/bin/lepton-agent run --config {tmp_path}/etc/agent.toml" in r.stdout
     assert "ProtectSystem=strict" in r.stdout and "MemoryDenyWriteExecute=yes" in r.stdout
     assert not prefix.exists()  # --print-unit only renders

@@ -26,7 +26,7 @@ from broker import Broker, Watcher, free_port
 from conftest import ROOT, run_cli
 from rtsp_camera import RtspCamera, face_box, server_available
 from test_daemon import Daemon, fleet
-from test_telemetry_daemon import _check_ha_config, _render
+from test_homeassistant import home_assistant
 
 from agent.sources.base import open_source
 from agent.sources.capture import LiveSource, redact
@@ -328,13 +328,15 @@ def test_daemon_camera_down_at_start_outage_and_return(tmp_path: Path, clip_dir:
             published = list(w.messages)
     finally:
         cam.stop()
-    # Home Assistant shows the camera's state, rendered from telemetry as it renders it.
-    (camera,) = [json.loads(p) for t, p, _ in published if t == "homeassistant/sensor/lepton_d-rtsp/door_camera/config"]
-    _check_ha_config("homeassistant/sensor/lepton_d-rtsp/door_camera/config", camera)
+    # Home Assistant (2024.3.3 itself: tests/ha_check.py) takes the camera's config and renders its state.
+    topic = "homeassistant/sensor/lepton_d-rtsp/door_camera/config"
+    (camera,) = [json.loads(p) for t, p, _ in published if t == topic]
     assert camera["state_topic"] == "lepton/d-rtsp/telemetry" and camera["name"] == "door camera"
     outage_payload = next(p for t, p, _ in published if t == "lepton/d-rtsp/telemetry"
                           and json.loads(p)["ts"] == late["ts"])
-    assert _render(camera["value_template"], outage_payload) == "reconnecting"
+    verdict = home_assistant({topic: json.dumps(camera)}, {camera["state_topic"]: outage_payload.decode()})
+    assert verdict["configs"][topic] == {"error": None, "dropped": [], "value": "reconnecting",
+                                         "availability": [["online", "offline", "offline", "offline"]]}
     assert any(t.endswith("/status") for t, _, _ in published)
     for topic, payload, _ in published:
         assert_no_secret(topic, payload)

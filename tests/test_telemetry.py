@@ -51,7 +51,7 @@ def test_decode_all_bits() -> None:
 
 def test_ring_is_fixed_size_and_gives_percentiles() -> None:
     ring = LatencyRing(size=100)
-    assert ring.percentiles(50) == {"p50": 0.0}
+    assert ring.percentiles(50) == {"p50": None}  # no sample: no value, not 0 ms
     for v in range(1000):
         ring.add(float(v))
     assert len(ring) == 100
@@ -62,7 +62,9 @@ def test_ring_is_fixed_size_and_gives_percentiles() -> None:
 def test_stage_rings_keep_the_last_items_and_give_each_stage_its_percentiles() -> None:
     rings = StageRings(size=100)
     empty = rings.summary()
-    assert empty["latency_ms"] == {"p50": 0.0, "p95": 0.0, "p99": 0.0} and empty["pre_ms"] == {"p50": 0.0, "p95": 0.0}
+    # No sample: no value (None), not 0 ms (issue 18), as a single ring gives it.
+    assert empty["latency_ms"] == {"p50": None, "p95": None, "p99": None} == LatencyRing().percentiles(50, 95, 99)
+    assert empty["pre_ms"] == {"p50": None, "p95": None}
     alone = {name: LatencyRing(size=100) for name in ("pre", "invoke", "post", "total")}
     for v in range(1000):
         pre, invoke, post = v * 0.001, v * 0.01 + 1, (v % 7) * 0.5

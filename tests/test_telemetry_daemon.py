@@ -1,22 +1,23 @@
 """Telemetry from the running daemon over a real mosquitto: the schema, values against /proc, a fake
 thermal zone driving the governor through variant swap, pause and recovery with results' seq
-continuous; Home Assistant discovery checked as Home Assistant reads it; the Prometheus endpoint."""
+continuous; the Prometheus endpoint checked by promtool (Home Assistant: test_homeassistant.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import paho.mqtt.publish as publish
 import pytest
-from broker import Broker, Watcher, free_port
+from broker import Broker, Watcher, free_port, wait_until
 from conftest import ROOT, run_cli
 from test_daemon import Daemon, fleet
 
@@ -176,117 +177,76 @@ def test_telemetry_off(tmp_path: Path, broker: Broker, fixtures: Path) -> None:
         assert daemon.terminate() == 0
 
 
-def _ha_messages(w: Watcher) -> list[tuple[str, dict[str, Any]]]:
-    return [(t, json.loads(p)) for t, p, _ in w.messages if t.startswith("homeassistant/") and t.endswith("/config")
-            and p]
-
-
-def _check_ha_config(topic: str, config: dict[str, Any]) -> None:
-    """What Home Assistant's MQTT sensor discovery requires of a config."""
-    import re
-
-    m = re.fullmatch(r"homeassistant/sensor/([A-Za-z0-9_-]+)/([A-Za-z0-9_-]+)/config", topic)
-    assert m, topic
-    allowed = {"name", "unique_id", "state_topic", "value_template", "availability", "availability_mode",
-               "payload_available", "payload_not_available", "device", "origin", "unit_of_measurement",
-               "state_class", "device_class", "icon", "expire_after"}
-    assert set(config) <= allowed, set(config) - allowed
-    assert config["unique_id"] and config["name"]
-    assert config["state_topic"] and not set("+#") & set(config["state_topic"])
-    device = config["device"]
-    assert device["identifiers"] and all(isinstance(i, str) for i in device["identifiers"]) and device["name"]
-    assert config["availability"] and all(a["topic"] and not set("+#") & set(a["topic"])
-                                          for a in config["availability"])
-    if "device_class" in config:
-        assert config["device_class"] in {"temperature", "duration"}
-        assert config["unit_of_measurement"] in {"°C", "ms"}
-    if "state_class" in config:
-        assert config["state_class"] == "measurement" and "unit_of_measurement" in config
-
-
-def _render(template: str, payload: bytes) -> str:
-    # As Home Assistant renders value templates: Jinja2, the payload as `value` and parsed as `value_json`.
-    import jinja2.sandbox
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment()
-    return env.from_string(template).render(value=payload.decode(), value_json=json.loads(payload)).strip()
-
-
-def test_home_assistant_discovery(tmp_path: Path, fixtures: Path) -> None:
-    root = _fake_root(tmp_path, 52.5)
-    with Broker(tmp_path / "broker") as own:
-        config = write_config(tmp_path, own.port, root, fixtures / "colors_int8.json", "d.ha",
-                              extra="[homeassistant]\nenabled = true\n")
-        with Watcher(own.port, ["homeassistant/#", "lepton/d.ha/#"]) as w, Daemon(config) as daemon:
-            w.wait_json("/telemetry", lambda m: len(m) >= 2, timeout=60)
-            w.wait_json("/results/colors", lambda m: len(m) >= 1, timeout=30)
-            configs = dict(_ha_messages(w))
-            objects = {t.split("/")[3] for t in configs}
-            assert objects == {"cpu", "agent_cpu", "memory", "temperature", "governor_level", "colors_fps",
-                               "colors_latency", "colors_last_result"}
-            assert all(t.startswith("homeassistant/sensor/lepton_d_ha/") for t in configs)
-            assert len({c["unique_id"] for c in configs.values()}) == len(configs)
-            assert len({json.dumps(c["device"], sort_keys=True) for c in configs.values()}) == 1
-            assert not any(retain for t, _, retain in w.messages if t.startswith("homeassistant/"))
-            for topic, c in configs.items():
-                _check_ha_config(topic, c)
-            # The templates, rendered as Home Assistant would, give numbers and labels from the real payloads.
-            latest = {t: p for t, p, _ in w.messages}
-            values = {}
-            for topic, c in configs.items():
-                body = latest[c["state_topic"]]
-                values[topic.split("/")[3]] = _render(c["value_template"], body)
-                status = latest["lepton/d.ha/status"]
-                assert _render(c["availability"][0]["value_template"], status) == c["payload_available"]
-                assert _render(c["availability"][0]["value_template"],
-                               b'{"state": "offline", "bdseq": 3}') == c["payload_not_available"]
-                assert _render(c["availability"][0]["value_template"],
-                               b'{"state": "stopped", "bdseq": 3}') == c["payload_not_available"]
-            assert float(values["temperature"]) == 52.5
-            for key in ("cpu", "agent_cpu", "memory", "colors_fps", "colors_latency", "governor_level"):
-                float(values[key])
-            assert values["colors_last_result"] in {"red", "green", "blue"}
-
-            # Home Assistant restarts: its birth brings the configs again.
-            before = len(_ha_messages(w))
-            publish.single("homeassistant/status", "online", hostname="127.0.0.1", port=own.port)
-            assert w.wait_for(lambda m: len(_ha_messages(w)) >= before + len(configs), timeout=30)
-            publish.single("homeassistant/status", "offline", hostname="127.0.0.1", port=own.port)
-
-            # A reload adds a pipeline: its sensors appear; removed again, they are removed (empty configs).
-            original = config.read_text()
-            config.write_text(original + f"""
+IDLE_PIPELINES = """
 [[pipelines]]
-name = "pattern"
-source = "test:pattern"
-model = "{fixtures / 'colors_int8.json'}"
-[pipelines.source_options]
-fps = 5
-""")
-            rc, (reload,) = fleet(own.port, "cmd", "d.ha", "reload")
-            assert rc == 0 and reload["result"]["added"] == ["pattern"]
-            assert w.wait_for(lambda m: any(t.endswith("/pattern_last_result/config") and p for t, p, _ in m), 30)
-            config.write_text(original)
-            rc, (reload,) = fleet(own.port, "cmd", "d.ha", "reload")
-            assert rc == 0 and reload["result"]["removed"] == ["pattern"]
-            gone = {"pattern_fps", "pattern_latency", "pattern_last_result"}
-            assert w.wait_for(lambda m: {t.split("/")[3] for t, p, _ in m if t.startswith("homeassistant/")
-                                         and not p} == gone, 30)
+name = "idle.a"
+source = "test:colors"
+model = "{model}"
+enabled = false
 
-            # The broker restarts: the agent reconnects and sends them again.
-            before = len(_ha_messages(w))
-            w.stop()
-            own.stop()
-            own.start()
-            w2 = Watcher(own.port, ["homeassistant/#"]).start()
-            try:
-                assert w2.wait_for(lambda m: len([t for t, p, _ in m if t.endswith("/config") and p])
-                                   >= len(configs), timeout=60)
-            finally:
-                w2.stop()
-            assert before >= 2 * len(configs) + 3
-            assert daemon.terminate() == 0
-    assert "Traceback" not in (tmp_path / "agent.log").read_text()
+[[pipelines]]
+name = "idle_a"
+source = "test:colors"
+model = "{model}"
+enabled = false
+"""
+"""Two pipelines that never run (no latency sample) and whose names the old ids confused."""
+
+
+def _promtool(text: str) -> None:
+    """`promtool check metrics` (Prometheus 2.42, Debian's package; scripts/lib.sh installs it): clean."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: scripts/test installs it (ensure_promtool)")
+        pytest.skip("promtool not installed (scripts/test installs it)")
+    r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), (r.stdout, r.stderr)
+
+
+class PrometheusServer:
+    """Debian's Prometheus 2.42 scraping the agent's endpoint every second, queried over its HTTP API."""
+
+    def __init__(self, tmp: Path, target_port: int) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("prometheus is missing: scripts/test installs it (ensure_promtool)")
+            pytest.skip("prometheus not installed (scripts/test installs it)")
+        config = tmp / "prometheus.yml"
+        config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: lepton\n"
+                          f"    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n")
+        self.port = free_port()
+        self.log = (tmp / "prometheus.log").open("w")
+        self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        try:
+            body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        except OSError:
+            return []  # not listening yet
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def wait(self, promql: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+
+        def check() -> bool:
+            nonlocal found
+            found = self.query(promql)
+            return bool(found)
+
+        assert wait_until(check, timeout=timeout, step=0.25), f"prometheus never had {promql}"
+        return found
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
 
 
 def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> None:
@@ -296,25 +256,96 @@ def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> 
     port = free_port()
     config = write_config(tmp_path, broker.port, root, fixtures / "colors_int8.json", "d-prom",
                           extra=f"[prometheus]\nenabled = true\nport = {port}\n")
+    config.write_text(config.read_text() + IDLE_PIPELINES.format(model=fixtures / "colors_int8.json"))
     with Watcher(broker.port, ["lepton/d-prom/telemetry"]) as w, Daemon(config) as daemon:
         w.wait_json("/telemetry", lambda m: any(p["pipelines"]["colors"]["frames"] > 0 for p in m), timeout=60)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        _promtool(text)
         families = {f.name: f for f in text_string_to_metric_families(text)}
         sample = {f.name: f.samples[0] for f in families.values() if f.samples}
         assert sample["lepton_temperature_celsius"].value == 47.25
         assert sample["lepton_temperature_celsius"].labels == {"device": "d-prom"}
+        assert sample["lepton_agent_info"].labels["device"] == "d-prom"
         assert families["lepton_pipeline_frames"].type == "counter"
         frames = next(s for s in families["lepton_pipeline_frames"].samples if s.name.endswith("_total"))
         assert frames.labels == {"device": "d-prom", "pipeline": "colors"} and frames.value > 0
         latency = families["lepton_pipeline_latency_seconds"].samples
-        stages = {(s.labels["stage"], s.labels["quantile"]) for s in latency}
-        assert {("total", "0.99"), ("invoke", "0.5"), ("pre", "0.95"), ("post", "0.5")} <= stages
-        assert sample["lepton_agent_resident_bytes"].value > 10 * 2**20
+        stages = {(s.labels["pipeline"], s.labels["stage"], s.labels["percentile"]) for s in latency}
+        assert {("colors", "total", "99"), ("colors", "invoke", "50"), ("colors", "pre", "95"),
+                ("colors", "post", "50")} <= stages
+        # The idle pipelines have no latency sample: no series (not 0 s); their item rate is a true 0.
+        assert {p for p, _, _ in stages} == {"colors"}
+        rates = {s.labels["pipeline"]: s.value for s in families["lepton_pipeline_items_per_second"].samples}
+        assert rates["idle.a"] == rates["idle_a"] == 0.0
+        # Prometheus units: 0-1 ratios, whole bytes, no float noise in seconds.
+        for name in ("lepton_cpu_usage_ratio", "lepton_agent_cpu_usage_ratio", "lepton_memory_used_ratio"):
+            assert 0.0 <= sample[name].value <= 1.0
+        assert sample["lepton_memory_used_ratio"].value > 0.0
+        for name in ("lepton_agent_resident_bytes", "lepton_disk_free_bytes"):
+            assert sample[name].value == int(sample[name].value) > 10 * 2**20
+        assert all(len(repr(s.value)) <= 10 for s in latency), [s.value for s in latency]
         assert sample["lepton_governor_level"].value == 0.0
+
+        # A real Prometheus server scrapes it: the target is up, series carry their labels, no value is absent.
+        server = PrometheusServer(tmp_path, port)
+        try:
+            server.wait('up{job="lepton"} == 1')
+            p99 = server.wait('lepton_pipeline_latency_seconds{stage="total", percentile="99"}')
+            assert [(r["metric"]["device"], r["metric"]["pipeline"]) for r in p99] == [("d-prom", "colors")]
+            assert float(p99[0]["value"][1]) > 0
+            assert server.query('lepton_pipeline_latency_seconds{pipeline=~"idle.*"}') == []
+            scraped = server.wait("lepton_pipeline_items_per_second")
+            assert {r["metric"]["pipeline"] for r in scraped} == {"colors", "idle.a", "idle_a"}
+            ratio = server.wait("lepton_memory_used_ratio")
+            assert 0 < float(ratio[0]["value"][1]) < 1
+        finally:
+            server.close()
+        # Discovery is off now, but an earlier run may have announced the device: retire empties it all the same.
+        with Watcher(broker.port, ["homeassistant/sensor/lepton_d-prom/#"]) as ha:
+            rc, (report,) = fleet(broker.port, "retire", "d-prom")
+            assert rc == 0 and report["by"] == "agent" and report["ok"], report
+            emptied = set(report["result"]["configs_emptied"])
+            assert len(emptied) == 5 + 4 * 3  # the telemetry sensors; fps, latency, last result, camera per pipeline
+            assert ha.wait_for(lambda m: {t for t, p, _ in m if not p} == emptied, 30)
         assert daemon.terminate() == 0
     # Nothing listens once the agent is gone.
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+def test_prometheus_before_the_first_telemetry() -> None:
+    """A scrape before the first telemetry payload (~2 s after start): not an empty body, and promtool-clean."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.prometheus import PrometheusEndpoint
+
+    latest: list[dict[str, Any]] = []
+    port = free_port()
+    endpoint = PrometheusEndpoint("127.0.0.1", port, "d.x", lambda: latest[-1] if latest else None)
+    endpoint.start()
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        _promtool(text)
+        assert [f.name for f in text_string_to_metric_families(text)] == ["lepton_agent_info"]
+        # A payload as the monitor builds it for a pipeline with no sample yet and a board without sensors.
+        none = {"p50": None, "p95": None}
+        latest.append({"cpu_percent": 12.3, "agent_cpu_percent": 0.5, "mem_percent": 41.0, "rss_mb": 63.1,
+                       "temp_c": None, "throttled": None, "disk_free_mb": 1024.7, "uptime_s": 1.9,
+                       "governor": {"level": 0, "paused": False}, "spool": {"queued": 0, "dropped": 0},
+                       "pipelines": {"cam.a": {"fps": 0.0, "max_fps": 5.0, "frames": 0, "dropped": 0,
+                                               "latency_ms": {**none, "p99": None}, "pre_ms": none,
+                                               "invoke_ms": none, "post_ms": {"p50": 0.139, "p95": None}}}})
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        _promtool(text)
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert "lepton_temperature_celsius" not in families and "lepton_throttled" not in families
+        assert [(s.labels["stage"], s.labels["percentile"], s.value)
+                for s in families["lepton_pipeline_latency_seconds"].samples] == [("post", "50", 0.000139)]
+        assert "0.000139\n" in text and "0.00013900000000000002" not in text
+        assert families["lepton_agent_cpu_usage_ratio"].samples[0].value == 0.005
+        assert families["lepton_agent_resident_bytes"].samples[0].value == round(63.1 * 2**20)
+    finally:
+        endpoint.close()
 
 
 @pytest.mark.parametrize(("extra", "fragments"), [

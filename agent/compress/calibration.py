@@ -79,8 +79,12 @@ def _image_samples(model: Model, spec: ModelSpec, names: Mapping[int, str], args
 
 
 def _frames(args: list[str]) -> Iterator[np.ndarray[Any, Any]]:
+    from agent.samples.dataset import expand_inputs
     from agent.sources.files import IMAGE_SUFFIXES, VIDEO_SUFFIXES, decoded_frames
 
+    given, args = args, expand_inputs(args)  # a pulled dataset folder: its images
+    if given and not args:
+        raise BadInput(f"--calib {' '.join(given)}: the calibration set is empty (the dataset holds no images)")
     for arg in args:
         path = Path(arg)
         if path.is_dir() and not any(

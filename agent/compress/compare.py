@@ -95,20 +95,33 @@ def _like_base(variant: ModelSpec, base: ModelSpec, base_model: Model) -> ModelS
     })
 
 
-def _eval_items(inputs: list[str], limit: int) -> list[np.ndarray[Any, Any]]:
+def _eval_items(inputs: list[str], limit: int) -> tuple[list[np.ndarray[Any, Any]], list[str | None]]:
+    """The evaluation frames, and for each the reason it was captured for (a pulled dataset folder's
+    images carry one; other inputs None)."""
+    from agent.samples.dataset import reasoned_inputs
     from agent.sources.files import decoded_frames
 
-    items = []
+    items: list[np.ndarray[Any, Any]] = []
+    reasons: list[str | None] = []
+    pairs = reasoned_inputs(inputs)
     try:
-        for frame in decoded_frames(inputs):
-            items.append(frame)
+        if all(reason is None for _, reason in pairs):
+            uris: list[tuple[list[str], str | None]] = [([uri for uri, _ in pairs], None)]
+        else:
+            uris = [([uri], reason) for uri, reason in pairs]
+        for group, reason in uris:
+            for frame in decoded_frames(group):
+                items.append(frame)
+                reasons.append(reason)
+                if len(items) >= limit:
+                    break
             if len(items) >= limit:
                 break
     except BadInput as exc:
         raise BadInput(f"--eval {exc}") from None
     if not items:
         raise BadInput(f"--eval {' '.join(inputs)}: no evaluation items")
-    return items
+    return items, reasons
 
 
 def _build(spec: ModelSpec, backend: str | None, threads: int, xnnpack: bool,
@@ -136,9 +149,14 @@ def compare(
 ) -> dict[str, Any]:
     """Measure BASE and every VARIANT side by side; the JSON report (see the module docstring)."""
     base_spec = load_spec(base_arg)
+    if base_spec.micro is not None or base_spec.task == "wakeword":
+        from agent.compress.compare_audio import compare_wakeword
+
+        return compare_wakeword(base_arg, variant_args, eval_inputs, runs=runs, limit=limit, precision=precision,
+                                backend=backend)
     many = threads or max(1, os.cpu_count() or 1)
     thread_counts = sorted({1, many})
-    items = _eval_items(eval_inputs, limit)
+    items, reasons = _eval_items(eval_inputs, limit)
 
     first = _build(base_spec, backend, many, xnnpack, delegate, task)
     specs = [base_spec] + [_like_base(load_spec(v), base_spec, first.model) for v in variant_args]
@@ -175,6 +193,8 @@ def compare(
         }
         if c.role == "variant":
             row["agreement"] = agree.agreement(base.results, c.results, kind)
+            if any(r is not None for r in reasons):
+                row["agreement_by_reason"] = _by_reason(base.results, c.results, reasons, kind)
             row["output_snr_db"] = [agree.snr_db(s, e) if not math.isnan(e) else None
                                     for s, e in zip(c.signal_power, c.noise_power, strict=True)]
         rows.append(row)
@@ -190,6 +210,16 @@ def compare(
         "eval_items": len(items),
         "models": rows,
     }
+
+
+def _by_reason(base: list[Any], variant: list[Any], reasons: list[str | None], kind: str | None) -> dict[str, Any]:
+    """Agreement over the items captured for each reason (a dataset folder's `band`, `random`, …)."""
+    out: dict[str, Any] = {}
+    for reason in sorted({r or "none" for r in reasons}):
+        picked = [i for i, r in enumerate(reasons) if (r or "none") == reason]
+        out[reason] = {"items": len(picked), **(agree.agreement([base[i] for i in picked],
+                                                                [variant[i] for i in picked], kind) or {})}
+    return out
 
 
 def _ratio(value: float, reference: float) -> float | None:
@@ -285,6 +315,10 @@ def _percent(value: float | None) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
+    if report.get("kind") == "wakeword":
+        from agent.compress.compare_audio import format_wakeword_table
+
+        return format_wakeword_table(report)
     threads = [str(n) for n in report["threads"]]
     head = f"{'MODEL':<34} {'PREC':<8} {'SIZE KB':>8} {'xBASE':>6}"
     for n in threads:

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from agent.delivery import failpoints
 from agent.delivery.reasons import DeliveryError, Reason
@@ -194,10 +194,57 @@ class Downloader:
         return self.store.commit(signed, part), session.stats
 
 
+class ChunkedFile(Protocol):
+    """What a chunked pull needs to know of the file: a signed model manifest here, a captured sample's
+    manifest in `agent.fleet.samples` (the same protocol in the other direction)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> Any: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def chunks(self) -> tuple[str, ...]: ...
+
+    def chunk_span(self, index: int) -> tuple[int, int]: ...
+
+
+class ChunkTopics(Protocol):
+    def chunk(self, name: str, version: Any, index: int) -> str: ...
+
+
+class PartStore(Protocol):
+    def discard_part(self, sha256: str) -> None: ...
+
+
+class Puller(Protocol):
+    """The side that pulls: its link, settings, chunk topics and where a failed partial file goes."""
+
+    link: Link
+    settings: DownloadSettings
+    asking: set[tuple[str, str]]
+    """(name, version) pulls that ask a seeder for their chunks (`want`)."""
+
+    @property
+    def topics(self) -> ChunkTopics: ...
+
+    def want(self, name: str, version: Any, request: dict[str, Any]) -> None: ...
+
+    @property
+    def store(self) -> PartStore: ...
+
+
 class _Session:
     """One download: the window of chunk subscriptions and the state the link thread updates."""
 
-    def __init__(self, downloader: Downloader, signed: SignedManifest, part: PartFile, stop: threading.Event,
+    def __init__(self, downloader: Puller, signed: ChunkedFile, part: PartFile, stop: threading.Event,
                  progress: Callable[[float], None] | None) -> None:
         self.d = downloader
         self.signed = signed
@@ -373,3 +420,7 @@ class _Session:
         if self.part.size() != self.signed.size:
             raise DeliveryError(Reason.SIZE_MISMATCH,
                                 f"the file has {self.part.size()} bytes, the manifest declares {self.signed.size}")
+
+
+ChunkSession = _Session
+"""One chunked pull into a `PartFile`, resumable, each chunk and the whole hash-checked (`run()`)."""

@@ -2,7 +2,7 @@
 options and connection (`open_link`, the shared `agent.mqtt.client.PahoLink`) of every fleet verb.
 
 `watch` subscribes to results (and status) of one device or all and prints them as they
-arrive: a coloured line each on a terminal (rich), or JSON lines for scripts. `cmd` sends
+arrive: a line each on a terminal (coloured with rich when installed), or JSON lines for scripts. `cmd` sends
 one command with a fresh id and prints the reply (or every reply, for a group or all).
 """
 
@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from agent.errors import BadInput, LeptonError
+from agent.fleet import output
 from agent.fleet.watch import is_stale
 from agent.mqtt.client import BrokerAddress, PahoLink, TlsOptions, Unanswered
 from agent.mqtt.tls import read_password
@@ -114,9 +115,7 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
     """device → (topic, latest status) not yet shown as stale: checked every second for a stopped heartbeat."""
     console = None
     if args.format == "table":
-        from rich.console import Console
-
-        console = Console(file=out, highlight=False, soft_wrap=True)
+        console = output.console(out)
 
     def on_message(msg: mqtt.MQTTMessage) -> None:
         try:

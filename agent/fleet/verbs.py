@@ -1,7 +1,7 @@
 """`lepton-fleet keygen | publish | deploy | rollback | status` (DESIGN §3, docs/delivery.md).
 
 `add_commands()` registers the sub-commands on the fleet parser; the handlers import
-paho, cryptography and rich only when they run.
+paho, cryptography and rich (through `output`, optional) only when they run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.errors import BadInput, LeptonError
+from agent.fleet import output
 
 
 def _positive_float(text: str) -> float:
@@ -176,31 +177,18 @@ def _row(view: Any) -> dict[str, Any]:
 
 def _print_table(out: TextIO, rows: list[dict[str, Any]], title: str,
                  columns: tuple[str, ...] = ("device", "state", "version", "active", "reason", "detail")) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column.upper())
-    for r in rows:
-        table.add_row(*("" if r[c] is None else str(r[c]) for c in columns))
-    Console(file=out, width=max(100, Console().width)).print(table)
+    output.print_table(out, title, columns, [["" if r[c] is None else str(r[c]) for c in columns] for r in rows])
 
 
 def _follow(args: argparse.Namespace, link: Any, view: Any, expected: set[str] | None, out: TextIO) -> bool:
     """Live progress bars per device until every device is done (or the timeout); True if they all were."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn
-
     stop = threading.Event()
     deadline = time.monotonic() + args.timeout
     finished: list[bool] = []
     waiter = threading.Thread(target=lambda: finished.append(view.wait(expected, args.settle, deadline, stop)))
     waiter.start()
-    console = Console(file=sys.stderr)
     bars: dict[str, Any] = {}
-    with Progress(TextColumn("{task.fields[device]:<20}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                  TextColumn("{task.fields[state]}"), console=console, transient=False) as progress:
+    with output.progress(sys.stderr) as progress:
         try:
             while True:
                 alive = waiter.is_alive()
@@ -407,22 +395,41 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _status_live(view: Any) -> None:
+    columns = ("device", "online", "model", "version", "state", "progress", "reason")
+    title = "deployments (live; Ctrl-C to stop)"
+
+    def rows() -> list[list[str]]:
+        out = []
+        for v in view.snapshot():
+            r = _row(v)
+            progress = f"{r['progress']:.0%}" if isinstance(r["progress"], int | float) else ""
+            out.append([r["device"], v.presence, str(r["model"] or ""),
+                        str(r["version"] or ""), r["state"], progress, str(r["reason"] or "")])
+        return out
+
+    stop = threading.Event()
+    if not output.have_rich():  # the table again whenever a row changes
+        shown: list[list[str]] = []
+        try:
+            while not stop.wait(0.25):
+                if (now := rows()) != shown:
+                    shown = now
+                    output.print_table(sys.stderr, title, columns, now)
+        except KeyboardInterrupt:
+            return
+        return
     from rich.console import Console
     from rich.live import Live
     from rich.table import Table
 
     def render() -> Table:
-        table = Table(title="deployments (live; Ctrl-C to stop)")
-        for column in ("device", "online", "model", "version", "state", "progress", "reason"):
+        table = Table(title=title)
+        for column in columns:
             table.add_column(column.upper())
-        for v in view.snapshot():
-            r = _row(v)
-            progress = f"{r['progress']:.0%}" if isinstance(r["progress"], int | float) else ""
-            table.add_row(r["device"], v.presence, str(r["model"] or ""),
-                          str(r["version"] or ""), r["state"], progress, str(r["reason"] or ""))
+        for row in rows():
+            table.add_row(*row)
         return table
 
-    stop = threading.Event()
     with Live(render(), console=Console(file=sys.stderr), refresh_per_second=4) as live:
         try:
             while not stop.wait(0.25):

@@ -247,10 +247,9 @@ class Link(PahoCallbacks):
             timed_out = timed_out or (not failed and not refused and session is not None and went_unanswered(session))
             up_since = session.connected_at if session is not None else None
             up = up_since is not None
-            if up_since is not None:
-                if time.monotonic() - up_since >= STABLE_S:
-                    self.backoff.reset()
-            else:
+            if up_since is not None and time.monotonic() - up_since >= STABLE_S:
+                self.backoff.reset()
+            elif up_since is None:
                 self.stats.connect_failures += 1
                 self._url_index += 1
             if self._closing.is_set() or self.stop.is_set():

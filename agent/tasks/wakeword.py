@@ -101,6 +101,8 @@ class WakeWordModel:
         self.model = model
         self.spec = spec
         self.settings = settings or WakeWordSettings.from_spec(spec)
+        self.last_score = 0.0
+        """The windowed score of the last step, also under the cutoff (sample capture's near misses)."""
         source = spec.manifest_path or spec.path
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise BadInput(
@@ -197,6 +199,7 @@ class WakeWordModel:
             return None
         # Python's int / int is correctly rounded: the same float statistics.mean returns.
         score = self._window_sum / self._window_denominator
+        self.last_score = score
         if score <= self.settings.probability_cutoff or t < self._quiet_until:
             return None
         self._quiet_until = t + self.settings.refractory_s
@@ -218,6 +221,8 @@ class WakeWordRunner(Runner):
         self._carry = b""
         self._samples = 0
         """Samples fed to the frontend since the stream began: the stream's clock."""
+        self.peak_score = 0.0
+        """The best windowed score of the last `process` call, detected or not."""
 
     @property
     def model(self) -> Model:
@@ -250,6 +255,7 @@ class WakeWordRunner(Runner):
         clock = time.perf_counter_ns
         features_ns = invoke_ns = 0
         results: list[dict[str, Any]] = []
+        peak = 0.0
         step = STEP_SAMPLES * 2
         pos, end = 0, len(data)
         process_samples = self._process_samples
@@ -264,7 +270,9 @@ class WakeWordRunner(Runner):
                 continue
             t = self._samples / SAMPLE_RATE
             for m in self.models:
+                m.last_score = 0.0
                 score = m.push(out.features, t)
+                peak = max(peak, m.last_score)
                 if score is not None:
                     results.append({
                         "task": "wakeword",
@@ -275,6 +283,7 @@ class WakeWordRunner(Runner):
                     })
             invoke_ns += clock() - t1
         self._carry = data[pos:]
+        self.peak_score = peak
         lat = self.latency
         lat.pre, lat.invoke, lat.post = features_ns / 1e6, invoke_ns / 1e6, 0.0
         return results

@@ -1,0 +1,116 @@
+"""A fresh device as scripts/install.sh leaves it: the config it writes (docs/agent.device.toml) runs as is
+— no pipelines, no trusted key — the agent announces itself and waits; a deployment is refused until the
+operator trusts a key, then becomes active. `lepton-fleet` drives it here without `rich` (a device's venv
+has no `fleet` extra), so its table and progress come out plain."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tomllib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from broker import Broker, Watcher
+from conftest import ROOT
+
+from agent.delivery.signing import generate_key_file, key_id, load_private_key, public_text
+
+TEMPLATE = ROOT / "docs" / "agent.device.toml"
+# The interpreter refuses `import rich` as if the optional extra were not installed.
+NO_RICH = "import sys; sys.modules['rich'] = None; from agent.cli import fleet_main; sys.exit(fleet_main())"
+
+
+def _fleet(broker: Broker, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", NO_RICH, *args, "--broker", broker.url, "--timeout", "90"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=180, check=False)
+
+
+@pytest.fixture
+def device(tmp_path: Path, broker: Broker) -> Iterator[dict[str, str]]:
+    """The environment the agent of a fresh install runs in (the template itself is used unchanged)."""
+    yield {**os.environ, "PYTHONWARNINGS": "ignore", "LEPTON_BROKER": broker.url,
+           "LEPTON_DEVICE_ID": f"fresh-{uuid.uuid4().hex[:6]}", "LEPTON_STATE_DIR": str(tmp_path / "state")}
+
+
+def _run(config: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log = (config.parent / "agent.log").open("ab")
+    return subprocess.Popen([sys.executable, "-m", "agent", "-v", "run", "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=log, stderr=log)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_fresh_config_waits_then_takes_a_deployment_from_a_trusted_key_only(
+        tmp_path: Path, broker: Broker, fixtures: Path, device: dict[str, str]) -> None:
+    config = tmp_path / "agent.toml"
+    shutil.copy(TEMPLATE, config)
+    fresh = tomllib.loads(config.read_text())
+    assert "pipelines" not in fresh and fresh["trusted_keys"] == {}
+    dev, model = device["LEPTON_DEVICE_ID"], f"m{uuid.uuid4().hex[:8]}"
+    key_file = tmp_path / "release.key"
+    generate_key_file(key_file)
+    published = subprocess.run(
+        [sys.executable, "-c", NO_RICH, "publish", str(fixtures / "colors_int8.json"), "--name", model,
+         "--version", "1", "--key", str(key_file), "--broker", broker.url], capture_output=True, text=True,
+        cwd=ROOT, timeout=120, check=False)
+    assert published.returncode == 0, published.stderr
+
+    def online(n: int) -> None:  # the agent's n-th online announcement: it has subscribed to its commands
+        w.wait_json("/status", lambda m: sum(s.get("state") == "online" for s in m) >= n
+                    and m[-1].get("state") == "online", timeout=60)
+
+    with Watcher(broker.port, [f"lepton/{dev}/status"]) as w:
+        agent = _run(config, device)
+        try:
+            online(1)
+            refused = _fleet(broker, "deploy", f"{model}@1", "--to", dev)
+            assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+            lines = refused.stdout.splitlines()
+            assert lines[0] == f"deploy {model}@1 to {dev}" and lines[1].split()[:3] == ["DEVICE", "STATE", "VERSION"]
+            assert lines[2].split()[:2] == [dev, "failed"] and "untrusted_key" in lines[2], refused.stdout
+        finally:
+            _stop(agent)
+
+        # The operator trusts their key (as the template's comment says), restarts, deploys again.
+        public = load_private_key(key_file).public_key()
+        config.write_text(config.read_text() + f'"{key_id(public)}" = "{public_text(public)}"\n')
+        agent = _run(config, device)
+        try:
+            online(2)
+            done = _fleet(broker, "deploy", f"{model}@1", "--to", dev)
+            assert done.returncode == 0, done.stdout + done.stderr
+            row = done.stdout.splitlines()[2].split()
+            assert row[:4] == [dev, "active", "1", "1"], done.stdout
+            assert dev in done.stderr and "active" in done.stderr  # the plain progress lines
+            status = _fleet(broker, "status", "--model", model, "--format", "json")
+            assert [json.loads(line)["state"] for line in status.stdout.splitlines()] == ["active"], status.stdout
+        finally:
+            _stop(agent)
+
+
+def test_watch_prints_plain_lines_without_rich(broker: Broker) -> None:
+    # A retained result: `watch --count 1` gets it at once; the rich markup must not leak into plain text.
+    import paho.mqtt.publish as publish
+
+    dev = f"plain-{uuid.uuid4().hex[:6]}"
+    payload = {"seq": 7, "pipeline": "colors", "ts": 0, "classes": [{"label": "red", "score": 0.99}]}
+    publish.single(f"lepton/{dev}/results/colors", json.dumps(payload), qos=1, retain=True,
+                   hostname="127.0.0.1", port=broker.port)
+    r = subprocess.run([sys.executable, "-c", NO_RICH, "watch", dev, "--format", "table", "--count", "1",
+                        "--seconds", "60", "--broker", broker.url], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    header, line = r.stdout.splitlines()
+    assert header.startswith(f"watching lepton/{dev}/results/# on ")
+    assert line.endswith(f" {dev} colors #7 red 0.99") and "[" not in line, line
