@@ -147,8 +147,10 @@ class FleetView:
         self.link.publish(self.topics.device("all").presence, b'{"v": 1}', qos=1)
 
     def snapshot(self) -> list[DeviceView]:
+        """The devices seen; for one model only those with a state of it (a status alone says nothing of it)."""
         with self.cond:
-            return [dataclasses.replace(d) for d in sorted(self.devices.values(), key=lambda v: v.device)]
+            return [dataclasses.replace(d) for d in sorted(self.devices.values(), key=lambda v: v.device)
+                    if self.model is None or d.state is not None]
 
     def wait(self, expected: set[str] | None, settle_s: float, deadline: float, stop: threading.Event,
              tick: float = 0.2) -> bool:
