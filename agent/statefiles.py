@@ -13,6 +13,7 @@ made. The warning says which file, where it went, and what its loss costs.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -103,3 +104,12 @@ def sqlite_check(db: sqlite3.Connection) -> None:
     rows = db.execute("PRAGMA quick_check").fetchall()
     if [r[0] for r in rows] != ["ok"]:
         raise Corrupt("; ".join(str(r[0]) for r in rows[:3]))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable: fsync the directory itself."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

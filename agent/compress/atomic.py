@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from agent.errors import LeptonError
+from agent.statefiles import fsync_dir
 
 
 def write_together(files: dict[Path, bytes]) -> None:
@@ -25,18 +26,10 @@ def write_together(files: dict[Path, bytes]) -> None:
         for path, temporary in temporaries.items():
             os.replace(temporary, path)
         for folder in {p.parent for p in files}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except OSError as exc:
         raise LeptonError(f"cannot write {exc.filename or ', '.join(map(str, files))}: {exc.strerror}") from None
     finally:
         for temporary in temporaries.values():
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

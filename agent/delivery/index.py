@@ -11,17 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import LeptonError
-from agent.statefiles import Corrupt, open_or_quarantine
+from agent.statefiles import Corrupt, fsync_dir, open_or_quarantine
 
 INDEX_VERSION = 1
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import ssl
 import stat
 from pathlib import Path
 
 from agent.config import MqttSection
+from agent.credentials import read_secret
 from agent.errors import BadInput
 
 
 def read_password(auth_file: Path | None, env_name: str | None, env: dict[str, str] | None = None) -> str | None:
     """The broker password from its file (first line) or variable; BadInput names where it was looked for."""
-    if auth_file is not None:
-        try:
-            text = auth_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise BadInput(f"mqtt.auth.password_file: {auth_file}: cannot read ({exc.strerror})") from None
-        lines = text.splitlines()
-        if not lines or not lines[0]:
-            raise BadInput(f"mqtt.auth.password_file: {auth_file}: empty")
-        return lines[0]
-    if env_name is not None:
-        value = (env if env is not None else os.environ).get(env_name)
-        if not value:
-            raise BadInput(f"mqtt.auth.password_env: {env_name} is not set")
-        return value
-    return None
+    return read_secret(auth_file, env_name, "mqtt.auth.", env)
 
 
 def tls_context(settings: MqttSection) -> ssl.SSLContext:

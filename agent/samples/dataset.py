@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from agent.statefiles import fsync_dir
+
 KIND_FOLDERS = {".jpg": "images", ".wav": "audio"}
 LABELS = "labels.jsonl"
 COCO = "coco.json"
@@ -64,7 +66,7 @@ def place(folder: Path, verified: Path, sidecar: dict[str, Any]) -> None:
     (folder / kind).mkdir(exist_ok=True)
     (folder / "samples").mkdir(exist_ok=True)
     os.replace(verified, folder / kind / verified.name)
-    _fsync_dir(folder / kind)
+    fsync_dir(folder / kind)
     _write_atomic(folder / "samples" / f"{verified.stem}.json", json.dumps(sidecar, indent=1).encode())
 
 
@@ -147,12 +149,4 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.chmod(name, 0o644)
     os.replace(name, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)

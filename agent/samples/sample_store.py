@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.statefiles import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_ID = re.compile(r"^[0-9]{13}-[A-Za-z0-9_.-]{1,64}-[0-9]{1,9}$")
@@ -104,7 +106,7 @@ class SampleStore:
                 return False
             _write(self.folder / f"{sid}{suffix}", data)
             _write(self.folder / f"{sid}.json", meta)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except OSError as exc:
             logger.warning("capture: cannot store sample %s (%s)", sid, exc.strerror or exc)
             with contextlib.suppress(OSError):
@@ -161,11 +163,3 @@ def _write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,6 +20,7 @@ import threading
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from agent.credentials import read_secret
 from agent.errors import BadInput
 from agent.sources.base import register_source
 from agent.sources.camera import OpenCVDevice, _quiet_cv2
@@ -35,25 +36,6 @@ FFMPEG_OPTIONS_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
 # set it take turns (an agent opens its cameras rarely; a camera that is down answers fast or
 # times out within `timeout`).
 _open_lock = threading.Lock()
-
-
-def read_secret(path: Any, env_name: str | None, env: dict[str, str] | None = None) -> str | None:
-    """The password from its file (first line) or variable; BadInput names where it was looked for."""
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise BadInput(f"source option password_file: {path}: cannot read ({exc.strerror})") from None
-        lines = text.splitlines()
-        if not lines or not lines[0]:
-            raise BadInput(f"source option password_file: {path}: empty")
-        return lines[0]
-    if env_name is not None:
-        value = (env if env is not None else os.environ).get(env_name)
-        if not value:
-            raise BadInput(f"source option password_env: {env_name} is not set")
-        return value
-    return None
 
 
 def with_credentials(uri: str, username: str | None, password: str | None) -> str:
@@ -133,7 +115,7 @@ class NetworkStream(LiveSource):
         self.scheme = uri.split("://", 1)[0].lower()
         if s.transport is not None and self.scheme not in ("rtsp", "rtsps"):
             raise BadInput(f"{self.name}: source option transport applies to rtsp:// streams only")
-        password = read_secret(s.password_file, s.password_env)
+        password = read_secret(s.password_file, s.password_env, "source option ")
         self._url = with_credentials(uri, s.username, password)
         """What FFmpeg opens: the only place the password is kept."""
         if s.username is not None:
