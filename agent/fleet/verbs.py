@@ -307,8 +307,20 @@ def _parse_ref(ref: str) -> tuple[str, Any]:
         raise BadInput(f"{ref!r}: {exc}") from None
 
 
-def cmd_deploy(args: argparse.Namespace, out: TextIO) -> int:
+def _send_tracked(to: str, link: Any, topics: Any, action: str, fields: dict[str, Any]) -> tuple[Any, set[str] | None]:
+    """Send a deploy or rollback command, watching its states from before it leaves (none is missed); returns
+    the view and the devices expected to answer (None for a group or all: whoever answers)."""
     from agent.fleet.watch import FleetView
+
+    request = uuid.uuid4().hex[:12]
+    view = FleetView(link, topics, request=request)
+    view.sync()
+    cmd = {"id": request, "action": action, **fields, "ts": time.time(), "v": 1}
+    link.publish_wait(topics.cmd(to), json.dumps(cmd).encode(), qos=1)
+    return view, None if to == "all" or to.startswith("group:") else {to}
+
+
+def cmd_deploy(args: argparse.Namespace, out: TextIO) -> int:
 
     name, version = _parse_ref(args.ref)
     _check_target(args.to)
@@ -322,15 +334,10 @@ def cmd_deploy(args: argparse.Namespace, out: TextIO) -> int:
     topics = _topics(args)
     link = _connect(args)
     try:
-        request = uuid.uuid4().hex[:12]
-        view = FleetView(link, topics, request=request)
-        view.sync()
-        cmd = {"id": request, "action": "deploy", **fields, "ts": time.time(), "v": 1}
-        link.publish_wait(topics.cmd(args.to), json.dumps(cmd).encode(), qos=1)
+        view, expected = _send_tracked(args.to, link, topics, "deploy", fields)
         if args.no_wait:
-            out.write(json.dumps({"sent": True, "id": request, "to": args.to}) + "\n")
+            out.write(json.dumps({"sent": True, "id": view.request, "to": args.to}) + "\n")
             return 0
-        expected = None if args.to == "all" or args.to.startswith("group:") else {args.to}
         complete = _follow(args, link, view, expected, out)
         return _finish(args, view, complete, out, f"deploy {name}@{version} to {args.to}")
     finally:
@@ -339,7 +346,6 @@ def cmd_deploy(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_rollback(args: argparse.Namespace, out: TextIO) -> int:
     from agent.delivery.signed_manifest import NAME_RE
-    from agent.fleet.watch import FleetView
     from agent.version import parse_version
 
     if not NAME_RE.match(args.name):
@@ -354,12 +360,7 @@ def cmd_rollback(args: argparse.Namespace, out: TextIO) -> int:
     topics = _topics(args)
     link = _connect(args)
     try:
-        request = uuid.uuid4().hex[:12]
-        view = FleetView(link, topics, request=request)
-        view.sync()
-        cmd = {"id": request, "action": "rollback", **fields, "ts": time.time(), "v": 1}
-        link.publish_wait(topics.cmd(args.to), json.dumps(cmd).encode(), qos=1)
-        expected = None if args.to == "all" or args.to.startswith("group:") else {args.to}
+        view, expected = _send_tracked(args.to, link, topics, "rollback", fields)
         stop = threading.Event()
         complete = view.wait(expected, args.settle, time.monotonic() + args.timeout, stop)
         return _finish(args, view, complete, out, f"rollback {args.name} on {args.to}")
