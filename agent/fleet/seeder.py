@@ -168,8 +168,21 @@ class Seeder:
             in_flight.append(self.link.client.publish(topic, body, qos=1))
             self.stats.published += 1
             self.stats.bytes += len(body)
-            while len(in_flight) > self.window:
-                in_flight.popleft().wait_for_publish(30.0)
+            while len(in_flight) > self.window and not stop.is_set():
+                _acked_or_stopped(in_flight.popleft(), stop)
+
+
+def _acked_or_stopped(info: mqtt.MQTTMessageInfo, stop: threading.Event, limit_s: float = 30.0) -> None:
+    """Wait for the broker's PUBACK (the window's back-pressure), but never past `stop`: a seeder that is told to
+    end owes nothing to publishes still in flight, and must not keep Ctrl-C waiting for them."""
+    deadline = time.monotonic() + limit_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            info.wait_for_publish(0.5)
+        except (RuntimeError, ValueError):
+            return  # not sent (no connection, queue full): the device that wants it asks again
+        if info.is_published():
+            return
 
 
 def serve(args: argparse.Namespace, out: TextIO, topics: FleetTopics) -> int:
@@ -190,7 +203,7 @@ def serve(args: argparse.Namespace, out: TextIO, topics: FleetTopics) -> int:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a seeder is meant to end
             stop.wait(args.seconds)
         stop.set()
-        worker.join(35.0)
+        worker.join(5.0)
     finally:
         link.close()
     report: dict[str, Any] = {**seeder.stats.__dict__, "seconds": round(time.monotonic() - started, 1)}
