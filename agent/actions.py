@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent import __version__
+from agent.command_bus import Handler, Later
 from agent.commands import (
     Bench,
     Capture,
@@ -23,8 +24,6 @@ from agent.commands import (
     CommandError,
     Configure,
     Deploy,
-    Handler,
-    Later,
     Rollback,
     Samples,
     Start,

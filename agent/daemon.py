@@ -22,11 +22,8 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.actions import Actions
 from agent.agent_state import AgentState
-from agent.commands import (
-    Command,
-    CommandBus,
-    Handler,
-)
+from agent.command_bus import CommandBus, Handler
+from agent.commands import Command
 from agent.config import Effective, PipelineSettings, parse_broker_url
 from agent.config_load import load
 from agent.delivery.service import DeliveryService, PipelineHooks

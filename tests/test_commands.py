@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.agent_state import AgentState
-from agent.commands import MAX_COMMAND_BYTES, Command, CommandBus, CommandError, Handler
+from agent.command_bus import CommandBus, Handler
+from agent.commands import MAX_COMMAND_BYTES, Command, CommandError
 
 
 class Bus:
@@ -232,7 +233,7 @@ def test_a_command_interrupted_by_a_crash_is_answered_at_the_next_start(tmp_path
 
 
 def test_an_answer_given_later_leaves_the_worker_free_and_is_sent_once(bus: Bus) -> None:
-    from agent.commands import Later
+    from agent.command_bus import Later
 
     pending = Later()
     bus.bus.handlers["bench"] = lambda c: pending

@@ -321,7 +321,8 @@ def test_bench_runs_the_running_model_off_the_command_worker_one_at_a_time(tmp_p
     # Fault 11: bench loaded the configured file (not what runs), with uncapped threads, in the command worker.
     from test_pipeline import Seen
 
-    from agent.commands import Bench, CommandError, Later
+    from agent.command_bus import Later
+    from agent.commands import Bench, CommandError
     from agent.config_load import load
     from agent.daemon import Agent
     from agent.variants import cheaper_variants
