@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.tasks.base import Inference
+from agent.tasks.task import Inference
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:

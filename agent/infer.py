@@ -60,7 +60,7 @@ def _is_audio_input(arg: str) -> bool:
 def _audio_run(args: argparse.Namespace) -> bool:
     """Wake word models and audio inputs take the audio path, which never imports OpenCV."""
     from agent.manifest import load_spec
-    from agent.tasks.base import RUNNER_MODULES
+    from agent.tasks.task import RUNNER_MODULES
 
     if args.task is not None:
         return args.task in RUNNER_MODULES
@@ -92,7 +92,7 @@ def _audio_runner(args: argparse.Namespace) -> tuple[Any, Any]:
 def _infer_audio(args: argparse.Namespace, out: TextIO) -> int:
     from agent.audio.stream import AUDIO_SOURCE_MODULES
     from agent.loop import run_items
-    from agent.sources.base import EndOfStream, open_source
+    from agent.sources.source import EndOfStream, open_source
 
     spec, runner = _audio_runner(args)
     model_ref = {"name": spec.name, "version": spec.version}
@@ -167,8 +167,8 @@ class _Stall:
 
 def _open_sources(uris: list[str], stream_options: dict[str, Any] | None = None) -> list[Any]:
     """A source per INPUT, all opened before any work starts; BadInput names the first that is wrong."""
-    from agent.sources.base import open_source
     from agent.sources.network import network_source
+    from agent.sources.source import open_source
 
     sources: list[Any] = []
     try:
@@ -185,7 +185,7 @@ def _open_sources(uris: list[str], stream_options: dict[str, Any] | None = None)
 
 def _items(source: Any, limit: int | None, stall_s: float | None = None) -> Iterator[Any]:
     """Items of one source until it ends or `limit`; a frame that cannot be decoded comes as its BadInput."""
-    from agent.sources.base import EndOfStream
+    from agent.sources.source import EndOfStream
 
     count, waited_since = 0, time.monotonic()
     while limit is None or count < limit:
@@ -218,7 +218,7 @@ def infer_command(args: argparse.Namespace, out: TextIO) -> int:
 
 def _infer(args: argparse.Namespace, sources: list[Any], out: TextIO) -> int:
     from agent.loop import run_items
-    from agent.sources.base import EndOfStream
+    from agent.sources.source import EndOfStream
 
     spec, inference = _inference(args)
     if inference.task.item_kind != "image":
@@ -269,7 +269,7 @@ def _bench_audio(args: argparse.Namespace, out: TextIO) -> int:
     from agent.audio.realtime import bench_audio
     from agent.audio.stream import AUDIO_SOURCE_MODULES
     from agent.sources.audio import MicSource
-    from agent.sources.base import EndOfStream, open_source
+    from agent.sources.source import EndOfStream, open_source
 
     _, runner = _audio_runner(args)
     clips = []

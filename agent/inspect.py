@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.manifest import ModelSpec
 from agent.runtime import Model
-from agent.tasks.base import recognise
+from agent.tasks.task import recognise
 
 
 def describe(model: Model, spec: ModelSpec) -> dict[str, Any]:

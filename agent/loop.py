@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent.errors import BadInput
-from agent.sources.base import Item, Source
-from agent.tasks.base import Runner
+from agent.sources.source import Item, Source
+from agent.tasks.task import Runner
 
 READ_TIMEOUT_S = 0.25
 """Longest a loop waits on its source before looking at its stop condition again."""

@@ -42,7 +42,7 @@ from agent.pipeline import Pipeline
 from agent.runtime import Model
 from agent.sdnotify import Watchdog
 from agent.slot import ModelSlot, build_runner
-from agent.tasks.base import Runner
+from agent.tasks.task import Runner
 from agent.tomlpos import find_line
 from agent.version import Version, version_key
 

@@ -39,10 +39,10 @@ from agent.runtime import Model
 from agent.samples.capturer import CaptureWriter, PipelineCapture
 from agent.sdnotify import Watchdog
 from agent.slot import ItemObserver, LoopHealth, ModelSlot, build_runner
-from agent.sources.base import Item, Source, open_source
 from agent.sources.capture import redact
+from agent.sources.source import Item, Source, open_source
 from agent.supervisor import STOP_WAIT_S, PipelineStats, Supervisor
-from agent.tasks.base import Runner
+from agent.tasks.task import Runner
 from agent.telemetry import StageRings
 
 logger = logging.getLogger(__name__)

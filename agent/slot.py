@@ -34,7 +34,7 @@ from agent.errors import BadInput, LeptonError
 from agent.manifest import ModelSpec, load_spec
 from agent.profiles import Profile
 from agent.runtime import Model
-from agent.tasks.base import Runner, interpreter_threads
+from agent.tasks.task import Runner, interpreter_threads
 from agent.variants import ModelVariant, variant_spec
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class ModelSlot:
     def prepare(self, spec: ModelSpec) -> tuple[Model, Runner]:
         """Load `spec` with this slot's backend, threads and task: ready to swap in (BadInput)."""
         # Never more interpreter threads than cores: oversubscribed XNNPACK threads spin against each other;
-        # and a streaming task's tiny graphs take one whatever the profile says (tasks.base.TASK_THREADS).
+        # and a streaming task's tiny graphs take one whatever the profile says (tasks.task.TASK_THREADS).
         threads = interpreter_threads(spec, min(self.profile.threads, os.cpu_count() or 1), self.settings.task)
         model = Model(spec.path, backend=self.backend, threads=threads)
         return model, build_runner(model, spec, self.settings.task)

@@ -24,7 +24,7 @@ from agent.config import SupervisorSection
 from agent.errors import BadInput, LeptonError
 from agent.policy import PolicyStats
 from agent.sdnotify import Heartbeat, Watchdog
-from agent.sources.base import EndOfStream
+from agent.sources.source import EndOfStream
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from agent.pipeline import Pipeline  # noqa: E402
 from agent.profiles import load_profile  # noqa: E402
 from agent.samples.capturer import CaptureWriter  # noqa: E402
 from agent.samples.sample_store import SampleStore  # noqa: E402
-from agent.sources.base import Item, Source, register_source  # noqa: E402
+from agent.sources.source import Item, Source, register_source  # noqa: E402
 
 FRAMES: list[np.ndarray[Any, Any]] = []
 

@@ -42,7 +42,7 @@ from rtsp_camera import RtspCamera, read_stamp, server_available  # noqa: E402
 
 from agent.manifest import load_spec  # noqa: E402
 from agent.runtime import Model  # noqa: E402
-from agent.sources.base import open_source  # noqa: E402
+from agent.sources.source import open_source  # noqa: E402
 from agent.tasks import Inference, create_task  # noqa: E402
 from agent.vision.cv import cv2  # noqa: E402
 

@@ -42,8 +42,8 @@ from fetch_models import fetch  # noqa: E402
 from agent.bench import bench  # noqa: E402
 from agent.manifest import load_spec  # noqa: E402
 from agent.runtime import Model, load_backend  # noqa: E402
-from agent.sources.base import EndOfStream, open_source  # noqa: E402
 from agent.sources.capture import LiveSource  # noqa: E402
+from agent.sources.source import EndOfStream, open_source  # noqa: E402
 from agent.tasks import Inference, create_task  # noqa: E402
 from agent.vision.cv import cv2  # noqa: E402
 

@@ -81,21 +81,21 @@ RegisterSource = Callable[[Callable[[str], bool], Any], None]
 def source_kind() -> Iterator[RegisterSource]:
     """Register a test's own source kind for that test only: the registry is global, so a kind left behind
     would answer for its URI in every later test of the session."""
-    from agent.sources import base
+    from agent.sources import source as registry
 
     # The real kinds register on first import; import them now so that restoring the snapshot below
     # cannot drop kinds whose modules a test happened to import first (they would never register again).
-    for name in base.SOURCE_MODULES:
+    for name in registry.SOURCE_MODULES:
         importlib.import_module(name)
-    saved = list(base._REGISTRY)
+    saved = list(registry._REGISTRY)
 
     def register(matcher: Callable[[str], bool], factory: Any) -> None:
-        base.register_source(matcher)(factory)
+        registry.register_source(matcher)(factory)
 
     try:
         yield register
     finally:
-        base._REGISTRY[:] = saved
+        registry._REGISTRY[:] = saved
 
 
 # DESIGN §7: the core suite runs on both runtimes. These modules test code that does not depend on the

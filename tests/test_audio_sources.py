@@ -28,8 +28,8 @@ from agent.errors import BadInput
 from agent.manifest import load_spec
 from agent.runtime import Model
 from agent.sources.audio import MicSource, StdinSource, WavSource, parse_mic_uri
-from agent.sources.base import EndOfStream, Item, Source, open_source
 from agent.sources.microphone import ArecordCapture, is_overrun_message
+from agent.sources.source import EndOfStream, Item, Source, open_source
 from agent.tasks.wakeword import MODEL_OPTIONS, WakeWordModel, WakeWordRunner
 
 ALEXA = next(p for p in RECORDINGS if word_of(p) == "alexa")

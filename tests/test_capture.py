@@ -21,8 +21,8 @@ from agent.pipeline import Pipeline
 from agent.profiles import load_profile
 from agent.samples.capturer import CaptureWriter, Pending
 from agent.samples.sample_store import SampleStore
-from agent.sources.base import Item, register_source
 from agent.sources.files import ImageFiles
+from agent.sources.source import Item, register_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from face_photos import PHOTOS

@@ -24,7 +24,7 @@ from agent.config import PipelineSettings, SupervisorSection
 from agent.manifest import load_spec
 from agent.pipeline import Pipeline
 from agent.profiles import load_profile
-from agent.sources.base import Item, Source
+from agent.sources.source import Item, Source
 
 
 def write_config(tmp: Path, port: int, fixtures: Path, extra_pipeline: str = "", device: str = "dev1",

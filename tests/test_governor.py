@@ -17,7 +17,7 @@ from agent.manifest import load_spec
 from agent.monitor import Monitor
 from agent.pipeline import Pipeline
 from agent.profiles import Profile, load_profile
-from agent.sources.base import Item, Source
+from agent.sources.source import Item, Source
 from agent.telemetry import CpuShare
 from agent.variants import cheaper_variants
 

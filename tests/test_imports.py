@@ -120,6 +120,5 @@ def test_delivery_does_not_reach_the_daemon() -> None:
 
 
 def test_no_file_name_twice_in_agent() -> None:
-    # `base.py` is each package's seam (tasks/, sources/), named by its folder like `__init__.py`.
-    names = [p.name for p in (ROOT / "agent").rglob("*.py") if p.name not in ("__init__.py", "base.py")]
+    names = [p.name for p in (ROOT / "agent").rglob("*.py") if p.name != "__init__.py"]
     assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -14,7 +14,7 @@ from agent.config import PipelineSettings, SupervisorSection
 from agent.errors import LeptonError
 from agent.pipeline import Pipeline
 from agent.profiles import load_profile
-from agent.sources.base import Item, Source
+from agent.sources.source import Item, Source
 
 
 class Seen:

@@ -28,9 +28,9 @@ from rtsp_camera import RtspCamera, face_box, server_available
 from test_daemon import Daemon, fleet
 from test_homeassistant import home_assistant
 
-from agent.sources.base import open_source
 from agent.sources.capture import LiveSource, redact
 from agent.sources.network import ffmpeg_options, with_credentials
+from agent.sources.source import open_source
 from agent.vision.nms import iou_one_to_many
 
 USER, PASSWORD = "admin", "Gr33n-Fr0g!sec"

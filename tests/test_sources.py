@@ -17,9 +17,9 @@ import pytest
 from conftest import run_cli
 
 from agent.errors import BadInput
-from agent.sources.base import EndOfStream, Item, Source, open_source
 from agent.sources.camera import libcamera_pipeline
 from agent.sources.capture import LiveSource, redact
+from agent.sources.source import EndOfStream, Item, Source, open_source
 
 WAIT = 30.0  # generous upper bound for every wait; the tests never sleep
 

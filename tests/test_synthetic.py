@@ -9,7 +9,7 @@ import pytest
 from agent.errors import BadInput
 from agent.manifest import load_spec
 from agent.runtime import Model
-from agent.sources.base import EndOfStream, open_source
+from agent.sources.source import EndOfStream, open_source
 from agent.tasks import Inference, create_task
 
 

@@ -216,7 +216,7 @@ def test_a_stream_runs_on_one_interpreter_with_one_thread(models_dir: Path, reco
     # LiteRT) costs 20-300 invokes, so it happens per stream, never per chunk or per detection; and the agent
     # builds wake word interpreters with one thread whatever the profile says (a pool makes each invoke ~5x
     # slower on LiteRT).
-    from agent.tasks.base import interpreter_threads
+    from agent.tasks.task import interpreter_threads
 
     spec = load_spec(_manifest(models_dir, WORDS[0]))
     assert interpreter_threads(spec, 4) == 1 and interpreter_threads(spec, None) == 1

@@ -39,7 +39,7 @@ from agent.compress.atomic import write_together
 from agent.errors import BadInput
 from agent.manifest import Manifest, ModelSpec, load_spec
 from agent.runtime import Model, load_backend
-from agent.tasks.base import Inference, create_task
+from agent.tasks.task import Inference, create_task
 
 _INTEGER_ACTIVATIONS = frozenset({"int8", "uint8", "int16"})
 

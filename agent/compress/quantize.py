@@ -148,7 +148,7 @@ def quantize_model(
             logger.info("--calib: %s needs no calibration; the inputs are not used", scheme)
         task = spec.task
         if task is None:
-            from agent.tasks.base import recognise
+            from agent.tasks.task import recognise
 
             task = recognise(float_model).task
         del float_model

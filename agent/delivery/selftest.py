@@ -27,7 +27,7 @@ from agent.errors import BadInput, LeptonError
 from agent.manifest import Manifest, ModelSpec
 from agent.modelfile import read_model_file
 from agent.runtime import Model
-from agent.tasks.base import Inference, Runner, Task, create_task, interpreter_threads
+from agent.tasks.task import Inference, Runner, Task, create_task, interpreter_threads
 
 logger = logging.getLogger(__name__)
 

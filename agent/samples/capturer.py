@@ -28,13 +28,13 @@ import numpy as np
 
 from agent.config import SampleCaptureSettings
 from agent.samples.sample_store import SampleStore
-from agent.sources.base import Item
-from agent.tasks.base import Runner
+from agent.sources.source import Item
+from agent.tasks.task import Runner
 
 logger = logging.getLogger(__name__)
 
 AUDIO_RATE = 16000
-"""Audio items are int16 mono at this rate (agent.sources.base.Item)."""
+"""Audio items are int16 mono at this rate (agent.sources.source.Item)."""
 QUEUE_ITEMS = 16
 """Samples waiting for the writer at most; a full queue drops (and counts) rather than blocks."""
 JPEG_QUALITY = 92

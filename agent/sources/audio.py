@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.audio.pcm import S16_MONO_16K, TARGET_RATE, PcmConverter, WavInfo, read_wav_info
 from agent.errors import BadInput
-from agent.sources.base import EndOfStream, Item, Source, register_source
 from agent.sources.microphone import CAPTURES, Capture, CaptureSettings, DeviceLost
+from agent.sources.source import EndOfStream, Item, Source, register_source
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from agent.errors import BadInput
-from agent.sources.base import register_source
 from agent.sources.capture import Device, DeviceError, LiveSource
+from agent.sources.source import register_source
 
 logger = logging.getLogger(__name__)
 

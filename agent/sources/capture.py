@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import BadInput
-from agent.sources.base import EndOfStream, Item, Source, SourceStats
+from agent.sources.source import EndOfStream, Item, Source, SourceStats
 
 logger = logging.getLogger(__name__)
 

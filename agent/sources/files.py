@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from agent.errors import BadInput
-from agent.sources.base import EndOfStream, Item, Source, register_source
 from agent.sources.capture import Device, DeviceError, LiveSource, frame_options
+from agent.sources.source import EndOfStream, Item, Source, register_source
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from agent.credentials import read_secret
 from agent.errors import BadInput
-from agent.sources.base import register_source
 from agent.sources.camera import OpenCVDevice, _quiet_cv2
 from agent.sources.capture import Device, DeviceError, LiveSource, redact
+from agent.sources.source import register_source
 
 logger = logging.getLogger(__name__)
 

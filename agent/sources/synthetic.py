@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import BadInput
-from agent.sources.base import EndOfStream, Item, Source, register_source
+from agent.sources.source import EndOfStream, Item, Source, register_source
 
 PATTERNS = ("colors", "pattern")
 # BGR, as every frame source delivers.

@@ -4,6 +4,6 @@ Each task registers under a key (`classify`, `tensors`, …) and says whether a 
 fits it. `recognise()` names the task a bare model would be run as, from its tensors.
 """
 
-from agent.tasks.base import TASKS, Inference, Runner, Task, create_runner, create_task, recognise, register
+from agent.tasks.task import TASKS, Inference, Runner, Task, create_runner, create_task, recognise, register
 
 __all__ = ["TASKS", "Inference", "Runner", "Task", "create_runner", "create_task", "recognise", "register"]

@@ -15,7 +15,7 @@ import numpy as np
 from agent.errors import BadInput
 from agent.manifest import ModelSpec, Preprocess
 from agent.runtime import Model
-from agent.tasks.base import Task, register
+from agent.tasks.task import Task, register
 from agent.vision.decoders import DECODERS, Decoder, match_decoder
 from agent.vision.preprocess import ImagePreprocessor
 

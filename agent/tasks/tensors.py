@@ -10,7 +10,7 @@ import numpy as np
 from agent.errors import BadInput
 from agent.manifest import ModelSpec
 from agent.runtime import Model
-from agent.tasks.base import Task, register
+from agent.tasks.task import Task, register
 
 # Outputs larger than this are summarised instead of listed.
 MAX_LISTED_VALUES = 4096

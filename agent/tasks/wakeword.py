@@ -39,7 +39,7 @@ from pymicro_features import MicroFrontend
 from agent.errors import BadInput
 from agent.manifest import ModelSpec
 from agent.runtime import Model
-from agent.tasks.base import TASK_THREADS, Latency, Runner, register_runner
+from agent.tasks.task import TASK_THREADS, Latency, Runner, register_runner
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ model fits from its output tensors. Per frame, work grows with the number of
 candidates above the score threshold, not with the number of anchors: scores
 are compared before anything else is decoded.
 
-numpy only: `agent.tasks.base.recognise` may use this module without OpenCV.
+numpy only: `agent.tasks.task.recognise` may use this module without OpenCV.
 """
 
 from __future__ import annotations
