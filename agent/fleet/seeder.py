@@ -11,10 +11,10 @@ out once for all the devices waiting for it: requests that arrive while the seed
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -200,8 +200,14 @@ def serve(args: argparse.Namespace, out: TextIO, topics: FleetTopics) -> int:
         out.flush()
         worker = threading.Thread(target=seeder.run, args=(stop,), name="seeder", daemon=True)
         worker.start()
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a seeder is meant to end
+        # Ctrl-C or SIGTERM (a service manager) is how a seeder is meant to end. Handlers set here, not Python's
+        # default: a process started in the background by a non-interactive shell inherits SIGINT ignored.
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
             stop.wait(args.seconds)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         stop.set()
         worker.join(5.0)
     finally:
