@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.statefiles import SQLITE_SIDE_FILES, Episode, disk_full, open_or_quarantine, sqlite_check
+from agent.statefiles import SQLITE_SIDE_FILES, Episode, disk_full, open_or_quarantine, sqlite_check, write_transaction
 
 MEMORY_KEEP = 1000
 """Command ids kept in memory while the disk is full."""
@@ -131,15 +131,9 @@ class AgentState:
         if not self._unwritten:
             return
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with write_transaction(self._db):
                 self._db.executemany("INSERT OR REPLACE INTO commands (id, ts, reply) VALUES (?, ?, ?)",
                                      [(cid, ts, reply) for cid, (ts, reply) in self._unwritten.items()])
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
         except sqlite3.OperationalError as exc:
             if not disk_full(exc):
                 raise

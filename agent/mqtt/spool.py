@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.statefiles import SQLITE_SIDE_FILES, Episode, disk_full, open_or_quarantine, sqlite_check
+from agent.statefiles import SQLITE_SIDE_FILES, Episode, disk_full, open_or_quarantine, sqlite_check, write_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -127,25 +127,22 @@ class Spool:
             size = len(payload)
             figures = self._dropped, self._queued, self._bytes
             try:
-                self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    if self._bytes + size > self.cap_bytes:
-                        self._make_room(size)
-                    self._db.execute(
-                        "INSERT INTO results (pipeline, seq, topic, payload) VALUES (?, ?, ?, ?)",
-                        (pipeline, seq, topic, payload),
-                    )
-                    self._db.execute(
-                        "INSERT INTO counters (name, value) VALUES (?, ?) "
-                        "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
-                        (f"seq:{pipeline}", seq),
-                    )
-                    if self._unsaved_drops:
-                        self._save_dropped()
-                    self._db.execute("COMMIT")
+                    with write_transaction(self._db):
+                        if self._bytes + size > self.cap_bytes:
+                            self._make_room(size)
+                        self._db.execute(
+                            "INSERT INTO results (pipeline, seq, topic, payload) VALUES (?, ?, ?, ?)",
+                            (pipeline, seq, topic, payload),
+                        )
+                        self._db.execute(
+                            "INSERT INTO counters (name, value) VALUES (?, ?) "
+                            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                            (f"seq:{pipeline}", seq),
+                        )
+                        if self._unsaved_drops:
+                            self._save_dropped()
                 except BaseException:
-                    if self._db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
-                        self._db.execute("ROLLBACK")
                     self._dropped, self._queued, self._bytes = figures
                     raise
             except sqlite3.OperationalError as exc:
@@ -219,8 +216,7 @@ class Spool:
                 return 0
             removed = freed = 0
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+                with write_transaction(self._db):
                     for start in range(0, len(ids), 500):
                         chunk = ids[start : start + 500]
                         marks = ",".join("?" * len(chunk))
@@ -231,11 +227,6 @@ class Spool:
                         self._db.execute(f"DELETE FROM results WHERE id IN ({marks})", chunk)  # noqa: S608
                         removed += int(n)
                         freed += int(size)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
             except sqlite3.OperationalError as exc:
                 if not disk_full(exc):
                     raise
