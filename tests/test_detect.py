@@ -17,7 +17,7 @@ from agent.runtime import Model
 from agent.tasks import Inference, create_task, recognise
 from agent.vision.anchors import BLAZEFACE_ANCHORS, ssd_anchors
 from agent.vision.decoders import match_decoder
-from agent.vision.nms import iou_one_to_many, nms, weighted_nms
+from agent.vision.nms import SMALL_N, _weighted_nms_large, iou_one_to_many, nms, weighted_nms
 from agent.vision.snapshot import snapshot_jpeg
 
 SQUARES = ("squares_ssd_uint8", "squares_yolov5_int8", "squares_yolov8_int8", "squares_yolov8_float")
@@ -181,6 +181,43 @@ def test_nms_per_class_and_weighted() -> None:
     assert merged[0] == pytest.approx((boxes[0] * 0.9 + boxes[1] * 0.8) / 1.7)
     empty = nms(np.empty((0, 4), np.float32), np.empty(0, np.float32), 0.5, 10)
     assert empty.size == 0
+
+
+def _weighted_nms_in_order(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[np.ndarray, list]:
+    """MediaPipe's WeightedNonMaxSuppression, loop for loop: float32 sums of one candidate after the other."""
+    f32 = np.float32
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    merged, kept = [], []
+    while order:
+        best = order[0]
+        ious = iou_one_to_many(boxes[best], boxes)
+        group = [j for j in order if ious[j] > threshold] or [best]
+        order = [j for j in order[1:] if not ious[j] > threshold]
+        total, acc = f32(0), np.zeros(4, f32)
+        for j in group:
+            total = f32(total + scores[j])
+            acc = (acc + boxes[j] * scores[j]).astype(f32)
+        merged.append(acc / total)
+        kept.append(scores[best])
+    return np.array(merged, f32), kept
+
+
+def test_weighted_nms_sums_each_group_in_order() -> None:
+    # Groups of up to 20 boxes (a face seen by many anchors) and several groups at once (shorter ones padded):
+    # the weights are summed one after the other as MediaPipe does, not pairwise as numpy sums a 1-D array
+    # (which differs in the last bit for 8 or more terms), on both the small and the large path.
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(8, SMALL_N + 1))
+        centres = rng.random((n, 2), dtype=np.float32) * 0.1 + rng.integers(0, 3, (n, 1)).astype(np.float32) * 0.4
+        sizes = rng.random((n, 2), dtype=np.float32) * 0.05 + 0.2
+        boxes = np.concatenate((centres, centres + sizes), axis=1)
+        scores = rng.random(n, dtype=np.float32)
+        want_boxes, want_scores = _weighted_nms_in_order(boxes, scores, 0.3)
+        for merged, kept in (weighted_nms(boxes, scores, 0.3, 100), _weighted_nms_large(boxes, scores, 0.3, 100)):
+            assert merged.dtype == np.float32 and np.array_equal(merged, want_boxes)
+            assert kept.tolist() == want_scores
+    assert weighted_nms(boxes, scores, 0.3, 1)[0].shape == (1, 4)
 
 
 def _decode(jpeg: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
