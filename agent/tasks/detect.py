@@ -64,13 +64,18 @@ class Detect(Task):
 
     def postprocess(self) -> dict[str, Any]:
         found = self.decoder.decode()
-        boxes = self.preprocessor.map_boxes(found.boxes) if found.boxes.shape[0] else found.boxes
+        if not found.boxes.shape[0]:
+            return {"task": "detect", "detections": []}
+        boxes = self.preprocessor.map_boxes(found.boxes).tolist()
+        scores = found.scores.tolist()
         labels = self.labels
-        detections = []
-        for box, score, cls in zip(boxes.tolist(), found.scores.tolist(), found.classes.tolist(), strict=True):
-            label = labels[cls] if 0 <= cls < len(labels) else str(cls)
-            detections.append({"label": label, "score": round(score, 6), "box": [round(v, 5) for v in box]})
-        return {"task": "detect", "detections": detections}
+        if found.classes is None:
+            names = [labels[0] if labels else "0"] * len(scores)
+        else:
+            names = [labels[c] if 0 <= c < len(labels) else str(c) for c in found.classes.tolist()]
+        return {"task": "detect", "detections": [
+            {"label": name, "score": round(score, 6), "box": [round(x0, 5), round(y0, 5), round(x1, 5), round(y1, 5)]}
+            for name, score, (x0, y0, x1, y1) in zip(names, scores, boxes, strict=True)]}
 
     def synthetic_item(self) -> Any:
         return np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)

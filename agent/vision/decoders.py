@@ -47,7 +47,7 @@ class Detections:
 
     boxes: Array  # [N, 4] float32 xmin, ymin, xmax, ymax
     scores: Array  # [N] float32
-    classes: Array  # [N] int
+    classes: Array | None  # [N] int; None: a one-class model, every detection class 0
 
 
 _EMPTY = Detections(np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.intp))
@@ -320,13 +320,15 @@ class BlazeFace(Decoder):
         scores = np.exp(-logits[cand])
         scores += 1.0
         np.reciprocal(scores, out=scores)
-        valid = raw[:, 2] > 0
-        valid &= raw[:, 3] > 0
-        if not valid.all():
+        sized = raw[:, 2:4] > 0
+        if not _all(sized, axis=None):  # a box of no width or height: MediaPipe drops it
+            valid = _all(sized, axis=1)
             boxes, scores = boxes[valid], scores[valid]
         boxes, scores = weighted_nms(boxes, scores, self.iou_threshold, self.max_results)
-        return Detections(boxes, scores, np.zeros(scores.shape[0], np.intp))
+        return Detections(boxes, scores, None)
 
+
+_all = np.logical_and.reduce  # ndarray.all without its Python wrapper
 
 # (x, y, w, h) → (x - w/2, y - h/2, x + w/2, y + h/2)
 _CORNERS = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [-0.5, 0, 0.5, 0], [0, -0.5, 0, 0.5]], np.float32)
