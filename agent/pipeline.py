@@ -111,6 +111,8 @@ class Pipeline:
         self._frames = False
         self._next_due = 0.0
         self._now = 0.0
+        self._held = False
+        """The runner's gate held the current item's result back: counted by the policy, built by no one."""
         self._rate_t, self._rate_n = 0.0, 0
         self._limit_fps: Callable[[float | None], None] | None = None
         self._limited: float | None = None
@@ -274,6 +276,7 @@ class Pipeline:
         source.open()
         self.supervisor.set_state("running")
         self._runner, self._model_ref = runner, self.slot.model_ref()
+        runner.gate = self._gate
         self._frames = source.kind == "frames"
         self._next_due = 0.0
         self._rate_t, self._rate_n = time.monotonic(), 0
@@ -330,6 +333,7 @@ class Pipeline:
             return
         spec, runner = taken[0], taken[2]
         self._runner, self._model_ref = runner, self.slot.model_ref()
+        runner.gate = self._gate
         self.rings.clear()  # the percentiles describe the model that runs now
         self.stats.swaps += 1
         if before is None or (before.name, before.version) != (spec.name, spec.version):
@@ -345,6 +349,7 @@ class Pipeline:
         if source is not None:
             stats.source_dropped = self._dropped_before + source.stats.dropped
         self._now = now = time.monotonic()
+        self._held = False
         if not self._frames:
             return True
         interval = 1.0 / self.max_fps
@@ -355,6 +360,13 @@ class Pipeline:
             return False
         self._next_due = max(self._next_due, now - 0.5 * interval) + interval
         return True
+
+    def _gate(self, labels: list[str], scores: list[float]) -> bool:
+        """`Runner.gate`: a result is built only when the policy lets it out, or when something sees them all."""
+        if self.slot.observer is not None or self.capture is not None:
+            return True
+        self._held = self.policy.holds_back(labels, scores, self._now)
+        return not self._held
 
     def _emit(self, item: Item, results: list[dict[str, Any]], runner: Runner) -> None:
         stats = self.stats
@@ -371,7 +383,8 @@ class Pipeline:
         slot = self.slot
         if slot.sample_wanted.is_set():
             slot.take_sample(item.data)
-        observer = slot.observer
+        # An item held back by the gate has no result to show; an observer attached since then skips it.
+        observer = None if self._held else slot.observer
         disagreed = False
         if observer is not None:
             # A shadow trial counts items and agreements; an observer that does not cannot disagree.

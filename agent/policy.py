@@ -31,6 +31,10 @@ def _minus_score(entry: dict[str, Any]) -> float:
     return -float(entry.get("score", 0.0))
 
 
+def _minus_first(pair: tuple[float, str]) -> float:
+    return -pair[0]
+
+
 @dataclass
 class PolicyStats:
     passed: int = 0
@@ -91,6 +95,30 @@ class ResultPolicy:
             return False
         return not self._allowed or str(entry.get("label")) in self._allowed
 
+    def holds_back(self, labels: list[str], scores: list[float], now: float) -> bool:
+        """Whether `apply` would hold back, at `now`, a list result (classes or detections) with these labels and
+        scores, counted as `apply` counts it: a runner asks before it builds the result (`Runner.gate`)."""
+        allowed = self._allowed
+        threshold = self.threshold
+        chosen = [(score, label) for label, score in zip(labels, scores, strict=True)
+                  if score >= threshold and (not allowed or label in allowed)]
+        if len(chosen) > self.settings.max_results:
+            chosen.sort(key=_minus_first)  # stable, as `_kept` sorts: the same entries are cut
+            del chosen[self.settings.max_results:]
+        return self._held(tuple(sorted(label for _, label in chosen)), now)
+
+    def _held(self, signature: tuple[str, ...] | None, now: float) -> bool:
+        """True (and counted) when a result of this label signature (None: an event) is held back at `now`."""
+        if signature is not None and self.settings.on_change and signature == self._last_signature:
+            heartbeat = self.settings.heartbeat_s
+            if heartbeat <= 0 or now - self._last_out < heartbeat:
+                self.stats.unchanged += 1
+                return True
+        if now - self._last_out < self._min_interval:
+            self.stats.rate_limited += 1
+            return True
+        return False
+
     def apply(self, result: dict[str, Any], now: float, frame: Any = None) -> dict[str, Any] | None:
         """The result to publish at monotonic time `now`, or None when the policy holds it back.
 
@@ -105,13 +133,7 @@ class ResultPolicy:
             kept = self._kept(result)
             # The multiset of labels, as a sorted tuple: equal exactly when the label counts are.
             signature = tuple(sorted(str(e.get("label")) for entries in kept.values() for e in entries))
-            if self.settings.on_change and signature == self._last_signature:
-                heartbeat = self.settings.heartbeat_s
-                if heartbeat <= 0 or now - self._last_out < heartbeat:
-                    self.stats.unchanged += 1
-                    return None
-        if now - self._last_out < self._min_interval:
-            self.stats.rate_limited += 1
+        if self._held(signature, now):
             return None
         if signature is not None:
             self._last_signature = signature

@@ -202,6 +202,33 @@ def _weighted_nms_in_order(boxes: np.ndarray, scores: np.ndarray, threshold: flo
     return np.array(merged, f32), kept
 
 
+def test_a_gated_detector_builds_its_result_only_when_wanted(models_dir: Path) -> None:
+    # The pipeline's policy is asked (Runner.gate) with the labels and scores the result would carry; on no,
+    # process() returns nothing, on yes the very result run() gives.
+    spec = load_spec(models_dir / "face" / "face_detection_full_range.tflite")
+    model = Model(spec.path, threads=1)
+    inference = Inference(model, create_task(model, spec))
+    from skimage import data
+
+    frames = [cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR), np.full((480, 640, 3), 90, np.uint8)]
+    asked: list[tuple[list[str], list[float]]] = []
+    answer = False
+
+    def gate(labels: list[str], scores: list[float]) -> bool:
+        asked.append((labels, scores))
+        return answer
+
+    inference.gate = gate
+    for frame in frames:
+        full = inference.run(frame)
+        assert inference.process(frame) == []
+        assert asked[-1] == ([d["label"] for d in full["detections"]], [d["score"] for d in full["detections"]])
+        answer = True
+        assert inference.process(frame) == [full]
+        answer = False
+    assert len(asked) == 4 and asked[0][0] == ["face"] and asked[2] == ([], [])
+
+
 def test_weighted_nms_sums_each_group_in_order() -> None:
     # Groups of up to 20 boxes (a face seen by many anchors) and several groups at once (shorter ones padded):
     # the weights are summed one after the other as MediaPipe does, not pairwise as numpy sums a 1-D array

@@ -173,3 +173,78 @@ def test_a_wake_word_pipeline_runs_its_model_on_one_thread_whatever_the_profile(
                        profile=profile, backend=None)
     model, _ = vision.prepare(vision.configured_spec())
     assert model.threads == min(profile.threads, os.cpu_count() or 1)
+
+
+class _SameFace(Source):
+    """The astronaut's frame, `COUNT` times; then sets `done` (every frame before it was processed) and waits."""
+
+    COUNT = 12
+    done = threading.Event()
+    kind = "stills"  # not "frames": the fps limit would skip most items of a source this quick
+
+    def open(self) -> None:
+        import cv2
+        from skimage import data
+
+        self.frame = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+        self.n = 0
+
+    def read(self, timeout: float) -> Item | None:
+        if self.n >= self.COUNT:
+            _SameFace.done.set()
+            _SameFace.done.wait(timeout)  # not a sleep: returns at once (set), the loop then sees its halt
+            return None
+        self.n += 1
+        return Item(self.frame, self.n, 0.0, 0.0)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("observed", [False, True])
+def test_results_held_back_by_the_policy_are_never_built_unless_observed(
+        models_dir: Path, source_kind: RegisterSource, observed: bool) -> None:
+    # The runner asks the policy (Runner.gate) before building a result: an unchanged face goes out once and
+    # the other frames are counted as unchanged; an observer (shadow trial) still sees every result whole.
+    from agent.manifest import load_spec
+    from agent.runtime import Model
+    from agent.tasks import Inference, create_task
+
+    source_kind(lambda uri: uri == "sameface:", _SameFace)
+    _SameFace.done.clear()
+    sent: list[dict[str, Any]] = []
+    model_path = models_dir / "face" / "face_detection_full_range.tflite"
+    settings = PipelineSettings(name="p", source="sameface:", model=model_path)
+    pipeline = Pipeline(settings, profile=load_profile("generic-x86_64"), supervisor=SupervisorSection(),
+                        backend=None, sink=lambda n, p: sent.append(p), stop=threading.Event())
+    seen: list[list[dict[str, Any]]] = []
+
+    class Observer:
+        def observe(self, item: Any, results: list[dict[str, Any]], latency_ms: float) -> None:
+            seen.append(results)
+
+    if observed:
+        pipeline.slot.attach(Observer())
+    pipeline.start()
+    try:
+        assert _SameFace.done.wait(60)
+    finally:
+        pipeline.halt()
+        pipeline.join(10)
+    spec = load_spec(model_path)
+    model = Model(spec.path, threads=1)
+    inference = Inference(model, create_task(model, spec))
+    want = inference.run(_frame_of(_SameFace))["detections"]
+    assert want and [p["detections"] for p in sent] == [want]
+    assert pipeline.stats.processed == _SameFace.COUNT
+    assert pipeline.stats.policy.unchanged == _SameFace.COUNT - 1
+    if observed:
+        assert [r[0]["detections"] for r in seen] == [want] * _SameFace.COUNT
+    else:
+        assert seen == []
+
+
+def _frame_of(source: type[_SameFace]) -> Any:
+    probe = source("sameface:", {})
+    probe.open()
+    return probe.frame

@@ -75,3 +75,29 @@ def test_reconfigure_carries_the_last_state() -> None:
     assert old.apply(_classes(("red", 0.9)), now=0) is not None
     new = ResultPolicy(PolicySettings(max_rate=1000, max_results=1), threshold=0.6).carry_over(old)
     assert new.apply(_classes(("red", 0.9)), now=1) is None
+
+
+def test_holds_back_decides_as_apply_would() -> None:
+    # A runner asks `holds_back` with the labels and scores before building a result, and calls `apply` only
+    # when it says no: the results that go out and the counts must be those of `apply` on every result.
+    import random
+
+    rng = random.Random(3)
+    for settings, threshold in ((PolicySettings(max_rate=1000), 0.5),
+                                (PolicySettings(on_change=True, heartbeat_s=5, max_rate=2.0), 0.3),
+                                (PolicySettings(labels=("cat", "dog"), max_results=2, max_rate=1000), 0.4),
+                                (PolicySettings(on_change=False, max_rate=3.0, max_results=1), 0.0),
+                                (PolicySettings(max_results=1, max_rate=1000), 0.0)):
+        every, gated = ResultPolicy(settings, threshold), ResultPolicy(settings, threshold)
+        for step in range(400):
+            entries = [(rng.choice(("cat", "dog", "fox")), round(rng.random(), 6)) for _ in range(rng.randrange(6))]
+            result = {"task": "detect", "detections": [{"label": label, "score": score, "box": [0, 0, 1, 1]}
+                                                       for label, score in entries]}
+            now = step * 0.25
+            want = every.apply(result, now)
+            held = gated.holds_back([e[0] for e in entries], [e[1] for e in entries], now)
+            assert held == (want is None), (step, entries)
+            if not held:
+                assert gated.apply(result, now) == want
+        assert gated.stats == every.stats
+        assert every.stats.passed and (every.stats.unchanged or every.stats.rate_limited)

@@ -15,7 +15,7 @@ import numpy as np
 from agent.errors import BadInput
 from agent.manifest import ModelSpec, Preprocess
 from agent.runtime import Model
-from agent.tasks.task import Task, register
+from agent.tasks.task import Gate, Task, register
 from agent.vision.decoders import DECODERS, Decoder, match_decoder
 from agent.vision.preprocess import ImagePreprocessor
 
@@ -63,18 +63,31 @@ class Detect(Task):
         self.preprocessor(item)
 
     def postprocess(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._result(None)  # type: ignore[assignment]  # no gate: always a result
+        return result
+
+    def postprocess_gated(self, gate: Gate) -> dict[str, Any] | None:
+        return self._result(gate)
+
+    def _result(self, gate: Gate | None) -> dict[str, Any] | None:
         found = self.decoder.decode()
         if not found.boxes.shape[0]:
+            if gate is not None and not gate([], []):
+                return None
             return {"task": "detect", "detections": []}
-        boxes = self.preprocessor.map_boxes(found.boxes).tolist()
-        scores = found.scores.tolist()
+        scores = [round(score, 6) for score in found.scores.tolist()]
         labels = self.labels
         if found.classes is None:
             names = [labels[0] if labels else "0"] * len(scores)
         else:
             names = [labels[c] if 0 <= c < len(labels) else str(c) for c in found.classes.tolist()]
+        # Mapping the boxes back to the frame and the dicts wait for the gate: most frames of a steady scene
+        # are held back by the policy and need neither.
+        if gate is not None and not gate(names, scores):
+            return None
+        boxes = self.preprocessor.map_boxes(found.boxes).tolist()
         return {"task": "detect", "detections": [
-            {"label": name, "score": round(score, 6), "box": [round(x0, 5), round(y0, 5), round(x1, 5), round(y1, 5)]}
+            {"label": name, "score": score, "box": [round(x0, 5), round(y0, 5), round(x1, 5), round(y1, 5)]}
             for name, score, (x0, y0, x1, y1) in zip(names, scores, boxes, strict=True)]}
 
     def synthetic_item(self) -> Any:

@@ -34,6 +34,11 @@ def register(key: str) -> Callable[[type[Task]], type[Task]]:
     return wrap
 
 
+Gate = Callable[[list[str], list[float]], bool]
+"""Asked with a result's labels and scores (as the result will carry them) before it is built: False when
+nobody wants it (the pipeline's policy holds it back), and then nothing more is made of that output."""
+
+
 class Task(abc.ABC):
     """preprocess(item) writes the model's inputs; postprocess() reads its outputs into a result."""
 
@@ -50,6 +55,11 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def postprocess(self) -> dict[str, Any]: ...
+
+    def postprocess_gated(self, gate: Gate) -> dict[str, Any] | None:
+        """As `postprocess`, but None when `gate` says no one wants the result: a task that can name its
+        result's labels and scores before building it asks first, and builds nothing for a held-back frame."""
+        return self.postprocess()
 
     def synthetic_item(self) -> Any:
         """An input to benchmark with when none is given."""
@@ -134,6 +144,8 @@ class Runner(abc.ABC):
 
     item_kind: str = "image"
     latency: Latency
+    gate: Gate | None = None
+    """Set by a pipeline whose policy may hold results back: `process` returns [] for an item it rejects."""
 
     @abc.abstractmethod
     def process(self, item: Any) -> list[dict[str, Any]]: ...
@@ -149,16 +161,21 @@ class Inference(Runner):
         self.item_kind = task.item_kind
 
     def process(self, item: Any) -> list[dict[str, Any]]:
-        return [self.run(item)]
+        result = self._run(item, self.gate)
+        return [] if result is None else [result]
 
     def run(self, item: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._run(item, None)  # type: ignore[assignment]  # no gate: always a result
+        return result
+
+    def _run(self, item: Any, gate: Gate | None) -> dict[str, Any] | None:
         clock = time.perf_counter_ns
         t0 = clock()
         self.task.preprocess(item)
         t1 = clock()
         self.model.invoke()
         t2 = clock()
-        result = self.task.postprocess()
+        result = self.task.postprocess() if gate is None else self.task.postprocess_gated(gate)
         t3 = clock()
         lat = self.latency
         lat.pre, lat.invoke, lat.post = (t1 - t0) / 1e6, (t2 - t1) / 1e6, (t3 - t2) / 1e6
