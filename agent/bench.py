@@ -52,11 +52,13 @@ def bench(inference: Inference, items: list[Any], runs: int = 100, warmup: int =
             resize_ms.append((clock() - t3) / 1e6)
         if fixed_costs:
             inference.gate = _held_back
-            model.invoke()
-            t4 = clock()
-            inference.process(item)
-            held_ms.append((clock() - t4) / 1e6)
-            inference.gate = gate
+            try:
+                model.invoke()
+                t4 = clock()
+                inference.process(item)
+                held_ms.append((clock() - t4) / 1e6)
+            finally:
+                inference.gate = gate
     report: dict[str, Any] = {
         "model": str(model.path),
         "backend": model.backend.name,
