@@ -122,6 +122,9 @@ def test_benchmarks_time_the_resize_apart_and_the_cli_report_keeps_its_keys(fixt
     assert split["resize_ms"]["p50"] > 0
     expected = (split["pipeline_ms"]["p50"] - split["resize_ms"]["p50"]) / split["invoke_ms"]["p50"]
     assert split["ratio_p50_without_resize"] == round(expected, 3)
+    # A frame whose result the policy holds back, timed on its own line; the runner's gate is its own again.
+    held = (split["held_ms"]["p50"] - split["resize_ms"]["p50"]) / split["invoke_ms"]["p50"]
+    assert split["ratio_p50_held_without_resize"] == round(held, 3) and inference.gate is None
     # resize_only does the resize stage alone, into the same buffer the whole preprocess uses.
     task = inference.task
     assert isinstance(task, Classify)
