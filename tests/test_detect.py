@@ -17,7 +17,7 @@ from agent.runtime import Model
 from agent.tasks import Inference, create_task, recognise
 from agent.vision.anchors import BLAZEFACE_ANCHORS, ssd_anchors
 from agent.vision.decoders import match_decoder
-from agent.vision.nms import SMALL_N, _weighted_nms_large, iou_one_to_many, nms, weighted_nms
+from agent.vision.nms import SMALL_N, _weighted_groups_large, iou_one_to_many, nms, weighted_means, weighted_nms
 from agent.vision.snapshot import snapshot_jpeg
 
 SQUARES = ("squares_ssd_uint8", "squares_yolov5_int8", "squares_yolov8_int8", "squares_yolov8_float")
@@ -241,7 +241,9 @@ def test_weighted_nms_sums_each_group_in_order() -> None:
         boxes = np.concatenate((centres, centres + sizes), axis=1)
         scores = rng.random(n, dtype=np.float32)
         want_boxes, want_scores = _weighted_nms_in_order(boxes, scores, 0.3)
-        for merged, kept in (weighted_nms(boxes, scores, 0.3, 100), _weighted_nms_large(boxes, scores, 0.3, 100)):
+        large = _weighted_groups_large(boxes, scores, 0.3, 100)
+        for merged, kept in (weighted_nms(boxes, scores, 0.3, 100),
+                             (weighted_means(boxes, scores, large), scores[[g[0] for g in large]])):
             assert merged.dtype == np.float32 and np.array_equal(merged, want_boxes)
             assert kept.tolist() == want_scores
     assert weighted_nms(boxes, scores, 0.3, 1)[0].shape == (1, 4)

@@ -71,7 +71,7 @@ class Detect(Task):
 
     def _result(self, gate: Gate | None) -> dict[str, Any] | None:
         found = self.decoder.decode()
-        if not found.boxes.shape[0]:
+        if not found.scores.shape[0]:
             if gate is not None and not gate([], []):
                 return None
             return {"task": "detect", "detections": []}
@@ -81,8 +81,8 @@ class Detect(Task):
             names = [labels[0] if labels else "0"] * len(scores)
         else:
             names = [labels[c] if 0 <= c < len(labels) else str(c) for c in found.classes.tolist()]
-        # Mapping the boxes back to the frame and the dicts wait for the gate: most frames of a steady scene
-        # are held back by the policy and need neither.
+        # The boxes (BlazeFace: averaged over each group), their mapping back to the frame and the dicts wait
+        # for the gate: most frames of a steady scene are held back by the policy and need none of them.
         if gate is not None and not gate(names, scores):
             return None
         boxes = self.preprocessor.map_boxes(found.boxes).tolist()

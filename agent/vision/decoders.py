@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,7 +24,7 @@ from agent.errors import BadInput
 from agent.manifest import ModelSpec
 from agent.runtime import Model, TensorInfo
 from agent.vision.anchors import BLAZEFACE_ANCHORS, SsdAnchorOptions, ssd_anchors
-from agent.vision.nms import nms, weighted_nms
+from agent.vision.nms import nms, weighted_groups, weighted_means
 
 Array = np.ndarray[Any, Any]
 
@@ -41,13 +40,27 @@ def register_decoder(key: str) -> Callable[[type[Decoder]], type[Decoder]]:
     return wrap
 
 
-@dataclass(frozen=True)
 class Detections:
-    """Decoded detections, best first; boxes normalised to the input tensor."""
+    """Decoded detections, best first; boxes normalised to the input tensor.
 
-    boxes: Array  # [N, 4] float32 xmin, ymin, xmax, ymax
-    scores: Array  # [N] float32
-    classes: Array | None  # [N] int; None: a one-class model, every detection class 0
+    `boxes` may be made when first read (`make_boxes`): BlazeFace's weighted NMS knows its scores and count
+    before it averages any box, and a result the policy holds back never reads them."""
+
+    __slots__ = ("_boxes", "_make_boxes", "classes", "scores")
+
+    def __init__(self, boxes: Array | None, scores: Array, classes: Array | None,
+                 make_boxes: Callable[[], Array] | None = None) -> None:
+        self._boxes, self._make_boxes = boxes, make_boxes
+        self.scores = scores  # [N] float32
+        self.classes = classes  # [N] int; None: a one-class model, every detection class 0
+
+    @property
+    def boxes(self) -> Array:
+        """[N, 4] float32 xmin, ymin, xmax, ymax."""
+        if self._boxes is None:
+            assert self._make_boxes is not None
+            self._boxes = self._make_boxes()
+        return self._boxes
 
 
 _EMPTY = Detections(np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.intp))
@@ -324,8 +337,8 @@ class BlazeFace(Decoder):
         if not _all(sized, axis=None):  # a box of no width or height: MediaPipe drops it
             valid = _all(sized, axis=1)
             boxes, scores = boxes[valid], scores[valid]
-        boxes, scores = weighted_nms(boxes, scores, self.iou_threshold, self.max_results)
-        return Detections(boxes, scores, None)
+        groups = weighted_groups(boxes, scores, self.iou_threshold, self.max_results)
+        return Detections(None, scores[[g[0] for g in groups]], None, lambda: weighted_means(boxes, scores, groups))
 
 
 _all = np.logical_and.reduce  # ndarray.all without its Python wrapper

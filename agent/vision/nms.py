@@ -83,8 +83,17 @@ def weighted_nms(boxes: Array, scores: Array, iou_threshold: float, max_results:
     with the scores as weights and the best score is kept. Returns (boxes, scores).
     Sums run in the group's order (best first), one term after the other, as MediaPipe's loop adds them.
     """
+    groups = weighted_groups(boxes, scores, iou_threshold, max_results)
+    if not groups:
+        return np.empty((0, 4), boxes.dtype), np.empty(0, scores.dtype)
+    return weighted_means(boxes, scores, groups), scores[[g[0] for g in groups]]
+
+
+def weighted_groups(boxes: Array, scores: Array, iou_threshold: float, max_results: int) -> list[list[int]]:
+    """The groups of weighted NMS, best first, each its best box's index first: the kept scores and their
+    count are known from these alone, before any box is averaged (`weighted_means`)."""
     if boxes.shape[0] > SMALL_N:
-        return _weighted_nms_large(boxes, scores, iou_threshold, max_results)
+        return _weighted_groups_large(boxes, scores, iou_threshold, max_results)
     # ndarray methods and ufunc.reduce directly: numpy's module-level wrappers cost a microsecond a call here.
     order: list[int] = (-scores).argsort(kind="stable").tolist()
     overlaps: list[list[bool]] = (iou_matrix(boxes, box_areas(boxes)) > iou_threshold).tolist()
@@ -95,13 +104,11 @@ def weighted_nms(boxes: Array, scores: Array, iou_threshold: float, max_results:
         # A degenerate (empty) box overlaps nothing, not even itself: it stands alone.
         groups.append([j for j in order if row[j]] or [best])
         order = [j for j in order[1:] if not row[j]]
-    if not groups:
-        return np.empty((0, 4), boxes.dtype), np.empty(0, scores.dtype)
-    return _weighted_means(boxes, scores, groups)
+    return groups
 
 
-def _weighted_means(boxes: Array, scores: Array, groups: list[list[int]]) -> tuple[Array, Array]:
-    """Each group's score-weighted mean box and its first (best) score, all groups in one numpy pass.
+def weighted_means(boxes: Array, scores: Array, groups: list[list[int]]) -> Array:
+    """Each group's score-weighted mean box, all groups in one numpy pass.
 
     Boxes and scores share one table, so the weighted coordinates and the weights are summed by one
     reduction along axis 0, which numpy runs term after term in the group's order, as MediaPipe's loop adds
@@ -118,11 +125,11 @@ def _weighted_means(boxes: Array, scores: Array, groups: list[list[int]]) -> tup
     sums = _add(picked, axis=0)  # [groups, 5]
     merged = sums[:, :4]
     merged /= sums[:, 4:]
-    return merged, scores[[g[0] for g in groups]]
+    return merged
 
 
-def _weighted_nms_large(boxes: Array, scores: Array, iou_threshold: float, max_results: int) -> tuple[Array, Array]:
-    """`weighted_nms` for many candidates: one IoU pass per kept box instead of an N x N matrix."""
+def _weighted_groups_large(boxes: Array, scores: Array, iou_threshold: float, max_results: int) -> list[list[int]]:
+    """`weighted_groups` for many candidates: one IoU pass per kept box instead of an N x N matrix."""
     order = (-scores).argsort(kind="stable")
     areas = box_areas(boxes)  # once, not per kept box
     groups: list[list[int]] = []
@@ -135,9 +142,7 @@ def _weighted_nms_large(boxes: Array, scores: Array, iou_threshold: float, max_r
             overlap[0] = True
         groups.append(group.tolist())
         order = order[~overlap]
-    if not groups:
-        return np.empty((0, 4), boxes.dtype), np.empty(0, scores.dtype)
-    return _weighted_means(boxes, scores, groups)
+    return groups
 
 
 _add = np.add.reduce  # what ndarray.sum runs, without its Python wrapper
