@@ -178,9 +178,9 @@ class Actions:
                 by_name = [p.name for p in self.agent._pipeline_list() if p.settings.delivered == command.model]
                 if by_name:
                     # No file of the config's to go back to: refused rather than leave the pipeline with nothing.
-                    raise DeliveryError(Reason.NOT_KEPT, f"{exc.detail}; pipeline {', '.join(by_name)} runs "
-                                        f"{command.model} by its delivered name, with no model file to go back "
-                                        f"to: deploy another version, or stop the pipeline") from None
+                    raise DeliveryError(Reason.NOT_KEPT, f"{exc.detail}; {command.model} runs by its delivered name "
+                                        f"in pipeline {', '.join(by_name)}, with no model file to go back to: "
+                                        f"deploy another version, or stop the pipeline") from None
                 restored = rollback_to_configured(self.agent.delivery, self.agent._pipeline_list(), command.model,
                                                   command.version, command.id)
                 if restored is None:
