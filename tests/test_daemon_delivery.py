@@ -513,7 +513,7 @@ def test_delivered_pipelines_wait_start_on_deployment_and_keep_their_model(
     def stats(name: str) -> dict[str, Any]:
         rc, (status,) = fleet(broker, prefix, "cmd", DEVICE, "status", timeout=20)
         assert rc == 0, status
-        return status["result"]["pipeline_stats"][name]  # type: ignore[no-any-return]
+        return status["result"]["pipeline_stats"][name]
 
     with Watcher(broker.port, [f"{prefix}/{DEVICE}/#"]) as w, Daemon(config) as daemon:
         w.wait_json("/status", lambda m: bool(m) and m[-1]["state"] == "online" and

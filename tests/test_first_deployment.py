@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 from broker import Broker, Watcher
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 from agent.delivery.signing import generate_key_file, key_id, load_private_key, public_text
 
@@ -177,3 +178,20 @@ def test_a_pipeline_naming_a_delivered_model_waits_for_it_then_runs_it(
             _stop(agent)
         assert not any(s.get("state") == "online" and _door(s)["state"] in ("failed", "restarting")
                        for s in w.json("/status"))
+
+
+def test_the_templates_commented_pipeline_passes_check_config_uncommented(tmp_path: Path) -> None:
+    # What the operator does with the template's example: remove the `# ` of the pipeline's lines.
+    lines = TEMPLATE.read_text().splitlines()
+    table = [i for i, line in enumerate(lines) if line == "# [[pipelines]]"]
+    assert len(table) == 1, "the template shows one pipeline to uncomment"
+    i = table[0]
+    while i < len(lines) and re.match(r"# (\[\[pipelines\]\]|\w+ = )", lines[i]):
+        lines[i] = lines[i][2:]
+        i += 1
+    config = tmp_path / "agent.toml"
+    config.write_text("\n".join(lines).replace('"/var/lib/lepton"', f'"{tmp_path / "state"}"'))
+    r = run_cli("check-config", "--config", str(config))
+    assert r.rc == 0, r.err
+    (door,) = json.loads(r.out)["pipelines"]
+    assert door["delivered"] == "faces" and door["model"] is None
