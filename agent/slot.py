@@ -146,6 +146,7 @@ class ModelSlot:
             if changed:
                 self.generation += 1
                 self._override, self.pending = None, None
+                self.spec = self.base_spec = None  # not the old settings' model, if the new ones have none (yet)
                 with contextlib.suppress(BadInput):
                     self.spec = self.base_spec = self.configured_spec()
 
