@@ -129,7 +129,7 @@ class Pipeline:
 
     @property
     def on_state(self) -> Callable[[], None] | None:
-        """Called when the state changes to running, paused, stopped, failed or finished."""
+        """Called when the state changes to running, paused, stopped, failed, finished or waiting_for_model."""
         return self.supervisor.on_state
 
     @on_state.setter

@@ -117,7 +117,7 @@ class Supervisor:
         self.halted = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_state: Callable[[], None] | None = None
-        """Called when the state changes to running, paused, stopped, failed or finished."""
+        """Called when the state changes to running, paused, stopped, failed, finished or waiting_for_model."""
         self.watchdog: Watchdog | None = None
         """When set, the thread registers a heartbeat and beats it each time round (systemd watchdog)."""
         self.heartbeat: Heartbeat | None = None
