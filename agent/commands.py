@@ -124,8 +124,6 @@ class Tune(Command):
     """One pipeline; default: every pipeline that has a budget and model variants."""
 
 
-
-
 def _version(v: int | str | None) -> int | str | None:
     from agent.version import version_key
 
