@@ -22,7 +22,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/lepton")
 # dashboard would trip on.
 _TOPIC_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TopicName = Annotated[str, Field(pattern=_TOPIC_NAME)]
-ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+_MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ModelName = Annotated[str, Field(pattern=_MODEL_NAME)]
 """A model name as delivery topics carry it (docs/delivery.md §2)."""
 
 MIN_FPS = 0.01
@@ -203,7 +204,7 @@ class PipelineSettings(_Strict):
     """Options for the source kind (e.g. `fps`, `width`, `height`, `loop`)."""
     model: Path | None = None
     """A `.tflite` or a manifest `.json`; relative paths are relative to the config file."""
-    delivered: ModelName | None = None
+    delivered: str | None = None
     """Instead of `model`: the name a model is deployed under. The pipeline runs the store's trial or
     active version of that name and waits (`waiting_for_model`) until a deployment of it is active."""
     task: str | None = None
@@ -225,6 +226,14 @@ class PipelineSettings(_Strict):
     """Fraction of items on which a variant must answer as the base model does; default: the profile's."""
     max_rss_mb: Annotated[float, Field(gt=0)] | None = None
     """Resident memory a variant may add; default: the profile's (None: not judged)."""
+
+    @field_validator("delivered")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(_MODEL_NAME, v):
+            raise ValueError(f"{v!r} is not a model name (up to 128 of A-Z a-z 0-9 . _ -, from a letter or digit; "
+                             f"the version is chosen by `lepton-fleet deploy NAME@VERSION`, not here)")
+        return v
 
     @model_validator(mode="after")
     def _one_model(self) -> PipelineSettings:

@@ -244,7 +244,7 @@ def test_delivered_pipeline_passes_check_config_without_a_file(tmp_path: Path) -
         ('delivered = "faces"\nmodel = "faces.json"\n', "", ("pipelines[0] (line 5)", "exactly one of model",
                                                             "has both")),
         ('threshold = 0.4\n', "", ("pipelines[0]", "exactly one of model", "has neither")),
-        ('delivered = "faces/door"\n', "", ("pipelines[0].delivered (line 8)", "pattern")),  # not a model name
+        ('delivered = "faces/door"\n', "", ("pipelines[0].delivered (line 8)", "'faces/door' is not a model name")),
         ('delivered = ""\n', "", ("pipelines[0].delivered",)),
         ('delivered = 3\n', "", ("pipelines[0].delivered", "string")),
         ('delivered = "faces"\nlabels = "faces.txt"\n', "", ("pipelines[0]", "labels: only with model")),
@@ -255,3 +255,9 @@ def test_delivered_pipeline_passes_check_config_without_a_file(tmp_path: Path) -
 def test_bad_delivered_pipeline(tmp_path: Path, pipeline: str, body: str, fragments: tuple[str, ...]) -> None:
     path = _delivered_config(tmp_path, pipeline, body)
     _one_line(run_cli("check-config", "--config", str(path)), str(path), *fragments)
+
+
+def test_run_with_a_bad_delivered_name_exits_2(tmp_path: Path) -> None:
+    path = _delivered_config(tmp_path, 'delivered = "faces@1"\n')  # the deploy target's spelling, not a name
+    _one_line(run_cli("run", "--config", str(path)), str(path), "pipelines[0].delivered (line 8)",
+              "'faces@1' is not a model name", "lepton-fleet deploy NAME@VERSION")
