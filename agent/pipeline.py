@@ -204,10 +204,10 @@ class Pipeline:
         s = self.settings
         d: dict[str, Any] = {"name": self.name, "state": self.stats.state, "source": redact(s.source),
                              "task": self.slot.task_key, "threshold": s.threshold, "fps": round(self.max_fps, 3)}
-        if self.slot.spec is not None:
-            d["model"] = self.slot.model_ref()
         if s.delivered is not None:
             d["delivered"] = s.delivered
+        if self.slot.spec is not None:
+            d["model"] = self.slot.model_ref()
         return d
 
     def source_status(self) -> dict[str, Any] | None:

@@ -146,8 +146,8 @@ class ModelSlot:
             if changed:
                 self.generation += 1
                 self._override, self.pending = None, None
-                self.spec = self.base_spec = None  # not the old settings' model, if the new ones have none (yet)
                 with contextlib.suppress(BadInput):
+                    self.spec = self.base_spec = None  # not the old settings' model if the new ones have none (yet)
                     self.spec = self.base_spec = self.configured_spec()
 
     def bind(self, stats: Counters, stopping: Callable[[], bool]) -> None:
