@@ -319,3 +319,30 @@ def test_a_clip_is_the_stream_around_its_trigger_whatever_the_chunking(tmp_path:
     trigger = min((trigger_item + 1) * chunk, len(stream))  # the end of the item that was kept
     assert np.array_equal(pending.data, stream[trigger - 24000:trigger + 8000])
     assert pending.sidecar["pre_roll_s"] == 1.5 and pending.sidecar["duration_s"] == 2.0
+
+
+def test_reused_frame_buffers_never_mix_two_frames(tmp_path: Path, models_dir: Path) -> None:
+    # Kept frames are copied into buffers the writer has finished with (FREE_FRAMES): every stored JPEG must
+    # still be the frame it was captured from, not a later one written over it.
+    from agent.vision.cv import cv2
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos = {}
+    for name, load in PHOTOS.items():
+        photos[name] = cv2.resize(np.ascontiguousarray(load()[:, :, ::-1]), (256, 256), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(folder / f"{name}.png"), photos[name])
+    writer = _writer(tmp_path)
+    settings = PipelineSettings(name="faces", source=f"paced:{folder}",
+                                model=face_model(tmp_path / "model", models_dir),
+                                capture=SampleCaptureSettings(enabled=True, band=(0.0, 1.0), max_per_minute=6000))
+    _run(settings, writer)
+    store = writer.store
+    assert len(store.ids()) == len(photos)
+    for sid in store.ids():
+        meta, path = store.sidecar(sid), store.data_path(sid)
+        assert meta is not None and path is not None
+        image = cv2.imread(str(path)).astype(int)
+        diffs = {name: np.abs(image - photo).mean() for name, photo in photos.items()}
+        assert min(diffs, key=lambda n: diffs[n]) == Path(meta["source_file"]).stem and \
+            diffs[Path(meta["source_file"]).stem] < 4, diffs

@@ -23,6 +23,8 @@ import random
 import threading
 import time
 import wave
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 AUDIO_RATE = 16000
 """Audio items are int16 mono at this rate (agent.sources.source.Item)."""
+FREE_FRAMES = 2
+"""Frame buffers a pipeline keeps for its next kept frames: copying into a fresh 512x512 array costs ~7x a copy
+into one already mapped (the pages of a fresh one fault in first), which is most of capture's time in the loop."""
 QUEUE_ITEMS = 16
 """Samples waiting for the writer at most; a full queue drops (and counts) rather than blocks."""
 JPEG_QUALITY = 92
@@ -75,6 +80,8 @@ class Pending:
     kind: str  # image | audio
     data: np.ndarray[Any, Any]
     sidecar: dict[str, Any]
+    release: Callable[[np.ndarray[Any, Any]], None] | None = None
+    """Hands `data` back for reuse once it is written (a frame buffer of the pipeline's pool)."""
 
 
 class CaptureWriter:
@@ -131,6 +138,8 @@ class CaptureWriter:
                 self.errors += 1
                 logger.exception("capture: writing sample %s failed", pending.sid)
             finally:
+                if pending.release is not None:
+                    pending.release(pending.data)
                 with self._idle:
                     self._busy -= 1
                     self._idle.notify_all()
@@ -196,6 +205,8 @@ class PipelineCapture:
             else None
         self._next_check = 0.0
         self._command_left = 0
+        self._free: deque[np.ndarray[Any, Any]] = deque(maxlen=FREE_FRAMES)
+        """Frame buffers the writer is done with (it appends, the loop pops: both atomic)."""
         self._command_until = 0.0
         # Audio: a ring of the last pre+post seconds, and the clip waiting for its post-roll.
         self._pre = int(settings.pre_roll_s * AUDIO_RATE)
@@ -242,6 +253,8 @@ class PipelineCapture:
         if reason is not None and self._clip is None:
             if now < self._next_ok:
                 self.stats.limited += 1
+            elif not self.audio and self.writer.queue.full():
+                self.stats.dropped += 1  # before the frame's copy: the writer is behind and would refuse it
             else:
                 self._next_ok = now + self._interval
                 context = {"ts": round(item.ts, 3), "model": dict(model), "results": [dict(r) for r in results],
@@ -253,7 +266,17 @@ class PipelineCapture:
                 if self.audio:
                     self._clip = (self._written + self._post, reason, score, context)
                 else:
-                    self._queue("image", np.array(item.data, copy=True), reason, context)
+                    self._queue("image", self._frame_copy(item.data), reason, context)
+
+    def _frame_copy(self, frame: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The frame copied (the source may reuse its buffer), into a buffer a written sample left if one fits."""
+        frame = np.asarray(frame)
+        while self._free:
+            buffer = self._free.pop()
+            if buffer.shape == frame.shape and buffer.dtype == frame.dtype:
+                np.copyto(buffer, frame)
+                return buffer
+        return np.array(frame, copy=True)
 
     def _check_variant(self, base: Runner, item: Item, results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         """Run the base model on the item (in the loop: at most `variant_checks_per_minute` times a minute, the
@@ -319,7 +342,8 @@ class PipelineCapture:
                                    "pipeline": self.pipeline, "reason": reason, "kind": kind, **context}
         if kind == "image":
             sidecar["width"], sidecar["height"] = int(data.shape[1]), int(data.shape[0])
-        if writer.offer(Pending(sid, kind, data, sidecar)):
+        release = self._free.append if kind == "image" else None
+        if writer.offer(Pending(sid, kind, data, sidecar, release)):
             self.stats.queued += 1
             self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
         else:
