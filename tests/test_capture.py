@@ -342,7 +342,9 @@ def test_reused_frame_buffers_never_mix_two_frames(tmp_path: Path, models_dir: P
     for sid in store.ids():
         meta, path = store.sidecar(sid), store.data_path(sid)
         assert meta is not None and path is not None
-        image = cv2.imread(str(path)).astype(int)
+        read = cv2.imread(str(path))
+        assert read is not None
+        image = read.astype(int)
         diffs = {name: np.abs(image - photo).mean() for name, photo in photos.items()}
         assert min(diffs, key=lambda n: diffs[n]) == Path(meta["source_file"]).stem and \
             diffs[Path(meta["source_file"]).stem] < 4, diffs
