@@ -102,6 +102,8 @@ class Pipeline:
         if settings.capture.enabled and capture is not None:
             self.capture = PipelineCapture(self.name, settings.capture, capture, audio=self.source_kind == "audio")
         self.slot.keep_base = self.capture is not None and settings.capture.variant_checks_per_minute > 0
+        if not self.slot.keep_base:
+            self.slot.base_check = None  # a reload that turned the checks off frees the base loaded for them
         self.governed_fps: float | None = None
         """The governor's fps cap (None: not capped)."""
         self._paused = threading.Event()
