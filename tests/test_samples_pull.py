@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from broker import Broker, Watcher
 from conftest import run_cli
+from float_wakeword import float_wakeword
 from test_capture import face_model
 from test_daemon import Daemon
 from wavs import RECORDINGS, pcm16, write_wav
@@ -162,10 +163,17 @@ def test_capture_pull_calibrate_compare(tmp_path: Path, broker: Broker, models_d
     assert by_reason["band"]["kind"] == "detect"
 
     # Wake word models are judged on the pulled clips: the decision per clip, per capture reason.
+    # With the quantizer, the pulled clip calibrates a float Hey Mycroft into the variant judged.
     wake = tmp_path / "wake"
-    wake.mkdir()
-    for suffix in (".json", ".tflite"):
-        shutil.copy(models_dir / "wakeword" / f"hey_mycroft{suffix}", wake / f"hey_mycroft{suffix}")
+    if importlib.util.find_spec("ai_edge_quantizer") is not None:
+        r = run_cli("model", "quantize", str(float_wakeword(models_dir, wake)), "--calib", str(out), "-o",
+                    str(wake / "hey_mycroft.tflite"), "--format", "json", prog="fleet", timeout=600)
+        assert r.rc == 0, r.err
+        assert json.loads(r.out)["calibration_items"] > 0 and json.loads(r.out)["float_ops"] == []
+    else:
+        wake.mkdir()
+        for suffix in (".json", ".tflite"):
+            shutil.copy(models_dir / "wakeword" / f"hey_mycroft{suffix}", wake / f"hey_mycroft{suffix}")
     r = run_cli("model", "compare", str(models_dir / "wakeword" / "hey_mycroft.json"), str(wake / "hey_mycroft.json"),
                 "--eval", str(out), "--runs", "2", "--format", "json", prog="fleet", timeout=600)
     assert r.rc == 0, r.err
