@@ -221,7 +221,13 @@ def test_band_must_be_ordered() -> None:
         SampleCaptureSettings(enabled=True, band=(0.7, 0.3))
 
 
-def test_check_config_names_a_bad_capture_setting(tmp_path: Path, fixtures: Path) -> None:
+@pytest.mark.parametrize(("setting", "fragment"), [
+    ("band = [0.7, 0.3]", "low is above high"),
+    ("variant_checks_per_minute = 601", "variant_checks_per_minute"),  # each check is a base inference in the loop
+    ("variant_checks_per_minute = -1", "variant_checks_per_minute"),
+])
+def test_check_config_names_a_bad_capture_setting(tmp_path: Path, fixtures: Path, setting: str,
+                                                  fragment: str) -> None:
     from conftest import run_cli
 
     path = tmp_path / "agent.toml"
@@ -234,11 +240,11 @@ source = "test:colors"
 model = "{fixtures / 'colors_int8.json'}"
 [pipelines.capture]
 enabled = true
-band = [0.7, 0.3]
+{setting}
 """)
     r = run_cli("check-config", "--config", str(path))
     assert r.rc == 2 and len(r.err_lines) == 1
-    assert "pipelines[0].capture" in r.err and "low is above high" in r.err and str(path) in r.err
+    assert "pipelines[0].capture" in r.err and fragment in r.err and str(path) in r.err
 
 
 def test_offer_chunks_within_its_budget_and_retract_empties_every_topic(tmp_path: Path) -> None:
