@@ -67,7 +67,8 @@ class VirtualDevice:
         self.seq = 0
         self.link = Link(MqttSection(broker=(url,), prefix=prefix, keepalive_s=60, heartbeat_s=heartbeat_s),
                          topics=self.topics, groups=(group,), client_id=f"sim-{device}", spool=self.spool,
-                         next_bdseq=self.state.next_bdseq, birth=lambda: {"agent": "fleet_sim", "pipelines": ["p"]},
+                         next_bdseq=self.state.next_bdseq, birth=lambda: {"agent": "fleet_sim", "groups": [group],
+                                                                     "pipelines": [{"name": "p", "state": "running"}]},
                          on_command=self._on_command, stop=self.stop)
         self.store = ModelStore(folder / "store")
         self.downloader = Downloader(self.link, self.store, trusted, DevicePolicy(backend="sim", board="sim"),
