@@ -46,7 +46,8 @@ class DashboardProcess:
         self.url, self.token = found.group(1), found.group(2)
 
     def stderr(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def post(self, path: str, body: dict[str, Any], token: str | None = None,
@@ -54,7 +55,8 @@ class DashboardProcess:
         headers = {"Content-Type": "application/json", "X-Lepton-Operator": operator}
         if token is not None:
             headers["X-Lepton-Token"] = token
-        request = urllib.request.Request(self.url + path.lstrip("/"), json.dumps(body).encode(), headers)
+        request = urllib.request.Request(self.url + path.lstrip("/"), json.dumps(body).encode(),  # noqa: S310
+                                         headers)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - our own loopback server
                 return response.status, json.loads(response.read())
