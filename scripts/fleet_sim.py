@@ -88,7 +88,13 @@ class VirtualDevice:
         self.spool.append("p", self.topics.results("p"), {"pipeline": "p", "classes": [{"label": "x", "score": 0.9}]})
 
     def telemetry(self) -> None:
-        self.link.offer(self.topics.telemetry, {"cpu_percent": 1.0, "spool": {"queued": 0}})
+        # The fields a fleet view shows (docs/telemetry.md), with made-up figures: what a dashboard has to parse.
+        self.link.offer(self.topics.telemetry, {
+            "ts": time.time(), "v": 1, "cpu_percent": 12.5, "rss_mb": 80.0, "temp_c": 51.0, "throttled": None,
+            "profile": "sim", "spool": {"queued": 0, "dropped": 0, "bytes": 0},
+            "governor": {"enabled": True, "level": 0, "paused": False},
+            "pipelines": {"p": {"state": "running", "fps": 5.0, "variant": None,
+                                "latency_ms": {"p50": 8.0, "p95": 11.0, "p99": 14.0}}}})
 
     def _reply(self, cmd_id: Any, ok: bool, body: dict[str, Any]) -> None:
         self.link.send(self.topics.reply, {"id": cmd_id, "ok": ok, **body})
