@@ -106,6 +106,10 @@ async def _serve(web: Any, app: Any, host: str, port: int, out: TextIO, args: ar
     except OSError as exc:
         await runner.cleanup()
         raise BadInput(f"--listen {args.listen}: cannot listen ({exc.strerror or exc})") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the address is out: whoever read it may stop us
+        loop.add_signal_handler(sig, stop.set)
     bound = runner.addresses[0]
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     address = f"http://{shown}:{bound[1]}/"
@@ -116,10 +120,6 @@ async def _serve(web: Any, app: Any, host: str, port: int, out: TextIO, args: ar
     if args.key is None:
         out.write("read-only for deployments: started without --key\n")
     out.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
