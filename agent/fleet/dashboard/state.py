@@ -90,8 +90,7 @@ class DashboardView(FleetView):
         return self.extra[device]
 
     def _heard(self, device: str) -> None:
-        """Under `cond`: a message from the device."""
-        self._extra(device).last_heard = time.time()
+        """Under `cond`: a message about the device."""
         self._view(device)
         self.dirty.add(device)
 
@@ -134,6 +133,7 @@ class DashboardView(FleetView):
             self.cond.notify_all()
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        super()._on_telemetry(topic, payload)  # the DeviceView's latest payload: what /metrics renders
         device, data = self.topics.device_of(topic), _json(payload)
         if device is None or data is None:
             return
@@ -149,7 +149,10 @@ class DashboardView(FleetView):
             return
         data.setdefault("pipeline", unsegment(topic.rsplit("/", 1)[-1]))
         with self.cond:
-            self._extra(device).results.append(data)
+            extra = self._extra(device)
+            extra.results.append(data)
+            # "Last seen" is the device's own clock (birth, telemetry, results), never when a retained message came.
+            extra.last_heard = max(extra.last_heard or 0.0, _num(data.get("ts")) or 0.0) or None
             self._heard(device)
 
     def _on_manifest(self, topic: str, payload: bytes) -> None:
@@ -198,12 +201,14 @@ class DashboardView(FleetView):
             view = self.devices.get(device)
             extra = self.extra.get(device) or DeviceExtra()
             status = (view.status if view is not None else None) or {}
+            # The will carries no groups, class or pipelines: the last birth still says what the device is.
+            info = (view.birth if view is not None else None) or status
             t = extra.telemetry or {}
             deploys = dict(extra.deploy)
         presence = self.presence(device, now)
         pipelines = []
-        models = status.get("models") or {}
-        for p in status.get("pipelines") or []:
+        models = info.get("models") or {}
+        for p in info.get("pipelines") or []:
             if not isinstance(p, dict):
                 continue
             name = str(p.get("name"))
@@ -235,11 +240,12 @@ class DashboardView(FleetView):
             problems.append("deploy")
         if (_num(spool.get("queued")) or 0) > 100:
             problems.append("backlog")
-        last_seen = max((x for x in (_num(status.get("ts")), extra.last_heard) if x is not None), default=None)
+        last_seen = max((x for x in (view.last_seen if view else None, extra.last_heard) if x is not None),
+                        default=None)
         return {
             "device": device, "presence": presence, "last_seen": last_seen,
-            "groups": status.get("groups") or [], "profile": status.get("profile") or t.get("profile"),
-            "backend": status.get("backend"), "agent": status.get("agent"), "pipelines": pipelines,
+            "groups": info.get("groups") or [], "profile": info.get("profile") or t.get("profile"),
+            "backend": info.get("backend"), "agent": info.get("agent"), "pipelines": pipelines,
             "models": models, "cpu": _num(t.get("cpu_percent")), "rss_mb": _num(t.get("rss_mb")),
             "temp_c": _num(t.get("temp_c")), "throttled": flags, "spool": _num(spool.get("queued")),
             "governor": governor.get("level"), "governor_paused": bool(governor.get("paused")),
@@ -272,7 +278,7 @@ class DashboardView(FleetView):
             running: dict[tuple[str, str], list[str]] = {}
             for device, view in self.devices.items():
                 versions = {str(name): str(m.get("version")) for name, m in
-                            ((view.status or {}).get("models") or {}).items() if isinstance(m, dict)}
+                            ((view.birth or view.status or {}).get("models") or {}).items() if isinstance(m, dict)}
                 # A deploy state's `active` is newer than the birth, which is re-sent only on a state change.
                 for name, state in (self.extra[device].deploy if device in self.extra else {}).items():
                     if state.get("active") is not None:
