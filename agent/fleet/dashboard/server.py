@@ -113,7 +113,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _who(request: web.Request) -> str:
-    name = (request.headers.get(OPERATOR_HEADER) or "").strip()[:64] or "anonymous"
+    # The page's own word, so kept to one short printable line: the audit log stays one line per action.
+    name = "".join(c for c in request.headers.get(OPERATOR_HEADER, "") if c.isprintable()).strip()[:64] or "anonymous"
     return f"{name} from {request.remote}"
 
 
