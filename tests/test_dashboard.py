@@ -62,6 +62,19 @@ width = 64
 height = 48
 [pipelines.policy]
 on_change = true
+[[pipelines]]
+name = "squares"
+source = "{fixtures / 'images' / 'squares_1.png'}"
+model = "{fixtures / 'squares_ssd_uint8.json'}"
+threshold = 0.5
+fps = 2
+[pipelines.source_options]
+loop = true
+[pipelines.policy]
+on_change = false
+max_rate = 2
+[pipelines.policy.snapshot]
+enabled = true
 """)
     return path
 
@@ -107,11 +120,11 @@ def test_the_fleet_device_and_models_views_live(tmp_path: Path, broker: Broker, 
         page.goto(f"{dash.url}#token={dash.token}")
         # The device appears online; its row fills with live fps and latency from telemetry.
         page.wait_for_selector(_row(page, DEVICE, "online"), timeout=60_000)
-        fps = page.locator(f'{_row(page, DEVICE)} td[data-col="fps"]')
-        page.wait_for_function("s => { const td = document.querySelector(s); return td && Number(td.textContent) > 0 }",
-                               arg=f'{_row(page, DEVICE)} td[data-col="fps"]', timeout=60_000)
-        page.wait_for_function("s => { const td = document.querySelector(s); return td && Number(td.textContent) > 0 }",
-                               arg=f'{_row(page, DEVICE)} td[data-col="p95"]', timeout=60_000)
+        fps = page.locator(f'{_row(page, DEVICE)} td[data-col="fps"] [data-pipeline="colors"]')
+        for column in ("fps", "p95"):
+            page.wait_for_function("s => Number(document.querySelector(s)?.textContent) > 0",
+                                   arg=f'{_row(page, DEVICE)} td[data-col="{column}"] [data-pipeline="colors"]',
+                                   timeout=60_000)
         assert float(fps.inner_text()) > 0
         row_text = page.locator(_row(page, DEVICE)).inner_text()
         assert "porch" in row_text and "colors@1" in row_text, row_text
@@ -121,6 +134,9 @@ def test_the_fleet_device_and_models_views_live(tmp_path: Path, broker: Broker, 
         page.locator(f'{_row(page, DEVICE)} a').click()
         page.wait_for_selector("#device-view:not([hidden])")
         page.wait_for_selector("#results li", timeout=30_000)
+        # The detector's results carry a snapshot: drawn, with its boxes, above the list.
+        page.wait_for_selector("#snapshot:not([hidden])", timeout=30_000)
+        page.wait_for_function("document.getElementById('snapshot').width !== 320", timeout=30_000)
         page.locator('#commands button[data-action="ping"]').click()
         _confirm(page)
         reply = page.wait_for_selector("#replies li.ok pre.reply", timeout=30_000)

@@ -21,7 +21,7 @@ from agent.mqtt.topics import FleetTopics, unsegment
 HISTORY_S = 15 * 60.0
 """How much telemetry the device view's charts keep per device (the points are small: a few numbers each)."""
 HISTORY_POINTS = 900
-RESULTS_KEPT = 20
+RESULTS_KEPT = 10
 DEPLOYS_KEPT = 30
 REPLIES_KEPT = 200
 _DEPLOYING = {"queued", "downloading", "verifying", "activating", "shadow"}
@@ -45,7 +45,12 @@ class DeviceExtra:
 
     telemetry: dict[str, Any] | None = None
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
-    results: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RESULTS_KEPT))
+    results: dict[str, deque[dict[str, Any]]] = field(default_factory=dict)
+    """pipeline → its latest results: a chatty pipeline never pushes a quiet one's last result out."""
+
+    def latest(self, since: float = 0.0) -> list[dict[str, Any]]:
+        found = [r for kept in self.results.values() for r in kept if (_num(r.get("ts")) or 0.0) > since]
+        return sorted(found, key=lambda r: _num(r.get("ts")) or 0.0)
     deploys: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=DEPLOYS_KEPT))
     deploy: dict[str, dict[str, Any]] = field(default_factory=dict)
     """model name → its latest deploy state (a device may hold states of several models)."""
@@ -150,7 +155,7 @@ class DashboardView(FleetView):
         data.setdefault("pipeline", unsegment(topic.rsplit("/", 1)[-1]))
         with self.cond:
             extra = self._extra(device)
-            extra.results.append(data)
+            extra.results.setdefault(str(data["pipeline"]), deque(maxlen=RESULTS_KEPT)).append(data)
             # "Last seen" is the device's own clock (birth, telemetry, results), never when a retained message came.
             extra.last_heard = max(extra.last_heard or 0.0, _num(data.get("ts")) or 0.0) or None
             self._heard(device)
@@ -267,7 +272,7 @@ class DashboardView(FleetView):
             extra = self.extra.get(device) or DeviceExtra()
             view = self.devices[device]
             detail = {"status": view.status, "telemetry": extra.telemetry, "history": list(extra.history),
-                      "results": list(extra.results), "deploys": list(extra.deploys),
+                      "results": extra.latest(), "deploys": list(extra.deploys),
                       "replies": [r for r in self.replies if r["device"] == device]}
         return {"row": self.row(device), **detail}
 
@@ -298,7 +303,7 @@ class DashboardView(FleetView):
             if extra is None:
                 return {"points": [], "results": []}
             return {"points": [p for p in extra.history if p["ts"] > since],
-                    "results": [r for r in extra.results if (_num(r.get("ts")) or 0) > since],
+                    "results": extra.latest(since),
                     "deploys": list(extra.deploys)[-5:]}
 
 

@@ -36,7 +36,7 @@ function ago(ts) {
 }
 function rowCells(r) {
   const p = r.pipelines || [];
-  const list = (f) => p.map(f).filter(x => x !== "").join("<br>");
+  const list = (f) => p.map(x => `<div data-pipeline="${esc(x.name)}">${f(x)}</div>`).join("");
   const d = r.deploy;
   const deploy = d ? `${esc(d.model)}@${esc(d.version)} ${esc(d.state)}` +
     (d.state !== "active" && d.progress !== null && d.progress !== undefined ? ` ${Math.round(d.progress * 100)}%` : "") +
@@ -251,7 +251,7 @@ function drawDevice() {
   const first = names[0];
   const lat = k => ({label: `${first} ${k}`, points: h.map(p => [p.ts, ((p.pipelines || {})[first] || {})[k]])});
   drawChart($("chart-latency"), first ? ["p50", "p95", "pre", "invoke", "post"].map(lat) : [], CHART_WINDOW_S);
-  const results = focus.results.slice(-20).reverse();
+  const results = focus.results.slice(-30).reverse();
   $("results").innerHTML = results.map(r => `<li>${esc(new Date((r.ts || 0) * 1000).toLocaleTimeString())} ` +
     `<b>${esc(r.pipeline)}</b> #${esc(r.seq)} ${esc(summary(r))}${r.historical ? " (historical)" : ""}</li>`).join("");
   const shot = results.find(r => r.snapshot);
@@ -266,7 +266,7 @@ function onDeviceNews(m) {
   focus.results.push(...m.results);
   if (m.deploys) focus.deploys = m.deploys.length ? mergeDeploys(focus.deploys, m.deploys) : focus.deploys;
   for (const x of [...m.points, ...m.results]) focus.since = Math.max(focus.since, x.ts || 0);
-  focus.results = focus.results.slice(-50);
+  focus.results = focus.results.slice(-100);
   drawDevice();
 }
 function mergeDeploys(old, recent) {

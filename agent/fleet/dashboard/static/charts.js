@@ -49,21 +49,14 @@ function drawChart(canvas, series, windowS) {
   });
 }
 
-// Boxes ([xmin, ymin, xmax, ymax], 0..1) with labels over a result's snapshot.
+// A result's snapshot as the device sent it: the device draws the boxes and labels into the JPEG itself
+// (agent/vision/snapshot.py), so drawing them again here would double them.
 function drawSnapshot(canvas, result) {
-  const ctx = canvas.getContext("2d");
   const img = new Image();
   img.onload = () => {
     canvas.width = img.width; canvas.height = img.height;
-    ctx.drawImage(img, 0, 0);
-    ctx.lineWidth = 2; ctx.font = "12px sans-serif";
-    for (const d of result.detections || []) {
-      const [x0, y0, x1, y1] = d.box || [0, 0, 0, 0];
-      ctx.strokeStyle = "#17a673";
-      ctx.strokeRect(x0 * img.width, y0 * img.height, (x1 - x0) * img.width, (y1 - y0) * img.height);
-      ctx.fillStyle = "#17a673";
-      ctx.fillText(`${d.label} ${(d.score || 0).toFixed(2)}`, x0 * img.width + 2, y0 * img.height + 12);
-    }
+    canvas.getContext("2d").drawImage(img, 0, 0);
+    canvas.title = (result.detections || []).map(d => `${d.label} ${(d.score || 0).toFixed(2)}`).join(", ");
   };
   img.src = `data:${result.snapshot.type || "image/jpeg"};base64,${result.snapshot.b64}`;
 }
