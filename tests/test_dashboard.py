@@ -165,9 +165,23 @@ def test_the_fleet_device_and_models_views_live(tmp_path: Path, broker: Broker, 
         bad = page.wait_for_selector(f'#progress .request:first-child .progress-row[data-device="{DEVICE}"]'
                                      '[data-state="rolled_back"]', timeout=90_000)
         assert "invoke_failed" in bad.inner_text(), bad.inner_text()
+        # Rollback from the page: to a version the device does not keep is refused with its reason; to the
+        # config's own model (v1, the first known good) ends rolled back, v1 active.
+        rollback = page.locator("#rollback-form")
+        rollback.locator("input[name=model]").fill("colors")
+        rollback.locator("input[name=to]").fill(DEVICE)
+        for version, state, shown in (("3", "refused", "not_found"), ("1", "rolled_back", "colors@1 rolled_back")):
+            rollback.locator("input[name=version]").fill(version)
+            page.locator("#rollback-button").click()
+            _confirm(page)
+            row = page.wait_for_selector(f'#progress .request:first-child .progress-row[data-device="{DEVICE}"]'
+                                         f'[data-state="{state}"]', timeout=90_000)
+            assert shown in row.inner_text(), row.inner_text()
+            assert row.get_attribute("data-outcome") == ("ok" if state == "rolled_back" else "bad")
         page.screenshot(path=str(IMG / "dashboard-models.png"), full_page=True)
         audit = dash.stderr()
-        assert audit.count("audit: deploy") == 2 and "by anonymous from 127.0.0.1" in audit, audit
+        assert audit.count("audit: deploy") == 2 and audit.count("audit: rollback") == 2, audit
+        assert "by anonymous from 127.0.0.1" in audit, audit
 
         # Killed without a goodbye: the broker's keepalive ends the session and its will turns the row offline
         # (offline, not stale: the heartbeat is 60 s, so only the will can say it this soon).

@@ -171,6 +171,11 @@ function onEvent(ev) {
       pre.textContent = `${ev.device}: ${JSON.stringify(ev.ok ? ev.result : ev.error, null, 1)}`;
       li.appendChild(pre);
     }
+    const box = document.querySelector(`#progress [data-id="${ev.id}"]`);
+    if (box && !ev.ok) {  // refused by the device before any deploy state (not kept, bad request, …)
+      const e = ev.error || {};
+      showProgress(box, ev.device, {model: "", version: "", state: "refused", reason: e.code, detail: e.message});
+    }
   } else if (ev.type === "progress") {
     const box = document.querySelector(`#progress [data-id="${ev.id}"]`);
     if (box) showProgress(box, ev.device, ev.state);
@@ -186,7 +191,10 @@ function showProgress(box, device, s) {
   row.querySelector(".dev").textContent = device;
   row.querySelector("progress").value = s.state === "active" ? 1 : s.progress || 0;
   row.dataset.state = s.state;
-  row.querySelector(".state").textContent = `${s.model}@${s.version} ${s.state}` + (s.reason ? ` (${s.reason}${s.detail ? `: ${s.detail}` : ""})` : "");
+  // Active, or rolled back on request (no reason): what was asked for happened.
+  row.dataset.outcome = s.state === "active" || (s.state === "rolled_back" && !s.reason) ? "ok"
+    : ["failed", "rolled_back", "refused"].includes(s.state) ? "bad" : "";
+  row.querySelector(".state").textContent = (s.model ? `${s.model}@${s.version} ` : "") + s.state + (s.reason ? ` (${s.reason}${s.detail ? `: ${s.detail}` : ""})` : "");
 }
 for (const button of document.querySelectorAll("#commands button")) {
   button.addEventListener("click", async () => {
