@@ -218,6 +218,7 @@ function formAction(formId, path, describe) {
     e.preventDefault();
     const body = Object.fromEntries(new FormData(e.target));
     body.shadow = !!body.shadow;
+    if (body.shadow_items !== undefined) body.shadow_items = Number(body.shadow_items);
     const answer = await act(path, body, describe(body));
     if (!answer) return;
     $("action-error").hidden = !answer.error;
@@ -228,7 +229,8 @@ function formAction(formId, path, describe) {
     $("progress").prepend(box);
   });
 }
-formAction("deploy-form", "/api/deploy", b => `Deploy ${b.model}@${b.version} to ${b.to}${b.shadow ? " (shadow first)" : ""}?`);
+formAction("deploy-form", "/api/deploy",
+  b => `Deploy ${b.model}@${b.version} to ${b.to}${b.shadow ? ` (shadow first, on ${b.shadow_items} items)` : ""}?`);
 formAction("rollback-form", "/api/rollback", b => `Roll ${b.model} back on ${b.to}${b.version ? ` to ${b.version}` : ""}?`);
 
 // -- device view -----------------------------------------------------------------------------------------------
