@@ -1,7 +1,8 @@
 """`lepton-fleet dashboard` in headless Chromium (Debian's, through Playwright) against a real mosquitto and a
-real `lepton-agent run`: the device comes online with live fps and latency, a ping and deploys from the page
-show their replies and progress, a killed agent turns offline through its will, a lost broker shows a banner;
-the token, read-only mode and refused listen addresses. The screenshots in docs/img/ come from here."""
+real `lepton-agent run`: the device comes online with live fps and latency, a ping, deploys and rollbacks from
+the page show their replies and progress, a killed agent turns offline through its will, a silent one stale, a
+lost broker shows a banner; 1,000 devices arrive in batched pushes and filter; the token, the audit log,
+read-only mode, refused arguments and /metrics. The screenshots in docs/img/ come from here."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import Broker, wait_until
+from broker import Broker, Partition, wait_until
 from conftest import run_cli
 from dashboard_kit import IMG, browser, dashboard, have_chromium
 from delivery_kit import Keys, connect, publish
@@ -24,6 +25,7 @@ from test_daemon import Daemon
 from test_daemon_delivery import variant
 
 from agent.delivery.signing import generate_key_file, load_private_key, public_text
+from agent.fleet.watch import STALE_GRACE_S
 from agent.mqtt.topics import FleetTopics
 
 pytestmark = pytest.mark.skipif(not have_chromium(), reason="Debian's chromium is not installed (scripts/test "
@@ -370,3 +372,24 @@ def test_a_thousand_devices_arrive_coalesced_and_filter(tmp_path: Path, broker: 
             assert page.locator("#fleet-rows tr:not([hidden])").get_attribute("data-device") == "d0005"
             assert page.locator("#shown").inner_text() == f"1 of {n} devices"
             page.close()
+
+
+def test_a_silent_device_turns_stale(tmp_path: Path, broker: Broker, prefix: str, chromium: Any) -> None:
+    """Its network cut with no will sent (a halted broker node's peers see this): the heartbeat stops, and the
+    page calls the device stale — neither online nor offline — and counts it."""
+    part = Partition(broker.port)
+    gone = device_link(tmp_path / "gone", part.url, "dev-gone", prefix=prefix, heartbeat_s=1, keepalive_s=3600)
+    gone.link.start()
+    try:
+        with dashboard(broker.url, prefix, log=tmp_path / "d.log") as dash:
+            page = chromium.new_page()
+            page.goto(dash.url)
+            page.wait_for_selector(_row(page, "dev-gone", "online"), timeout=30_000)
+            part.cut()
+            page.wait_for_selector(_row(page, "dev-gone", "stale"), timeout=(2 + STALE_GRACE_S + 30) * 1000)
+            assert page.locator("#count-stale").inner_text() == "1"
+            assert "stale" in page.locator(f'{_row(page, "dev-gone")} .problem').inner_text()
+            page.close()
+    finally:
+        close_link(gone, 0.5)
+        part.close()
