@@ -24,6 +24,16 @@ CHROMIUM = os.environ.get("LEPTON_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 IMG = ROOT / "docs" / "img"
+"""Where README's screenshots live: the tests write them there only when LEPTON_SCREENSHOTS=1 (so a test run
+leaves the checkout clean), else into their own temporary directory."""
+
+
+def screenshot(page: Any, tmp: Path, name: str, **options: Any) -> Path:
+    """Take the page's screenshot `name`; it is checked to be a real PNG, and kept for README on demand."""
+    out = (IMG if os.environ.get("LEPTON_SCREENSHOTS") == "1" else tmp) / name
+    page.screenshot(path=str(out), **options)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", out
+    return out
 
 
 def have_chromium() -> bool:

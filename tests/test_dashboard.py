@@ -2,7 +2,8 @@
 real `lepton-agent run`: the device comes online with live fps and latency, a ping, deploys and rollbacks from
 the page show their replies and progress, a killed agent turns offline through its will, a silent one stale, a
 lost broker shows a banner; 1,000 devices arrive in batched pushes and filter; the token, the audit log,
-read-only mode, refused arguments and /metrics. The screenshots in docs/img/ come from here."""
+read-only mode, refused arguments and /metrics. README's screenshots (docs/img/) come from here:
+LEPTON_SCREENSHOTS=1 writes them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 from broker import Broker, Partition, wait_until
 from conftest import run_cli
-from dashboard_kit import IMG, browser, dashboard, have_chromium
+from dashboard_kit import browser, dashboard, have_chromium, screenshot
 from delivery_kit import Keys, connect, publish
 from fleet_workflow import close_link, device_link
 from test_daemon import Daemon
@@ -133,7 +134,7 @@ def test_the_fleet_device_and_models_views_live(tmp_path: Path, broker: Broker, 
         assert float(fps.inner_text()) > 0
         row_text = page.locator(_row(page, DEVICE)).inner_text()
         assert "porch" in row_text and "colors@1" in row_text, row_text
-        page.screenshot(path=str(IMG / "dashboard-fleet.png"))
+        screenshot(page, tmp_path, "dashboard-fleet.png")
 
         # Device view: charts and results, and a ping from the command panel shows the device's reply.
         page.locator(f'{_row(page, DEVICE)} a').click()
@@ -147,7 +148,7 @@ def test_the_fleet_device_and_models_views_live(tmp_path: Path, broker: Broker, 
         reply = page.wait_for_selector("#replies li.ok pre.reply", timeout=30_000)
         assert '"pong": true' in reply.inner_text(), reply.inner_text()
         page.wait_for_timeout(2500)  # not a synchronisation: two more telemetry points for the picture
-        page.screenshot(path=str(IMG / "dashboard-device.png"), full_page=True)
+        screenshot(page, tmp_path, "dashboard-device.png", full_page=True)
 
         # Models view: deploy v2 from the page, progress per device, ends active.
         page.goto(f"{dash.url}#/models")
@@ -183,7 +184,7 @@ def test_the_fleet_device_and_models_views_live(tmp_path: Path, broker: Broker, 
                                          f'[data-state="{state}"]', timeout=90_000)
             assert shown in row.inner_text(), row.inner_text()
             assert row.get_attribute("data-outcome") == ("ok" if state == "rolled_back" else "bad")
-        page.screenshot(path=str(IMG / "dashboard-models.png"), full_page=True)
+        screenshot(page, tmp_path, "dashboard-models.png", full_page=True)
         audit = dash.stderr()
         assert audit.count("audit: deploy") == 2 and audit.count("audit: rollback") == 2, audit
         assert "by anonymous from 127.0.0.1" in audit, audit
@@ -268,7 +269,7 @@ def test_a_lost_broker_is_a_banner_not_an_offline_fleet(tmp_path: Path, prefix: 
                 banner = page.wait_for_selector("#banner:not([hidden])", timeout=60_000)
                 assert "unreachable" in banner.inner_text()
                 assert page.locator(_row(page, "dev-b", "online")).count() == 1  # its last state, kept
-                page.screenshot(path=str(IMG / "dashboard-broker-down.png"))
+                screenshot(page, tmp_path, "dashboard-broker-down.png")
                 own.start()
                 page.wait_for_selector("#banner", state="hidden", timeout=60_000)
                 page.close()
