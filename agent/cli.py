@@ -226,6 +226,9 @@ def _fleet_parser() -> argparse.ArgumentParser:
     from agent.fleet.retire import add_retire_command
 
     add_retire_command(sub)
+    from agent.fleet.dashboard import add_command as add_dashboard_command
+
+    add_dashboard_command(sub)
     return parser
 
 
