@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -292,14 +293,22 @@ def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto") -> dict[st
             if not seeder.stdout.readline().startswith("serving "):
                 raise RuntimeError(f"serve-models did not start: {seeder.stderr.read() if seeder.stderr else ''}")
         active: set[str] = set()
+        failed: dict[str, str] = {}
         done = threading.Event()
 
         def on_deploy(topic: str, payload: bytes) -> None:
-            if b'"active"' in payload and b'"bench"' in payload:
-                with lock:
+            # Every device ends active or failed: the wait ends when all have, not at its timeout.
+            state = json.loads(payload)
+            if state.get("model") != "bench" or state.get("state") not in ("active", "failed"):
+                return
+            with lock:
+                if state["state"] == "active":
                     active.add(topic)
-                    if len(active) == n:
-                        done.set()
+                    failed.pop(topic, None)
+                else:
+                    failed[topic] = f"{state.get('reason')}: {str(state.get('detail'))[:120]}"
+                if len(active) + len(failed) == n:
+                    done.set()
 
         cpu0, t0 = topo.cpu_s(), time.monotonic()
         sent = {name: m.at(t0) for name, m in meters.items()}
@@ -313,6 +322,7 @@ def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto") -> dict[st
         sent_bytes = {name: m.after(now) - sent[name] for name, m in meters.items()}
         first = next(iter(sent_bytes.values()))  # the devices' broker (a cluster: every node)
         out["deploy"] = {"model_bytes": size, "active_and_verified": len(active), "seconds": round(took, 2),
+                         "failed": len(failed), "failures": dict(Counter(failed.values()).most_common(5)),
                          "broker_bytes_sent": sent_bytes, "ideal_bytes": n * size,
                          "ratio_to_ideal": round(first / (n * size), 3),
                          "broker_cpu_s": round(broker_cpu, 2), "broker_rss_mb": topo.rss_mb(), "tool": deploy}
