@@ -147,6 +147,26 @@ class ModelSlot:
                 with contextlib.suppress(BadInput):
                     self.spec = self.base_spec = self.configured_spec()
 
+    def set_threads(self, profile: Profile) -> bool:
+        """`profile` (a reload changed its thread count) from now on: the model running is loaded again with
+        its threads and swapped in between two items (same variant, same `seq`). True when it was; a model
+        that no longer loads is logged and keeps running as it was."""
+        with self._lock:
+            old, self.profile = self.profile, profile
+            loaded = self.pending or (None if self.runner is None or self.spec is None else
+                                      (self.spec, self.model, self.runner, self.variant))
+        if old.threads == profile.threads or loaded is None:
+            return False
+        spec, variant = loaded[0], loaded[3]
+        try:
+            model, runner = self.prepare(spec)
+        except LeptonError as exc:
+            logger.error("pipeline %s: %s does not load with %d threads (%s); it keeps its %d", self.name,
+                         spec.path.name, profile.threads, exc, old.threads)
+            return False
+        self.swap(spec, runner, model, variant)
+        return True
+
     def bind(self, stats: Counters, stopping: Callable[[], bool]) -> None:
         """A (new) loop runs this slot: its counters continue the previous loop's for `health`."""
         with self._lock:
