@@ -351,6 +351,7 @@ class Agent:
         return {
             "agent": __version__,
             "device": self.eff.device_id,
+            "groups": list(self.eff.config.agent.groups),
             "profile": self.eff.profile.name,
             "backend": self.backend.name if self.backend is not None else None,
             "pipelines": pipelines,
