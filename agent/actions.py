@@ -36,7 +36,7 @@ from agent.delivery.service import DeliveryService
 from agent.errors import BadInput, LeptonError
 from agent.pipeline import Pipeline, check_pipelines
 from agent.samples.capturer import CaptureWriter
-from agent.samples.offer import OFFER_MAX_BYTES, offer, retract
+from agent.samples.offer import OFFER_MAX_BYTES, WantServer, offer, retract
 from agent.slot import ModelSlot
 from agent.supervisor import STOP_WAIT_S
 from agent.tune import Tuner, TuneResult
@@ -77,6 +77,7 @@ class Actions:
         self.agent = agent
         self._bench_gate = threading.Lock()  # one bench at a time: each takes the cores the pipelines use
         self._offered: dict[str, int] = {}  # samples published for a pull and not yet acknowledged → bytes
+        self._want: WantServer | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -150,6 +151,15 @@ class Actions:
                 break
         return {"samples": listed, "total": len(store), "bytes": store.size_bytes}
 
+    def sample_want(self, topic: str, payload: bytes) -> None:
+        """An operator's pull asks again for an offered sample it could not find retained (link thread)."""
+        writer, link = self.agent.capture, self.agent.link
+        if writer is None or link is None:
+            return
+        if self._want is None:
+            self._want = WantServer(writer.store, self._publish_raw, self.agent.topics.base, self._offered)
+        self._want.on_want(topic, payload)
+
     def delivery_command(self, command: Command) -> dict[str, Any]:
         """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""
         from agent.delivery.reasons import DeliveryError, Reason
@@ -175,6 +185,12 @@ class Actions:
                 # The store keeps nothing older: the config's own model is the first known good.
                 if not (isinstance(command, Rollback) and exc.reason is Reason.NOT_KEPT):
                     raise
+                by_name = [p.name for p in self.agent._pipeline_list() if p.settings.delivered == command.model]
+                if by_name:
+                    # No file of the config's to go back to: refused rather than leave the pipeline with nothing.
+                    raise DeliveryError(Reason.NOT_KEPT, f"{exc.detail}; {command.model} runs by its delivered name "
+                                        f"in pipeline {', '.join(by_name)}, with no model file to go back to: "
+                                        f"deploy another version, or stop the pipeline") from None
                 restored = rollback_to_configured(self.agent.delivery, self.agent._pipeline_list(), command.model,
                                                   command.version, command.id)
                 if restored is None:
