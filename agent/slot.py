@@ -164,14 +164,18 @@ class ModelSlot:
                                       (self.spec, self.model, self.runner, self.variant))
         if old.threads == profile.threads or loaded is None:
             return False
-        spec, variant = loaded[0], loaded[3]
+        spec, variant, held = loaded[0], loaded[3], self.base_check
         try:
             model, runner = self.prepare(spec)
+            # Capture's base runner beside a variant (`base_check`) runs in the loop too: same threads.
+            check = None if held is None else (held[0], self.prepare(held[0])[1])
         except LeptonError as exc:
             logger.error("pipeline %s: %s does not load with %d threads (%s); it keeps its %d", self.name,
                          spec.path.name, profile.threads, exc, old.threads)
             return False
         self.swap(spec, runner, model, variant)
+        if check is not None and variant is not None:
+            self.base_check = check
         return True
 
     def bind(self, stats: Counters, stopping: Callable[[], bool]) -> None:
