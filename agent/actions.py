@@ -36,7 +36,7 @@ from agent.delivery.service import DeliveryService
 from agent.errors import BadInput, LeptonError
 from agent.pipeline import Pipeline, check_pipelines
 from agent.samples.capturer import CaptureWriter
-from agent.samples.offer import OFFER_MAX_BYTES, offer, retract
+from agent.samples.offer import OFFER_MAX_BYTES, WantServer, offer, retract
 from agent.slot import ModelSlot
 from agent.supervisor import STOP_WAIT_S
 from agent.tune import Tuner, TuneResult
@@ -77,6 +77,7 @@ class Actions:
         self.agent = agent
         self._bench_gate = threading.Lock()  # one bench at a time: each takes the cores the pipelines use
         self._offered: dict[str, int] = {}  # samples published for a pull and not yet acknowledged → bytes
+        self._want: WantServer | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -150,6 +151,15 @@ class Actions:
                 break
         return {"samples": listed, "total": len(store), "bytes": store.size_bytes}
 
+    def sample_want(self, topic: str, payload: bytes) -> None:
+        """An operator's pull asks again for an offered sample it could not find retained (link thread)."""
+        writer, link = self.agent.capture, self.agent.link
+        if writer is None or link is None:
+            return
+        if self._want is None:
+            self._want = WantServer(writer.store, self._publish_raw, self.agent.topics.base, self._offered)
+        self._want.on_want(topic, payload)
+
     def delivery_command(self, command: Command) -> dict[str, Any]:
         """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""
         from agent.delivery.reasons import DeliveryError, Reason
@@ -175,6 +185,12 @@ class Actions:
                 # The store keeps nothing older: the config's own model is the first known good.
                 if not (isinstance(command, Rollback) and exc.reason is Reason.NOT_KEPT):
                     raise
+                by_name = [p.name for p in self.agent._pipeline_list() if p.settings.delivered == command.model]
+                if by_name:
+                    # No file of the config's to go back to: refused rather than leave the pipeline with nothing.
+                    raise DeliveryError(Reason.NOT_KEPT, f"{exc.detail}; {command.model} runs by its delivered name "
+                                        f"in pipeline {', '.join(by_name)}, with no model file to go back to: "
+                                        f"deploy another version, or stop the pipeline") from None
                 restored = rollback_to_configured(self.agent.delivery, self.agent._pipeline_list(), command.model,
                                                   command.version, command.id)
                 if restored is None:
@@ -324,6 +340,13 @@ class Actions:
         restart_needed = [k for k in type(new).model_fields
                           if k not in self.APPLIED_ON_RELOAD and getattr(old, k) != getattr(new, k)]
         applied: list[str] = []
+        # `[profile] threads` applies now; the profile's other values are the daemon's sizing: a restart.
+        kept_profile = old.profile.model_copy(update={"threads": new.profile.threads})
+        if fresh.profile.threads != self.agent.eff.profile.threads:
+            self._set_threads(fresh.profile.threads)
+            applied.append("threads")
+            if kept_profile == new.profile and "profile" in restart_needed:
+                restart_needed.remove("profile")
         if new.supervisor != old.supervisor:
             applied.append("supervisor")
         service = self.agent.delivery
@@ -333,7 +356,8 @@ class Actions:
             applied.append("trusted_keys")
             logger.info("reload: trusted keys are now %s", ", ".join(sorted(keys.keys)) or "none")
         self.agent.eff = self.agent.eff.model_copy(update={"config": old.model_copy(update={
-            "pipelines": new.pipelines, "supervisor": new.supervisor, "trusted_keys": new.trusted_keys})})
+            "pipelines": new.pipelines, "supervisor": new.supervisor, "trusted_keys": new.trusted_keys,
+            "profile": kept_profile})})
         before = {p.name: p for p in old.pipelines}
         after = {p.name: p for p in new.pipelines}
         report: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "unchanged": []}
@@ -361,6 +385,17 @@ class Actions:
                 p.start()
         self.agent._announce()
         return {**{k: sorted(v) for k, v in report.items()}, "applied": applied, "restart_needed": restart_needed}
+
+    def _set_threads(self, threads: int) -> None:
+        """The profile's thread count, now: every slot loads its running model again with it and swaps it in
+        between two items (no restart, no gap in `seq`); the tuner sees the new count and measures again."""
+        profile = self.agent.eff.profile.model_copy(update={"threads": threads})
+        logger.info("reload: interpreter threads %d -> %d", self.agent.eff.profile.threads, threads)
+        self.agent.eff = self.agent.eff.model_copy(update={"profile": profile})
+        for p in self.agent._pipeline_list():
+            p.profile = profile
+        for slot in list(self.agent._slots.values()):
+            slot.set_threads(profile)
 
     def _trusted_keys(self, eff: Effective) -> Any:
         """The keys `eff` trusts (BadInput names a bad entry); None when delivery is off."""

@@ -147,12 +147,14 @@ class Agent:
             stop=self.stop,
             password=password,
         )
+        self._serve_wants()
         if self.store is not None:
             from agent.ota import make_service
 
             self.delivery = make_service(self.eff, self.link, self.store, self.backend.name, self.backend_name,
                                          hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop,
                                          watchdog=self.watchdog)
+            self.delivery.on_active = self._model_active
         self._prepare_reporting()
 
     def _prepare_reporting(self) -> None:
@@ -226,12 +228,29 @@ class Agent:
             store = SampleStore(self.eff.config.agent.state_dir / "samples", self.eff.profile.capture_cap_bytes)
             self.capture = CaptureWriter(store, self.eff.device_id, self.stop)
             self.capture.start()
+            self._serve_wants()
         return self.capture
 
-    def _delivered(self, configured: ModelSpec) -> ModelSpec | None:
+    def _serve_wants(self) -> None:
+        """Pulls on brokers without shared retained messages ask the device for its offered samples."""
+        if self.link is not None and self.capture is not None:
+            self.link.subscribe(f"{self.topics.base}/samples/+/want", self.actions.sample_want, qos=0)
+
+    def _delivered(self, name: str) -> ModelSpec | None:
         from agent.ota import delivered_spec
 
-        return delivered_spec(self.store, configured) if self.store is not None else None
+        return delivered_spec(self.store, name) if self.store is not None else None
+
+    def _model_active(self, name: str) -> None:
+        """A deployment (or rollback) made model `name` active: start the pipelines waiting for it."""
+        started = []
+        for p in self._pipeline_list():
+            if p.waiting and p.settings.delivered == name and not self.stop.is_set():
+                p.start()
+                started.append(p.name)
+        if started:
+            logger.info("model %s is active: pipeline %s started", name, ", ".join(started))
+            self._announce()
 
     def _configured_version(self, name: str) -> Any:
         from agent.ota import configured_version
