@@ -213,6 +213,9 @@ class Pipeline:
             d["delivered"] = s.delivered
         if self.slot.spec is not None:
             d["model"] = self.slot.model_ref()
+        model = self.slot.model
+        if model is not None:
+            d["threads"] = model.threads  # the interpreter's, as built: a reload may change the profile's
         return d
 
     def source_status(self) -> dict[str, Any] | None:

@@ -154,6 +154,30 @@ class ModelSlot:
                     self.spec = self.base_spec = None  # not the old settings' model if the new ones have none (yet)
                     self.spec = self.base_spec = self.configured_spec()
 
+    def set_threads(self, profile: Profile) -> bool:
+        """`profile` (a reload changed its thread count) from now on: the model running is loaded again with
+        its threads and swapped in between two items (same variant, same `seq`). True when it was; a model
+        that no longer loads is logged and keeps running as it was."""
+        with self._lock:
+            old, self.profile = self.profile, profile
+            loaded = self.pending or (None if self.runner is None or self.spec is None else
+                                      (self.spec, self.model, self.runner, self.variant))
+        if old.threads == profile.threads or loaded is None:
+            return False
+        spec, variant, held = loaded[0], loaded[3], self.base_check
+        try:
+            model, runner = self.prepare(spec)
+            # Capture's base runner beside a variant (`base_check`) runs in the loop too: same threads.
+            check = None if held is None else (held[0], self.prepare(held[0])[1])
+        except LeptonError as exc:
+            logger.error("pipeline %s: %s does not load with %d threads (%s); it keeps its %d", self.name,
+                         spec.path.name, profile.threads, exc, old.threads)
+            return False
+        self.swap(spec, runner, model, variant)
+        if check is not None and variant is not None:
+            self.base_check = check
+        return True
+
     def bind(self, stats: Counters, stopping: Callable[[], bool]) -> None:
         """A (new) loop runs this slot: its counters continue the previous loop's for `health`."""
         with self._lock:
