@@ -36,7 +36,7 @@ from agent.delivery.service import DeliveryService
 from agent.errors import BadInput, LeptonError
 from agent.pipeline import Pipeline, check_pipelines
 from agent.samples.capturer import CaptureWriter
-from agent.samples.offer import OFFER_MAX_BYTES, offer, retract
+from agent.samples.offer import OFFER_MAX_BYTES, WantServer, offer, retract
 from agent.slot import ModelSlot
 from agent.supervisor import STOP_WAIT_S
 from agent.tune import Tuner, TuneResult
@@ -77,6 +77,7 @@ class Actions:
         self.agent = agent
         self._bench_gate = threading.Lock()  # one bench at a time: each takes the cores the pipelines use
         self._offered: dict[str, int] = {}  # samples published for a pull and not yet acknowledged → bytes
+        self._want: WantServer | None = None
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -149,6 +150,15 @@ class Actions:
             if len(listed) >= command.limit:
                 break
         return {"samples": listed, "total": len(store), "bytes": store.size_bytes}
+
+    def sample_want(self, topic: str, payload: bytes) -> None:
+        """An operator's pull asks again for an offered sample it could not find retained (link thread)."""
+        writer, link = self.agent.capture, self.agent.link
+        if writer is None or link is None:
+            return
+        if self._want is None:
+            self._want = WantServer(writer.store, self._publish_raw, self.agent.topics.base, self._offered)
+        self._want.on_want(topic, payload)
 
     def delivery_command(self, command: Command) -> dict[str, Any]:
         """deploy / rollback / models: answered by the delivery service (the deploy runs on its thread)."""

@@ -169,9 +169,10 @@ def _fleet_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = model.add_parser("quantize", help="float model -> int8/dynamic/fp16 model and its manifest")
-    p.add_argument("model", metavar="MODEL", help="a float .tflite, or our manifest .json")
+    p.add_argument("model", metavar="MODEL", help="a float .tflite, or our (or a microWakeWord) manifest .json")
     p.add_argument("--calib", nargs="+", metavar="INPUT", default=[],
-                   help="calibration inputs: images, folders, globs, video files, .npy/.npz arrays")
+                   help="calibration inputs: images, folders, globs, video files, .npy/.npz arrays, a pulled "
+                        "dataset folder; WAV clips for a wake word model")
     p.add_argument("--scheme", choices=("int8", "dynamic", "fp16", "float32"), default="int8",
                    help="int8 (needs --calib), dynamic, fp16, or float32 (the rewritten float model)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the .tflite to write (manifest: OUT .json)")
@@ -225,6 +226,9 @@ def _fleet_parser() -> argparse.ArgumentParser:
     from agent.fleet.retire import add_retire_command
 
     add_retire_command(sub)
+    from agent.fleet.dashboard import add_command as add_dashboard_command
+
+    add_dashboard_command(sub)
     return parser
 
 

@@ -174,6 +174,9 @@ class SampleCaptureSettings(_Strict):
     """Fraction of items kept at random as a baseline (0.001: one in a thousand)."""
     shadow_disagreement: bool = True
     """Keep an item on which a shadow trial's candidate model (`deploy --shadow`) disagrees with the active one."""
+    variant_checks_per_minute: Annotated[float, Field(ge=0, le=600)] = 0.0
+    """While the governor runs a cheaper variant: items per minute also run through the base model (kept
+    loaded beside the variant for this), an item they answer differently on kept (reason `variant`); 0: never."""
     max_per_minute: Annotated[float, Field(gt=0, le=6000)] = 60.0
     """Samples this pipeline keeps per minute at most; the surplus is counted as `limited`."""
     pre_roll_s: Annotated[float, Field(ge=0, le=10)] = 1.5

@@ -147,6 +147,7 @@ class Agent:
             stop=self.stop,
             password=password,
         )
+        self._serve_wants()
         if self.store is not None:
             from agent.ota import make_service
 
@@ -226,7 +227,13 @@ class Agent:
             store = SampleStore(self.eff.config.agent.state_dir / "samples", self.eff.profile.capture_cap_bytes)
             self.capture = CaptureWriter(store, self.eff.device_id, self.stop)
             self.capture.start()
+            self._serve_wants()
         return self.capture
+
+    def _serve_wants(self) -> None:
+        """Pulls on brokers without shared retained messages ask the device for its offered samples."""
+        if self.link is not None and self.capture is not None:
+            self.link.subscribe(f"{self.topics.base}/samples/+/want", self.actions.sample_want, qos=0)
 
     def _delivered(self, configured: ModelSpec) -> ModelSpec | None:
         from agent.ota import delivered_spec
@@ -351,6 +358,7 @@ class Agent:
         return {
             "agent": __version__,
             "device": self.eff.device_id,
+            "groups": list(self.eff.config.agent.groups),
             "profile": self.eff.profile.name,
             "backend": self.backend.name if self.backend is not None else None,
             "pipelines": pipelines,

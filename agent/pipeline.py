@@ -101,6 +101,9 @@ class Pipeline:
         """Sample capture (`[pipelines.capture]`), None unless enabled."""
         if settings.capture.enabled and capture is not None:
             self.capture = PipelineCapture(self.name, settings.capture, capture, audio=self.source_kind == "audio")
+        self.slot.keep_base = self.capture is not None and settings.capture.variant_checks_per_minute > 0
+        if not self.slot.keep_base:
+            self.slot.base_check = None  # a reload that turned the checks off frees the base loaded for them
         self.governed_fps: float | None = None
         """The governor's fps cap (None: not capped)."""
         self._paused = threading.Event()
@@ -380,7 +383,11 @@ class Pipeline:
             disagreed = getattr(observer, "items", 0) > seen and getattr(observer, "agreed", 0) == agreed
         capture = self.capture
         if capture is not None:
-            capture.observe(item, results, runner, self._model_ref, disagreed)
+            base = None
+            if "variant" in self._model_ref:
+                held = slot.base_check
+                base = held[1] if held is not None and held[1] is not runner else None
+            capture.observe(item, results, runner, self._model_ref, disagreed, base)
         if slot.pacing:
             slot.item_done.set()
         policy = self.policy

@@ -6,6 +6,9 @@ collector, so a scrape costs no sampling and the figures are the ones MQTT carri
 Units follow Prometheus' conventions: seconds, whole bytes, 0-1 ratios instead of percent;
 counters end in `_total`; a figure with no value (no thermal zone, no latency sample yet) has
 no sample rather than a 0.
+
+`Families` and `add_telemetry` are shared with the fleet-wide exposition (`agent.fleet.metrics`): the same
+names and units for one device's payload here and for every device's there, only the labels differ.
 """
 
 from __future__ import annotations
@@ -44,77 +47,91 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _families(payload: dict[str, Any], device: str) -> Iterator[Any]:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+class Families:
+    """Metric families built sample by sample: each name made once (an exposition may name a family only once),
+    in the order first used, with the labels of its first sample. A value that is not a number adds nothing."""
 
-    yield from _gauge(GaugeMetricFamily, "lepton_cpu_usage_ratio", "Machine CPU use (0-1)", device,
-                      _ratio(payload.get("cpu_percent")))
-    yield from _gauge(GaugeMetricFamily, "lepton_agent_cpu_usage_ratio",
-                      "The agent's share of all cores (0-1)", device, _ratio(payload.get("agent_cpu_percent")))
-    yield from _gauge(GaugeMetricFamily, "lepton_load1", "1-minute load average", device, payload.get("load1"))
-    yield from _gauge(GaugeMetricFamily, "lepton_memory_used_ratio", "Machine memory in use (0-1)", device,
-                      _ratio(payload.get("mem_percent")))
-    yield from _gauge(GaugeMetricFamily, "lepton_agent_resident_bytes", "The agent's resident memory", device,
-                      _bytes(payload.get("rss_mb")))
-    yield from _gauge(GaugeMetricFamily, "lepton_temperature_celsius", "SoC temperature", device,
-                      payload.get("temp_c"))
-    yield from _gauge(GaugeMetricFamily, "lepton_disk_free_bytes", "Free space where the agent keeps its state",
-                      device, _bytes(payload.get("disk_free_mb")))
-    yield from _gauge(GaugeMetricFamily, "lepton_agent_uptime_seconds", "Seconds since the agent started", device,
-                      payload.get("uptime_s"))
+    def __init__(self) -> None:
+        self._by_name: dict[str, Any] = {}
+
+    def gauge(self, name: str, doc: str, labels: dict[str, str], value: Any) -> None:
+        self._add("gauge", name, doc, labels, value)
+
+    def counter(self, name: str, doc: str, labels: dict[str, str], value: Any) -> None:
+        self._add("counter", name, doc, labels, value)
+
+    def declare(self, kind: str, name: str, doc: str, labels: list[str]) -> None:
+        """A family that is served (with its HELP and TYPE) even while it has no sample."""
+        if name not in self._by_name:
+            from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            self._by_name[name] = cls(name, doc, labels=labels)
+
+    def _add(self, kind: str, name: str, doc: str, labels: dict[str, str], value: Any) -> None:
+        if not _number(value):
+            return
+        self.declare(kind, name, doc, list(labels))
+        self._by_name[name].add_metric(list(labels.values()), float(value))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._by_name.values())
+
+
+def add_telemetry(fams: Families, payload: dict[str, Any], base: dict[str, str]) -> None:
+    """One telemetry payload's figures as samples labelled `base` (+ flag/when, pipeline, stage/percentile)."""
+    fams.gauge("lepton_cpu_usage_ratio", "Machine CPU use (0-1)", base, _ratio(payload.get("cpu_percent")))
+    fams.gauge("lepton_agent_cpu_usage_ratio", "The agent's share of all cores (0-1)", base,
+               _ratio(payload.get("agent_cpu_percent")))
+    fams.gauge("lepton_load1", "1-minute load average", base, payload.get("load1"))
+    fams.gauge("lepton_memory_used_ratio", "Machine memory in use (0-1)", base, _ratio(payload.get("mem_percent")))
+    fams.gauge("lepton_agent_resident_bytes", "The agent's resident memory", base, _bytes(payload.get("rss_mb")))
+    fams.gauge("lepton_temperature_celsius", "SoC temperature", base, payload.get("temp_c"))
+    fams.gauge("lepton_disk_free_bytes", "Free space where the agent keeps its state", base,
+               _bytes(payload.get("disk_free_mb")))
+    fams.gauge("lepton_agent_uptime_seconds", "Seconds since the agent started", base, payload.get("uptime_s"))
     throttled = payload.get("throttled")
     if isinstance(throttled, dict):
-        fam = GaugeMetricFamily("lepton_throttled", "Raspberry Pi firmware throttle flags (1: set)",
-                                labels=["device", "flag", "when"])
         for key, value in throttled.items():
             flag, when = (key[: -len("_since_boot")], "since_boot") if key.endswith("_since_boot") else (key, "now")
-            fam.add_metric([device, flag, when], 1.0 if value else 0.0)
-        yield fam
+            fams.gauge("lepton_throttled", "Raspberry Pi firmware throttle flags (1: set)",
+                       {**base, "flag": flag, "when": when}, 1.0 if value else 0.0)
     governor = payload.get("governor") or {}
-    yield from _gauge(GaugeMetricFamily, "lepton_governor_level", "Governor pressure level (0: full speed)", device,
-                      governor.get("level"))
-    yield from _gauge(GaugeMetricFamily, "lepton_governor_paused", "1 while the governor pauses vision loops",
-                      device, 1.0 if governor.get("paused") else 0.0)
+    fams.gauge("lepton_governor_level", "Governor pressure level (0: full speed)", base, governor.get("level"))
+    fams.gauge("lepton_governor_paused", "1 while the governor pauses vision loops", base,
+               1.0 if governor.get("paused") else 0.0)
     spool = payload.get("spool") or {}
-    yield from _gauge(GaugeMetricFamily, "lepton_spool_queued", "Results waiting for the broker", device,
-                      spool.get("queued"))
-    dropped = CounterMetricFamily("lepton_spool_dropped", "Results dropped because the spool was full",
-                                  labels=["device"])
-    dropped.add_metric([device], float(spool.get("dropped") or 0))
-    yield dropped
+    fams.gauge("lepton_spool_queued", "Results waiting for the broker", base, spool.get("queued"))
+    fams.counter("lepton_spool_dropped", "Results dropped because the spool was full", base,
+                 float(spool.get("dropped") or 0))
 
     pipelines: dict[str, Any] = payload.get("pipelines") or {}
-    labels = ["device", "pipeline"]
-    rate = GaugeMetricFamily("lepton_pipeline_items_per_second", "Items processed per second, smoothed",
-                             labels=labels)
-    cap = GaugeMetricFamily("lepton_pipeline_max_items_per_second", "The item rate limit in force (governed)",
-                            labels=labels)
-    frames = CounterMetricFamily("lepton_pipeline_frames", "Items processed", labels=labels)
-    drops = CounterMetricFamily("lepton_pipeline_dropped", "Items not processed (fps limit, stale frames)",
-                                labels=labels)
-    # A gauge per percentile, not a summary: the rings give a window's percentiles but no _sum/_count.
-    # Its label is `percentile`, since Prometheus reserves `quantile` for summaries (promtool refuses it here).
-    latency = GaugeMetricFamily("lepton_pipeline_latency_seconds", "Per-item latency percentile over the recent "
-                                "window (absent until the pipeline has processed an item)",
-                                labels=["device", "pipeline", "stage", "percentile"])
-    up = GaugeMetricFamily("lepton_source_connected", "1 while the camera or stream is open, 0 while it is being "
-                           "(re)connected or refused", labels=labels)
-    reopens = CounterMetricFamily("lepton_source_reopens", "Attempts to reopen the camera or stream", labels=labels)
     for name, p in pipelines.items():
+        if not isinstance(p, dict):
+            continue
+        labels = {**base, "pipeline": name}
         source = p.get("source")
         if source:  # live sources only (cameras, streams)
-            up.add_metric([device, name], 1.0 if source.get("state") == "connected" else 0.0)
-            reopens.add_metric([device, name], float(source.get("reopens", 0)))
-        rate.add_metric([device, name], float(p.get("fps", 0.0)))
-        cap.add_metric([device, name], float(p.get("max_fps", 0.0)))
-        frames.add_metric([device, name], float(p.get("frames", 0)))
-        drops.add_metric([device, name], float(p.get("dropped", 0)))
+            fams.gauge("lepton_source_connected", "1 while the camera or stream is open, 0 while it is being "
+                       "(re)connected or refused", labels, 1.0 if source.get("state") == "connected" else 0.0)
+            fams.counter("lepton_source_reopens", "Attempts to reopen the camera or stream", labels,
+                         float(source.get("reopens", 0)))
+        fams.gauge("lepton_pipeline_items_per_second", "Items processed per second, smoothed", labels,
+                   float(p.get("fps", 0.0)))
+        fams.gauge("lepton_pipeline_max_items_per_second", "The item rate limit in force (governed)", labels,
+                   float(p.get("max_fps", 0.0)))
+        fams.counter("lepton_pipeline_frames", "Items processed", labels, float(p.get("frames", 0)))
+        fams.counter("lepton_pipeline_dropped", "Items not processed (fps limit, stale frames)", labels,
+                     float(p.get("dropped", 0)))
         for stage, key in (("total", "latency_ms"), ("pre", "pre_ms"), ("invoke", "invoke_ms"), ("post", "post_ms")):
             for q, value in (p.get(key) or {}).items():
-                seconds = _seconds(value)
-                if q in _PERCENTILES and seconds is not None:  # no sample yet: no series, not 0 s
-                    latency.add_metric([device, name, stage, _PERCENTILES[q]], seconds)
-    yield from (rate, cap, frames, drops, latency, up, reopens)
+                # A gauge per percentile, not a summary: the rings give a window's percentiles but no _sum/_count.
+                # Its label is `percentile`, since Prometheus reserves `quantile` for summaries (promtool refuses
+                # it here). No sample yet: no series, not 0 s.
+                if q in _PERCENTILES:
+                    fams.gauge("lepton_pipeline_latency_seconds", "Per-item latency percentile over the recent "
+                               "window (absent until the pipeline has processed an item)",
+                               {**labels, "stage": stage, "percentile": _PERCENTILES[q]}, _seconds(value))
 
 
 def _info(device: str) -> Any:
@@ -124,14 +141,6 @@ def _info(device: str) -> Any:
                             labels=["device", "version"])
     fam.add_metric([device, __version__], 1.0)
     return fam
-
-
-def _gauge(cls: Any, name: str, doc: str, device: str, value: Any) -> Iterator[Any]:
-    if _number(value):
-        fam = cls(name, doc, labels=["device"])
-        fam.add_metric([device], float(value))
-        yield fam
-
 
 class PrometheusEndpoint:
     """`GET /metrics` on host:port with the latest telemetry; `start()`, `close()`."""
@@ -156,7 +165,9 @@ class PrometheusEndpoint:
                 yield _info(endpoint.device)
                 payload = endpoint.latest()
                 if payload is not None:
-                    yield from _families(payload, endpoint.device)
+                    fams = Families()
+                    add_telemetry(fams, payload, {"device": endpoint.device})
+                    yield from fams
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector())

@@ -117,6 +117,10 @@ class ModelSlot:
         self.pending: Loaded | None = None
         """Swapped in, not yet taken by the loop (read without the lock: one attribute, per item)."""
         self.observer: ItemObserver | None = None
+        self.keep_base = False
+        """Load the base beside a variant the governor swaps in (`base_check`): capture compares them."""
+        self.base_check: tuple[ModelSpec, Runner] | None = None
+        """The base model's runner, loaded while a variant runs and `keep_base` is set; only the loop drives it."""
         self.tuning = False
         """The device's tuner (`agent.tune`) chooses the variant: the governor steps only the fps."""
         self.tune_summary: dict[str, Any] | None = None
@@ -143,7 +147,7 @@ class ModelSlot:
             self.settings = settings
             if changed:
                 self.generation += 1
-                self._override, self.pending = None, None
+                self._override, self.pending, self.base_check = None, None, None
                 with contextlib.suppress(BadInput):
                     self.spec = self.base_spec = self.configured_spec()
 
@@ -241,7 +245,7 @@ class ModelSlot:
             self._override = (spec, variant)
             self.pending = (spec, model, runner, variant)
             if variant is None:
-                self.base_spec = spec
+                self.base_spec, self.base_check = spec, None
         logger.info("pipeline %s: swapping in %s %s%s", self.name, spec.name, spec.version,
                     f" (variant {variant})" if variant else "")
 
@@ -284,7 +288,13 @@ class ModelSlot:
         base = self.base_spec or self.configured_spec()
         spec = base if variant is None else variant_spec(base, variant)
         model, runner = self.prepare(spec)
+        check: tuple[ModelSpec, Runner] | None = None
+        if variant is not None and self.keep_base:
+            # A runner of its own, never the one the loop drove until now: that one may still be mid-item.
+            held = self.base_check
+            check = held if held is not None and held[0].path == base.path else (base, self.prepare(base)[1])
         self.swap(spec, runner, model, None if variant is None else variant.file)
+        self.base_check = check
 
     # -- shadow trials and self-test samples ------------------------------------------------------
 

@@ -67,7 +67,8 @@ class VirtualDevice:
         self.seq = 0
         self.link = Link(MqttSection(broker=(url,), prefix=prefix, keepalive_s=60, heartbeat_s=heartbeat_s),
                          topics=self.topics, groups=(group,), client_id=f"sim-{device}", spool=self.spool,
-                         next_bdseq=self.state.next_bdseq, birth=lambda: {"agent": "fleet_sim", "pipelines": ["p"]},
+                         next_bdseq=self.state.next_bdseq, birth=lambda: {"agent": "fleet_sim", "groups": [group],
+                                                                     "pipelines": [{"name": "p", "state": "running"}]},
                          on_command=self._on_command, stop=self.stop)
         self.store = ModelStore(folder / "store")
         self.downloader = Downloader(self.link, self.store, trusted, DevicePolicy(backend="sim", board="sim"),
@@ -87,7 +88,13 @@ class VirtualDevice:
         self.spool.append("p", self.topics.results("p"), {"pipeline": "p", "classes": [{"label": "x", "score": 0.9}]})
 
     def telemetry(self) -> None:
-        self.link.offer(self.topics.telemetry, {"cpu_percent": 1.0, "spool": {"queued": 0}})
+        # The fields a fleet view shows (docs/telemetry.md), with made-up figures: what a dashboard has to parse.
+        self.link.offer(self.topics.telemetry, {
+            "ts": time.time(), "v": 1, "cpu_percent": 12.5, "rss_mb": 80.0, "temp_c": 51.0, "throttled": None,
+            "profile": "sim", "spool": {"queued": 0, "dropped": 0, "bytes": 0},
+            "governor": {"enabled": True, "level": 0, "paused": False},
+            "pipelines": {"p": {"state": "running", "fps": 5.0, "variant": None,
+                                "latency_ms": {"p50": 8.0, "p95": 11.0, "p99": 14.0}}}})
 
     def _reply(self, cmd_id: Any, ok: bool, body: dict[str, Any]) -> None:
         self.link.send(self.topics.reply, {"id": cmd_id, "ok": ok, **body})

@@ -23,6 +23,15 @@ ensure_promtool() {
   as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
 }
 
+# Debian's Chromium: the dashboard tests drive the real page in it headless (Playwright with executable_path, so
+# Playwright's own browser download is never needed).
+ensure_chromium() {
+  [ -x /usr/bin/chromium ] && return 0
+  echo "installing chromium (apt-get)" >&2
+  as_root apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends chromium >/dev/null
+}
+
 # RabbitMQ (tests/test_brokers.py runs a two-node cluster of it); the tests run the server binary themselves.
 ensure_rabbitmq() {
   [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && return 0

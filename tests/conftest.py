@@ -130,6 +130,9 @@ RUNTIME_INDEPENDENT = frozenset({
     # The link's reporting extras, /proc and sysfs readers, board profiles: no model is loaded in any of them.
     "test_link_reporting", "test_paho_link", "test_telemetry", "test_profiles",
     "test_brokers", "test_bridge", "test_mtls", "test_presence", "test_seeder", "test_topics",
+    "test_fleet_metrics",
+    # A real agent runs in test_dashboard, but what it shows (the page, Chromium) is the same on either runtime.
+    "test_dashboard",
 })
 
 

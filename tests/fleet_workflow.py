@@ -5,6 +5,7 @@ stale device, results replayed in order after the agent's broker restarts."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import signal
 import subprocess
@@ -206,3 +207,58 @@ def replay_after_restart(agent_url: str | tuple[str, ...], operator_port: int, r
     assert [x["i"] for x in got] == list(range(10)), got
     assert all(x.get("historical") for x in got[5:]) and not any(x.get("historical") for x in got[:5])
 
+
+
+def samples_pull(tmp: Path, agent_url: str, agent_port: int, operator: list[str], models_dir: Path, prefix: str,
+                 protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5) -> dict[str, Any]:
+    """A real `lepton-agent run` on the agent's broker keeps every frame of the photo video (band [0, 1], each
+    JPEG over one 64 KiB chunk); the operator lists and pulls them through its own broker, and the device deletes
+    what was acknowledged. The pull's summary line."""
+    from test_capture import face_model
+    from test_daemon import Daemon
+    from test_samples_pull import photo_video
+
+    video = tmp / "photos.mkv"
+    frames = 2 * len(photo_video(video))
+    config = tmp / "agent.toml"
+    config.write_text(f"""
+[agent]
+device_id = "cap1"
+state_dir = "{tmp / 'state'}"
+[mqtt]
+broker = "{agent_url}"
+prefix = "{prefix}"
+protocol = "{'3.1.1' if protocol == mqtt.MQTTv311 else '5'}"
+keepalive_s = 5
+[[pipelines]]
+name = "faces"
+source = "{video}"
+model = "{face_model(tmp / 'model', models_dir)}"
+[pipelines.source_options]
+realtime = true
+[pipelines.capture]
+enabled = true
+band = [0.0, 1.0]
+max_per_minute = 6000
+""")
+    out = tmp / "dataset"
+
+    def finished(status: list[dict[str, Any]]) -> bool:
+        return bool(status) and [p["state"] for p in status[-1].get("pipelines", [])] == ["finished"]
+
+    with Watcher(agent_port, [f"{prefix}/cap1/status"], protocol=protocol) as w, Daemon(config):
+        w.wait_json("/status", finished, timeout=120)
+        r = fleet("samples", "list", "cap1", "--format", "json", *operator)
+        assert r.rc == 0, r.err
+        listed = json.loads(r.out)["samples"]
+        assert len(listed) == frames and max(s["bytes"] for s in listed) > 64 * 1024, listed
+        r = fleet("samples", "pull", "cap1", "--out", str(out), "--format", "json", *operator)
+        assert r.rc == 0, r.err
+        summary = json.loads(r.out.splitlines()[0])
+        assert summary == {"device": "cap1", "pulled": frames, "deleted": frames, "resumed_chunks": 0}, summary
+        r = fleet("samples", "list", "cap1", "--format", "json", *operator)
+        assert r.rc == 0 and json.loads(r.out)["samples"] == [], r.out
+    for s in listed:  # every file whole: the pull checked each chunk and the file against the device's hashes
+        (path,) = (out / "images").glob(f"{s['id']}.jpg")
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == s["sha256"]
+    return summary

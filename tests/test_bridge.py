@@ -49,3 +49,7 @@ def test_results_replayed_in_order_after_the_site_broker_restarts(tmp_path: Path
         pair.wait_bridged()
 
     flow.replay_after_restart(pair.site.url, pair.central.port, restart, pair.site.stop, tmp_path, "lepton")
+
+
+def test_samples_pull_from_central(tmp_path: Path, pair: BridgePair, models_dir: Path) -> None:
+    flow.samples_pull(tmp_path, pair.site.url, pair.site.port, central(pair), models_dir, "lepton")

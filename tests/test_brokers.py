@@ -194,3 +194,11 @@ def test_results_replayed_in_order_after_failover_to_the_other_node(tmp_path: Pa
     arrive in order, as historical."""
     flow.replay_after_restart((cluster.a.url, cluster.b.url), cluster.b.mqtt_port, lambda: None, cluster.a.stop,
                               tmp_path, unique_prefix())
+
+
+def test_samples_pull_across_nodes(tmp_path: Path, cluster: rabbitmq.Cluster, models_dir: Path) -> None:
+    """The device's offer is retained on node A only; the operator on node B finds no manifest there, asks the
+    device (`…/samples/<id>/want`), and the device publishes the manifest and each chunk again, live."""
+    prefix = unique_prefix()
+    on_b = ["--broker", cluster.b.url, "--prefix", prefix, "--protocol", "3.1.1", "--timeout", "60"]
+    flow.samples_pull(tmp_path, cluster.a.url, cluster.a.mqtt_port, on_b, models_dir, prefix, mqtt.MQTTv311)

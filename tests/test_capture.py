@@ -221,7 +221,13 @@ def test_band_must_be_ordered() -> None:
         SampleCaptureSettings(enabled=True, band=(0.7, 0.3))
 
 
-def test_check_config_names_a_bad_capture_setting(tmp_path: Path, fixtures: Path) -> None:
+@pytest.mark.parametrize(("setting", "fragment"), [
+    ("band = [0.7, 0.3]", "low is above high"),
+    ("variant_checks_per_minute = 601", "variant_checks_per_minute"),  # each check is a base inference in the loop
+    ("variant_checks_per_minute = -1", "variant_checks_per_minute"),
+])
+def test_check_config_names_a_bad_capture_setting(tmp_path: Path, fixtures: Path, setting: str,
+                                                  fragment: str) -> None:
     from conftest import run_cli
 
     path = tmp_path / "agent.toml"
@@ -234,11 +240,11 @@ source = "test:colors"
 model = "{fixtures / 'colors_int8.json'}"
 [pipelines.capture]
 enabled = true
-band = [0.7, 0.3]
+{setting}
 """)
     r = run_cli("check-config", "--config", str(path))
     assert r.rc == 2 and len(r.err_lines) == 1
-    assert "pipelines[0].capture" in r.err and "low is above high" in r.err and str(path) in r.err
+    assert "pipelines[0].capture" in r.err and fragment in r.err and str(path) in r.err
 
 
 def test_offer_chunks_within_its_budget_and_retract_empties_every_topic(tmp_path: Path) -> None:
@@ -319,3 +325,32 @@ def test_a_clip_is_the_stream_around_its_trigger_whatever_the_chunking(tmp_path:
     trigger = min((trigger_item + 1) * chunk, len(stream))  # the end of the item that was kept
     assert np.array_equal(pending.data, stream[trigger - 24000:trigger + 8000])
     assert pending.sidecar["pre_roll_s"] == 1.5 and pending.sidecar["duration_s"] == 2.0
+
+
+def test_reused_frame_buffers_never_mix_two_frames(tmp_path: Path, models_dir: Path) -> None:
+    # Kept frames are copied into buffers the writer has finished with (FREE_FRAMES): every stored JPEG must
+    # still be the frame it was captured from, not a later one written over it.
+    from agent.vision.cv import cv2
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos = {}
+    for name, load in PHOTOS.items():
+        photos[name] = cv2.resize(np.ascontiguousarray(load()[:, :, ::-1]), (256, 256), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(folder / f"{name}.png"), photos[name])
+    writer = _writer(tmp_path)
+    settings = PipelineSettings(name="faces", source=f"paced:{folder}",
+                                model=face_model(tmp_path / "model", models_dir),
+                                capture=SampleCaptureSettings(enabled=True, band=(0.0, 1.0), max_per_minute=6000))
+    _run(settings, writer)
+    store = writer.store
+    assert len(store.ids()) == len(photos)
+    for sid in store.ids():
+        meta, path = store.sidecar(sid), store.data_path(sid)
+        assert meta is not None and path is not None
+        read = cv2.imread(str(path))
+        assert read is not None
+        image = read.astype(int)
+        diffs = {name: np.abs(image - photo).mean() for name, photo in photos.items()}
+        assert min(diffs, key=lambda n: diffs[n]) == Path(meta["source_file"]).stem and \
+            diffs[Path(meta["source_file"]).stem] < 4, diffs

@@ -20,5 +20,6 @@ def test_demo_shows_live_results() -> None:
     assert len(lines) >= 2, proc.stdout
     assert any("face" in line.split("#", 1)[1] for line in lines), proc.stdout
     assert "status online" in proc.stdout
+    assert "page    http://127.0.0.1:" in proc.stdout  # the fleet dashboard's address
     # The wake word pipeline hears "hey jarvis" in the looping real recording.
     assert any(" wakeword #" in line for line in proc.stdout.splitlines()), proc.stdout

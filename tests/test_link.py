@@ -3,6 +3,7 @@ half-open detection, re-subscribe on reconnect, surviving callback errors, MQTT 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import threading
@@ -340,3 +341,40 @@ def test_oversized_messages_on_mqtt_311_are_dropped_unread_acknowledged_and_coun
         assert a.link.connected.is_set() and a.link.stats.connects == 1
     finally:
         _close(a)
+
+
+@contextlib.contextmanager
+def many_files_open() -> Iterator[None]:
+    """Over 1,024 descriptors open, as in the fleet simulator's process (1,000 devices, two databases each):
+    every descriptor opened after this is numbered past select()'s FD_SETSIZE."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}: cannot open 1,100 files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(4096, hard)) if hard != resource.RLIM_INFINITY
+                                                else max(soft, 4096), hard))
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_link_whose_socket_is_numbered_past_1024(tmp_path: Path, broker: Broker) -> None:
+    """select() refuses such a descriptor (ValueError): the link never read its CONNACK and spun to its connect
+    timeout. poll() has no such limit."""
+    with Watcher(broker.port, ["lepton/dev1/#"]) as w, many_files_open():
+        a = make_link(tmp_path, broker.url)
+        a.link.start()
+        try:
+            assert a.link.connected.wait(10) and a.link.subscribed.wait(10)
+            a.put(5)
+            assert [m["seq"] for m in w.wait_json("/results/p", lambda m: len(m) >= 5)] == [1, 2, 3, 4, 5]
+            w.client.publish(T.cmd, b'{"id": "c1", "action": "ping"}', qos=1)  # the watcher's own socket is < 1024
+            assert wait_until(lambda: len(a.commands) == 1, 10), a.commands
+        finally:
+            _close(a)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from broker import Broker, Watcher
 from conftest import run_cli
+from float_wakeword import float_wakeword
 from test_capture import face_model
 from test_daemon import Daemon
 from wavs import RECORDINGS, pcm16, write_wav
@@ -162,10 +163,17 @@ def test_capture_pull_calibrate_compare(tmp_path: Path, broker: Broker, models_d
     assert by_reason["band"]["kind"] == "detect"
 
     # Wake word models are judged on the pulled clips: the decision per clip, per capture reason.
+    # With the quantizer, the pulled clip calibrates a float Hey Mycroft into the variant judged.
     wake = tmp_path / "wake"
-    wake.mkdir()
-    for suffix in (".json", ".tflite"):
-        shutil.copy(models_dir / "wakeword" / f"hey_mycroft{suffix}", wake / f"hey_mycroft{suffix}")
+    if importlib.util.find_spec("ai_edge_quantizer") is not None:
+        r = run_cli("model", "quantize", str(float_wakeword(models_dir, wake)), "--calib", str(out), "-o",
+                    str(wake / "hey_mycroft.tflite"), "--format", "json", prog="fleet", timeout=600)
+        assert r.rc == 0, r.err
+        assert json.loads(r.out)["calibration_items"] > 0 and json.loads(r.out)["float_ops"] == []
+    else:
+        wake.mkdir()
+        for suffix in (".json", ".tflite"):
+            shutil.copy(models_dir / "wakeword" / f"hey_mycroft{suffix}", wake / f"hey_mycroft{suffix}")
     r = run_cli("model", "compare", str(models_dir / "wakeword" / "hey_mycroft.json"), str(wake / "hey_mycroft.json"),
                 "--eval", str(out), "--runs", "2", "--format", "json", prog="fleet", timeout=600)
     assert r.rc == 0, r.err
@@ -191,3 +199,51 @@ def test_pull_refuses_all_without_yes_and_bad_targets(broker: Broker, tmp_path: 
     assert rc == 2 and "not a folder" in err and err.count("\n") == 1
     rc, _, err = fleet(broker.port, "samples", "purge", "group:lab")
     assert rc == 2 and "one device" in err
+
+
+def test_want_requests_are_served_only_for_offered_samples_and_bounded(tmp_path: Path) -> None:
+    """The device answers a pull's `want` (brokers without shared retained messages): the manifest and the chunks
+    asked for, not retained; nothing for a sample not on offer, a bad request or too many chunks; and no more bytes
+    than its rate, however many requests come."""
+    import hashlib
+
+    from agent.mqtt.topics import segment
+    from agent.samples.offer import CHUNK_BYTES, WANT_CHUNKS, WantServer
+    from agent.samples.sample_store import SampleStore
+
+    store = SampleStore(tmp_path / "samples", 1 << 24, reserve_bytes=0)
+    data = np.random.default_rng(1).integers(0, 256, 3 * CHUNK_BYTES + 5, dtype=np.uint8).tobytes()
+    sid, other = "1700000000000-faces-0", "1700000000000-faces-1"
+    for s in (sid, other):
+        assert store.add(s, ".jpg", data, {"id": s, "sha256": hashlib.sha256(data).hexdigest()})
+    sent: list[tuple[str, bytes, bool]] = []
+    server = WantServer(store, lambda t, b, r: sent.append((t, b, r)), "lepton/dev1", {sid: len(data)},
+                        bytes_per_s=4 * CHUNK_BYTES)
+    topic = f"lepton/dev1/samples/{segment(sid)}/want"
+    server.on_want(topic, json.dumps({"manifest": True, "chunks": [3, 1, 1]}).encode())
+    assert [t.split("/", 4)[-1] for t, _, _ in sent] == ["manifest", "chunk/3", "chunk/1"]
+    assert not any(r for _, _, r in sent) and sent[2][1] == data[CHUNK_BYTES:2 * CHUNK_BYTES]
+    manifest = json.loads(sent[0][1])
+    assert manifest["id"] == sid and manifest["sha256"] == hashlib.sha256(data).hexdigest()
+    assert len(manifest["chunks"]) == 4
+    sent.clear()
+    for bad_topic, body in (
+            (f"lepton/dev1/samples/{segment(other)}/want", b'{"chunks": [0]}'),  # stored, not offered
+            ("lepton/dev1/samples/..%2F..%2Fetc/want", b'{"chunks": [0]}'),  # not a sample at all
+            (topic, b'{"chunks": [4]}'),  # past the end
+            (topic, b'{"chunks": [true]}'),
+            (topic, b'{"chunks": "0"}'),
+            (topic, json.dumps({"chunks": [0] * (WANT_CHUNKS + 1)}).encode()),
+            (topic, b"not json"),
+            (topic, b"{" * 5000)):
+        server.on_want(bad_topic, body)
+    assert sent == [] and server.ignored == 8
+    # A flood: the rate bounds what goes out (the 4 chunks' worth it starts with, 4 a second since), whatever the
+    # machine's speed; the rest is counted as limited.
+    import time
+
+    started = time.monotonic()
+    for _ in range(100):
+        server.on_want(topic, b'{"chunks": [0, 1, 2]}')
+    elapsed = time.monotonic() - started
+    assert len(sent) <= 4 + 4 * elapsed + 1 and server.limited > 0, (len(sent), elapsed)

@@ -4,8 +4,10 @@ An image or a video frame goes through `ImagePreprocessor` — the very code the
 runs, with the manifest's colour order, resize mode and normalisation — into the float
 model's input tensor, and the tensor is read back as one sample. Models whose inputs
 are not images take `.npy` arrays (one sample, or a stack of them along the batch axis)
-or `.npz` files with one array per signature input. Audio features come with the audio
-pipeline.
+or `.npz` files with one array per signature input. A wake word model (one input of
+[1, stride, 40]: microWakeWord's frontend features) takes WAV clips instead — `.wav` files,
+folders of them, a pulled dataset folder's `audio/` — each streamed through a fresh micro frontend
+as the runtime does (`agent.tasks.wakeword.clip_features`) and cut into windows of `stride` rows.
 """
 
 from __future__ import annotations
@@ -45,13 +47,47 @@ def collect_samples(
     samples: list[Sample] = []
     for arg in arrays:
         samples.extend(_array_samples(model, names, Path(arg)))
-    if media:
+    if media and _features_input(model):
+        samples.extend(_audio_samples(model, names, media, limit - len(samples)))
+    elif media:
+        wav = next((arg for arg in media if Path(arg).suffix.lower() == ".wav"), None)
+        if wav is not None:
+            shapes = ", ".join(f"{t.name!r} {list(t.shape)}" for t in model.inputs)
+            raise BadInput(f"--calib {wav}: WAV clips calibrate a wake word model (input [1, stride, 40]); this "
+                           f"model's input is {shapes}")
         samples.extend(_image_samples(model, spec, names, media, limit - len(samples)))
     if not samples:
         raise BadInput(f"--calib {' '.join(inputs)}: the calibration set is empty")
     if len(samples) > limit:
         logger.info("calibration: using the first %d of %d samples", limit, len(samples))
         samples = samples[:limit]
+    return samples
+
+
+def _features_input(model: Model) -> bool:
+    """One float input of microWakeWord's frontend features: [1, stride, 40]."""
+    from agent.tasks.wakeword import FEATURES
+
+    shape = model.inputs[0].shape if len(model.inputs) == 1 else ()
+    return len(shape) == 3 and shape[0] == 1 and shape[1] >= 1 and shape[2] == FEATURES \
+        and model.inputs[0].dtype.kind == "f"
+
+
+def _audio_samples(model: Model, names: Mapping[int, str], args: list[str], limit: int) -> list[Sample]:
+    from agent.compress.compare_audio import clips
+    from agent.tasks.wakeword import clip_features
+
+    info = model.inputs[0]
+    stride, name = info.shape[1], names[info.index]
+    samples: list[Sample] = []
+    for clip in clips(args, limit, "--calib")[0]:
+        rows = clip_features(clip)
+        for k in range(len(rows) // stride):
+            if len(samples) >= limit:
+                return samples
+            samples.append({name: rows[k * stride:(k + 1) * stride][None].astype(info.dtype)})
+    if not samples:
+        raise BadInput(f"--calib {' '.join(args)}: the clips are too short for one window of {stride} feature rows")
     return samples
 
 

@@ -35,19 +35,19 @@ def is_wakeword(spec: Any) -> bool:
     return spec.micro is not None or spec.task == "wakeword"
 
 
-def read_clip(path: str) -> np.ndarray[Any, Any]:
+def read_clip(path: str, option: str = "--eval") -> np.ndarray[Any, Any]:
     """A 16 kHz mono 16-bit WAV (what capture writes); BadInput names anything else."""
     try:
         with wave.open(path, "rb") as w:
             if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (RATE, 1, 2):
-                raise BadInput(f"--eval {path}: want 16 kHz mono 16-bit WAV, this is {w.getframerate()} Hz, "
+                raise BadInput(f"{option} {path}: want 16 kHz mono 16-bit WAV, this is {w.getframerate()} Hz, "
                                f"{w.getnchannels()} channel(s), {8 * w.getsampwidth()}-bit")
             return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.int16)
     except (OSError, EOFError, wave.Error) as exc:
-        raise BadInput(f"--eval {path}: not a readable WAV ({exc})") from None
+        raise BadInput(f"{option} {path}: not a readable WAV ({exc})") from None
 
 
-def clips(inputs: list[str], limit: int) -> tuple[list[np.ndarray[Any, Any]], list[str | None]]:
+def clips(inputs: list[str], limit: int, option: str = "--eval") -> tuple[list[np.ndarray[Any, Any]], list[str | None]]:
     """The clips of `inputs` (.wav files, folders of them, pulled dataset folders' audio) and their reasons."""
     from agent.samples.dataset import reasoned_inputs
 
@@ -58,13 +58,13 @@ def clips(inputs: list[str], limit: int) -> tuple[list[np.ndarray[Any, Any]], li
         files = sorted(path.glob("*.wav")) if path.is_dir() else [path]
         for f in files:
             if not f.is_file():
-                raise BadInput(f"--eval {f}: no such file")
-            out.append(read_clip(str(f)))
+                raise BadInput(f"{option} {f}: no such file")
+            out.append(read_clip(str(f), option))
             reasons.append(reason)
             if len(out) >= limit:
                 return out, reasons
     if not out:
-        raise BadInput(f"--eval {' '.join(inputs)}: no WAV clips")
+        raise BadInput(f"{option} {' '.join(inputs)}: no WAV clips")
     return out, reasons
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from agent.compress.atomic import write_together
 from agent.errors import BadInput, LeptonError
-from agent.manifest import Manifest, ModelSpec, load_spec
+from agent.manifest import Manifest, MicroManifest, ModelSpec, load_spec
 from agent.modelfile import read_model_file
 from agent.runtime import Model
 
@@ -122,7 +122,8 @@ def quantize_model(
     ):
         raise BadInput(f"-o {out}: would overwrite the model being quantized or its manifest")
     if scheme == "int8" and not calib:
-        raise BadInput("--calib: int8 needs calibration inputs (images, video files, or .npy/.npz arrays)")
+        raise BadInput("--calib: int8 needs calibration inputs (images, video files, WAV clips for a wake word "
+                       "model, or .npy/.npz arrays)")
     _quantizer_modules()  # a clear error before any work when the extra is missing
     from agent.compress import graph
     from agent.compress.calibration import collect_samples
@@ -234,8 +235,34 @@ def _calibrate(content: bytes, recipe: Any, key: str, samples: list[dict[str, An
     manager.load_quantization_recipe(recipe)
     calib = calibrator.Calibrator(bytes(content), num_threads=threads or os.cpu_count() or 1,
                                   qsv_update_func=qsv_utils.min_max_update)
-    calib.calibrate({key: samples}, manager)
+    with _numeric_tensors_only():
+        calib.calibrate({key: samples}, manager)
     return calib.get_model_qsvs()
+
+
+@contextlib.contextmanager
+def _numeric_tensors_only() -> Iterator[None]:
+    """After each run the calibrator reads every named tensor. A streaming wake word model keeps its state in
+    resource variables: reading a resource tensor crashes LiteRT (SIGSEGV), and tensors the interpreter left
+    without data raise. Those hold no activations to calibrate; while calibrating, only numbers are read."""
+    from ai_edge_quantizer.utils import tfl_interpreter_utils as tiu
+
+    original, read = tiu.get_tensor_name_to_content_map, tiu.get_tensor_data
+
+    def numeric(interpreter: Any, subgraph_index: int = 0, dequantize: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for d in interpreter.get_tensor_details(subgraph_index):
+            if not d["name"] or not np.all(d["shape"]) or np.dtype(d["dtype"]).kind not in "biuf":
+                continue
+            with contextlib.suppress(ValueError):  # no data kept for it
+                out[d["name"]] = read(interpreter, d, subgraph_index, dequantize)
+        return out
+
+    tiu.get_tensor_name_to_content_map = numeric
+    try:
+        yield
+    finally:
+        tiu.get_tensor_name_to_content_map = original
 
 
 def _check_runs(path: Path, origin: Path, samples: list[dict[str, Any]], backend: str | None,
@@ -269,7 +296,13 @@ def _version(dist: str) -> str:
 
 def _manifest(spec: ModelSpec, out: Path, content: bytes, task: str, scheme: str,
               quantization: dict[str, Any]) -> dict[str, Any]:
-    """The source's manifest carried over to the new file (or one made from what the model says)."""
+    """The source's manifest carried over to the new file (or one made from what the model says); a microWakeWord
+    manifest stays one (ESPHome and the runtime read it), naming the new file, with the quantization beside."""
+    if spec.micro is not None and spec.manifest_path is not None:
+        micro = json.loads(spec.manifest_path.read_text())
+        micro.update(model=out.name, metrics={"quantization": quantization})
+        MicroManifest.model_validate(micro)
+        return dict(micro)
     source = spec.manifest
     pre = spec.preprocess
     if pre.normalize is None:

@@ -84,20 +84,35 @@ class _Partials:
         self.path.unlink(missing_ok=True)
 
 
+ASK_AFTER_S = 1.0
+"""Seconds without the retained manifest before asking the device for it (and for every chunk after it)."""
+
+
+def ask(link: Any, base: str, sid: str, request: dict[str, Any]) -> None:
+    """Ask the device for an offered sample's manifest or chunks, published again not retained (QoS 0: a lost
+    request is asked again). For brokers whose retained messages stay on the node the device is connected to."""
+    from agent.samples.offer import sample_topic
+
+    body = json.dumps({**request, "ts": round(time.time(), 3), "v": 1}, separators=(",", ":")).encode()
+    link.publish(f"{sample_topic(base, sid)}/want", body, qos=0)
+
+
 class _Puller:
     """The chunk session's view of the operator: link, settings, topics, where a bad partial goes."""
 
-    def __init__(self, link: Any, base: str, partial: Path, stall_s: float) -> None:
+    def __init__(self, link: Any, base: str, partial: Path, stall_s: float, asked: SampleFile | None) -> None:
         from agent.delivery.download import DownloadSettings
 
         self.link = link
+        self.base = base
         self.settings = DownloadSettings(window=8, stall_timeout=stall_s, max_stalls=3)
         self.topics = _Topics(base)
         self.store = _Partials(partial)
-        self.asking: set[tuple[str, str]] = set()  # the device publishes its samples itself: no seeder to ask
+        self.asking = set() if asked is None else {(asked.name, asked.version)}
+        """A sample whose manifest was not retained here: each chunk is asked of the device as it is subscribed."""
 
     def want(self, name: str, version: Any, request: dict[str, Any]) -> None:
-        """A stalled model pull asks a seeder; a sample has none (a re-offer by the device is the remedy)."""
+        ask(self.link, self.base, name, request)
 
 
 class Requests:
@@ -177,9 +192,16 @@ def pull_one(link: Any, prefix: str, device: str, sample: dict[str, Any], folder
 
     topic = f"{sample_topic(base, sid)}/manifest"
     link.subscribe(topic, on_manifest)
+    asked = False
     try:
-        if not arrived.wait(stall_s * 3):
-            raise LeptonError(f"{device}: sample {sid}: no manifest on {topic}")
+        deadline = time.monotonic() + stall_s * 3
+        wait = min(ASK_AFTER_S, stall_s)
+        while not arrived.wait(wait):
+            if time.monotonic() >= deadline:
+                raise LeptonError(f"{device}: sample {sid}: no manifest on {topic}")
+            # Not retained where this operator is connected: the device answers the request itself.
+            ask(link, base, sid, {"manifest": True, "chunks": []})
+            asked, wait = True, min(stall_s, max(0.0, deadline - time.monotonic()))
     finally:
         link.unsubscribe(topic)
     manifest = SampleFile.parse(raw[0], sid)
@@ -187,7 +209,8 @@ def pull_one(link: Any, prefix: str, device: str, sample: dict[str, Any], folder
     partials.mkdir(parents=True, exist_ok=True)
     partial = partials / manifest.file
     part = PartFile(partial)
-    session = ChunkSession(_Puller(link, base, partial, stall_s), manifest, part, stop, progress)
+    session = ChunkSession(_Puller(link, base, partial, stall_s, manifest if asked else None), manifest, part, stop,
+                           progress)
     try:
         session.run()
         part.sync()

@@ -42,6 +42,17 @@ class DeviceView:
     first_seen: float = field(default_factory=time.monotonic)
     status: dict[str, Any] | None = None
     """The latest status (birth, heartbeat or will) heard."""
+    birth: dict[str, Any] | None = None
+    """The latest `online` status: groups, class, pipelines and models stay known after the will (which has none)."""
+    telemetry: dict[str, Any] | None = None
+    """The latest telemetry payload (views made with `telemetry=True` only)."""
+
+    @property
+    def last_seen(self) -> float | None:
+        """Unix time of the newest status or telemetry payload from the device itself (not its will)."""
+        times = [m.get("ts") for m in (self.birth, self.telemetry) if m is not None]
+        numbers = [float(t) for t in times if isinstance(t, int | float) and not isinstance(t, bool)]
+        return max(numbers, default=None)
 
     @property
     def stale(self) -> bool:
@@ -86,7 +97,7 @@ class FleetView:
     """Devices' deploy states, replies and online status, as they arrive."""
 
     def __init__(self, link: PahoLink, topics: FleetTopics, request: str | None = None,
-                 model: str | None = None) -> None:
+                 model: str | None = None, telemetry: bool = False) -> None:
         self.link, self.topics, self.request, self.model = link, topics, request, model
         self.devices: dict[str, DeviceView] = {}
         self.cond = threading.Condition()
@@ -94,6 +105,8 @@ class FleetView:
         link.subscribe(every.deploy, self._on_deploy)
         link.subscribe(every.reply, self._on_reply)
         link.subscribe(every.status, self._on_status)
+        if telemetry:  # opt-in: a deploy or a status table has no use for a payload per device every 15-60 s
+            link.subscribe(every.telemetry, self._on_telemetry)
 
     def _view(self, device: str) -> DeviceView:
         if device not in self.devices:
@@ -129,6 +142,17 @@ class FleetView:
             if self.request is None or device in self.devices:
                 view = self._view(device)
                 view.online, view.status = data.get("state") == "online", data
+                if view.online:
+                    view.birth = data
+            self.cond.notify_all()
+
+    def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        device, data = _device_of(topic, self.topics), _json(payload)
+        if device is None or data is None:
+            return
+        with self.cond:
+            if self.request is None or device in self.devices:
+                self._view(device).telemetry = data
             self.cond.notify_all()
 
     def sync(self, timeout: float = 10.0) -> bool:

@@ -193,12 +193,36 @@ class Waker:
         self._writer.close()
 
 
+_READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
+"""What counts as readable: data, and the error and hang-up states select() reports as readable too (a read then
+says what happened)."""
+
+
 def select_ready(rlist: list[Any], wlist: list[Any], timeout: float) -> tuple[list[Any], list[Any]]:
+    """select()'s answer, asked with poll(): select() refuses a descriptor numbered 1024 or more (FD_SETSIZE)
+    with ValueError, and a link in a process with that many files open (the fleet simulator's 1,000 devices, each
+    with its spool and state databases) then never read its CONNACK and spun until its connect timeout."""
+    poller = select.poll()
+    by_fd: dict[int, Any] = {}
+    masks: dict[int, int] = {}
+    for objs, mask in ((rlist, select.POLLIN | select.POLLPRI), (wlist, select.POLLOUT)):
+        for obj in objs:
+            try:
+                fd = obj.fileno()
+            except (OSError, ValueError):
+                fd = -1
+            if fd < 0:
+                return [], []  # a socket closed under us (the connection just died): the caller sees it next round
+            by_fd[fd] = obj
+            masks[fd] = masks.get(fd, 0) | mask
+    for fd, mask in masks.items():
+        poller.register(fd, mask)
     try:
-        readable, writable, _ = select.select(rlist, wlist, [], max(0.0, timeout))
+        events = poller.poll(max(0.0, timeout) * 1000.0)
     except (OSError, ValueError):
-        # A socket closed under us (the connection just died): the caller sees it next round.
         return [], []
+    readable = [by_fd[fd] for fd, ev in events if ev & _READ and by_fd[fd] in rlist]
+    writable = [by_fd[fd] for fd, ev in events if ev & select.POLLOUT and by_fd[fd] in wlist]
     return readable, writable
 
 

@@ -3,7 +3,9 @@
 `PipelineCapture.observe` runs in a pipeline's loop after each item: it finds the item's top score
 (the best class, detection or event, or a wake word model's windowed score while it stays under its
 cutoff: a near miss) and keeps the item when the score lies inside the configured band, when a
-`capture` command asked for it, or at random (the baseline). A kept frame is copied (the source may
+`capture` command asked for it, when a shadow trial's candidate or (checked a few times a minute) the
+base model answers it differently from the cheaper variant the governor runs, or at random (the
+baseline). A kept frame is copied (the source may
 reuse its buffer) and queued; audio goes through a ring buffer holding `pre_roll_s` of the past, and
 the clip is queued once `post_roll_s` more has arrived, so a word that ended the clip's trigger is
 inside it whole. The queue is bounded: when the writer falls behind, a sample is dropped and counted
@@ -21,12 +23,15 @@ import random
 import threading
 import time
 import wave
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from agent.config import SampleCaptureSettings
+from agent.delivery.activation import answer
 from agent.samples.sample_store import SampleStore
 from agent.sources.source import Item
 from agent.tasks.task import Runner
@@ -35,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 AUDIO_RATE = 16000
 """Audio items are int16 mono at this rate (agent.sources.source.Item)."""
+FREE_FRAMES = 2
+"""Frame buffers a pipeline keeps for its next kept frames: copying into a fresh 512x512 array costs ~7x a copy
+into one already mapped (the pages of a fresh one fault in first), which is most of capture's time in the loop."""
 QUEUE_ITEMS = 16
 """Samples waiting for the writer at most; a full queue drops (and counts) rather than blocks."""
 JPEG_QUALITY = 92
@@ -51,10 +59,17 @@ class CaptureStats:
     """Wanted but over `max_per_minute`."""
     dropped: int = 0
     """Wanted but the writer's queue was full."""
+    variant_checks: int = 0
+    """Items the base model also ran on while a variant ran (`variant_checks_per_minute`)."""
+    variant_disagreed: int = 0
+    """Of those, the items the two answered differently on."""
+    variant_errors: int = 0
+    """Checks in which the base model raised."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"queued": self.queued, "reasons": dict(self.reasons), "limited": self.limited,
-                "dropped": self.dropped}
+                "dropped": self.dropped, "variant_checks": self.variant_checks,
+                "variant_disagreed": self.variant_disagreed, "variant_errors": self.variant_errors}
 
 
 @dataclass
@@ -65,6 +80,8 @@ class Pending:
     kind: str  # image | audio
     data: np.ndarray[Any, Any]
     sidecar: dict[str, Any]
+    release: Callable[[np.ndarray[Any, Any]], None] | None = None
+    """Hands `data` back for reuse once it is written (a frame buffer of the pipeline's pool)."""
 
 
 class CaptureWriter:
@@ -121,6 +138,8 @@ class CaptureWriter:
                 self.errors += 1
                 logger.exception("capture: writing sample %s failed", pending.sid)
             finally:
+                if pending.release is not None:
+                    pending.release(pending.data)
                 with self._idle:
                     self._busy -= 1
                     self._idle.notify_all()
@@ -182,7 +201,12 @@ class PipelineCapture:
         self._rng = random.Random(seed)  # noqa: S311 - a sampling rate, not a secret
         self._interval = 60.0 / settings.max_per_minute
         self._next_ok = 0.0
+        self._check_interval = 60.0 / settings.variant_checks_per_minute if settings.variant_checks_per_minute \
+            else None
+        self._next_check = 0.0
         self._command_left = 0
+        self._free: deque[np.ndarray[Any, Any]] = deque(maxlen=FREE_FRAMES)
+        """Frame buffers the writer is done with (it appends, the loop pops: both atomic)."""
         self._command_until = 0.0
         # Audio: a ring of the last pre+post seconds, and the clip waiting for its post-roll.
         self._pre = int(settings.pre_roll_s * AUDIO_RATE)
@@ -204,17 +228,22 @@ class PipelineCapture:
         return now < self._command_until
 
     def observe(self, item: Item, results: list[dict[str, Any]], runner: Runner, model: dict[str, Any],
-                shadow_disagreed: bool = False) -> None:
+                shadow_disagreed: bool = False, base: Runner | None = None) -> None:
         """After each item: keep it, or not. `shadow_disagreed`: a shadow trial's candidate model answered
-        this item differently from the active one."""
+        this item differently from the active one. `base`: the base model's runner while `runner` is a
+        cheaper variant of it (checked on a few items a minute)."""
         s = self.settings
         score = top_score(results, runner)
         now = time.monotonic()
         reason: str | None = None
+        base_results: list[dict[str, Any]] | None = None
         if self._commanded(now):
             reason = "command"
         elif shadow_disagreed and s.shadow_disagreement:
             reason = "shadow"
+        elif base is not None and self._check_interval is not None and now >= self._next_check and \
+                (base_results := self._check_variant(base, item, results)) is not None:
+            reason = "variant"
         elif s.band is not None and s.band[0] <= score <= s.band[1]:
             reason = "band"
         elif s.random_rate and self._rng.random() < s.random_rate:
@@ -224,16 +253,48 @@ class PipelineCapture:
         if reason is not None and self._clip is None:
             if now < self._next_ok:
                 self.stats.limited += 1
+            elif not self.audio and self.writer.queue.full():
+                self.stats.dropped += 1  # before the frame's copy: the writer is behind and would refuse it
             else:
                 self._next_ok = now + self._interval
                 context = {"ts": round(item.ts, 3), "model": dict(model), "results": [dict(r) for r in results],
                            "score": round(score, 6)}
+                if base_results is not None:
+                    context["base_results"] = [dict(r) for r in base_results]
                 if item.file is not None:
                     context["source_file"] = item.file
                 if self.audio:
                     self._clip = (self._written + self._post, reason, score, context)
                 else:
-                    self._queue("image", np.array(item.data, copy=True), reason, context)
+                    self._queue("image", self._frame_copy(item.data), reason, context)
+
+    def _frame_copy(self, frame: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The frame copied (the source may reuse its buffer), into a buffer a written sample left if one fits."""
+        frame = np.asarray(frame)
+        while self._free:
+            buffer = self._free.pop()
+            if buffer.shape == frame.shape and buffer.dtype == frame.dtype:
+                np.copyto(buffer, frame)
+                return buffer
+        return np.array(frame, copy=True)
+
+    def _check_variant(self, base: Runner, item: Item, results: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """Run the base model on the item (in the loop: at most `variant_checks_per_minute` times a minute, the
+        base being stateless vision); its results when it answers differently from the variant, else None."""
+        assert self._check_interval is not None
+        self._next_check = time.monotonic() + self._check_interval
+        self.stats.variant_checks += 1
+        try:
+            base_results = base.process(item.data)
+        except Exception:
+            self.stats.variant_errors += 1
+            if self.stats.variant_errors == 1:
+                logger.exception("capture %s: the base model failed on an item", self.pipeline)
+            return None
+        if answer(base_results) == answer(results):
+            return None
+        self.stats.variant_disagreed += 1
+        return base_results
 
     def _take_audio(self, chunk: np.ndarray[Any, Any]) -> None:
         """Into the ring; a clip waiting for its post-roll is queued the moment it has it, mid-chunk if need be
@@ -281,7 +342,8 @@ class PipelineCapture:
                                    "pipeline": self.pipeline, "reason": reason, "kind": kind, **context}
         if kind == "image":
             sidecar["width"], sidecar["height"] = int(data.shape[1]), int(data.shape[0])
-        if writer.offer(Pending(sid, kind, data, sidecar)):
+        release = self._free.append if kind == "image" else None
+        if writer.offer(Pending(sid, kind, data, sidecar, release)):
             self.stats.queued += 1
             self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
         else:

@@ -94,6 +94,21 @@ class WakeWordSettings:
         )
 
 
+def clip_features(samples: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """[rows, FEATURES] float32: a clip through a fresh micro frontend in the runner's steps (`model quantize
+    --calib` calibrates a float wake word model on exactly what the runtime would feed it)."""
+    frontend = MicroFrontend()
+    data = np.asarray(samples, dtype=np.int16).tobytes()
+    rows: list[list[float]] = []
+    step, pos = STEP_SAMPLES * 2, 0
+    while pos + step <= len(data):
+        out = frontend.process_samples(data[pos:pos + step])
+        pos += out.samples_read * 2
+        if out.features:
+            rows.append(out.features)
+    return np.array(rows, dtype=np.float32).reshape(-1, FEATURES)
+
+
 class WakeWordModel:
     """One streaming model: its feature rows, its window of probabilities, its last detection."""
 
