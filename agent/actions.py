@@ -185,6 +185,12 @@ class Actions:
                 # The store keeps nothing older: the config's own model is the first known good.
                 if not (isinstance(command, Rollback) and exc.reason is Reason.NOT_KEPT):
                     raise
+                by_name = [p.name for p in self.agent._pipeline_list() if p.settings.delivered == command.model]
+                if by_name:
+                    # No file of the config's to go back to: refused rather than leave the pipeline with nothing.
+                    raise DeliveryError(Reason.NOT_KEPT, f"{exc.detail}; {command.model} runs by its delivered name "
+                                        f"in pipeline {', '.join(by_name)}, with no model file to go back to: "
+                                        f"deploy another version, or stop the pipeline") from None
                 restored = rollback_to_configured(self.agent.delivery, self.agent._pipeline_list(), command.model,
                                                   command.version, command.id)
                 if restored is None:
@@ -334,6 +340,13 @@ class Actions:
         restart_needed = [k for k in type(new).model_fields
                           if k not in self.APPLIED_ON_RELOAD and getattr(old, k) != getattr(new, k)]
         applied: list[str] = []
+        # `[profile] threads` applies now; the profile's other values are the daemon's sizing: a restart.
+        kept_profile = old.profile.model_copy(update={"threads": new.profile.threads})
+        if fresh.profile.threads != self.agent.eff.profile.threads:
+            self._set_threads(fresh.profile.threads)
+            applied.append("threads")
+            if kept_profile == new.profile and "profile" in restart_needed:
+                restart_needed.remove("profile")
         if new.supervisor != old.supervisor:
             applied.append("supervisor")
         service = self.agent.delivery
@@ -343,7 +356,8 @@ class Actions:
             applied.append("trusted_keys")
             logger.info("reload: trusted keys are now %s", ", ".join(sorted(keys.keys)) or "none")
         self.agent.eff = self.agent.eff.model_copy(update={"config": old.model_copy(update={
-            "pipelines": new.pipelines, "supervisor": new.supervisor, "trusted_keys": new.trusted_keys})})
+            "pipelines": new.pipelines, "supervisor": new.supervisor, "trusted_keys": new.trusted_keys,
+            "profile": kept_profile})})
         before = {p.name: p for p in old.pipelines}
         after = {p.name: p for p in new.pipelines}
         report: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "unchanged": []}
@@ -371,6 +385,17 @@ class Actions:
                 p.start()
         self.agent._announce()
         return {**{k: sorted(v) for k, v in report.items()}, "applied": applied, "restart_needed": restart_needed}
+
+    def _set_threads(self, threads: int) -> None:
+        """The profile's thread count, now: every slot loads its running model again with it and swaps it in
+        between two items (no restart, no gap in `seq`); the tuner sees the new count and measures again."""
+        profile = self.agent.eff.profile.model_copy(update={"threads": threads})
+        logger.info("reload: interpreter threads %d -> %d", self.agent.eff.profile.threads, threads)
+        self.agent.eff = self.agent.eff.model_copy(update={"profile": profile})
+        for p in self.agent._pipeline_list():
+            p.profile = profile
+        for slot in list(self.agent._slots.values()):
+            slot.set_threads(profile)
 
     def _trusted_keys(self, eff: Effective) -> Any:
         """The keys `eff` trusts (BadInput names a bad entry); None when delivery is off."""

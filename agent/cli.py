@@ -274,15 +274,16 @@ def _cmd_quantize(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace, out: TextIO) -> int:
-    from agent.compress.compare import compare, format_table, write_variants_manifest
+    from agent.compress.compare import compare, format_table, manifest_task, write_variants_manifest
 
     if len(args.models) < 2:
         raise BadInput("compare needs BASE and at least one VARIANT")
+    task = manifest_task(args.models[0], args.task, args.backend) if args.write_manifest else None
     report = compare(args.models[0], args.models[1:], args.eval_inputs, runs=args.runs, threads=args.threads,
                      backend=args.backend, xnnpack=not args.no_xnnpack, delegate=args.delegate, limit=args.limit,
                      task=args.task)
     if args.write_manifest:
-        write_variants_manifest(report, args.write_manifest)
+        write_variants_manifest(report, args.write_manifest, task)
     out.write((json.dumps(report) if args.format == "json" else format_table(report)) + "\n")
     return 0
 

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent.config import Fps, PolicySettings, Threshold, TopicName
+from agent.config import Fps, ModelName, PolicySettings, Threshold, TopicName
 from agent.mqtt import wire
 
 logger = logging.getLogger(__name__)
@@ -122,10 +122,6 @@ class Tune(Command):
     action: Literal["tune"]
     pipeline: TopicName | None = None
     """One pipeline; default: every pipeline that has a budget and model variants."""
-
-
-ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-"""A model name as delivery topics carry it (docs/delivery.md §2)."""
 
 
 def _version(v: int | str | None) -> int | str | None:

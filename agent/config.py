@@ -22,6 +22,9 @@ DEFAULT_STATE_DIR = Path("/var/lib/lepton")
 # dashboard would trip on.
 _TOPIC_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TopicName = Annotated[str, Field(pattern=_TOPIC_NAME)]
+_MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ModelName = Annotated[str, Field(pattern=_MODEL_NAME)]
+"""A model name as delivery topics carry it (docs/delivery.md §2)."""
 
 MIN_FPS = 0.01
 """The lowest fps a pipeline runs at (one frame per 100 s): below it 1/fps stops being a usable interval."""
@@ -202,8 +205,11 @@ class PipelineSettings(_Strict):
     """What to read: `test:colors`, `camera:0`, `/dev/video0`, `rtsp://…`, `mic:`, a file, …"""
     source_options: dict[str, Any] = Field(default_factory=dict)
     """Options for the source kind (e.g. `fps`, `width`, `height`, `loop`)."""
-    model: Path
+    model: Path | None = None
     """A `.tflite` or a manifest `.json`; relative paths are relative to the config file."""
+    delivered: str | None = None
+    """Instead of `model`: the name a model is deployed under. The pipeline runs the store's trial or
+    active version of that name and waits (`waiting_for_model`) until a deployment of it is active."""
     task: str | None = None
     """Run as this task instead of the manifest's or the recognised one."""
     labels: Path | None = None
@@ -223,6 +229,24 @@ class PipelineSettings(_Strict):
     """Fraction of items on which a variant must answer as the base model does; default: the profile's."""
     max_rss_mb: Annotated[float, Field(gt=0)] | None = None
     """Resident memory a variant may add; default: the profile's (None: not judged)."""
+
+    @field_validator("delivered")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(_MODEL_NAME, v):
+            raise ValueError(f"{v!r} is not a model name (up to 128 of A-Z a-z 0-9 . _ -, from a letter or digit; "
+                             f"the version is chosen by `lepton-fleet deploy NAME@VERSION`, not here)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_model(self) -> PipelineSettings:
+        if (self.model is None) == (self.delivered is None):
+            which = "both" if self.model is not None else "neither"
+            raise ValueError(f"give exactly one of model (a file on the device) or delivered (the name a model is "
+                             f"deployed under); this pipeline has {which}")
+        if self.delivered is not None and self.labels is not None:
+            raise ValueError("labels: only with model (a delivered model brings its own labels)")
+        return self
 
 
 class SpoolSection(_Strict):

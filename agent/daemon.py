@@ -154,6 +154,7 @@ class Agent:
             self.delivery = make_service(self.eff, self.link, self.store, self.backend.name, self.backend_name,
                                          hooks=self._model_hooks, baseline=self._configured_version, stop=self.stop,
                                          watchdog=self.watchdog)
+            self.delivery.on_active = self._model_active
         self._prepare_reporting()
 
     def _prepare_reporting(self) -> None:
@@ -235,10 +236,21 @@ class Agent:
         if self.link is not None and self.capture is not None:
             self.link.subscribe(f"{self.topics.base}/samples/+/want", self.actions.sample_want, qos=0)
 
-    def _delivered(self, configured: ModelSpec) -> ModelSpec | None:
+    def _delivered(self, name: str) -> ModelSpec | None:
         from agent.ota import delivered_spec
 
-        return delivered_spec(self.store, configured) if self.store is not None else None
+        return delivered_spec(self.store, name) if self.store is not None else None
+
+    def _model_active(self, name: str) -> None:
+        """A deployment (or rollback) made model `name` active: start the pipelines waiting for it."""
+        started = []
+        for p in self._pipeline_list():
+            if p.waiting and p.settings.delivered == name and not self.stop.is_set():
+                p.start()
+                started.append(p.name)
+        if started:
+            logger.info("model %s is active: pipeline %s started", name, ", ".join(started))
+            self._announce()
 
     def _configured_version(self, name: str) -> Any:
         from agent.ota import configured_version

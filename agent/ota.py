@@ -9,6 +9,9 @@ takes the self-tested runner, the others load their own interpreter of the same 
 an interpreter belongs to one thread), their health counters are summed, and a shadow trial
 and the self-test's sample item use the first. Only pipelines whose loop is alive take part;
 a stopped one picks the store's trial or active model up when it starts again (`delivered_spec`).
+A pipeline that names its model by the delivered name (`delivered = "NAME"`) and finds none in
+the store waits (`waiting_for_model`, no loop thread); the service's `on_active` tells the
+daemon when a deployment of NAME has become active, and the daemon starts the waiting ones.
 """
 
 from __future__ import annotations
@@ -153,27 +156,30 @@ def shadow_request(defaults: ShadowDefaults, given: dict[str, Any]) -> dict[str,
     return merged
 
 
-def delivered_spec(store: ModelStore, configured: ModelSpec) -> ModelSpec | None:
-    """The model of the configured model's name that the store says runs: the one on trial while a
-    probation window is open (a pipeline started in it must run what is judged), else the active one."""
-    slot = store.slot(configured.name)
+def delivered_spec(store: ModelStore, name: str) -> ModelSpec | None:
+    """The model of this name that the store says runs: the one on trial while a probation window is
+    open (a pipeline started in it must run what is judged), else the active one. None: the pipeline
+    runs its configured file, or (`delivered = NAME`) waits for a deployment."""
+    slot = store.slot(name)
     active = slot.trial or slot.active
     if active is None:
         return None
     if not store.has_object(active.sha256):
-        logger.error("model store: %s %s is active but its file is gone; running the configured model",
-                     active.name, active.version)
+        logger.error("model store: %s %s is active but its file is gone; not running it", active.name,
+                     active.version)
         return None
     try:
         return spec_for(store, active)
     except (OSError, ValueError) as exc:
-        logger.error("model store: %s %s cannot be read (%s); running the configured model", active.name,
-                     active.version, exc)
+        logger.error("model store: %s %s cannot be read (%s); not running it", active.name, active.version, exc)
         return None
 
 
 def configured_spec(pipeline: Pipeline) -> ModelSpec | None:
-    """The model the pipeline's config names (None when its files are bad)."""
+    """The model file the pipeline's config names (None when its files are bad, or when it names a
+    delivered model: there is no file to go back to)."""
+    if pipeline.settings.model is None:
+        return None
     try:
         return load_spec(pipeline.settings.model, pipeline.settings.labels)
     except BadInput:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.config import Effective, PipelineSettings, SupervisorSection
-from agent.errors import BadInput
+from agent.errors import BadInput, LeptonError
 from agent.loop import READ_TIMEOUT_S, run_items
 from agent.manifest import ModelSpec, load_spec
 from agent.mqtt.topics import SCHEMA_VERSION
@@ -62,7 +62,11 @@ def check_pipelines(eff: Effective) -> None:
     where = f"{eff.path}: " if eff.path else ""
     for i, p in enumerate(eff.config.pipelines):
         try:
-            load_spec(p.model, p.labels)
+            if p.model is not None:  # a delivered model (`delivered`) comes checked by its deployment
+                load_spec(p.model, p.labels)
+            elif not eff.config.delivery.enabled:
+                raise BadInput(f"delivered = {p.delivered!r} needs [delivery] enabled = true (nothing else "
+                               f"brings the model)")
             open_source(p.source, dict(p.source_options))
             if p.policy.snapshot.enabled:
                 snapshot_encoder()
@@ -107,6 +111,8 @@ class Pipeline:
         self.governed_fps: float | None = None
         """The governor's fps cap (None: not capped)."""
         self._paused = threading.Event()
+        self._starting = threading.Lock()
+        """`start` and a deployment's `start` of a waiting pipeline, one at a time."""
         self._dropped_before = 0
         # The loop's own state between items (its thread only).
         self._runner: Runner | None = None
@@ -126,7 +132,7 @@ class Pipeline:
 
     @property
     def on_state(self) -> Callable[[], None] | None:
-        """Called when the state changes to running, paused, stopped, failed or finished."""
+        """Called when the state changes to running, paused, stopped, failed, finished or waiting_for_model."""
         return self.supervisor.on_state
 
     @on_state.setter
@@ -143,11 +149,32 @@ class Pipeline:
 
     def start(self, wait_s: float = STOP_WAIT_S) -> None:
         """Start the loop on the slot's configured model; LeptonError when a halted loop has not ended
-        within `wait_s` (starting nothing then, rather than reporting a start that did not happen)."""
-        self.supervisor.start(wait_s, before=self.slot.reset)
+        within `wait_s` (starting nothing then, rather than reporting a start that did not happen).
+
+        A pipeline naming a delivered model the store has none of starts no thread: it is `waiting_for_model`
+        (no restarts spent, not an error) until the daemon starts it again once a deployment is active."""
+        with self._starting:
+            if self.slot.waiting_for() is not None and not (self.running and not self.supervisor.halted.is_set()):
+                if not self.supervisor.join(wait_s):
+                    raise LeptonError(f"pipeline {self.name}: still stopping (its current item has not ended); "
+                                      f"start it again once it has stopped")
+                self.supervisor.set_state("waiting_for_model")
+                # Asked again after saying so: a deployment activated in between sees the state and starts us.
+                if self.slot.waiting_for() is not None:
+                    logger.info("pipeline %s: waiting for a deployment of model %s", self.name,
+                                self.settings.delivered)
+                    return
+            self.supervisor.start(wait_s, before=self.slot.reset)
+
+    @property
+    def waiting(self) -> bool:
+        """Waiting for a deployment of its delivered model (see `start`)."""
+        return self.stats.state == "waiting_for_model"
 
     def halt(self) -> None:
         """Ask the loop to stop (it notices within READ_TIMEOUT_S); `join` waits for it."""
+        if self.waiting:
+            self.supervisor.set_state("stopped")  # stopped on purpose: a deployment does not start it
         self.supervisor.halt()
         source = self._source
         if source is not None:
@@ -180,8 +207,13 @@ class Pipeline:
         s = self.settings
         d: dict[str, Any] = {"name": self.name, "state": self.stats.state, "source": redact(s.source),
                              "task": self.slot.task_key, "threshold": s.threshold, "fps": round(self.max_fps, 3)}
+        if s.delivered is not None:
+            d["delivered"] = s.delivered
         if self.slot.spec is not None:
             d["model"] = self.slot.model_ref()
+        model = self.slot.model
+        if model is not None:
+            d["threads"] = model.threads  # the interpreter's, as built: a reload may change the profile's
         return d
 
     def source_status(self) -> dict[str, Any] | None:

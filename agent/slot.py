@@ -15,7 +15,8 @@ re-installing a runner built for the old ones.
 
 Which model a (re)start loads (`load`): the one swapped in last, else what `model_source`
 says (the model store's trial or active version), else the config's file; `reset` (a fresh
-start) forgets what was swapped in and asks again.
+start) forgets what was swapped in and asks again. A pipeline that names a delivered model
+(`delivered = "NAME"`) has no file: until the store has NAME, `waiting_for` says so.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def build_runner(model: Model, spec: ModelSpec, task: str | None) -> Runner:
 
 
 def _model_settings(settings: PipelineSettings) -> tuple[Any, ...]:
-    return settings.model, settings.labels, settings.task
+    return settings.model, settings.delivered, settings.labels, settings.task
 
 
 Loaded = tuple[ModelSpec, Model | None, Runner, str | None]
@@ -100,8 +101,9 @@ class ModelSlot:
         """Bumped when the model settings (model, labels, task) change: older undos reload instead."""
         self._lock = threading.RLock()
         self.spec: ModelSpec | None = None
-        with contextlib.suppress(BadInput):  # reported when the loop starts
-            self.spec = load_spec(settings.model, settings.labels)  # for status, before the model loads
+        if settings.model is not None:  # a delivered model: the daemon's `model_source` knows it
+            with contextlib.suppress(BadInput):  # reported when the loop starts
+                self.spec = load_spec(settings.model, settings.labels)  # for status, before the model loads
         self.base_spec: ModelSpec | None = self.spec
         """The model variants are cheaper versions of: the config's, or the last one swapped in as a base."""
         self.model: Model | None = None
@@ -110,9 +112,9 @@ class ModelSlot:
         self.variant: str | None = None
         """The variant file running instead of the manifest's own (None: the base model)."""
         self.task_key: str | None = None
-        self.model_source: Callable[[ModelSpec], ModelSpec | None] | None = None
-        """Given the config's model, the one to run instead when nothing was swapped in (the daemon
-        returns the model store's trial or active version of that name); None: the config's."""
+        self.model_source: Callable[[str], ModelSpec | None] | None = None
+        """Given a model name, the one to run when nothing was swapped in (the daemon returns the model
+        store's trial or active version of that name); None: the config's file."""
         self._override: tuple[ModelSpec, str | None] | None = None
         self.pending: Loaded | None = None
         """Swapped in, not yet taken by the loop (read without the lock: one attribute, per item)."""
@@ -149,7 +151,32 @@ class ModelSlot:
                 self.generation += 1
                 self._override, self.pending, self.base_check = None, None, None
                 with contextlib.suppress(BadInput):
+                    self.spec = self.base_spec = None  # not the old settings' model if the new ones have none (yet)
                     self.spec = self.base_spec = self.configured_spec()
+
+    def set_threads(self, profile: Profile) -> bool:
+        """`profile` (a reload changed its thread count) from now on: the model running is loaded again with
+        its threads and swapped in between two items (same variant, same `seq`). True when it was; a model
+        that no longer loads is logged and keeps running as it was."""
+        with self._lock:
+            old, self.profile = self.profile, profile
+            loaded = self.pending or (None if self.runner is None or self.spec is None else
+                                      (self.spec, self.model, self.runner, self.variant))
+        if old.threads == profile.threads or loaded is None:
+            return False
+        spec, variant, held = loaded[0], loaded[3], self.base_check
+        try:
+            model, runner = self.prepare(spec)
+            # Capture's base runner beside a variant (`base_check`) runs in the loop too: same threads.
+            check = None if held is None else (held[0], self.prepare(held[0])[1])
+        except LeptonError as exc:
+            logger.error("pipeline %s: %s does not load with %d threads (%s); it keeps its %d", self.name,
+                         spec.path.name, profile.threads, exc, old.threads)
+            return False
+        self.swap(spec, runner, model, variant)
+        if check is not None and variant is not None:
+            self.base_check = check
+        return True
 
     def bind(self, stats: Counters, stopping: Callable[[], bool]) -> None:
         """A (new) loop runs this slot: its counters continue the previous loop's for `health`."""
@@ -179,11 +206,25 @@ class ModelSlot:
     # -- loading --------------------------------------------------------------------------------
 
     def configured_spec(self) -> ModelSpec:
-        """The model a (re)start loads when nothing was swapped in (BadInput when the config's is bad)."""
+        """The model a (re)start loads when nothing was swapped in (BadInput when the config's is bad, or
+        when the pipeline names a delivered model the device has none of: `waiting_for`)."""
+        delivered, source = self.settings.delivered, self.model_source
+        if delivered is not None:
+            spec = source(delivered) if source is not None else None
+            if spec is None:
+                raise BadInput(f"no model {delivered!r} delivered to this device yet")
+            return spec
+        assert self.settings.model is not None  # PipelineSettings: exactly one of model, delivered
         spec = load_spec(self.settings.model, self.settings.labels)
-        if self.model_source is not None:
-            return self.model_source(spec) or spec
-        return spec
+        return (source(spec.name) if source is not None else None) or spec
+
+    def waiting_for(self) -> str | None:
+        """The delivered model name a start would wait for (the store has no version of it); None: a
+        start has a model to load."""
+        delivered, source = self.settings.delivered, self.model_source
+        if delivered is None or (source is not None and source(delivered) is not None):
+            return None
+        return delivered
 
     def prepare(self, spec: ModelSpec) -> tuple[Model, Runner]:
         """Load `spec` with this slot's backend, threads and task: ready to swap in (BadInput)."""
@@ -208,6 +249,8 @@ class ModelSlot:
         try:
             model, runner = self.prepare(spec)
         except LeptonError as exc:
+            if self.settings.model is None:
+                raise  # a delivered model only: there is no file of the config's to fall back to
             configured = load_spec(self.settings.model, self.settings.labels)
             if override is not None or spec.path == configured.path:
                 raise

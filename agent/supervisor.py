@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 STOP_WAIT_S = 3.0
 """How long `start()` waits for a halted run to end before it refuses."""
 
-NOTIFIED_STATES = frozenset({"running", "paused", "stopped", "failed", "finished"})
+NOTIFIED_STATES = frozenset({"running", "paused", "stopped", "failed", "finished", "waiting_for_model"})
 """States whose change is announced (status is re-published)."""
 
 
@@ -40,7 +40,8 @@ class PipelineStats:
     """What status reports about one pipeline."""
 
     state: str = "stopped"
-    """starting | running | paused | restarting | stopped | failed | finished"""
+    """starting | running | paused | restarting | stopped | failed | finished | waiting_for_model (names a
+    delivered model the device has none of yet: no thread, started when a deployment of it is active)"""
     items: int = 0
     """Items read from the source."""
     processed: int = 0
@@ -116,7 +117,7 @@ class Supervisor:
         self.halted = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_state: Callable[[], None] | None = None
-        """Called when the state changes to running, paused, stopped, failed or finished."""
+        """Called when the state changes to running, paused, stopped, failed, finished or waiting_for_model."""
         self.watchdog: Watchdog | None = None
         """When set, the thread registers a heartbeat and beats it each time round (systemd watchdog)."""
         self.heartbeat: Heartbeat | None = None

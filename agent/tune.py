@@ -301,6 +301,15 @@ Done = Callable[[TuneResult | None, str | None], None]
 """(the result, or None and the error) when a requested tune ends."""
 
 
+def _trigger(before: tuple[Any, ...] | None, key: tuple[Any, ...]) -> str:
+    """Why a pipeline is tuned again by itself: (base path, version, threads) changed from `before` to `key`."""
+    if before is None:
+        return "start"
+    if before[:2] == key[:2]:
+        return f"threads {before[2]} -> {key[2]}"
+    return "new base model"
+
+
 class Tuner:
     """Tunes the agent's pipelines one at a time, in a thread of its own."""
 
@@ -326,7 +335,7 @@ class Tuner:
     def _key(self, pipeline: Pipeline) -> tuple[Any, ...]:
         base = pipeline.slot.base_spec
         assert base is not None
-        return base.path, base.version, pipeline.profile.threads
+        return base.path, base.version, pipeline.slot.profile.threads  # the slot's: a reload may change it
 
     def request(self, name: str, trigger: str, done: Done | None = None) -> None:
         with self._cond:
@@ -371,10 +380,10 @@ class Tuner:
             p.slot.tuning = tunable  # the governor leaves the variant of a tunable pipeline to us
             if p.name in self._requests or not p.running or not tunable:
                 continue
-            key, last = self._key(p), self.results.get(p.name)
-            if self._tuned.get(p.name) != key:
+            key, last, before = self._key(p), self.results.get(p.name), self._tuned.get(p.name)
+            if before != key:
                 if self._failed.get(p.name) != key:
-                    self._requests[p.name] = ("start" if p.name not in self._tuned else "new base model", [])
+                    self._requests[p.name] = (_trigger(before, key), [])
             elif last is not None and p.slot.chosen_variant != last.chosen_row.variant:
                 # A fresh start (`start` after `stop`) loads the base model: measure again rather than
                 # assume the last table still holds.
@@ -415,7 +424,7 @@ class Tuner:
         if wanted != slot.chosen_variant:
             variant = next((v for v in all_variants(base) if v.file == wanted), None)
             slot.use_variant(variant)
-        result = TuneResult(pipeline.name, trigger, started, time.monotonic() - t0, pipeline.profile.threads,
+        result = TuneResult(pipeline.name, trigger, started, time.monotonic() - t0, slot.profile.threads,
                             self.level(), budget, rows, chosen, met, why,
                             {"name": base.name, "version": base.version})
         self.results[pipeline.name] = result

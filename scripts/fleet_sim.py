@@ -23,18 +23,22 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+from fleet_brokers import KINDS  # noqa: E402
 
 from agent.agent_state import AgentState  # noqa: E402
 from agent.config import MqttSection  # noqa: E402
@@ -50,6 +54,8 @@ from agent.mqtt.topics import FleetTopics, Topics  # noqa: E402
 from agent.mqtt.wire import encode  # noqa: E402
 from agent.version import parse_version  # noqa: E402
 
+Protocol = Literal["5", "3.1.1"]
+
 FLEET = [sys.executable, "-c", "import sys; from agent.cli import fleet_main; sys.exit(fleet_main())"]
 
 
@@ -57,7 +63,7 @@ class VirtualDevice:
     """One device: the agent's link, spool and delivery client, answering ping/status/deploy."""
 
     def __init__(self, folder: Path, url: str, device: str, prefix: str, group: str, trusted: TrustedKeys,
-                 pool: ThreadPoolExecutor, heartbeat_s: float = 60.0) -> None:
+                 pool: ThreadPoolExecutor, heartbeat_s: float = 60.0, protocol: Protocol = "5") -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.device, self.pool = device, pool
         self.topics = Topics(prefix, device)
@@ -65,7 +71,8 @@ class VirtualDevice:
         self.state = AgentState(folder / "agent.sqlite3")
         self.stop = threading.Event()
         self.seq = 0
-        self.link = Link(MqttSection(broker=(url,), prefix=prefix, keepalive_s=60, heartbeat_s=heartbeat_s),
+        self.link = Link(MqttSection(broker=(url,), prefix=prefix, keepalive_s=60, heartbeat_s=heartbeat_s,
+                                     protocol=protocol),
                          topics=self.topics, groups=(group,), client_id=f"sim-{device}", spool=self.spool,
                          next_bdseq=self.state.next_bdseq, birth=lambda: {"agent": "fleet_sim", "groups": [group],
                                                                      "pipelines": [{"name": "p", "state": "running"}]},
@@ -134,10 +141,10 @@ class Fleet:
     """N virtual devices and the clock that makes their results and telemetry."""
 
     def __init__(self, folder: Path, url: str, n: int, prefix: str, trusted: TrustedKeys,
-                 result_every_s: float = 10.0, telemetry_every_s: float = 30.0) -> None:
+                 result_every_s: float = 10.0, telemetry_every_s: float = 30.0, protocol: Protocol = "5") -> None:
         self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="sim-deploy")
-        self.devices = [VirtualDevice(folder / f"d{i:04d}", url, f"sim-{i:04d}", prefix, "sim", trusted, self.pool)
-                        for i in range(n)]
+        self.devices = [VirtualDevice(folder / f"d{i:04d}", url, f"sim-{i:04d}", prefix, "sim", trusted, self.pool,
+                                      protocol=protocol) for i in range(n)]
         self.result_every_s, self.telemetry_every_s = result_every_s, telemetry_every_s
         self._stop = threading.Event()
         self._clock = threading.Thread(target=self._tick, name="sim-clock", daemon=True)
@@ -176,52 +183,88 @@ class Fleet:
 # -- the benchmark ---------------------------------------------------------------------------------------------
 
 
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (all cores, all processes): /proc/stat's first line."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _children() -> tuple[float, int]:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime, r.ru_maxrss
+def _load() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+MEASURED = [sys.executable, "-c", "import resource, sys\nfrom agent.cli import fleet_main\n"
+            "try:\n    rc = fleet_main()\nfinally:\n    r = resource.getrusage(resource.RUSAGE_SELF)\n"
+            "    hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM:')][0].split()[1]\n"
+            "    print(f'\\nfleet_sim-rusage {hwm} {r.ru_utime + r.ru_stime}', file=sys.stderr)\nsys.exit(rc)"]
+"""A fleet tool that says its own peak RSS (VmHWM) and CPU last on stderr. ru_maxrss would not do, neither
+RUSAGE_CHILDREN's nor the tool's own: Linux carries the high-water mark of the memory the child was forked
+(or vforked) with across exec, i.e. the simulator's whole resident memory (600 MB at 1,000 devices)."""
 
 
 def _run_tool(*args: str) -> dict[str, Any]:
-    cpu0, _ = _children()
     t0 = time.monotonic()
-    done = subprocess.run([*FLEET, *args], capture_output=True, text=True, check=False, cwd=ROOT)
+    done = subprocess.run([*MEASURED, *args], capture_output=True, text=True, check=False, cwd=ROOT)
     took = time.monotonic() - t0
-    cpu1, maxrss = _children()
-    return {"rc": done.returncode, "seconds": round(took, 2), "cpu_s": round(cpu1 - cpu0, 2),
-            "max_rss_mb_children": round(maxrss / 1024, 1), "out": done.stdout, "err": done.stderr[-500:]}
+    err, _, usage = done.stderr.rstrip().rpartition("fleet_sim-rusage ")
+    try:
+        maxrss_kb, cpu_s = usage.split()
+        measured: dict[str, Any] = {"cpu_s": round(float(cpu_s), 2), "max_rss_mb": round(int(maxrss_kb) / 1024, 1)}
+    except ValueError:
+        measured, err = {}, done.stderr
+    return {"rc": done.returncode, "seconds": round(took, 2), **measured, "out": done.stdout,
+            "err": err.strip()[-500:]}
 
 
-def bench(n: int, model: Path, folder: Path) -> dict[str, Any]:
-    from broker import Broker
+def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto") -> dict[str, Any]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from fleet_brokers import topology
+    from paho.mqtt.enums import MQTTProtocolVersion
 
     from agent.delivery.signing import key_id, public_text
     from agent.fleet.publish import build, upload
+    from agent.fleet.seeder import save_seed
     from agent.mqtt.client import BrokerAddress, PahoLink
 
     key = Ed25519PrivateKey.generate()
     trusted = TrustedKeys.from_config({key_id(key.public_key()): public_text(key.public_key())})
     prefix = "lepton"
-    out: dict[str, Any] = {"devices": n, "machine": {"cpus": os.cpu_count()}}
-    broker = Broker(folder / "broker", extra="sys_interval 1\nmax_connections -1").start()
-    assert broker.proc is not None
-    fleet = Fleet(folder / "fleet", broker.url, n, prefix, trusted)
-    watcher = PahoLink(BrokerAddress("127.0.0.1", broker.port, False)).start()
-    sys_bytes = SysBytes(watcher)
+    # The machine is shared: what else ran is part of the figures (busy seconds of all cores minus our own).
+    machine: dict[str, Any] = {"cpus": os.cpu_count(), "loadavg_start": _load()}
+    busy0, own0, wall0 = _machine_busy_s(), _own_cpu_s(), time.monotonic()
+    topo = topology(kind, folder / "brokers")
+    out: dict[str, Any] = {"devices": n, "broker_kind": kind, "machine": machine}
+    protocol = MQTTProtocolVersion.MQTTv311 if topo.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5
+
+    def link_to(port: int) -> PahoLink:
+        return PahoLink(BrokerAddress("127.0.0.1", port, False), protocol=protocol).start()
+
+    fleet: Fleet | None = None
+    links: list[PahoLink] = []
+    seeder: subprocess.Popen[str] | None = None
     try:
-        cpu0 = _proc_cpu_s(broker.proc.pid)
+        topo.start()  # inside: a broker started before a failure is stopped (one outlived a failed run)
+        # Operator-side links before the fleet: paho's own loop select()s, and the fleet's 1,000 devices open
+        # over 2,000 files (two databases each), past the 1024 descriptors select() can take.
+        watcher = link_to(topo.operator_port)
+        publisher = link_to(topo.operator_port)
+        device_side = link_to(topo.device_port)
+        links += [watcher, publisher, device_side]
+        def kept(port: int) -> PahoLink:
+            links.append(link_to(port))
+            return links[-1]
+
+        meters = topo.meters(kept)
+        fleet = Fleet(folder / "fleet", topo.device_url, n, prefix, trusted, protocol=topo.protocol)
+        cpu0 = topo.cpu_s()
         out["online_s"] = round(fleet.start(), 2)
         t0 = time.monotonic()
         threading.Event().wait(10.0)  # ten seconds of a steady fleet: results, telemetry, heartbeats
-        out["broker_idle"] = {"cpu_percent": round(100 * (_proc_cpu_s(broker.proc.pid) - cpu0)
-                                                   / (time.monotonic() - t0 + out["online_s"]), 1),
-                              "rss_mb": round(broker.rss_kb() / 1024, 1)}
-        url = ["--broker", broker.url, "--prefix", prefix]
+        out["broker_idle"] = {"cpu_percent": round(100 * (topo.cpu_s() - cpu0) / (time.monotonic() - t0
+                                                                                   + out["online_s"]), 1),
+                              "rss_mb": topo.rss_mb()}
+        url = ["--broker", topo.operator_url, "--prefix", prefix, "--protocol", topo.protocol]
         status = _run_tool("status", "--format", "json", "--settle", "3", *url)
         rows = status.pop("out").splitlines()
         out["status"] = {**status, "devices_listed": len(rows),
@@ -247,84 +290,114 @@ def bench(n: int, model: Path, folder: Path) -> dict[str, Any]:
 
         pub = build(model, name="bench", version=parse_version("1"), key=key, chunk_size=64 * 1024, task="classify")
         size = pub.manifest["size"]
-        publisher = PahoLink(BrokerAddress("127.0.0.1", broker.port, False)).start()
         upload(publisher, pub, FleetTopics(prefix))
-        publisher.close()
+        if topo.seeded:
+            seeds = folder / "seeds"
+            save_seed(seeds, "bench", parse_version("1"), pub.raw, pub.path)
+            seeder = subprocess.Popen([*FLEET, "serve-models", "--dir", str(seeds), *url], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=ROOT)
+            assert seeder.stdout is not None
+            if not seeder.stdout.readline().startswith("serving "):
+                raise RuntimeError(f"serve-models did not start: {seeder.stderr.read() if seeder.stderr else ''}")
         active: set[str] = set()
+        failed: dict[str, str] = {}
         done = threading.Event()
 
         def on_deploy(topic: str, payload: bytes) -> None:
-            if b'"active"' in payload and b'"bench"' in payload:
-                with lock:
+            # Every device ends active or failed: the wait ends when all have, not at its timeout.
+            state = json.loads(payload)
+            if state.get("model") != "bench" or state.get("state") not in ("active", "failed"):
+                return
+            with lock:
+                if state["state"] == "active":
                     active.add(topic)
-                    if len(active) == n:
-                        done.set()
+                    failed.pop(topic, None)
+                else:
+                    failed[topic] = f"{state.get('reason')}: {str(state.get('detail'))[:120]}"
+                if len(active) + len(failed) == n:
+                    done.set()
 
-        cpu0, t0 = _proc_cpu_s(broker.proc.pid), time.monotonic()
-        sent = sys_bytes.at(t0)
+        cpu0, t0 = topo.cpu_s(), time.monotonic()
+        sent = {name: m.at(t0) for name, m in meters.items()}
         watcher.subscribe(f"{prefix}/+/deploy", on_deploy)
         deploy = _run_tool("deploy", "bench@1", "--to", "group:sim", "--no-wait", *url)
         deploy.pop("out")
-        done.wait(600)
+        done.wait(900)
         took = time.monotonic() - t0
-        broker_cpu = _proc_cpu_s(broker.proc.pid) - cpu0
-        sent_after = sys_bytes.after(time.monotonic())
+        broker_cpu = topo.cpu_s() - cpu0
+        now = time.monotonic()
+        sent_bytes = {name: m.after(now) - sent[name] for name, m in meters.items()}
+        first = next(iter(sent_bytes.values()))  # the devices' broker (a cluster: every node)
         out["deploy"] = {"model_bytes": size, "active_and_verified": len(active), "seconds": round(took, 2),
-                         "broker_bytes_sent": sent_after - sent, "ideal_bytes": n * size,
-                         "ratio_to_ideal": round((sent_after - sent) / (n * size), 3),
-                         "broker_cpu_s": round(broker_cpu, 2), "broker_rss_mb": round(broker.rss_kb() / 1024, 1),
-                         "tool": deploy}
-        out["mosquitto_pub_per_device"] = _baseline(broker, watcher, model, n, sys_bytes)
+                         "failed": len(failed), "failures": dict(Counter(failed.values()).most_common(5)),
+                         "broker_bytes_sent": sent_bytes, "ideal_bytes": n * size,
+                         "ratio_to_ideal": round(first / (n * size), 3),
+                         "broker_cpu_s": round(broker_cpu, 2), "broker_rss_mb": topo.rss_mb(), "tool": deploy}
+        if seeder is not None:
+            out["deploy"]["seeder"] = _stop_seeder(seeder)
+            seeder = None
+        out["mosquitto_pub_per_device"] = _baseline(topo, device_side, model, n, meters, prefix)
     finally:
-        watcher.close()
-        fleet.close()
-        broker.stop()
+        if seeder is not None:
+            _stop_seeder(seeder)
+        for link in links:
+            link.close()
+        if fleet is not None:
+            fleet.close()
+        topo.close()
+        GRANDCHILD_CPU_S[0] += getattr(topo, "grandchild_cpu_s", 0.0)
+        machine.update(_machine_share(busy0, own0, wall0))
     return out
 
 
-class SysBytes:
-    """The broker's `$SYS/broker/bytes/sent` as it is updated (every second: `sys_interval 1`)."""
-
-    def __init__(self, link: Any) -> None:
-        self.updates: list[tuple[float, int]] = []
-        self.cond = threading.Condition()
-        link.subscribe("$SYS/broker/bytes/sent", self._on, qos=0)
-
-    def _on(self, topic: str, payload: bytes) -> None:
-        with self.cond:
-            self.updates.append((time.monotonic(), int(payload)))
-            self.cond.notify_all()
-
-    def at(self, when: float) -> int:
-        """The last value published before `when` (at most a second old)."""
-        with self.cond:
-            self.cond.wait_for(lambda: any(t < when for t, _ in self.updates), 10)
-            return [v for t, v in self.updates if t < when][-1]
-
-    def after(self, when: float) -> int:
-        """The first value published over a second after `when`: it counts everything sent until `when`."""
-        with self.cond:
-            self.cond.wait_for(lambda: any(t > when + 1.05 for t, _ in self.updates), 10)
-            return next(v for t, v in self.updates if t > when + 1.05)
+def _stop_seeder(seeder: subprocess.Popen[str]) -> dict[str, Any]:
+    seeder.send_signal(signal.SIGINT)
+    stdout, stderr = seeder.communicate(timeout=60)
+    lines = stdout.splitlines()
+    try:
+        stats: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        stats = {"out": lines[-1][:200]}
+    return {"rc": seeder.returncode, **stats, **({"err": stderr[-300:]} if seeder.returncode else {})}
 
 
-def _baseline(broker: Any, link: Any, model: Path, n: int, sys_bytes: SysBytes) -> dict[str, Any]:
-    """The same file to each device once with the C client: one `mosquitto_pub -f` per device, one subscriber."""
+def _machine_share(busy0: float, own0: float, wall0: float) -> dict[str, Any]:
+    wall, busy, own = time.monotonic() - wall0, _machine_busy_s() - busy0, _own_cpu_s() - own0
+    return {"loadavg_end": _load(), "seconds": round(wall, 1),
+            "all_cores_busy_percent": round(100 * busy / wall / (os.cpu_count() or 1), 1),
+            "this_run_cpu_s": round(own, 1), "others_cpu_s": round(busy - own, 1)}
+
+
+def _own_cpu_s() -> float:
+    """This process and its reaped children (fleet tools, mosquitto_pub, mosquitto), and GRANDCHILD_CPU_S."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + GRANDCHILD_CPU_S[0]
+
+
+GRANDCHILD_CPU_S = [0.0]
+"""CPU of processes of ours that RUSAGE_CHILDREN never sees (a RabbitMQ node's beam.smp, killed with its group):
+read from /proc before they end."""
+
+
+def _baseline(topo: Any, link: Any, model: Path, n: int, meters: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The same file to each device once with the C client: one `mosquitto_pub -f` per device to the operator's
+    broker, one subscriber (`link`) on the devices' broker."""
     tool = shutil.which("mosquitto_pub")
     if tool is None:
         return {"skipped": "mosquitto_pub not installed"}
     arrived = threading.Semaphore(0)
-    link.subscribe("baseline/#", lambda t, p: arrived.release())
+    link.subscribe(f"{prefix}/baseline/#", lambda t, p: arrived.release())
     link.wait_subscribed(10)
     t0 = time.monotonic()
-    sent = sys_bytes.at(t0)
+    sent = {name: m.at(t0) for name, m in meters.items()}
     for i in range(n):
-        subprocess.run([tool, "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-t", f"baseline/{i}", "-f",
-                        str(model)], check=True)
+        subprocess.run([tool, "-h", "127.0.0.1", "-p", str(topo.operator_port), "-q", "1", "-t",
+                        f"{prefix}/baseline/{i}", "-f", str(model)], check=True)
     got = sum(1 for _ in range(n) if arrived.acquire(timeout=60))
     took = time.monotonic() - t0
+    now = time.monotonic()
     return {"devices": n, "received": got, "seconds": round(took, 2),
-            "broker_bytes_sent": sys_bytes.after(time.monotonic()) - sent}
+            "broker_bytes_sent": {name: m.after(now) - sent[name] for name, m in meters.items()}}
 
 
 def main() -> int:
@@ -333,7 +406,11 @@ def main() -> int:
     parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
     parser.add_argument("--prefix", default="lepton")
     parser.add_argument("--seconds", type=float, help="run this long (default: until Ctrl-C)")
-    parser.add_argument("--bench", action="store_true", help="start a mosquitto and measure (JSON on stdout)")
+    parser.add_argument("--bench", action="store_true", help="start the broker(s) and measure (JSON on stdout)")
+    parser.add_argument("--broker-kind", choices=KINDS, default="mosquitto",
+                        help="the benchmark's brokers: one mosquitto (default), a bridged mosquitto pair (devices on "
+                        "the site, operator on the central), a two-node RabbitMQ cluster (devices on node a, "
+                        "operator and serve-models on node b)")
     parser.add_argument("--model", type=Path, default=ROOT / ".cache/models/face/face_landmark.tflite",
                         help="the model the benchmark deploys (default: face_landmark.tflite, 2.4 MB)")
     args = parser.parse_args()
@@ -342,7 +419,7 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="fleet-sim-") as tmp:
         if args.bench:
-            print(json.dumps(bench(args.n, args.model, Path(tmp)), indent=1))
+            print(json.dumps(bench(args.n, args.model, Path(tmp), args.broker_kind), indent=1))
             return 0
         trusted = TrustedKeys.from_config({})
         fleet = Fleet(Path(tmp), args.broker, args.n, args.prefix, trusted)

@@ -115,3 +115,31 @@ def test_compare_writes_no_manifest_away_from_the_models(fixtures: Path, tmp_pat
     _one_line(["model", "compare", base, variant, "--eval", str(fixtures / "images"), "--runs", "2",
                "--write-manifest", str(tmp_path / "variants.json")], "is not beside the manifest")
     assert not (tmp_path / "variants.json").exists()
+
+
+def test_variants_manifest_of_a_bare_blazeface_names_its_task(models_dir: Path, fixtures: Path,
+                                                               tmp_path: Path) -> None:
+    """A bare float BlazeFace file has no manifest: the written one takes the task the runtime recognises
+    from its tensors (detect), so the agent can run it; --task overrides."""
+    base, copy = tmp_path / "short.tflite", tmp_path / "short_copy.tflite"
+    shutil.copy(models_dir / "face" / "face_detection_short_range.tflite", base)
+    shutil.copy(base, copy)
+    target = tmp_path / "faces.json"
+    r = run_cli("model", "compare", str(base), str(copy), "--eval", str(fixtures / "images" / "squares_1.png"),
+                "--runs", "2", "--threads", "1", "--write-manifest", str(target), prog="fleet")
+    assert r.rc == 0, r.err
+    assert json.loads(target.read_text())["task"] == "detect"
+    assert load_spec(target).task == "detect"
+
+
+def test_variants_manifest_of_a_model_of_no_known_task_is_refused(fixtures: Path, tmp_path: Path) -> None:
+    """Nothing tells the task of a bare model with no known output layout: one line, exit 2, before measuring,
+    and no manifest naming a task the agent cannot run."""
+    base, copy = tmp_path / "counter.tflite", tmp_path / "counter_copy.tflite"
+    shutil.copy(fixtures / "counter_stateful.tflite", base)
+    shutil.copy(base, copy)
+    target = tmp_path / "counter.json"
+    _one_line(["model", "compare", str(base), str(copy), "--eval", str(fixtures / "images"), "--runs", "2",
+               "--write-manifest", str(target)], "--write-manifest: cannot tell the task of counter.tflite",
+              "give it with --task")
+    assert not target.exists()

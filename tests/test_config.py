@@ -221,3 +221,43 @@ def test_find_line_follows_tables() -> None:
     assert find_line(text, ("pipelines", 1, "policy", "labels")) == 11
     assert find_line(text, ("pipelines", 0, "policy", "max_rate")) == 7
     assert find_line(text, ("pipelines", 1, "policy", "heartbeat_s")) == 10  # absent: its table
+
+
+def _delivered_config(tmp_path: Path, pipeline: str, body: str = "") -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[agent]\ndevice_id = "dev1"\nstate_dir = "{tmp_path / "state"}"\n{body}\n'
+                    f'[[pipelines]]\nname = "door"\nsource = "test:colors"\n{pipeline}')
+    return path
+
+
+def test_delivered_pipeline_passes_check_config_without_a_file(tmp_path: Path) -> None:
+    # The fresh device's first pipeline: no model file anywhere, only the name it will be deployed under.
+    r = run_cli("check-config", "--config", str(_delivered_config(tmp_path, 'delivered = "faces"\n')))
+    assert r.rc == 0, r.err
+    (p,) = json.loads(r.out)["pipelines"]
+    assert p["delivered"] == "faces" and p["model"] is None
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "body", "fragments"),
+    [
+        ('delivered = "faces"\nmodel = "faces.json"\n', "", ("pipelines[0] (line 5)", "exactly one of model",
+                                                            "has both")),
+        ('threshold = 0.4\n', "", ("pipelines[0]", "exactly one of model", "has neither")),
+        ('delivered = "faces/door"\n', "", ("pipelines[0].delivered (line 8)", "'faces/door' is not a model name")),
+        ('delivered = ""\n', "", ("pipelines[0].delivered",)),
+        ('delivered = 3\n', "", ("pipelines[0].delivered", "string")),
+        ('delivered = "faces"\nlabels = "faces.txt"\n', "", ("pipelines[0]", "labels: only with model")),
+        ('delivered = "faces"\n', "[delivery]\nenabled = false\n", ("pipelines[0] (door)", "delivered = 'faces'",
+                                                                     "needs [delivery] enabled = true")),
+    ],
+)
+def test_bad_delivered_pipeline(tmp_path: Path, pipeline: str, body: str, fragments: tuple[str, ...]) -> None:
+    path = _delivered_config(tmp_path, pipeline, body)
+    _one_line(run_cli("check-config", "--config", str(path)), str(path), *fragments)
+
+
+def test_run_with_a_bad_delivered_name_exits_2(tmp_path: Path) -> None:
+    path = _delivered_config(tmp_path, 'delivered = "faces@1"\n')  # the deploy target's spelling, not a name
+    _one_line(run_cli("run", "--config", str(path)), str(path), "pipelines[0].delivered (line 8)",
+              "'faces@1' is not a model name", "lepton-fleet deploy NAME@VERSION")

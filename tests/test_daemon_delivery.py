@@ -484,3 +484,78 @@ def test_reload_rotates_trusted_keys_and_names_what_needs_a_restart(tmp_path: Pa
         assert reply["result"]["restart_needed"] == ["delivery"], reply  # probation_s changed
         assert reply["result"]["unchanged"] == ["colors"]
         assert daemon.terminate(signal.SIGTERM) == 0
+
+
+def _delivered(name: str, model: str) -> str:
+    return f"""
+[[pipelines]]
+name = "{name}"
+source = "test:colors"
+delivered = "{model}"
+[pipelines.source_options]
+fps = 20
+hold = 1
+width = 64
+height = 48
+[pipelines.policy]
+on_change = true
+max_rate = 100
+"""
+
+
+def test_delivered_pipelines_wait_start_on_deployment_and_keep_their_model(
+        tmp_path: Path, broker: Broker, fixtures: Path, keys: Keys, prefix: str) -> None:
+    pipelines = _delivered("door", "faces") + _delivered("hall", "faces")
+    config = write_config(tmp_path, broker.port, prefix, keys, pipelines)
+    topics = FleetTopics(prefix)
+    with connect(broker.port) as link:
+        publish(link, topics, variant(tmp_path, fixtures, version=1), "faces", 1, keys)
+        publish(link, topics, variant(tmp_path, fixtures, pad=16, version=2), "faces", 2, keys)
+
+    def stats(name: str) -> dict[str, Any]:
+        rc, (status,) = fleet(broker, prefix, "cmd", DEVICE, "status", timeout=20)
+        assert rc == 0, status
+        return status["result"]["pipeline_stats"][name]
+
+    with Watcher(broker.port, [f"{prefix}/{DEVICE}/#"]) as w, Daemon(config) as daemon:
+        w.wait_json("/status", lambda m: bool(m) and m[-1]["state"] == "online" and
+                    [p["state"] for p in m[-1]["pipelines"]] == ["waiting_for_model"] * 2, timeout=60)
+        door = stats("door")
+        assert (door["state"], door["restarts"], door["errors"]) == ("waiting_for_model", 0, 0), door
+
+        # Stopped on purpose, a waiting pipeline stays stopped when the model arrives; started, it waits again.
+        rc, (reply,) = fleet(broker, prefix, "cmd", DEVICE, "stop", '{"pipeline": "hall"}', timeout=20)
+        assert rc == 0 and reply["result"]["pipelines"][0]["state"] == "stopped", reply
+        rc, (reply,) = fleet(broker, prefix, "cmd", DEVICE, "start", '{"pipeline": "hall"}', timeout=20)
+        assert rc == 0 and reply["result"]["pipelines"][0]["state"] == "waiting_for_model", reply
+        assert fleet(broker, prefix, "cmd", DEVICE, "stop", '{"pipeline": "hall"}', timeout=20)[0] == 0
+
+        rc, rows = fleet(broker, prefix, "deploy", "faces@1", "--to", DEVICE)
+        assert rc == 0 and [(r["state"], r["active"]) for r in rows] == [("active", 1)], rows
+        w.wait_json("/results/door", lambda m: len(m) >= 3, timeout=60)
+        assert {r["model"]["version"] for r in results(w, "door")} == {1}
+        assert stats("hall")["state"] == "stopped" and not results(w, "hall")
+
+        # Nothing older kept and no file to go back to: the rollback is refused, saying why; door runs on.
+        rc, (row,) = fleet(broker, prefix, "rollback", "faces", "--to", DEVICE)
+        assert rc == 1 and row["reason"] == "not_found", row
+        assert "faces runs by its delivered name in pipeline door, hall" in row["detail"], row
+        seq = max(r["seq"] for r in results(w, "door"))
+        w.wait_json("/results/door", lambda m: any(r["seq"] > seq for r in m), timeout=30)
+
+        # A newer version swaps in as for any pipeline (no restart), and a rollback returns to the kept one.
+        rc, rows = fleet(broker, prefix, "deploy", "faces@2", "--to", DEVICE)
+        assert rc == 0 and rows[0]["active"] == 2, rows
+        w.wait_json("/results/door", lambda m: m[-1]["model"]["version"] == 2, timeout=30)
+        rc, (row,) = fleet(broker, prefix, "rollback", "faces", "--to", DEVICE)
+        assert rc == 0 and row["active"] == 1, row
+        w.wait_json("/results/door", lambda m: m[-1]["model"]["version"] == 1, timeout=30)
+        door = stats("door")
+        assert (door["state"], door["restarts"], door["swaps"]) == ("running", 0, 2), door
+
+        # Started now, the stopped one runs the active model at once.
+        assert fleet(broker, prefix, "cmd", DEVICE, "start", '{"pipeline": "hall"}', timeout=20)[0] == 0
+        w.wait_json("/results/hall", lambda m: len(m) >= 1, timeout=30)
+        assert {r["model"]["version"] for r in results(w, "hall")} == {1}
+        assert daemon.terminate(signal.SIGTERM) == 0
+    assert "Traceback" not in (tmp_path / "agent.log").read_text()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,10 +16,11 @@ import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from broker import Broker, Watcher
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 from agent.delivery.signing import generate_key_file, key_id, load_private_key, public_text
 
@@ -114,3 +116,82 @@ def test_watch_prints_plain_lines_without_rich(broker: Broker) -> None:
     header, line = r.stdout.splitlines()
     assert header.startswith(f"watching lepton/{dev}/results/# on ")
     assert line.endswith(f" {dev} colors #7 red 0.99") and "[" not in line, line
+
+
+def _door(status: dict[str, Any]) -> dict[str, Any]:
+    (door,) = [p for p in status["pipelines"] if p["name"] == "door"]
+    return door
+
+
+def test_a_pipeline_naming_a_delivered_model_waits_for_it_then_runs_it(
+        tmp_path: Path, broker: Broker, fixtures: Path, device: dict[str, str]) -> None:
+    # The fresh device's config, its key trusted and one pipeline that names its model by the name it is deployed
+    # under: no model file was copied onto the device, and nobody touches it after this.
+    dev, model = device["LEPTON_DEVICE_ID"], f"m{uuid.uuid4().hex[:8]}"
+    key_file = tmp_path / "release.key"
+    generate_key_file(key_file)
+    public = load_private_key(key_file).public_key()
+    config = tmp_path / "agent.toml"
+    config.write_text(TEMPLATE.read_text() + f'"{key_id(public)}" = "{public_text(public)}"\n\n'
+                      f'[[pipelines]]\nname = "door"\nsource = "test:colors"\ndelivered = "{model}"\n')
+    published = subprocess.run(
+        [sys.executable, "-c", NO_RICH, "publish", str(fixtures / "colors_int8.json"), "--name", model,
+         "--version", "1", "--key", str(key_file), "--broker", broker.url], capture_output=True, text=True,
+        cwd=ROOT, timeout=120, check=False)
+    assert published.returncode == 0, published.stderr
+
+    def announced(n: int, state: str) -> dict[str, Any]:  # the n-th run's status once door is in `state`
+        return w.wait_json("/status", lambda m: bool(m) and sum(s.get("state") == "stopped" for s in m) >= n - 1
+                           and m[-1].get("state") == "online" and _door(m[-1])["state"] == state, timeout=60)[-1]
+
+    with Watcher(broker.port, [f"lepton/{dev}/status", f"lepton/{dev}/results/door"]) as w:
+        agent = _run(config, device)
+        try:
+            door = _door(announced(1, "waiting_for_model"))
+            assert door["delivered"] == model and "model" not in door, door
+            status = _fleet(broker, "status", "--model", model, "--format", "json")
+            (row,) = [json.loads(line) for line in status.stdout.splitlines()]
+            assert row["device"] == dev and row["state"] == "waiting_for_model", status.stdout
+            assert row["waiting_for_model"] == {"door": model}, status.stdout
+            table = _fleet(broker, "status")
+            assert f"door waits for {model}" in table.stdout, table.stdout
+            assert not w.json("/results/door")  # waiting is not running
+
+            done = _fleet(broker, "deploy", f"{model}@1", "--to", dev)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert done.stdout.splitlines()[2].split()[:3] == [dev, "active", "1"], done.stdout
+            first = w.wait_json("/results/door", lambda m: len(m) >= 1, timeout=60)[0]
+            assert first["model"]["name"] == model and str(first["model"]["version"]) == "1", first
+            door = _door(announced(1, "running"))
+            assert door["model"]["name"] == model and door["delivered"] == model, door
+        finally:
+            _stop(agent)
+        before = len(w.json("/results/door"))
+
+        # Restarted with the model active: the pipeline runs it at once, no deployment needed.
+        agent = _run(config, device)
+        try:
+            announced(2, "running")
+            again = w.wait_json("/results/door", lambda m: len(m) > before, timeout=60)[before]
+            assert again["model"]["name"] == model and str(again["model"]["version"]) == "1", again
+        finally:
+            _stop(agent)
+        assert not any(s.get("state") == "online" and _door(s)["state"] in ("failed", "restarting")
+                       for s in w.json("/status"))
+
+
+def test_the_templates_commented_pipeline_passes_check_config_uncommented(tmp_path: Path) -> None:
+    # What the operator does with the template's example: remove the `# ` of the pipeline's lines.
+    lines = TEMPLATE.read_text().splitlines()
+    table = [i for i, line in enumerate(lines) if line == "# [[pipelines]]"]
+    assert len(table) == 1, "the template shows one pipeline to uncomment"
+    i = table[0]
+    while i < len(lines) and re.match(r"# (\[\[pipelines\]\]|\w+ = )", lines[i]):
+        lines[i] = lines[i][2:]
+        i += 1
+    config = tmp_path / "agent.toml"
+    config.write_text("\n".join(lines).replace('"/var/lib/lepton"', f'"{tmp_path / "state"}"'))
+    r = run_cli("check-config", "--config", str(config))
+    assert r.rc == 0, r.err
+    (door,) = json.loads(r.out)["pipelines"]
+    assert door["delivered"] == "faces" and door["model"] is None

@@ -173,3 +173,43 @@ def test_a_wake_word_pipeline_runs_its_model_on_one_thread_whatever_the_profile(
                        profile=profile, backend=None)
     model, _ = vision.prepare(vision.configured_spec())
     assert model.threads == min(profile.threads, os.cpu_count() or 1)
+
+
+def test_a_pipeline_naming_a_delivered_model_waits_without_a_thread_until_there_is_one(fixtures: Path) -> None:
+    from agent.manifest import ModelSpec, load_spec
+
+    store: dict[str, ModelSpec] = {}  # what the daemon's model store says runs, by name
+    settings = PipelineSettings(name="door", source="test:colors", delivered="colors")
+    p = Pipeline(settings, profile=load_profile("generic-x86_64"), supervisor=SupervisorSection(), backend=None,
+                 sink=lambda n, r: None, stop=threading.Event())
+    p.slot.model_source = store.get
+    p.start()
+    assert (p.stats.state, p.running, p.stats.restarts, p.stats.errors) == ("waiting_for_model", False, 0, 0)
+    described = p.describe()
+    assert described["delivered"] == "colors" and "model" not in described, described
+    p.halt()  # stopped on purpose: no longer waiting, so a deployment does not start it
+    assert p.stats.state == "stopped" and not p.waiting
+    p.start()
+    assert p.waiting
+
+    store["colors"] = load_spec(fixtures / "colors_int8.json")
+    seen = Seen()
+    p.slot.attach(seen)
+    p.start()
+    try:
+        assert seen.more(3) and p.stats.state == "running"
+        assert p.describe()["model"]["name"] == "colors"
+    finally:
+        p.halt()
+        assert p.join(10)
+
+
+def test_a_reload_to_a_delivered_model_the_store_lacks_forgets_the_files_model(fixtures: Path) -> None:
+    from agent.slot import ModelSlot
+
+    file_settings = PipelineSettings(name="door", source="test:colors", model=fixtures / "colors_int8.json")
+    slot = ModelSlot(file_settings, profile=load_profile("generic-x86_64"), backend=None)
+    slot.model_source = lambda name: None
+    assert slot.spec is not None and slot.waiting_for() is None
+    slot.configure(file_settings.model_copy(update={"model": None, "delivered": "faces"}))
+    assert slot.spec is None and slot.waiting_for() == "faces"  # status must not name the file's model

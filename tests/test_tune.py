@@ -1,5 +1,7 @@
 """On-device tuning (issue 20) with real variants: BlazeFace full-range float, its int8 from `lepton-fleet model
-quantize`, and short-range, in one manifest `model compare` writes; real daemons on a real broker.
+quantize`, and short-range, in one manifest `model compare` writes; real daemons on a real broker: two
+device classes, the thread count changed by a `reload`, a pipeline stopped and started, and two samplers
+on one model slot.
 
 No timing threshold anywhere: each choice is checked against the rule applied to the table the device
 measured. The test frame is an LFW mosaic on which the float full-range model finds 15 faces, its int8 14
@@ -17,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from broker import Broker, Watcher, wait_until
 from conftest import ROOT, run_cli
@@ -24,9 +27,10 @@ from test_daemon import Daemon, fleet
 from test_telemetry_daemon import _fake_root, _validate, set_temperature
 
 from agent.config import PipelineSettings, SupervisorSection
+from agent.errors import LeptonError
 from agent.pipeline import Pipeline
 from agent.profiles import load_profile
-from agent.tune import Budget, Row, Tuner, choose
+from agent.tune import Budget, Row, Tuner, choose, collect
 
 FULL, SHORT, INT8 = "face_detection_full_range.tflite", "face_detection_short_range.tflite", "full_int8.tflite"
 
@@ -53,9 +57,7 @@ def faces(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> tuple[P
     manifest = folder / "faces.json"
     _fleet("model", "compare", str(folder / FULL), str(folder / INT8), str(folder / SHORT), "--eval", str(evaluation),
            "--runs", "2", "--write-manifest", str(manifest))
-    data = json.loads(manifest.read_text())
-    data["task"] = "detect"  # compare does not recognise BlazeFace's task from the bare float file
-    manifest.write_text(json.dumps(data))
+    assert json.loads(manifest.read_text())["task"] == "detect"  # recognised from the bare float file's tensors
     image = cv2.imread(str(evaluation / "lfw_0.png"))
     assert image is not None
     video = folder / "faces.avi"
@@ -289,3 +291,107 @@ def test_bad_budget_keys_are_one_line_errors(tmp_path: Path, faces: tuple[Path, 
         r = run_cli("check-config", "--config", str(path))
         assert r.rc == 2 and words in r.err and "Traceback" not in r.err, r.err
     assert ROOT.exists()
+
+
+# -- while the agent runs: threads changed by a reload, a restart, two samplers ----------------------------
+
+
+def _status(port: int, device: str) -> dict[str, Any]:
+    rc, (status,) = fleet(port, "cmd", device, "status")
+    assert rc == 0 and status["ok"], status
+    result: dict[str, Any] = status["result"]
+    return result
+
+
+def _running(status: dict[str, Any]) -> dict[str, Any]:
+    (p,) = [p for p in status["pipelines"] if p["name"] == "faces"]
+    return p
+
+
+def test_threads_changed_by_reload_and_a_restart_tune_again(tmp_path: Path, broker: Broker,
+                                                           faces: tuple[Path, Path]) -> None:
+    manifest, video = faces
+    root = _fake_root(tmp_path / "root", 45.0)
+    budget = "latency_budget_ms = 1000\nmin_agreement = 0.0"
+    config = _config(tmp_path / "d", broker.port, "d-thr", manifest, video, "pi-4b", "threads = 1", budget, root)
+    with Watcher(broker.port, ["lepton/d-thr/#"]) as w, Daemon(config) as d:
+        first = _tuned(w, "d-thr")["tune"]
+        assert first["trigger"] == "start"
+        status = _status(broker.port, "d-thr")
+        assert status["tune"]["faces"]["threads"] == 1 and _running(status)["threads"] == 1
+
+        # One thread more, from the config, without a restart: the running variant is loaded again with two
+        # threads and swapped in between two items, then measured again at two threads.
+        config.write_text(config.read_text().replace("threads = 1", "threads = 2"))
+        rc, (reply,) = fleet(broker.port, "cmd", "d-thr", "reload")
+        assert rc == 0 and reply["ok"], reply
+        assert "threads" in reply["result"]["applied"] and reply["result"]["restart_needed"] == [], reply
+        assert reply["result"]["unchanged"] == ["faces"]
+        again = _tuned(w, "d-thr", lambda t: t["trigger"] == "threads 1 -> 2")["tune"]
+        status = _status(broker.port, "d-thr")
+        table = status["tune"]["faces"]
+        assert table["threads"] == 2 and table["trigger"] == "threads 1 -> 2" and table["ts"] == again["ts"]
+        assert {r["file"] for r in table["table"]} == {FULL, INT8, SHORT}
+        _check_rule(table)
+        running = _running(status)
+        assert running["threads"] == 2 and running["state"] == "running"
+        chosen = table["chosen"]
+        assert chosen in (INT8, SHORT), table  # cheaper than the float full-range base on any machine
+        # The loop never restarted: one run of seq from the first result through both swaps and the tunes.
+        results = w.wait_json("d-thr/results/faces", lambda m: len(m) > 3 and m[-1]["model"].get("variant") == chosen,
+                              timeout=60)
+        assert [r["seq"] for r in results] == list(range(1, len(results) + 1))
+
+        # A stop and a start load the base model afresh: the tuner notices and measures again.
+        for verb in ("stop", "start"):
+            rc, (ok,) = fleet(broker.port, "cmd", "d-thr", verb, '{"pipeline": "faces"}')
+            assert rc == 0 and ok["ok"], ok
+        restarted = _tuned(w, "d-thr", lambda t: t["trigger"] == "restart")
+        assert restarted["tune"]["chosen"] in (INT8, SHORT)
+        status = _status(broker.port, "d-thr")
+        assert status["tune"]["faces"]["trigger"] == "restart" and status["tune"]["faces"]["threads"] == 2
+        w.wait_json("d-thr/results/faces", lambda m: m[-1]["model"].get("variant") == restarted["tune"]["chosen"],
+                    timeout=60)
+        assert d.terminate() == 0
+    log = (tmp_path / "d" / "agent.log").read_text()
+    assert "Traceback" not in log and "reload: interpreter threads 1 -> 2" in log
+
+
+def _tune_items(p: Pipeline, start: threading.Barrier, got: dict[str, Any]) -> None:
+    start.wait()
+    try:
+        got["tune"] = collect(p, n=2, timeout=30)
+    except LeptonError as exc:
+        got["tune"] = exc
+
+
+def test_a_tune_and_a_self_test_sample_one_slot_at_once(faces: tuple[Path, Path]) -> None:
+    """The tune's items and the delivery self-test's item come through one slot at the same moment: each
+    sampler gets whole items of its own (without the slot's sampler lock the second request replaces the
+    first one's and the first waits in vain: the tune fails with 'no item came from the loop')."""
+    manifest, video = faces
+    settings = PipelineSettings(name="faces", source=str(video), model=manifest, threshold=0.5,
+                                source_options={"realtime": True, "loop": True, "fps": 5})
+    stop = threading.Event()
+    p = Pipeline(settings, profile=load_profile("generic-x86_64").model_copy(update={"threads": 1}),
+                 supervisor=SupervisorSection(), backend=None, sink=lambda n, r: None, stop=stop)
+    p.start()
+    try:
+        # The first item has been processed: the loop runs, the samplers wait only for its next items.
+        assert p.slot.sample(30) is not None
+        for _ in range(3):
+            start = threading.Barrier(2)
+            got: dict[str, Any] = {}
+            worker = threading.Thread(target=_tune_items, args=(p, start, got))
+            worker.start()
+            start.wait()
+            got["selftest"] = p.slot.sample(30)
+            worker.join(30)
+            assert not worker.is_alive()
+            tune, selftest = got["tune"], got["selftest"]
+            assert isinstance(tune, list) and len(tune) == 2, tune
+            assert isinstance(selftest, np.ndarray) and selftest.shape == tune[0].shape
+            assert all(item is not selftest for item in tune) and tune[0] is not tune[1]
+    finally:
+        p.halt()
+        p.join(10)

@@ -39,7 +39,7 @@ from agent.compress.atomic import write_together
 from agent.errors import BadInput
 from agent.manifest import Manifest, ModelSpec, load_spec
 from agent.runtime import Model, load_backend
-from agent.tasks.task import Inference, create_task
+from agent.tasks.task import Inference, create_task, recognise
 
 _INTEGER_ACTIVATIONS = frozenset({"int8", "uint8", "int16"})
 
@@ -349,8 +349,25 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_variants_manifest(report: dict[str, Any], path: str | Path) -> Path:
-    """BASE's manifest with every variant and its measured figures (DESIGN §4 `variants`)."""
+def manifest_task(base_arg: str, task: str | None = None, backend: str | None = None) -> str:
+    """The task BASE's variants manifest names: `task` (--task), else BASE's manifest's, else the one the
+    runtime recognises from a bare file's tensors (BlazeFace's regressors and scores: detect). BadInput when
+    none tells (no known output layout): asked before anything is measured, so no run is wasted."""
+    if task:
+        return task
+    spec = load_spec(base_arg)
+    if spec.task:
+        return spec.task
+    recognition = recognise(Model(spec.path, backend=backend, threads=1))
+    if recognition.task == "tensors":
+        raise BadInput(f"--write-manifest: cannot tell the task of {spec.path.name} ({recognition.detail}); "
+                       "give it with --task")
+    return recognition.task
+
+
+def write_variants_manifest(report: dict[str, Any], path: str | Path, task: str | None = None) -> Path:
+    """BASE's manifest with every variant and its measured figures (DESIGN §4 `variants`); `task` names a
+    bare BASE's task (`manifest_task`)."""
     path = Path(path)
     if path.suffix.lower() != ".json":
         raise BadInput(f"--write-manifest {path}: must be a .json file")
@@ -367,7 +384,7 @@ def write_variants_manifest(report: dict[str, Any], path: str | Path) -> Path:
         base_spec.manifest.model_dump(exclude_none=True) if base_spec.manifest is not None else {
             "name": base_spec.name,
             "version": base_spec.version if base_spec.version is not None else 1,
-            "task": base_spec.task or "unknown",
+            "task": task or manifest_task(report["base"]),
             "preprocess": base_spec.preprocess.model_dump(exclude_none=True),
             "postprocess": base_spec.postprocess.model_dump(),
         }

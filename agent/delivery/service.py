@@ -162,6 +162,9 @@ class DeliveryService:
         all (the daemon withholds the systemd watchdog meanwhile)."""
         self.restarts = 0
         """Times the worker loop recovered from an unexpected error."""
+        self.on_active: Callable[[str], None] = lambda name: None
+        """Told the model name when a deployment or a rollback has made a version of it active (the daemon
+        starts the pipelines waiting for that name)."""
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -288,11 +291,18 @@ class DeliveryService:
                 if before is not None:
                     self.store.activate(before)
                 raise
+        self._tell_active(name)
         rid = args.get("id") if isinstance(args.get("id"), str) else None
         self.report(DeployState(name, target.version, State.ROLLED_BACK, progress=1.0,
                                 detail=f"explicit rollback from {before.version if before else 'nothing'}",
                                 active=target.version, request=rid))
         return {"model": name, "active": target.version, "from": before.version if before else None}
+
+    def _tell_active(self, name: str) -> None:
+        try:
+            self.on_active(name)
+        except Exception:  # the model is active all the same; a pipeline that did not start says so itself
+            logger.exception("%s: telling the pipelines it is active failed", name)
 
     def status(self) -> dict[str, Any]:
         models = {}
@@ -469,6 +479,7 @@ class DeliveryService:
             activation.run(prepared, request=rid)
             self.pending.done(d)
             self.store.gc()
+            self._tell_active(name)
             return state(State.ACTIVE, 1.0, extra=extra)
         except DeliveryError as exc:
             if exc.reason is Reason.STOPPED:

@@ -101,7 +101,8 @@ def families(devices: list[DeviceView]) -> Iterator[Any]:
 
 
 def render(view: FleetView) -> tuple[bytes, str]:
-    """The fleet's metrics in the Prometheus text format: (body, content type) for an HTTP response."""
+    """The fleet's metrics in the Prometheus text format: (body, content type) for an HTTP response. At 1,000
+    devices this is ~0.3 s of CPU (3.9 MB): an async server calls it in an executor, not on its event loop."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     devices = view.snapshot()

@@ -382,8 +382,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         threading.Event().wait(args.settle)
         if args.follow:
             _status_live(view)
-        rows = [_row(v) | {"online": v.online, "presence": v.presence,
-                           "last_seen": (v.status or {}).get("ts")} for v in view.snapshot()]
+        rows = [_status_row(v, args.model) for v in view.snapshot()]
     finally:
         link.close()
     if args.format == "json":
@@ -393,6 +392,17 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         _print_table(out, rows, "deployments" + (f" of {args.model}" if args.model else ""),
                      ("device", "presence", "state", "version", "active", "reason", "detail"))
     return 0
+
+
+def _status_row(view: Any, model: str | None) -> dict[str, Any]:
+    row = _row(view) | {"online": view.online, "presence": view.presence, "last_seen": (view.status or {}).get("ts")}
+    waiting = {p: m for p, m in view.waiting_for_model.items() if model is None or m == model}
+    if waiting:  # pipelines that name a delivered model the device has none of yet
+        row["waiting_for_model"] = waiting
+        if view.state is None:
+            row["state"] = "waiting_for_model"
+        row["detail"] = row["detail"] or "; ".join(f"{p} waits for {m}" for p, m in sorted(waiting.items()))
+    return row
 
 
 def _status_live(view: Any) -> None:

@@ -66,6 +66,14 @@ class DeviceView:
         return "stale" if self.stale else "yes" if self.online else "no"
 
     @property
+    def waiting_for_model(self) -> dict[str, str]:
+        """Pipeline → the delivered model name it waits for (`waiting_for_model`), as the online status says."""
+        pipelines = (self.status or {}).get("pipelines") if self.online else None
+        return {p["name"]: p["delivered"] for p in pipelines or [] if isinstance(p, dict)
+                and p.get("state") == "waiting_for_model" and isinstance(p.get("delivered"), str)
+                and isinstance(p.get("name"), str)}
+
+    @property
     def done(self) -> bool:
         if self.reply is not None and not self.reply.get("ok", False):
             return True  # the command itself was refused
@@ -171,10 +179,10 @@ class FleetView:
         self.link.publish(self.topics.device("all").presence, b'{"v": 1}', qos=1)
 
     def snapshot(self) -> list[DeviceView]:
-        """The devices seen; for one model only those with a state of it (a status alone says nothing of it)."""
+        """The devices seen; for one model only those with a state of it, or a pipeline waiting for it."""
         with self.cond:
             return [dataclasses.replace(d) for d in sorted(self.devices.values(), key=lambda v: v.device)
-                    if self.model is None or d.state is not None]
+                    if self.model is None or d.state is not None or self.model in d.waiting_for_model.values()]
 
     def wait(self, expected: set[str] | None, settle_s: float, deadline: float, stop: threading.Event,
              tick: float = 0.2) -> bool:
