@@ -6,7 +6,8 @@ Each scenario runs the real daemon (`lepton-agent run`) streaming N results from
 small TCP proxy in between for blackholes and resets, and a durable QoS 1 subscriber
 counting what arrives. Faults: broker SIGTERM / SIGKILL for --outage s, broker SIGSTOP for
 3 x keepalive, proxy blackhole for 3 x keepalive, proxy reset, agent SIGKILL while the broker
-is down, spool overflow.
+is down, spool overflow (the spool capped at a quarter of what N results take, the broker away for
+--outage s and then until the spool has dropped results: `outage_s` says how long).
 
 Reported per scenario: `lost` (results the broker never acknowledged and that never
 arrived: the target is 0), `lost_by_broker` (acknowledged by the broker, then lost by it: a
@@ -14,6 +15,8 @@ SIGKILLed mosquitto loses what it had not saved; not the agent's to keep), `drop
 (the spool's cap, counted by the agent), `duplicates` (at-least-once re-sends),
 `order_inversions` (first deliveries out of seq order), `reconnect_s` (broker back → agent's
 new `online`), `half_open_detect_s` (fault → agent drops the dead link), `peak_spool_bytes`.
+Exits 1, naming them, when a scenario lost results or reordered them, or the overflow scenario's spool
+never overflowed (N under ~400 cannot fill the smallest cap the config accepts).
 
     scripts/faults.py [--n 10000] [--outage 30] [--keepalive 4] [--only broker_sigterm,...]
     scripts/faults.py --quick        # every scenario, N=600, 4 s outages: a few minutes; prints a table
@@ -45,6 +48,11 @@ from broker import Broker, Watcher  # noqa: E402
 
 QUICK: dict[str, Any] = {"n": 600, "rate": 60, "outage": 4.0, "keepalive": 2, "finish_timeout": 40.0}
 """`--quick`: every scenario in a few minutes on 2 cores (the full run's figures need the defaults)."""
+
+ROW_BYTES = 214
+"""About what one result of the scenarios' stream takes in the spool (payload bytes, measured)."""
+MIN_SPOOL_CAP = 64 * 1024
+"""The smallest `[spool] cap_bytes` the config accepts."""
 
 SCENARIOS = ("baseline", "broker_sigterm", "broker_sigkill", "broker_sigstop", "proxy_blackhole", "proxy_reset",
              "agent_sigkill_broker_down", "spool_overflow")
@@ -219,15 +227,31 @@ class Run:
                 self.peak_file = max(self.peak_file, files)
 
     def online_after(self, since: float, timeout: float = 180) -> float | None:
-        """Seconds from `since` (wall) to the agent's next `online` status published after it."""
+        """Seconds from `since` (wall) to the agent's next `online` status published after it. Retained copies
+        count: the watcher's own connection may have died with the broker and come back after the agent's
+        birth, which it then receives retained (its `ts` says when the agent published it)."""
         ok = self.status.wait_for(lambda m: any(json.loads(p).get("state") == "online" and
-                                                json.loads(p)["ts"] >= since for _, p, r in m if not r and p),
+                                                json.loads(p)["ts"] >= since for _, p, _ in m if p),
                                   timeout)
         if not ok:
             return None
-        times = [json.loads(p)["ts"] for _, p, r in self.status.messages
-                 if p and not r and json.loads(p).get("state") == "online" and json.loads(p)["ts"] >= since]
+        times = [json.loads(p)["ts"] for _, p, _ in self.status.messages
+                 if p and json.loads(p).get("state") == "online" and json.loads(p)["ts"] >= since]
         return round(min(times) - since, 3)
+
+    def hold_until_overflow(self, at_least: float, timeout: float) -> float:
+        """Keep the broker away for `at_least` s and then until the spool drops a result (what the overflow
+        scenario is about), the stream ends, or `timeout`; returns how long that was."""
+        started = time.monotonic()
+        waiting = threading.Event()
+        last, moved = -1, started
+        while time.monotonic() - started < timeout and not waiting.wait(0.2):
+            _, _, dropped, seq = self.spool_state()
+            if seq != last:
+                last, moved = seq, time.monotonic()
+            if time.monotonic() - started >= at_least and (dropped > 0 or time.monotonic() - moved > 3):
+                break
+        return round(time.monotonic() - started, 3)
 
     def dropped_link_after(self, since: float) -> float | None:
         """Seconds from `since` to the agent's log saying it dropped an unanswering connection."""
@@ -303,7 +327,7 @@ class Run:
 
 def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"faults-{name}-"))
-    cap = 256 * 1024 if name == "spool_overflow" else None
+    cap = spool_cap(args.n) if name == "spool_overflow" else None
     run = Run(tmp, args, spool_cap=cap)
     extra: dict[str, Any] = {}
     k = args.keepalive
@@ -311,7 +335,14 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     try:
         run.start_agent()
         run.wait_received(max(1, min(2000, args.n // 5)), timeout=args.finish_timeout)
-        if name in ("broker_sigterm", "broker_sigkill", "spool_overflow"):
+        if name == "spool_overflow":
+            extra["spool_cap_bytes"] = cap
+            run.broker.stop()
+            extra["outage_s"] = run.hold_until_overflow(args.outage, timeout=args.finish_timeout)
+            back = time.time()
+            run.broker.start()
+            extra["reconnect_s"] = run.online_after(back, timeout=args.finish_timeout)
+        elif name in ("broker_sigterm", "broker_sigkill"):
             (run.broker.stop if name != "broker_sigkill" else run.broker.kill)()
             pause = threading.Event()
             pause.wait(args.outage)
@@ -362,6 +393,22 @@ def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"scenario": name, **result, **extra}
 
 
+def spool_cap(n: int) -> int:
+    """The overflow scenario's spool cap: a quarter of what its N results take, so that holding the broker
+    away overflows it whatever N (not below the config's minimum: N under ~400 cannot overflow it)."""
+    return max(MIN_SPOOL_CAP, n * ROW_BYTES // 4)
+
+
+def verdict(scenarios: list[dict[str, Any]]) -> list[str]:
+    """What the run claims and did not hold: nothing lost, nothing reordered, the overflow scenario overflowed."""
+    problems = [f"{s['scenario']}: {s[key]} {key.replace('_', ' ')}" for s in scenarios
+                for key in ("lost", "order_inversions") if s[key]]
+    problems += [f"spool_overflow: the spool never overflowed (cap {s['spool_cap_bytes']} bytes, "
+                 f"{s['results']} results); a larger --n overflows it"
+                 for s in scenarios if s["scenario"] == "spool_overflow" and not s["dropped_by_spool"]]
+    return problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000, help="results per scenario (default 10000)")
@@ -397,13 +444,21 @@ def main() -> int:
         report["scenarios"].append(scenario(name, args))
         print(table(report["scenarios"][-1:], header=len(report["scenarios"]) == 1), file=sys.stderr, flush=True)
     report["seconds"] = round(time.monotonic() - started, 1)
+    problems = verdict(report["scenarios"])
+    report["problems"] = problems
     print(json.dumps(report, indent=2))
     print(table(report["scenarios"]), file=sys.stderr)
-    return 0
+    for problem in problems:
+        print(f"faults: {problem}", file=sys.stderr)
+    if not problems:
+        print("faults: 0 lost and 0 order inversions in every scenario" +
+              ("; the spool overflowed and counted what it dropped" if "spool_overflow" in chosen else ""),
+              file=sys.stderr)
+    return 1 if problems else 0
 
 
 COLUMNS = ("scenario", "results", "received", "lost", "lost_by_broker", "dropped_by_spool", "duplicates",
-           "order_inversions", "reconnect_s", "half_open_detect_s")
+           "order_inversions", "reconnect_s", "half_open_detect_s", "outage_s")
 
 
 def table(rows: list[dict[str, Any]], header: bool = True) -> str:

@@ -12,6 +12,10 @@ HA_VERSION=2024.3.3
 EXTRA="paho-mqtt==1.6.1 janus==1.0.0"
 dir=${HA_VENV:-.cache/ha-venv}
 want="homeassistant==$HA_VERSION $EXTRA"
+# One builder at a time (the suite's xdist workers and both lanes call this): the others wait, then find the stamp.
+mkdir -p "$(dirname "$dir")"
+exec 9>"$dir.lock"
+flock 9
 if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$want" ]; then echo "$dir/bin/python"; exit 0; fi
 echo "preparing $dir ($want)" >&2
 rm -rf "$dir"

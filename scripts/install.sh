@@ -129,8 +129,10 @@ if [ -z "$WHEEL" ]; then
   build=$(mktemp -d)
   trap 'rm -rf "$build"' EXIT
   # From a copy: setuptools builds in the tree, and root-owned build/ folders in a user's checkout get in the way.
+  # Caches and build output stay behind: other processes (a test run beside it) may be rewriting them.
   mkdir "$build/src"
   tar -C "$SRC" --exclude=./.git --exclude='./.venv*' --exclude=./.cache --exclude=./build --exclude=./dist \
+      --exclude='*.egg-info' --exclude=__pycache__ --exclude=./.hypothesis --exclude='./.*_cache' \
       -cf - . | tar -C "$build/src" -xf -
   "$py" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$build" "$build/src" >/dev/null
   WHEEL=$(ls "$build"/lepton_agent-*.whl)

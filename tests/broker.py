@@ -35,6 +35,9 @@ class Broker:
     def __init__(self, folder: Path, port: int | None = None, persistence: bool = False, extra: str = "") -> None:
         self.folder = folder
         self.port = port or free_port()
+        # A port we picked may be taken by another process (an xdist worker) before mosquitto binds it: then
+        # the first start picks another. A port a test gave, or one a restart must keep, is never changed.
+        self._may_move = port is None
         self.persistence = persistence
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,10 +71,26 @@ class Broker:
         return conf
 
     def start(self, timeout: float = 10.0) -> Broker:
+        for _ in range(5):
+            in_use = self._launch(timeout)
+            if not in_use:
+                break
+            if not self._may_move:
+                raise RuntimeError(f"mosquitto: port {self.port} is in use")
+            self.port = free_port()
+        else:
+            raise RuntimeError("mosquitto: every free port tried was taken first")
+        self._may_move = False
+        self._wait_accepting(timeout)
+        return self
+
+    def _launch(self, timeout: float) -> bool:
+        """Start mosquitto; True if it exited because its port was taken."""
         conf = self._config()
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         ready = threading.Event()
+        in_use = threading.Event()
         proc = self.proc
 
         def drain() -> None:
@@ -79,15 +98,21 @@ class Broker:
             for raw in proc.stderr:
                 line = raw.decode(errors="replace").rstrip()
                 self.log.append(line)
-                if " running" in line or "Opening ipv4 listen socket" in line:
+                if "Address already in use" in line:
+                    in_use.set()
+                # "running" comes after the listeners are bound (their "Opening ..." line comes before).
+                if in_use.is_set() or " running" in line:
                     ready.set()
+            ready.set()  # it exited: _wait_accepting says so with its last lines
 
         threading.Thread(target=drain, daemon=True).start()
         if not ready.wait(timeout):
             self.kill()
             raise RuntimeError("mosquitto did not start: " + " | ".join(self.log[-5:]))
-        self._wait_accepting(timeout)
-        return self
+        if in_use.is_set():
+            self.kill()
+            return True
+        return False
 
     def _wait_accepting(self, timeout: float) -> None:
         # The log line comes just before listen(); a connect with a deadline proves it.

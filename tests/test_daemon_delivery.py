@@ -267,7 +267,9 @@ def test_a_stall_in_probation_rolls_back(tmp_path: Path, broker: Broker, fixture
     with connect(broker.port) as link:
         publish(link, FleetTopics(prefix), variant(tmp_path, fixtures, version=2), "colors", 2, keys)
     with Watcher(broker.port, [f"{prefix}/{DEVICE}/#"]) as w, Daemon(config) as daemon:
-        w.wait_json("/results/colors", lambda m: len(m) >= 3, timeout=60)
+        # Model 1 ran. Not "three results": a start slower than the source's 20 fps (a loaded machine) gets its
+        # ten frames in a burst that the fps limit thins out, and the camera wedges before three changes show.
+        w.wait_json("/results/colors", lambda m: len(m) >= 1, timeout=60)
         rc, (row,) = fleet(broker, prefix, "deploy", "colors@2", "--to", DEVICE)
         assert rc == 1 and (row["state"], row["reason"], row["active"]) == ("rolled_back", "pipeline_stalled", 1)
         rc, (models,) = fleet(broker, prefix, "cmd", DEVICE, "models", timeout=20)

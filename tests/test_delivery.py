@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,28 +38,6 @@ from agent.runtime import Model
 
 COLORS = FIXTURES / "colors_int8.json"
 SHAPES = FIXTURES / "shapes_int8.json"
-
-
-@pytest.fixture(scope="module")
-def delivery_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
-        yield b
-
-
-@pytest.fixture
-def link(delivery_broker: Broker) -> Iterator[PahoLink]:
-    with connect(delivery_broker.port) as lk:
-        yield lk
-
-
-@pytest.fixture
-def topics() -> FleetTopics:
-    return FleetTopics(unique_prefix())
-
-
-@pytest.fixture(scope="module")
-def keys() -> Keys:
-    return new_keys()
 
 
 def test_publish_download_verify_store(link: PahoLink, topics: FleetTopics, keys: Keys, tmp_path: Path,

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
-from broker import Broker
-from delivery_kit import FIXTURES, Keys, StateWatch, connect, new_keys, publish, service, unique_prefix
+from delivery_kit import FIXTURES, Keys, StateWatch, publish, service, unique_prefix
 
 from agent.delivery.activation import PipelineHealth, ProbationSettings, ShadowSpec, ShadowTrial
 from agent.delivery.reasons import Reason
@@ -123,23 +121,6 @@ class LoopPipeline:
         t.join(timeout)
         done.set()
         assert self.items >= target
-
-
-@pytest.fixture(scope="module")
-def act_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
-        yield b
-
-
-@pytest.fixture
-def link(act_broker: Broker) -> Iterator[PahoLink]:
-    with connect(act_broker.port) as lk:
-        yield lk
-
-
-@pytest.fixture(scope="module")
-def keys() -> Keys:
-    return new_keys()
 
 
 CANDIDATE = "fails_on_dark.tflite"

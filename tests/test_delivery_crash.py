@@ -43,12 +43,6 @@ NEW = FIXTURES / "shapes_int8.json"  # 36560 bytes: 9 chunks, the last one short
 N = (FIXTURES / "shapes_int8.tflite").stat().st_size
 
 
-@pytest.fixture(scope="module")
-def crash_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
-        yield b
-
-
 class WorkerServer:
     """`delivery_worker.py --serve`: one import, then a forked device process per run."""
 
@@ -138,9 +132,9 @@ def _offsets(seed: int = 6) -> list[int]:
     return sorted(fixed | {rng.randrange(2, N - 1) for _ in range(20)})
 
 
-def test_kill_at_byte_offsets_then_resume(crash_broker: Broker, tmp_path: Path, backend: str,
+def test_kill_at_byte_offsets_then_resume(delivery_broker: Broker, tmp_path: Path, backend: str,
                                           worker: WorkerServer) -> None:
-    device = Device(crash_broker, tmp_path, backend, worker)
+    device = Device(delivery_broker, tmp_path, backend, worker)
     previous: int | None = None
     for k in _offsets():
         rc, lines = device.run("--kill-at-byte", str(k))
@@ -171,9 +165,9 @@ def test_kill_at_byte_offsets_then_resume(crash_broker: Broker, tmp_path: Path, 
     ("after_rename", "old"),
     ("after_activate", "new"),
 ])
-def test_kill_at_named_points_then_resume(point: str, after_kill: str, crash_broker: Broker, tmp_path: Path,
+def test_kill_at_named_points_then_resume(point: str, after_kill: str, delivery_broker: Broker, tmp_path: Path,
                                           backend: str, worker: WorkerServer) -> None:
-    device = Device(crash_broker, tmp_path, backend, worker)
+    device = Device(delivery_broker, tmp_path, backend, worker)
     rc, _ = device.run("--kill-at", point)
     assert rc == -signal.SIGKILL
     assert device.check() == after_kill
@@ -195,10 +189,10 @@ def test_kill_at_named_points_then_resume(point: str, after_kill: str, crash_bro
 
 
 def test_killed_in_self_test_is_rolled_back_at_the_next_start_not_retried(
-        crash_broker: Broker, tmp_path: Path, backend: str, worker: WorkerServer) -> None:
+        delivery_broker: Broker, tmp_path: Path, backend: str, worker: WorkerServer) -> None:
     """Issue 12, fault 1: the process dies in the self-test (as the OOM killer does): the next start fails
     that deployment with a reason instead of resuming it into the same death at every start."""
-    device = Device(crash_broker, tmp_path, backend, worker)
+    device = Device(delivery_broker, tmp_path, backend, worker)
     rc, _ = device.run("--kill-at", "selftest")
     assert rc == -signal.SIGKILL
     assert device.check() == "old"

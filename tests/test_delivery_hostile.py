@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker import Broker
-from delivery_kit import FIXTURES, Keys, StateWatch, connect, new_keys, publish, service, unique_prefix
+from delivery_kit import FIXTURES, Keys, StateWatch, publish, service
 
 from agent import modelfile as mf
 from agent.delivery import failpoints
@@ -54,28 +53,6 @@ def hostile_copy(tmp: Path) -> tuple[Path, int]:
         manifest.pop(key)
     (tmp / "colors_hostile.json").write_text(json.dumps(manifest))
     return tmp / "colors_hostile.json", i
-
-
-@pytest.fixture(scope="module")
-def hostile_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
-        yield b
-
-
-@pytest.fixture
-def link(hostile_broker: Broker) -> Iterator[PahoLink]:
-    with connect(hostile_broker.port) as lk:
-        yield lk
-
-
-@pytest.fixture
-def topics() -> FleetTopics:
-    return FleetTopics(unique_prefix())
-
-
-@pytest.fixture(scope="module")
-def keys() -> Keys:
-    return new_keys()
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@ with real signed models."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from broker import Broker
-from delivery_kit import FIXTURES, Keys, StateWatch, connect, new_keys, publish, service, unique_prefix
+from delivery_kit import FIXTURES, Keys, StateWatch, publish, service
 
 from agent.delivery.download import DownloadSettings
 from agent.delivery.reasons import DeliveryError, Reason
@@ -19,28 +17,6 @@ from agent.mqtt.client import PahoLink
 from agent.mqtt.topics import FleetTopics
 
 COLORS = FIXTURES / "colors_int8.json"
-
-
-@pytest.fixture(scope="module")
-def pending_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
-        yield b
-
-
-@pytest.fixture
-def link(pending_broker: Broker) -> Iterator[PahoLink]:
-    with connect(pending_broker.port) as lk:
-        yield lk
-
-
-@pytest.fixture
-def topics() -> FleetTopics:
-    return FleetTopics(unique_prefix())
-
-
-@pytest.fixture(scope="module")
-def keys() -> Keys:
-    return new_keys()
 
 
 def _stopped() -> threading.Event:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from broker import Broker, Watcher
-from delivery_kit import Keys, StateWatch, connect, new_keys
+from delivery_kit import Keys, StateWatch
 from test_daemon import Daemon, fleet, write_config
 from test_delivery_activation import _image, _setup
 
@@ -60,23 +60,6 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
         yield SmallDisk(mnt)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-@pytest.fixture(scope="module")
-def keys() -> Keys:
-    return new_keys()
-
-
-@pytest.fixture(scope="module")
-def full_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    with Broker(tmp_path_factory.mktemp("mosquitto")) as b:
-        yield b
-
-
-@pytest.fixture
-def link(full_broker: Broker) -> Iterator[PahoLink]:
-    with connect(full_broker.port) as lk:
-        yield lk
 
 
 def test_disk_full_in_probation_rolls_back_and_the_worker_goes_on(link: PahoLink, keys: Keys, small_disk: SmallDisk,

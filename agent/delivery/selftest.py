@@ -128,14 +128,16 @@ def self_test(
     threads: int | None = None,
     memory_budget: int | None = None,
     time_budget_s: float | None = None,
+    started: float | None = None,
 ) -> Prepared:
     """Load, check, run; DeliveryError with the reason when the model must not be activated.
 
     `memory_budget` (bytes): the flatbuffer's tensor bound must fit before an interpreter is made (a model
     that would allocate gigabytes is refused, not loaded: the agent would be OOM-killed). `time_budget_s`:
     the whole self-test (load, allocate, the sample inferences) must end within it; it is checked after
-    each step, since a call inside the runtime cannot be interrupted."""
-    started = time.monotonic()
+    each step, since a call inside the runtime cannot be interrupted. `started` (monotonic): when the budget
+    began, if before this call (the caller's watchdog timer must not start earlier than the budget does)."""
+    started = time.monotonic() if started is None else started
     spec = spec_for(store, stored)
     try:
         bound = read_model_file(spec.path).arena_bound

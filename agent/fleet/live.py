@@ -159,14 +159,16 @@ def watch(args: argparse.Namespace, out: TextIO) -> int:
 
     link = open_link(args)
     try:
+        if console is not None:
+            # Before subscribing: a retained result is printed (on paho's thread) as soon as the broker has the
+            # subscription, which may be before wait_subscribed returns here.
+            console.print(f"[dim]watching {', '.join(topics)} on {link.broker} (Ctrl-C to stop)[/]", markup=True)
         for topic in topics:
             link.subscribe_messages(topic, on_message)
         link.wait_subscribed(10.0)
         if args.status:
             # Devices answer with their status, live: a wildcard subscriber gets no retained one on RabbitMQ.
             link.publish(FleetTopics(args.prefix).device("all").presence, b'{"v": 1}', qos=1)
-        if console is not None:
-            console.print(f"[dim]watching {', '.join(topics)} on {link.broker} (Ctrl-C to stop)[/]", markup=True)
         deadline = time.monotonic() + args.seconds if args.seconds else None
         got = 0
         while args.count is None or got < args.count:
