@@ -36,6 +36,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rabbitmq.Clust
         yield c
 
 
+@pytest.fixture(autouse=True)
+def _node_a_up(request: pytest.FixtureRequest) -> None:
+    """The failover test stops node A for good (a restart takes ~100 s): it must stay the module's last test.
+    A test placed after it would fail with a bare 'connection refused'; say why instead."""
+    if "cluster" in request.fixturenames:
+        c: rabbitmq.Cluster = request.getfixturevalue("cluster")
+        assert c.a.proc is not None, "node A was stopped by the failover test, which must stay last in test_brokers.py"
+
+
 def answering_agent(tmp: Path, url: str, prefix: str = "lepton", **settings: Any) -> Agentlet:
     """The daemon's real link as `dev1`, answering every command on its reply topic (as the daemon's commands do)."""
     return flow.device_link(tmp, url, "dev1", prefix=prefix, **settings)
@@ -187,6 +196,14 @@ def test_serve_models_bad_input(tmp_path: Path) -> None:
     assert r.rc == 2 and len(r.err_lines) == 1 and "not a signed manifest" in r.err_lines[0], r.err
 
 
+def test_samples_pull_across_nodes(tmp_path: Path, cluster: rabbitmq.Cluster, models_dir: Path) -> None:
+    """The device's offer is retained on node A only; the operator on node B finds no manifest there, asks the
+    device (`…/samples/<id>/want`), and the device publishes the manifest and each chunk again, live."""
+    prefix = unique_prefix()
+    on_b = ["--broker", cluster.b.url, "--prefix", prefix, "--protocol", "3.1.1", "--timeout", "60"]
+    flow.samples_pull(tmp_path, cluster.a.url, cluster.a.mqtt_port, on_b, models_dir, prefix, mqtt.MQTTv311)
+
+
 def test_results_replayed_in_order_after_failover_to_the_other_node(tmp_path: Path,
                                                                      cluster: rabbitmq.Cluster) -> None:
     """The agent's node stops (last in this module: RabbitMQ 3.10's MQTT plugin takes ~100 s to come back on a
@@ -194,11 +211,3 @@ def test_results_replayed_in_order_after_failover_to_the_other_node(tmp_path: Pa
     arrive in order, as historical."""
     flow.replay_after_restart((cluster.a.url, cluster.b.url), cluster.b.mqtt_port, lambda: None, cluster.a.stop,
                               tmp_path, unique_prefix())
-
-
-def test_samples_pull_across_nodes(tmp_path: Path, cluster: rabbitmq.Cluster, models_dir: Path) -> None:
-    """The device's offer is retained on node A only; the operator on node B finds no manifest there, asks the
-    device (`…/samples/<id>/want`), and the device publishes the manifest and each chunk again, live."""
-    prefix = unique_prefix()
-    on_b = ["--broker", cluster.b.url, "--prefix", prefix, "--protocol", "3.1.1", "--timeout", "60"]
-    flow.samples_pull(tmp_path, cluster.a.url, cluster.a.mqtt_port, on_b, models_dir, prefix, mqtt.MQTTv311)
