@@ -88,7 +88,8 @@ class DeviceView:
             self.state.get("state") == "rolled_back" and self.state.get("reason") is None)
 
 
-def _json(payload: bytes) -> dict[str, Any] | None:
+def json_object(payload: bytes) -> dict[str, Any] | None:
+    """A device's JSON object payload, or None for anything else (the fleet side skips what it cannot read)."""
     try:
         data = json.loads(payload)
     except (ValueError, RecursionError):
@@ -122,7 +123,7 @@ class FleetView:
         return self.devices[device]
 
     def _on_deploy(self, topic: str, payload: bytes) -> None:
-        device, data = _device_of(topic, self.topics), _json(payload)
+        device, data = _device_of(topic, self.topics), json_object(payload)
         if device is None or data is None:
             return
         ids = data["ids"] if isinstance(data.get("ids"), list) else []
@@ -135,7 +136,7 @@ class FleetView:
             self.cond.notify_all()
 
     def _on_reply(self, topic: str, payload: bytes) -> None:
-        device, data = _device_of(topic, self.topics), _json(payload)
+        device, data = _device_of(topic, self.topics), json_object(payload)
         if device is None or data is None or self.request is None or data.get("id") != self.request:
             return
         with self.cond:
@@ -143,7 +144,7 @@ class FleetView:
             self.cond.notify_all()
 
     def _on_status(self, topic: str, payload: bytes) -> None:
-        device, data = _device_of(topic, self.topics), _json(payload)
+        device, data = _device_of(topic, self.topics), json_object(payload)
         if device is None or data is None:
             return
         with self.cond:
@@ -155,7 +156,7 @@ class FleetView:
             self.cond.notify_all()
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
-        device, data = _device_of(topic, self.topics), _json(payload)
+        device, data = _device_of(topic, self.topics), json_object(payload)
         if device is None or data is None:
             return
         with self.cond:

@@ -8,13 +8,12 @@ those rows (`take_dirty`), so a thousand devices sending telemetry cost the brow
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.fleet.watch import FleetView, is_stale
+from agent.fleet.watch import FleetView, is_stale, json_object
 from agent.mqtt.client import PahoLink
 from agent.mqtt.topics import FleetTopics, unsegment
 
@@ -25,14 +24,6 @@ RESULTS_KEPT = 10
 DEPLOYS_KEPT = 30
 REPLIES_KEPT = 200
 _DEPLOYING = {"queued", "downloading", "verifying", "activating", "shadow"}
-
-
-def _json(payload: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _num(value: Any) -> float | None:
@@ -104,13 +95,13 @@ class DashboardView(FleetView):
     def _on_status(self, topic: str, payload: bytes) -> None:
         super()._on_status(topic, payload)
         device = self.topics.device_of(topic)
-        if device is not None and _json(payload) is not None:
+        if device is not None and json_object(payload) is not None:
             with self.cond:
                 self._heard(device)
 
     def _on_deploy(self, topic: str, payload: bytes) -> None:
         super()._on_deploy(topic, payload)
-        device, data = self.topics.device_of(topic), _json(payload)
+        device, data = self.topics.device_of(topic), json_object(payload)
         if device is None or data is None or not payload:
             return
         with self.cond:
@@ -125,7 +116,7 @@ class DashboardView(FleetView):
                 self.events.append({"type": "progress", "id": request_id, "device": device, "state": data})
 
     def _on_reply(self, topic: str, payload: bytes) -> None:
-        device, data = self.topics.device_of(topic), _json(payload)
+        device, data = self.topics.device_of(topic), json_object(payload)
         if device is None or data is None:
             return
         with self.cond:
@@ -139,7 +130,7 @@ class DashboardView(FleetView):
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
         super()._on_telemetry(topic, payload)  # the DeviceView's latest payload: what /metrics renders
-        device, data = self.topics.device_of(topic), _json(payload)
+        device, data = self.topics.device_of(topic), json_object(payload)
         if device is None or data is None:
             return
         with self.cond:
@@ -149,7 +140,7 @@ class DashboardView(FleetView):
             self._heard(device)
 
     def _on_result(self, topic: str, payload: bytes) -> None:
-        device, data = self.topics.device_of(topic), _json(payload)
+        device, data = self.topics.device_of(topic), json_object(payload)
         if device is None or data is None:
             return
         data.setdefault("pipeline", unsegment(topic.rsplit("/", 1)[-1]))
@@ -163,7 +154,7 @@ class DashboardView(FleetView):
     def _on_manifest(self, topic: str, payload: bytes) -> None:
         parts = topic[len(self.topics.prefix) + 1:].split("/")
         key = (unsegment(parts[1]), unsegment(parts[2]))
-        data = _json(payload) if payload else None
+        data = json_object(payload) if payload else None
         with self.cond:
             if data is None:
                 self.models.pop(key, None)  # emptied: the version was withdrawn
