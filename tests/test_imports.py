@@ -122,3 +122,10 @@ def test_delivery_does_not_reach_the_daemon() -> None:
 def test_no_file_name_twice_in_agent() -> None:
     names = [p.name for p in (ROOT / "agent").rglob("*.py") if p.name != "__init__.py"]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_no_module_over_500_lines() -> None:
+    """One concern a module: past 500 lines a module is doing two jobs (issue 12's re-cut keeps them apart)."""
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "agent").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert long == {}, long

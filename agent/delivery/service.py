@@ -26,7 +26,6 @@ from agent.delivery.activation import (
     Attach,
     Health,
     ProbationSettings,
-    ShadowSpec,
     ShadowTrial,
     Swap,
     run_shadow,
@@ -35,6 +34,7 @@ from agent.delivery.deploy_state import DeployState, State, StateReporter
 from agent.delivery.download import Downloader, DownloadSettings
 from agent.delivery.pending import DEFAULT_LIMIT, Deployment, PendingDeployments, order_of, same_version
 from agent.delivery.reasons import DeliveryError, Reason
+from agent.delivery.request import DeployRequest
 from agent.delivery.selftest import Fit, RunnerFactory, default_runner, self_test
 from agent.delivery.signed_manifest import NAME_RE, DevicePolicy, check_manifest
 from agent.delivery.signing import TrustedKeys
@@ -79,45 +79,6 @@ class DeliverySettings:
     """The self-test (load, allocate, sample inferences) must end within this; None: no limit."""
     max_pending: int = DEFAULT_LIMIT
     """Deployments pending at once; a deploy past it is refused (`queue_full`)."""
-
-
-@dataclass(frozen=True)
-class DeployRequest:
-    name: str
-    version: Version
-    shadow: ShadowSpec | None = None
-    request: str | None = None
-
-    @classmethod
-    def from_command(cls, args: dict[str, Any]) -> DeployRequest:
-        """From a deploy command's fields (`model`, `version`, optional `shadow`, `id`); BadInput naming the field."""
-        name = args.get("model")
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise BadInput("model: a model name (letters, digits, . _ -) is required")
-        raw = args.get("version")
-        if isinstance(raw, bool) or not isinstance(raw, int | str):
-            raise BadInput("version: an integer or a semver string is required")
-        try:
-            version = parse_version(str(raw)) if isinstance(raw, str) else raw
-            version_key(version)
-        except ValueError as exc:
-            raise BadInput(f"version: {exc}") from None
-        shadow = None
-        if args.get("shadow") is not None:
-            if not isinstance(args["shadow"], dict):
-                raise BadInput("shadow: must be an object")
-            try:
-                shadow = ShadowSpec.from_command(args["shadow"])
-            except ValueError as exc:
-                raise BadInput(str(exc)) from None
-        rid = args.get("id")
-        return cls(name, version, shadow, rid if isinstance(rid, str) and rid else None)
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"model": self.name, "version": self.version, "id": self.request}
-        if self.shadow is not None:
-            d["shadow"] = {k: v for k, v in self.shadow.__dict__.items() if v is not None}
-        return d
 
 
 class DeliveryService:
