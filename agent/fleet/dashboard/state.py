@@ -34,18 +34,17 @@ def _num(value: Any) -> float | None:
 class DeviceExtra:
     """What the dashboard keeps of a device beyond FleetView's `DeviceView`."""
 
-    telemetry: dict[str, Any] | None = None
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
     results: dict[str, deque[dict[str, Any]]] = field(default_factory=dict)
     """pipeline → its latest results: a chatty pipeline never pushes a quiet one's last result out."""
-
-    def latest(self, since: float = 0.0) -> list[dict[str, Any]]:
-        found = [r for kept in self.results.values() for r in kept if (_num(r.get("ts")) or 0.0) > since]
-        return sorted(found, key=lambda r: _num(r.get("ts")) or 0.0)
     deploys: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=DEPLOYS_KEPT))
     deploy: dict[str, dict[str, Any]] = field(default_factory=dict)
     """model name → its latest deploy state (a device may hold states of several models)."""
     last_heard: float | None = None
+
+    def latest(self, since: float = 0.0) -> list[dict[str, Any]]:
+        found = [r for kept in self.results.values() for r in kept if (_num(r.get("ts")) or 0.0) > since]
+        return sorted(found, key=lambda r: _num(r.get("ts")) or 0.0)
 
 
 def _point(t: dict[str, Any]) -> dict[str, Any]:
@@ -129,14 +128,12 @@ class DashboardView(FleetView):
             self.cond.notify_all()
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
-        super()._on_telemetry(topic, payload)  # the DeviceView's latest payload: what /metrics renders
+        super()._on_telemetry(topic, payload)  # the DeviceView's latest payload: the row's and /metrics'
         device, data = self.topics.device_of(topic), json_object(payload)
         if device is None or data is None:
             return
         with self.cond:
-            extra = self._extra(device)
-            extra.telemetry = data
-            extra.history.append(_point(data))
+            self._extra(device).history.append(_point(data))
             self._heard(device)
 
     def _on_result(self, topic: str, payload: bytes) -> None:
@@ -199,7 +196,7 @@ class DashboardView(FleetView):
             status = (view.status if view is not None else None) or {}
             # The will carries no groups, class or pipelines: the last birth still says what the device is.
             info = (view.birth if view is not None else None) or status
-            t = extra.telemetry or {}
+            t = (view.telemetry if view is not None else None) or {}
             deploys = dict(extra.deploy)
         presence = self.presence(device, now)
         pipelines = []
@@ -262,7 +259,7 @@ class DashboardView(FleetView):
                 return None
             extra = self.extra.get(device) or DeviceExtra()
             view = self.devices[device]
-            detail = {"status": view.status, "telemetry": extra.telemetry, "history": list(extra.history),
+            detail = {"status": view.status, "telemetry": view.telemetry, "history": list(extra.history),
                       "results": extra.latest(), "deploys": list(extra.deploys),
                       "replies": [r for r in self.replies if r["device"] == device]}
         return {"row": self.row(device), **detail}
