@@ -380,11 +380,13 @@ class _Session:
             topic = self.open.pop(index)
             if self.error is None:
                 self._fill_window()
-            done = self.done_bytes
+                if self.progress is not None:
+                    # Under the lock that `run` checks completion with: the last chunk's progress is reported
+                    # before `run` can see every chunk in and report `verifying` (after it, a late `downloading`
+                    # went out once the deployment had moved on).
+                    self.progress(self.done_bytes / self.signed.size)
         self.d.link.unsubscribe(topic)
         self.changed.set()
-        if self.progress is not None and self.error is None:
-            self.progress(done / self.signed.size)
 
     def _accept(self, index: int, data: bytes) -> None:
         offset, length = self.signed.chunk_span(index)
