@@ -191,9 +191,18 @@ def _build_deploy(d: Dashboard, body: dict[str, Any]) -> tuple[str, str, dict[st
     fields: dict[str, Any] = {"model": name, "version": version}
     if body.get("shadow"):
         items = body.get("shadow_items", 200)
-        if not isinstance(items, int) or items < 1:
+        if not isinstance(items, int) or isinstance(items, bool) or items < 1:
             raise BadInput("shadow_items: a whole number of items, at least 1")
-        fields["shadow"] = {"items": items, "seconds": None, "min_agreement": 0.9, "max_latency_ratio": 1.5}
+        # The CLI's defaults (`deploy --min-agreement 0.9 --max-latency-ratio 1.5`); the device's own check
+        # (ShadowSpec) refuses what it would refuse, here, before anything is sent.
+        shadow = {"items": items, "seconds": None, "min_agreement": body.get("min_agreement", 0.9),
+                  "max_latency_ratio": body.get("max_latency_ratio", 1.5)}
+        from agent.delivery.activation import ShadowSpec
+
+        ShadowSpec.from_command(shadow)
+        if not shadow["max_latency_ratio"]:
+            raise BadInput("max_latency_ratio: must be above 0")
+        fields["shadow"] = shadow
     return _target(body, "to"), "deploy", fields
 
 
