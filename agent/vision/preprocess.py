@@ -270,6 +270,12 @@ class ImagePreprocessor:
         np.minimum(boxes, 1.0, out=boxes)
         return boxes
 
+    def map_box_rows(self, rows: list[tuple[float, float, float, float]]) -> list[list[float]]:
+        """`map_boxes` for a few boxes in Python floats (`Detections.few`), without a numpy call."""
+        ax, bx, ay, by = self._mapping
+        return [[min(max(x0 * ax + bx, 0.0), 1.0), min(max(y0 * ay + by, 0.0), 1.0),
+                 min(max(x1 * ax + bx, 0.0), 1.0), min(max(y1 * ay + by, 0.0), 1.0)] for x0, y0, x1, y1 in rows]
+
     @property
     def mapping(self) -> tuple[float, float, float, float]:
         """(ax, bx, ay, by): x_frame = ax * x_tensor + bx, y_frame = ay * y_tensor + by."""
