@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 from conftest import run_cli
+from face_paths import assert_both_paths_agree
 
 from agent.errors import BadInput
 from agent.manifest import load_spec
 from agent.runtime import Model
 from agent.tasks import Inference, create_task, recognise
-from agent.vision import decoders
 from agent.vision.anchors import BLAZEFACE_ANCHORS, ssd_anchors
 from agent.vision.decoders import match_decoder
 from agent.vision.nms import (
@@ -283,28 +283,14 @@ def test_weighted_nms_in_python_floats_matches_the_array_path() -> None:
 def test_blazeface_gives_the_same_result_in_python_floats_as_in_arrays(models_dir: Path, model_file: str,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # A frame with a few candidates is decoded in Python floats (Detections.few), one with more in arrays: on
-    # real photos, from one face to the LFW grid's many, both paths give the same result (scores to 6
-    # decimals, boxes to 5, as a result carries them; a last-digit rounding difference at most).
+    # real photos, from one face to the LFW grid's many, both paths give the same result.
     import face_photos
 
     spec = load_spec(models_dir / "face" / model_file)
     model = Model(spec.path, threads=1)
     inference = Inference(model, create_task(model, spec))
-    decoder = inference.task.decoder  # type: ignore[attr-defined]
-    few_paths = 0
-    for name in face_photos.PHOTOS:
-        frame = np.ascontiguousarray(face_photos.PHOTOS[name]()[:, :, ::-1])
-        monkeypatch.setattr(decoders, "FEW", 10_000)
-        fast = inference.run(frame)["detections"]
-        few_paths += decoder.decode().rows is not None
-        monkeypatch.setattr(decoders, "FEW", 0)
-        arrays = inference.run(frame)["detections"]
-        assert decoder.decode().rows is None
-        assert len(fast) == len(arrays), name
-        for a, b in zip(fast, arrays, strict=True):
-            assert a["label"] == b["label"] and abs(a["score"] - b["score"]) <= 2e-6, (name, a, b)
-            assert max(abs(x - y) for x, y in zip(a["box"], b["box"], strict=True)) <= 2e-5, (name, a, b)
-    assert few_paths >= 4  # a photo with no face (coffee, rocket) has no candidate: neither path is taken
+    frames = [np.ascontiguousarray(load()[:, :, ::-1]) for load in face_photos.PHOTOS.values()]
+    assert assert_both_paths_agree(inference, frames, monkeypatch) >= 4  # coffee, rocket: no candidate at all
 
 
 def _decode(jpeg: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:

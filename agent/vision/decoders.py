@@ -159,6 +159,16 @@ class _Dequantized:
             return self.model.dequantize_output(self.index, self.buffer)
         return self.model.output(self.index)
 
+    def rows(self, rows: Array, columns: int) -> list[list[float]]:
+        """The first `columns` values of some rows of a [1, N, C] output, as Python floats: only those are
+        dequantized (one numpy take and its tolist, whatever the tensor's size)."""
+        picked: list[list[float]] = self.model.output(self.index)[0].take(rows, axis=0).tolist()
+        if not self.copy:
+            return picked
+        info: TensorInfo = self.model.outputs[self.index]
+        scale, zero = (info.scale, info.zero_point) if info.quantized else (1.0, 0)
+        return [[(v - zero) * scale for v in row[:columns]] for row in picked]
+
 
 @register_decoder("ssd")
 class SsdPostprocess(Decoder):
@@ -378,8 +388,9 @@ class BlazeFace(Decoder):
         anchors = self._anchor_rows
         boxes: list[tuple[float, float, float, float]] = []
         scores: list[float] = []
-        raw = self._regressors.read()[0, cand, :4].tolist()  # x, y, w, h of the box; keypoints are not reported
-        for i, (x, y, w, h), z in zip(cand.tolist(), raw, logits[cand].tolist(), strict=True):
+        raw = self._regressors.rows(cand, 4)  # x, y, w, h of the box first; keypoints are not reported
+        for i, row, z in zip(cand.tolist(), raw, logits.take(cand).tolist(), strict=True):
+            x, y, w, h = row[:4]
             if w <= 0.0 or h <= 0.0:  # a box of no width or height: MediaPipe drops it
                 continue
             sx, sy, cx, cy = anchors[i]
