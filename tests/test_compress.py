@@ -165,7 +165,9 @@ def test_blazeface_int8(models_dir: Path, photos: tuple[Path, Path], tmp_path: P
     assert model.inputs[0].dtype == np.int8 and not model.float_ops()
     # int8 outputs: the decoder's Python path dequantizes only its candidates' rows, the array path all.
     assert model.outputs[0].quantized and model.outputs[1].quantized
-    frames = [cv2.imread(str(p)) for p in sorted(evaluation.iterdir())]
+    files = sorted(evaluation.iterdir())
+    frames = [frame for frame in map(cv2.imread, map(str, files)) if frame is not None]
+    assert len(frames) == len(files)
     assert assert_both_paths_agree(Inference(model, create_task(model, manifest)), frames, monkeypatch) >= 1
 
     report = json.loads(fleet("model", "compare", str(source), str(out), "--eval", str(evaluation),
