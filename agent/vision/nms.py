@@ -138,21 +138,22 @@ def weighted_nms_few(boxes: list[tuple[float, float, float, float]], scores: lis
     group's score-weighted mean summed in the group's order, as MediaPipe's loop adds them, in double
     precision (MediaPipe's float32 agrees to ~1e-7, far below the 5 decimals a result carries)."""
     order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)  # sorted() is stable
-    areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes]
     kept_boxes: list[tuple[float, float, float, float]] = []
     kept_scores: list[float] = []
+    # Conditional expressions, not min()/max(): a builtin call is the dearest thing in this loop (half its time).
     while order and len(kept_scores) < max_results:
         best = order[0]
         bx0, by0, bx1, by1 = boxes[best]
-        best_area = areas[best]
+        best_area = (bx1 - bx0) * (by1 - by0)
         group: list[int] = []
         rest: list[int] = []
         for j in order:
             x0, y0, x1, y1 = boxes[j]
-            iw = min(bx1, x1) - max(bx0, x0)
-            ih = min(by1, y1) - max(by0, y0)
+            iw = (x1 if x1 < bx1 else bx1) - (x0 if x0 > bx0 else bx0)
+            ih = (y1 if y1 < by1 else by1) - (y0 if y0 > by0 else by0)
             inter = iw * ih if iw > 0.0 and ih > 0.0 else 0.0
-            if inter / max(best_area + areas[j] - inter, 1e-12) > iou_threshold:
+            union = best_area + (x1 - x0) * (y1 - y0) - inter
+            if inter / (union if union > 1e-12 else 1e-12) > iou_threshold:
                 group.append(j)
             else:
                 rest.append(j)
