@@ -16,6 +16,7 @@ from agent.errors import BadInput
 from agent.manifest import load_spec
 from agent.runtime import Model
 from agent.tasks import Inference, create_task, recognise
+from agent.vision import decoders
 from agent.vision.anchors import BLAZEFACE_ANCHORS, ssd_anchors
 from agent.vision.decoders import match_decoder
 from agent.vision.nms import (
@@ -291,6 +292,22 @@ def test_blazeface_gives_the_same_result_in_python_floats_as_in_arrays(models_di
     inference = Inference(model, create_task(model, spec))
     frames = [np.ascontiguousarray(load()[:, :, ::-1]) for load in face_photos.PHOTOS.values()]
     assert assert_both_paths_agree(inference, frames, monkeypatch) >= 4  # coffee, rocket: no candidate at all
+
+
+@pytest.mark.parametrize("few", [10_000, 0])
+def test_a_nan_box_comes_out_inside_the_frame(models_dir: Path, few: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A broken model's NaN regressors: the result is still built (no int(NaN) error) and every corner is a number
+    # in 0..1, on the Python path and on the array path alike.
+    monkeypatch.setattr(decoders, "FEW", few)
+    spec = load_spec(models_dir / "face" / "face_detection_short_range.tflite")
+    model = Model(spec.path, threads=1)
+    inference = Inference(model, create_task(model, spec))
+    import face_photos
+
+    assert len(inference.run(np.ascontiguousarray(face_photos.PHOTOS["astronaut"]()[:, :, ::-1]))["detections"]) == 1
+    model.output(inference.task.decoder._reg)[..., 0] = np.nan  # type: ignore[attr-defined]  # every box's x
+    found = inference.task.postprocess()["detections"]
+    assert found and all(0.0 <= v <= 1.0 for d in found for v in d["box"]), found  # NaN boxes overlap nothing
 
 
 def _decode(jpeg: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:

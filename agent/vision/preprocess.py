@@ -273,18 +273,19 @@ class ImagePreprocessor:
         scale, offset = self._mapping4 if boxes.dtype == np.float32 else self._mapping4_f64
         boxes *= scale
         boxes += offset
-        np.maximum(boxes, 0.0, out=boxes)  # not np.clip: its Python wrapper costs more than both ufuncs
-        np.minimum(boxes, 1.0, out=boxes)
+        # Into 0..1, NaN (a broken model's) made 0: fmax/fmin, not np.clip, whose Python wrapper costs more.
+        np.fmax(boxes, 0.0, out=boxes)
+        np.fmin(boxes, 1.0, out=boxes)
         return boxes
 
     def map_box_rows(self, rows: list[tuple[float, float, float, float]]) -> list[list[float]]:
-        """`map_boxes` for a few boxes in Python floats (`Detections.few`), without a numpy call (and clipped
-        to 0..1 by conditional expressions: cheaper than builtin min/max calls)."""
+        """`map_boxes` for a few boxes in Python floats (`Detections.few`), without a numpy call (and brought
+        into 0..1 by conditional expressions: cheaper than builtin min/max calls)."""
         ax, bx, ay, by = self._mapping
         mapped = []
         for x0, y0, x1, y1 in rows:
             box = [x0 * ax + bx, y0 * ay + by, x1 * ax + bx, y1 * ay + by]
-            mapped.append([0.0 if v < 0.0 else 1.0 if v > 1.0 else v for v in box])
+            mapped.append([v if 0.0 <= v <= 1.0 else 1.0 if v > 1.0 else 0.0 for v in box])  # NaN: 0
         return mapped
 
     @property
