@@ -52,10 +52,10 @@ class Detections:
 
     __slots__ = ("_boxes", "_make_boxes", "_scores", "classes", "rows", "score_list")
 
-    def __init__(self, boxes: Array | None, scores: Array, classes: Array | None,
+    def __init__(self, boxes: Array | None, scores: Array | None, classes: Array | None,
                  make_boxes: Callable[[], Array] | None = None) -> None:
         self._boxes, self._make_boxes = boxes, make_boxes
-        self._scores: Array | None = scores  # [N] float32
+        self._scores = scores  # [N] float32; None only for `few`
         self.classes = classes  # [N] int; None: a one-class model, every detection class 0
         self.rows: list[tuple[float, float, float, float]] | None = None
         self.score_list: list[float] | None = None
@@ -63,7 +63,7 @@ class Detections:
     @classmethod
     def few(cls, rows: list[tuple[float, float, float, float]], scores: list[float]) -> Detections:
         """One-class detections as Python lists: [xmin, ymin, xmax, ymax] rows and their scores."""
-        found = cls(None, None, None)  # type: ignore[arg-type]  # both made from the lists when read
+        found = cls(None, None, None)  # boxes and scores made from the lists when read
         found.rows, found.score_list = rows, scores
         return found
 
