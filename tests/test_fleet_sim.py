@@ -146,3 +146,28 @@ def test_the_benchmark_with_two_worker_processes_counts_every_device() -> None:
     assert (sim["procs"], sim["closed"], sim["devices"], sim["active"], sim["failed"]) == (2, 2, 4, 4, 0), sim
     assert len(sim["max_rss_mb"]) == 2
     assert "fleet_sim: 4 devices in 2 processes online in" in r.stderr
+
+
+def test_a_worker_killed_during_the_benchmark_ends_it_at_once_broker_stopped() -> None:
+    """The benchmark waits for ten seconds of a steady fleet, then for tools and the deploy: a worker's death cuts
+    any of those waits short (never a 15-minute deploy wait), and the broker it started is stopped."""
+    sim = Sim("--bench", "-n", "4", "--procs", "2", "--model", str(FIXTURES / "colors_int8.tflite"))
+    try:
+        sim.wait_line("online")
+        children = {}
+        for task in Path(f"/proc/{sim.proc.pid}/task").iterdir():
+            for pid in map(int, (task / "children").read_text().split()):
+                children[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+        brokers = [pid for pid, name in children.items() if name == "mosquitto"]
+        assert len(brokers) == 1, children
+        victim = sim.workers()[0]
+        os.kill(victim, signal.SIGKILL)
+        assert sim.end(timeout=60) == 1, "\n".join(sim.err)
+    finally:
+        if sim.proc.poll() is None:
+            sim.proc.kill()
+    said = [line for line in sim.err if line.startswith("fleet_sim:") and "online" not in line]
+    assert said == [f"fleet_sim: worker 0 (devices sim-0000..sim-0001, pid {victim}) died: "
+                    "killed by signal 9 (SIGKILL)"], sim.err
+    assert not any("Traceback" in line for line in sim.err), sim.err
+    assert not Path(f"/proc/{brokers[0]}").exists(), "the benchmark's broker outlived it"
