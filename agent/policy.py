@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import importlib
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,14 +25,6 @@ from agent.errors import BadInput
 
 SNAPSHOT_MODULE = "agent.vision.snapshot"
 _LISTS = ("classes", "detections")
-
-
-def _minus_score(entry: dict[str, Any]) -> float:
-    return -float(entry.get("score", 0.0))
-
-
-def _minus_first(pair: tuple[float, str]) -> float:
-    return -pair[0]
 
 
 @dataclass
@@ -51,6 +43,20 @@ def snapshot_encoder() -> Callable[[Any, list[dict[str, Any]], int], bytes]:
     module = importlib.import_module(SNAPSHOT_MODULE)
     encoder: Callable[[Any, list[dict[str, Any]], int], bytes] = module.snapshot_jpeg
     return encoder
+
+
+_Chosen = tuple[str, list[dict[str, Any]], list[float], list[int]]
+"""A list of a result (its key, entries and their scores) and the indices of the entries the policy keeps."""
+
+
+def _built(result: dict[str, Any], chosen: list[_Chosen]) -> dict[str, Any]:
+    """`result` with each list of it cut to the kept entries, best score first (ties in their order)."""
+    out = dict(result)
+    for key, entries, scores, kept in chosen:
+        if len(kept) > 1:
+            kept.sort(key=scores.__getitem__, reverse=True)  # the lists are this call's own
+        out[key] = [entries[i] for i in kept]
+    return out
 
 
 class ResultPolicy:
@@ -76,36 +82,50 @@ class ResultPolicy:
 
     def filter(self, result: dict[str, Any]) -> dict[str, Any]:
         """The result with only the entries the policy lets through (a new dict; the input is left alone)."""
-        return {**result, **self._kept(result)}
+        return _built(result, self._chosen(result)[0])
 
-    def _kept(self, result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-        kept: dict[str, list[dict[str, Any]]] = {}
+    def _select(self, labels: Sequence[str], scores: list[float]) -> list[int]:
+        """The selection, the one place it is made (`apply` and `holds_back`): the indices of the entries scoring
+        at or over the threshold with a label in the allow-list, the best `max_results` of them (ties: the first).
+        `labels` are read only when there is an allow-list. In no promised order: a label signature does not
+        care, and a result that goes out is put best first then (`_built`), not every frame."""
+        allowed = self._allowed
+        threshold = self.threshold
+        if allowed:
+            chosen = [i for i, score in enumerate(scores) if score >= threshold and labels[i] in allowed]
+        else:
+            chosen = [i for i, score in enumerate(scores) if score >= threshold]
+        limit = self.settings.max_results
+        if len(chosen) > limit:
+            chosen.sort(key=scores.__getitem__, reverse=True)  # stable with reverse too: ties keep their order
+            del chosen[limit:]
+        return chosen
+
+    def _chosen(self, result: dict[str, Any]) -> tuple[list[_Chosen], list[str]]:
+        """Per list in `result` (classes, detections): the entries, their scores and the indices `_select` keeps;
+        and the labels of all the kept entries (the signature's)."""
+        chosen: list[_Chosen] = []
+        names: list[str] = []
+        allowed = self._allowed
         for key in _LISTS:
             entries = result.get(key)
-            if entries is None:
+            if not entries:
+                if entries is not None:
+                    chosen.append((key, entries, [], []))
                 continue
-            chosen = [e for e in entries if self._keep(e)]
-            if len(chosen) > 1:
-                chosen.sort(key=_minus_score)
-            kept[key] = chosen[: self.settings.max_results]
-        return kept
-
-    def _keep(self, entry: dict[str, Any]) -> bool:
-        if float(entry.get("score", 1.0)) < self.threshold:
-            return False
-        return not self._allowed or str(entry.get("label")) in self._allowed
+            scores = [float(e.get("score", 1.0)) for e in entries]
+            kept = self._select([str(e.get("label")) for e in entries] if allowed else (), scores)
+            chosen.append((key, entries, scores, kept))
+            if kept:
+                names += [str(entries[i].get("label")) for i in kept]
+        return chosen, names
 
     def holds_back(self, labels: list[str], scores: list[float], now: float) -> bool:
         """Whether `apply` would hold back, at `now`, a list result (classes or detections) with these labels and
         scores, counted as `apply` counts it: a runner asks before it builds the result (`Runner.gate`)."""
-        allowed = self._allowed
-        threshold = self.threshold
-        chosen = [(score, label) for label, score in zip(labels, scores, strict=True)
-                  if score >= threshold and (not allowed or label in allowed)]
-        if len(chosen) > self.settings.max_results:
-            chosen.sort(key=_minus_first)  # stable, as `_kept` sorts: the same entries are cut
-            del chosen[self.settings.max_results:]
-        return self._held(tuple(sorted(label for _, label in chosen)), now)
+        if len(labels) != len(scores):
+            raise ValueError(f"holds_back: {len(labels)} labels for {len(scores)} scores")
+        return self._held(tuple(sorted([labels[i] for i in self._select(labels, scores)])), now)
 
     def _held(self, signature: tuple[str, ...] | None, now: float) -> bool:
         """True (and counted) when a result of this label signature (None: an event) is held back at `now`."""
@@ -124,22 +144,23 @@ class ResultPolicy:
 
         A result held back builds nothing: the kept entries and their labels decide, and the outgoing
         dict is made only for a result that goes out (most frames of an unchanged scene do not)."""
-        kept: dict[str, list[dict[str, Any]]] | None = None
+        chosen: list[_Chosen] | None = None
         if "event" in result:
-            if not self._keep(result):
+            if not self._select([str(result.get("label"))], [float(result.get("score", 1.0))]):
                 return None
             signature = None  # an event is news every time
         else:
-            kept = self._kept(result)
+            chosen, names = self._chosen(result)
             # The multiset of labels, as a sorted tuple: equal exactly when the label counts are.
-            signature = tuple(sorted(str(e.get("label")) for entries in kept.values() for e in entries))
+            names.sort()
+            signature = tuple(names)
         if self._held(signature, now):
             return None
         if signature is not None:
             self._last_signature = signature
         self._last_out = now
         self.stats.passed += 1
-        out = dict(result) if kept is None else {**result, **kept}
+        out = dict(result) if chosen is None else _built(result, chosen)
         if self._snapshot is not None and frame is not None:
             jpeg = self._snapshot(frame, list(out.get("detections", ())), self.settings.snapshot.max_bytes)
             out["snapshot"] = {"type": "image/jpeg", "b64": base64.b64encode(jpeg).decode("ascii")}

@@ -116,3 +116,41 @@ def browser() -> Iterator[Any]:
             yield context
         finally:
             context.close()
+
+
+# -- the page, as the tests drive it ---------------------------------------------------------------------------
+
+
+def row(device: str, presence: str | None = None) -> str:
+    """The fleet table's row of `device` (in that presence, if given), as a selector."""
+    state = f'[data-presence="{presence}"]' if presence else ""
+    return f'#fleet-rows tr[data-device="{device}"]{state}'
+
+
+def confirm(page: Any) -> None:
+    page.locator("#confirm-ok").click()
+
+
+def is_hidden(page: Any, selector: str) -> bool:
+    return bool(page.eval_on_selector(selector, "e => e.hidden"))
+
+
+def trail(progress_row: Any) -> list[tuple[str, str]]:
+    """The (state, phase) steps a progress row lists, in order."""
+    return [(li.get_attribute("data-state"), li.get_attribute("data-phase"))
+            for li in progress_row.query_selector_all(".trail li")]
+
+
+def deploy_from_page(page: Any, version: str, shadow_items: int | None = None) -> None:
+    """Deploy the model and target already in the models view's form at `version` (shadow first on
+    `shadow_items`), confirmed."""
+    form = page.locator("#deploy-form")
+    form.locator("input[name=version]").fill(version)
+    form.locator("input[name=shadow]").set_checked(shadow_items is not None)
+    if shadow_items is not None:
+        form.locator("input[name=shadow_items]").fill(str(shadow_items))
+        form.locator("input[name=min_agreement]").fill("0.9")
+        # A generous bound: the trial is judged on agreement here, never on a shared machine's timing.
+        form.locator("input[name=max_latency_ratio]").fill("100")
+    page.locator("#deploy-button").click()
+    confirm(page)

@@ -1,7 +1,9 @@
 """The governor's cheaper variant disagreeing with the base as a capture reason, on a real `lepton-agent run`:
 a hot SoC (a fake thermal zone) makes the governor swap BlazeFace full range for its short range variant,
 the base is checked against it a few times a second, and only the frames they answer differently on are
-kept, each sidecar holding both answers."""
+kept, each sidecar holding both answers: the base's as the pre-labels (`results`), the variant's beside them
+(`variant_results`). The operator's pull then pre-labels them with the base's answer, also when the sidecar
+is in an older agent's shape (version 1: the variant's as `results`, the base's as `base_results`)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ from typing import Any
 
 import numpy as np
 from broker import Broker, Watcher, wait_until
+from conftest import run_cli
 from test_daemon import Daemon, fleet
 from test_telemetry_daemon import _fake_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from face_photos import PHOTOS
+
+from agent.samples.dataset import write_labels
 
 FULL, SHORT = "face_detection_full_range.tflite", "face_detection_short_range.tflite"
 FRAME = (512, 512)
@@ -102,13 +107,37 @@ max_per_minute = 600
         # Two kept frames, and checks beyond them (the photos they agree on) so that "only those" can fail.
         assert wait_until(lambda: (c := _faces_capture(_status(broker.port))).get("reasons", {}).get("variant", 0)
                           >= 2 and c["variant_checks"] > c["variant_disagreed"], timeout=180, step=0.5)
+        stored = tmp_path / "state" / "samples"
+        assert wait_until(lambda: len(list(stored.glob("*.json"))) >= 2, timeout=60)  # the writer is behind the count
+        device_sidecars = [json.loads(p.read_text()) for p in sorted(stored.glob("*.json"))]
+        out = tmp_path / "dataset"
+        r = run_cli("samples", "pull", "var1", "--out", str(out), "--broker", f"mqtt://127.0.0.1:{broker.port}",
+                    "--format", "json", "--timeout", "20", prog="fleet", timeout=300)
+        assert r.rc == 0, r.err
         assert daemon.terminate() == 0
-    sidecars = [json.loads(p.read_text()) for p in sorted((tmp_path / "state" / "samples").glob("*.json"))]
-    assert len(sidecars) >= 2
-    for sidecar in sidecars:
-        assert sidecar["reason"] == "variant" and sidecar["kind"] == "image"
+    assert len(device_sidecars) >= 2
+    for sidecar in device_sidecars:
+        assert sidecar["reason"] == "variant" and sidecar["kind"] == "image" and sidecar["v"] == 2
         assert sidecar["model"] == {"name": "faces", "version": 1, "variant": SHORT}
-        # The LFW grid and only it: the variant's 5 faces against the base's 4, both answers kept as pre-labels.
-        assert len(sidecar["results"][0]["detections"]) == 5, sidecar["results"]
-        assert len(sidecar["base_results"][0]["detections"]) == 4, sidecar["base_results"]
+        # The LFW grid and only it: the base's 4 faces are the pre-labels, the variant's 5 kept beside them.
+        assert len(sidecar["results"][0]["detections"]) == 4, sidecar["results"]
+        assert len(sidecar["variant_results"][0]["detections"]) == 5, sidecar["variant_results"]
+        assert "base_results" not in sidecar
         assert [sidecar["width"], sidecar["height"]] == list(FRAME)
+
+    labels = (out / "labels.jsonl").read_text()
+    lines = [json.loads(line) for line in labels.splitlines()]
+    assert len(lines) >= 2 and all(x["reason"] == "variant" for x in lines)
+    assert all(len(x["detections"]) == 4 for x in lines), lines  # the base's answer, not the variant's 5
+    coco = json.loads((out / "coco.json").read_text())
+    assert len(coco["annotations"]) == 4 * len(coco["images"]) == 4 * len(lines)
+    pulled = json.loads((out / "samples" / f"{lines[0]['id']}.json").read_text())
+    assert len(pulled["variant_results"][0]["detections"]) == 5 and "base_results" not in pulled
+
+    # A folder holding a version 1 sidecar (an older agent's, or an older pull's) is labelled the same way.
+    old = {k: v for k, v in pulled.items() if k != "variant_results"}
+    old |= {"v": 1, "results": pulled["variant_results"], "base_results": pulled["results"]}
+    (out / "samples" / f"{lines[0]['id']}.json").write_text(json.dumps(old))
+    write_labels(out)
+    assert (out / "labels.jsonl").read_text() == labels
+    assert json.loads((out / "coco.json").read_text()) == coco

@@ -1,9 +1,10 @@
 """`lepton-fleet dashboard` in headless Chromium (Debian's, through Playwright) against a real mosquitto and a
-real `lepton-agent run`: the device comes online with live fps and latency, a ping, deploys and rollbacks from
-the page show their replies and progress, a killed agent turns offline through its will, a silent one stale, a
-lost broker shows a banner; 1,000 devices arrive in batched pushes and filter; the token, the audit log,
-read-only mode, refused arguments and /metrics. README's screenshots (docs/img/) come from here:
-LEPTON_SCREENSHOTS=1 writes them."""
+real `lepton-agent run`: the device comes online with live fps and latency, a pipeline waiting for its
+delivered model is shown as such until a deploy from the page starts it, a ping, deploys (shadow first,
+promoted or refused by their trial) and rollbacks from the page show their replies and every state they pass,
+a killed agent turns offline through its will, a silent one stale, a lost broker shows a banner; 1,000 devices
+arrive in batched pushes and filter; the token, the audit log, read-only mode, refused arguments and /metrics.
+README's screenshots (docs/img/) come from here: LEPTON_SCREENSHOTS=1 writes them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,17 @@ from typing import Any
 import pytest
 from broker import Broker, Partition, wait_until
 from conftest import run_cli
-from dashboard_kit import browser, dashboard, have_chromium, screenshot
+from dashboard_kit import (
+    browser,
+    confirm,
+    dashboard,
+    deploy_from_page,
+    have_chromium,
+    is_hidden,
+    row,
+    screenshot,
+    trail,
+)
 from delivery_kit import Keys, connect, publish
 from fleet_workflow import close_link, device_link
 from test_daemon import Daemon
@@ -34,6 +45,8 @@ pytestmark = pytest.mark.skipif(not have_chromium(), reason="Debian's chromium i
 DEVICE = "cam-1"
 KEEPALIVE_S = 5
 TOKEN = "s3cret-token-for-the-test"  # noqa: S105 - the test's own dashboard token
+DOOR = "doorbell"
+"""The model name the device's `door` pipeline runs by (`delivered`): it has none of it when it starts."""
 
 
 def write_config(tmp: Path, port: int, prefix: str, keys: Keys, fixtures: Path) -> Path:
@@ -78,6 +91,12 @@ on_change = false
 max_rate = 2
 [pipelines.policy.snapshot]
 enabled = true
+[[pipelines]]
+name = "door"
+source = "test:colors"
+delivered = "{DOOR}"
+[pipelines.source_options]
+fps = 2
 """)
     return path
 
@@ -101,15 +120,6 @@ def chromium() -> Iterator[Any]:
         yield context
 
 
-def _row(page: Any, device: str, presence: str | None = None) -> str:
-    state = f'[data-presence="{presence}"]' if presence else ""
-    return f'#fleet-rows tr[data-device="{device}"]{state}'
-
-
-def _confirm(page: Any) -> None:
-    page.locator("#confirm-ok").click()
-
-
 def test_the_fleet_device_and_models_views_live(tmp_path: Path, broker: Broker, fixtures: Path, key_file: Path,
                                                 prefix: str, chromium: Any) -> None:
     keys = Keys(load_private_key(key_file))
@@ -117,6 +127,9 @@ def test_the_fleet_device_and_models_views_live(tmp_path: Path, broker: Broker, 
     with connect(broker.port) as link:
         publish(link, topics, variant(tmp_path, fixtures, pad=16, version=2), "colors", 2, keys)
         publish(link, topics, variant(tmp_path, fixtures, "invoke_fails.tflite", version=3), "colors", 3, keys)
+        # The same network with its labels shifted: it runs fine and names another colour for every frame.
+        publish(link, topics, variant(tmp_path, fixtures, version=4, labels=["green", "blue", "red"]), "colors", 4,
+                keys)
     config = write_config(tmp_path, broker.port, prefix, keys, fixtures)
     # The dashboard first: the squares pipeline's one image gives one result, at start, and results are not
     # retained (a dashboard subscribing after it would never see the snapshot).
@@ -124,80 +137,161 @@ def test_the_fleet_device_and_models_views_live(tmp_path: Path, broker: Broker, 
             Daemon(config) as daemon:
         page = chromium.new_page()
         page.goto(f"{dash.url}#token={dash.token}")
-        # The device appears online; its row fills with live fps and latency from telemetry.
-        page.wait_for_selector(_row(page, DEVICE, "online"), timeout=120_000)
-        fps = page.locator(f'{_row(page, DEVICE)} td[data-col="fps"] [data-pipeline="colors"]')
-        for column in ("fps", "p95"):
-            page.wait_for_function("s => Number(document.querySelector(s)?.textContent) > 0",
-                                   arg=f'{_row(page, DEVICE)} td[data-col="{column}"] [data-pipeline="colors"]',
-                                   timeout=60_000)
-        assert float(fps.inner_text()) > 0
-        row_text = page.locator(_row(page, DEVICE)).inner_text()
-        assert "porch" in row_text and "colors@1" in row_text, row_text
-        screenshot(page, tmp_path, "dashboard-fleet.png")
-
-        # Device view: charts and results, and a ping from the command panel shows the device's reply.
-        page.locator(f'{_row(page, DEVICE)} a').click()
-        page.wait_for_selector("#device-view:not([hidden])")
-        page.wait_for_selector("#results li", timeout=30_000)
-        # The detector's results carry a snapshot: drawn, with its boxes, above the list.
-        page.wait_for_selector("#snapshot:not([hidden])", timeout=30_000)
-        page.wait_for_function("document.getElementById('snapshot').width !== 320", timeout=30_000)
-        page.locator('#commands button[data-action="ping"]').click()
-        _confirm(page)
-        reply = page.wait_for_selector("#replies li.ok pre.reply", timeout=30_000)
-        assert '"pong": true' in reply.inner_text(), reply.inner_text()
-        page.wait_for_timeout(2500)  # not a synchronisation: two more telemetry points for the picture
-        screenshot(page, tmp_path, "dashboard-device.png", full_page=True)
-
-        # Models view: deploy v2 from the page, progress per device, ends active.
-        page.goto(f"{dash.url}#/models")
-        page.wait_for_selector('#models-rows tr[data-model="colors@2"]')
-        form = page.locator("#deploy-form")
-        form.locator("input[name=model]").fill("colors")
-        form.locator("input[name=version]").fill("2")
-        form.locator("input[name=to]").fill(DEVICE)
-        page.locator("#deploy-button").click()
-        _confirm(page)
-        done = page.wait_for_selector(f'#progress .progress-row[data-device="{DEVICE}"][data-state="active"]',
-                                      timeout=90_000)
-        assert "colors@2 active" in done.inner_text()
-        page.wait_for_function("() => document.querySelector('#models-rows tr[data-model=\"colors@2\"]')"
-                               "?.textContent.includes('cam-1')", timeout=30_000)
-        # A bad model (every invoke fails) ends rolled back, with its reason on the page.
-        form.locator("input[name=version]").fill("3")
-        page.locator("#deploy-button").click()
-        _confirm(page)
-        bad = page.wait_for_selector(f'#progress .request:first-child .progress-row[data-device="{DEVICE}"]'
-                                     '[data-state="rolled_back"]', timeout=90_000)
-        assert "invoke_failed" in bad.inner_text(), bad.inner_text()
-        # Rollback from the page: to a version the device does not keep is refused with its reason; to the
-        # config's own model (v1, the first known good) ends rolled back, v1 active.
-        rollback = page.locator("#rollback-form")
-        rollback.locator("input[name=model]").fill("colors")
-        rollback.locator("input[name=to]").fill(DEVICE)
-        for version, state, shown in (("3", "refused", "not_found"), ("1", "rolled_back", "colors@1 rolled_back")):
-            rollback.locator("input[name=version]").fill(version)
-            page.locator("#rollback-button").click()
-            _confirm(page)
-            row = page.wait_for_selector(f'#progress .request:first-child .progress-row[data-device="{DEVICE}"]'
-                                         f'[data-state="{state}"]', timeout=90_000)
-            assert shown in row.inner_text(), row.inner_text()
-            assert row.get_attribute("data-outcome") == ("ok" if state == "rolled_back" else "bad")
-        screenshot(page, tmp_path, "dashboard-models.png", full_page=True)
-        audit = dash.stderr()
-        assert audit.count("audit: deploy") == 2 and audit.count("audit: rollback") == 2, audit
-        assert "by anonymous from 127.0.0.1" in audit, audit
+        _fleet_view(page, tmp_path)
+        _device_view(page, tmp_path)
+        _deploy_the_awaited_model(page, lambda: _publish(broker, topics, variant(tmp_path, fixtures, version=1),
+                                                         DOOR, 1, keys))
+        _shadow_deploys(page, dash)
+        _rollbacks(page, tmp_path, dash)
 
         # Killed without a goodbye: the broker's keepalive ends the session and its will turns the row offline
         # (offline, not stale: the heartbeat is 60 s, so only the will can say it this soon).
         page.goto(f"{dash.url}#/")
         daemon.terminate(signal.SIGKILL)
-        page.wait_for_selector(_row(page, DEVICE, "offline"), timeout=(3 * KEEPALIVE_S + 45) * 1000)
+        page.wait_for_selector(row(DEVICE, "offline"), timeout=(3 * KEEPALIVE_S + 45) * 1000)
         assert page.locator("#count-offline").inner_text() == "1"
         # The will says only "offline": groups, class and models still come from the last birth.
-        assert "porch" in page.locator(_row(page, DEVICE)).inner_text()
+        assert "porch" in page.locator(row(DEVICE)).inner_text()
         page.close()
+
+
+def _fleet_view(page: Any, tmp_path: Path) -> None:
+    """The device appears online; its row fills with live fps and latency from telemetry, and its `door`
+    pipeline, which has no model yet, makes it a device waiting for a model: a badge and a count of its own,
+    not a problem, and a filter that finds it."""
+    page.wait_for_selector(row(DEVICE, "online"), timeout=120_000)
+    fps = page.locator(f'{row(DEVICE)} td[data-col="fps"] [data-pipeline="colors"]')
+    for column in ("fps", "p95"):
+        page.wait_for_function("s => Number(document.querySelector(s)?.textContent) > 0",
+                               arg=f'{row(DEVICE)} td[data-col="{column}"] [data-pipeline="colors"]',
+                               timeout=60_000)
+    assert float(fps.inner_text()) > 0
+    row_text = page.locator(row(DEVICE)).inner_text()
+    assert "porch" in row_text and "colors@1" in row_text, row_text
+    waiting = page.wait_for_selector(f'{row(DEVICE)}[data-waiting="yes"]')
+    assert f"door: waits for {DOOR}" in waiting.inner_text(), waiting.inner_text()
+    assert "waiting for a model" in page.locator(f'{row(DEVICE)} td[data-col="presence"]').inner_text()
+    problems = page.locator(f'{row(DEVICE)} td[data-col="presence"] .problem').all_inner_texts()
+    assert not any("waiting" in p for p in problems), problems  # neither healthy nor failing
+    assert page.locator("#count-waiting").inner_text() == "1"
+    page.select_option("#state-filter", "waiting")
+    page.wait_for_function("n => document.querySelector(`#shown`).textContent === n", arg="1 of 1 devices")
+    assert not is_hidden(page, row(DEVICE))
+    page.select_option("#state-filter", "")
+    screenshot(page, tmp_path, "dashboard-fleet.png")
+
+
+def _device_view(page: Any, tmp_path: Path) -> None:
+    """Charts and results, which pipeline waits for which model name, and a ping from the command panel."""
+    page.locator(f'{row(DEVICE)} a').click()
+    page.wait_for_selector("#device-view:not([hidden])")
+    note = page.wait_for_selector(f'#device-waiting li[data-pipeline="door"][data-model="{DOOR}"]')
+    assert f"deploying {DOOR} to {DEVICE} starts it" in note.inner_text(), note.inner_text()
+    page.wait_for_selector("#results li", timeout=30_000)
+    # The detector's results carry a snapshot: drawn, with its boxes, above the list.
+    page.wait_for_selector("#snapshot:not([hidden])", timeout=30_000)
+    page.wait_for_function("document.getElementById('snapshot').width !== 320", timeout=30_000)
+    page.locator('#commands button[data-action="ping"]').click()
+    confirm(page)
+    reply = page.wait_for_selector("#replies li.ok pre.reply", timeout=30_000)
+    assert '"pong": true' in reply.inner_text(), reply.inner_text()
+    page.wait_for_timeout(2500)  # not a synchronisation: two more telemetry points for the picture
+    screenshot(page, tmp_path, "dashboard-device.png", full_page=True)
+
+
+def _publish(broker: Broker, topics: FleetTopics, manifest: Path, name: str, version: int, keys: Keys) -> None:
+    with connect(broker.port) as link:
+        publish(link, topics, manifest, name, version, keys)
+
+
+def _deploy_the_awaited_model(page: Any, publish_door: Callable[[], None]) -> None:
+    """From the device view's hint to the models view, where the device is listed under the name it waits for
+    (before any version of it is published, and under the version once one is); the deploy starts the pipeline
+    and the waiting goes away live, everywhere."""
+    page.locator(f'#device-waiting a.deploy-name[data-model="{DOOR}"]').click()
+    missing = page.wait_for_selector(f'#models-rows tr[data-model="{DOOR}@"]')
+    assert "none published yet" in missing.inner_text() and f"{DEVICE} (door)" in missing.inner_text()
+    assert missing.query_selector("button.pick") is None  # nothing to deploy yet
+    publish_door()
+    awaited = f'#models-rows tr[data-model="{DOOR}@1"] td[data-col="waiting"] [data-device="{DEVICE}"]'
+    assert "(door)" in page.wait_for_selector(awaited).inner_text()
+    assert page.locator(f'#models-rows tr[data-model="{DOOR}@"]').count() == 0
+    form = page.locator("#deploy-form")
+    assert form.locator("input[name=model]").input_value() == DOOR  # filled in by the hint's link
+    assert form.locator("input[name=to]").input_value() == DEVICE
+    deploy_from_page(page, "1")
+    done = page.wait_for_selector(f'#progress .progress-row[data-device="{DEVICE}"][data-state="active"]',
+                                  timeout=90_000)
+    assert f"{DOOR}@1 active" in done.inner_text()
+    page.wait_for_selector(awaited, state="detached", timeout=60_000)
+    page.wait_for_function(f"() => document.querySelector('#models-rows tr[data-model=\"{DOOR}@1\"]')"
+                           f"?.textContent.includes('{DEVICE}')", timeout=30_000)
+    page.wait_for_function("() => document.getElementById('count-waiting').textContent === '0'")
+    assert page.locator(f'{row(DEVICE)}[data-waiting="yes"]').count() == 0
+
+
+def _shadow_deploys(page: Any, dash: Any) -> None:
+    """Shadow first, from the dialog, on a few items: a version that disagrees with the active one is rolled back
+    with its reason and the trial's figures, one that agrees goes through its trial and probation to active."""
+    form = page.locator("#deploy-form")
+    form.locator("input[name=model]").fill("colors")
+    form.locator("input[name=to]").fill(DEVICE)
+    deploy_from_page(page, "4", shadow_items=6)
+    refused = page.wait_for_selector(f'#progress .request:first-child .progress-row[data-device="{DEVICE}"]'
+                                     '[data-state="rolled_back"]', timeout=90_000)
+    assert "colors@4 rolled_back (shadow_agreement" in refused.inner_text(), refused.inner_text()
+    assert refused.get_attribute("data-outcome") == "bad"
+    assert "of 6 items" in refused.query_selector(".verdict").inner_text()
+    steps = trail(refused)
+    assert ("activating", "shadow") in steps and ("activating", "probation") not in steps, steps
+    assert page.locator("#confirm-text").inner_text() == f"Deploy colors@4 to {DEVICE} (shadow first, on 6 items)?"
+
+    deploy_from_page(page, "2", shadow_items=6)
+    done = page.wait_for_selector(f'#progress .request:first-child .progress-row[data-device="{DEVICE}"]'
+                                  '[data-state="active"]', timeout=90_000)
+    assert "colors@2 active" in done.inner_text() and done.get_attribute("data-outcome") == "ok"
+    assert "agreed on 100% of 6 items" in done.query_selector(".verdict").inner_text()
+    steps = trail(done)
+    # Each state it went through, in order: the trial beside the active version, then probation, then active.
+    assert steps.index(("activating", "shadow")) < steps.index(("activating", "probation")) \
+        < steps.index(("active", "")), steps
+    assert steps[-1] == ("active", ""), steps
+    page.wait_for_function("() => document.querySelector('#models-rows tr[data-model=\"colors@2\"]')"
+                           "?.textContent.includes('cam-1')", timeout=30_000)
+    # The thresholds the device would refuse are refused by the dashboard, naming the field, and nothing is sent.
+    for bad, field in (({"shadow_items": 0}, "shadow_items"), ({"min_agreement": 1.5}, "min_agreement"),
+                       ({"max_latency_ratio": 0}, "max_latency_ratio"), ({"min_agreement": "all"}, "min_agreement")):
+        body = {"model": "colors", "version": "2", "to": DEVICE, "shadow": True, **bad}
+        status, answer = dash.post("/api/deploy", body, token=dash.token)
+        assert status == 400 and field in answer["error"], (bad, status, answer)
+
+
+def _rollbacks(page: Any, tmp_path: Path, dash: Any) -> None:
+    """A bad model (every invoke fails) ends rolled back, with its reason on the page; rollback from the page: to
+    a version the device does not keep is refused with its reason; to the config's own model (v1, the first
+    known good) ends rolled back, v1 active."""
+    deploy_from_page(page, "3")
+    bad = page.wait_for_selector(f'#progress .request:first-child .progress-row[data-device="{DEVICE}"]'
+                                 '[data-state="rolled_back"]', timeout=90_000)
+    assert "invoke_failed" in bad.inner_text(), bad.inner_text()
+    rollback = page.locator("#rollback-form")
+    rollback.locator("input[name=model]").fill("colors")
+    rollback.locator("input[name=to]").fill(DEVICE)
+    for version, state, shown in (("3", "refused", "not_found"), ("1", "rolled_back", "colors@1 rolled_back")):
+        rollback.locator("input[name=version]").fill(version)
+        page.locator("#rollback-button").click()
+        confirm(page)
+        done = page.wait_for_selector(f'#progress .request:first-child .progress-row[data-device="{DEVICE}"]'
+                                      f'[data-state="{state}"]', timeout=90_000)
+        assert shown in done.inner_text(), done.inner_text()
+        assert done.get_attribute("data-outcome") == ("ok" if state == "rolled_back" else "bad")
+    # Who runs what follows: v2 is no longer running on the device.
+    page.wait_for_function("() => !document.querySelector('#models-rows tr[data-model=\"colors@2\"]')"
+                           "?.textContent.includes('cam-1')", timeout=30_000)
+    screenshot(page, tmp_path, "dashboard-models.png", full_page=True)
+    audit = dash.stderr()
+    assert audit.count("audit: deploy") == 4 and audit.count("audit: rollback") == 2, audit
+    assert "by anonymous from 127.0.0.1" in audit, audit
 
 
 def test_actions_need_the_token_and_are_logged(tmp_path: Path, broker: Broker, prefix: str, chromium: Any) -> None:
@@ -221,7 +315,7 @@ def test_actions_need_the_token_and_are_logged(tmp_path: Path, broker: Broker, p
             page.wait_for_selector("#device-presence:text('online')", timeout=30_000)
             page.fill("#token", "not-the-token-at-all")
             page.locator('#commands button[data-action="ping"]').click()
-            _confirm(page)
+            confirm(page)
             refused = page.wait_for_selector("#replies li.failed")
             assert "needs the dashboard's token" in refused.inner_text()
             page.fill("#token", TOKEN)
@@ -229,7 +323,7 @@ def test_actions_need_the_token_and_are_logged(tmp_path: Path, broker: Broker, p
             page.locator('#commands button[data-action="ping"]').click()
             page.locator("#confirm-cancel").click()  # cancelled in the page: nothing is sent
             page.locator('#commands button[data-action="ping"]').click()
-            _confirm(page)
+            confirm(page)
             page.wait_for_selector("#replies li.ok pre.reply")
             page.close()
             log = dash.stderr()
@@ -262,13 +356,13 @@ def test_a_lost_broker_is_a_banner_not_an_offline_fleet(tmp_path: Path, prefix: 
             with dashboard(own.url, prefix, log=tmp_path / "d.log") as dash:
                 page = chromium.new_page()
                 page.goto(dash.url)
-                page.wait_for_selector(_row(page, "dev-b", "online"), timeout=30_000)
+                page.wait_for_selector(row("dev-b", "online"), timeout=30_000)
                 assert page.locator("#banner").is_hidden()
                 # Killed, as a crash: a clean stop would publish the devices' wills first (mosquitto does).
                 own.kill()
                 banner = page.wait_for_selector("#banner:not([hidden])", timeout=60_000)
                 assert "unreachable" in banner.inner_text()
-                assert page.locator(_row(page, "dev-b", "online")).count() == 1  # its last state, kept
+                assert page.locator(row("dev-b", "online")).count() == 1  # its last state, kept
                 screenshot(page, tmp_path, "dashboard-broker-down.png")
                 own.start()
                 page.wait_for_selector("#banner", state="hidden", timeout=60_000)
@@ -388,11 +482,11 @@ def test_a_silent_device_turns_stale(tmp_path: Path, broker: Broker, prefix: str
         with dashboard(broker.url, prefix, log=tmp_path / "d.log") as dash:
             page = chromium.new_page()
             page.goto(dash.url)
-            page.wait_for_selector(_row(page, "dev-gone", "online"), timeout=30_000)
+            page.wait_for_selector(row("dev-gone", "online"), timeout=30_000)
             part.cut()
-            page.wait_for_selector(_row(page, "dev-gone", "stale"), timeout=(2 + STALE_GRACE_S + 30) * 1000)
+            page.wait_for_selector(row("dev-gone", "stale"), timeout=(2 + STALE_GRACE_S + 30) * 1000)
             assert page.locator("#count-stale").inner_text() == "1"
-            assert "stale" in page.locator(f'{_row(page, "dev-gone")} .problem').inner_text()
+            assert "stale" in page.locator(f'{row("dev-gone")} .problem').inner_text()
             page.close()
     finally:
         close_link(gone, 0.5)

@@ -20,6 +20,15 @@ def test_filters_score_labels_and_count() -> None:
     assert out["classes"] == [{"label": "dog", "score": 0.8}, {"label": "cat", "score": 0.5}]
 
 
+def test_ties_keep_their_order_when_cut_and_when_sorted() -> None:
+    policy = ResultPolicy(PolicySettings(max_results=3, on_change=False, max_rate=1000), threshold=0.3)
+    result = _classes(("a", 0.5), ("b", 0.9), ("c", 0.5), ("d", 0.5), ("e", 0.2))
+    out = policy.apply(result, now=0.0)
+    assert out is not None and [c["label"] for c in out["classes"]] == ["b", "a", "c"]
+    assert policy.filter(result) == out
+    assert [c["label"] for c in result["classes"]] == ["a", "b", "c", "d", "e"]  # the runner's result untouched
+
+
 def test_detections_filtered_the_same_way() -> None:
     policy = ResultPolicy(PolicySettings(on_change=False, max_rate=1000), threshold=0.5)
     result = {"task": "detect", "detections": [{"label": "face", "score": 0.9, "box": [0, 0, 1, 1]},
@@ -68,6 +77,8 @@ def test_events_always_count_as_news() -> None:
     assert policy.apply(event, now=0) is not None
     assert policy.apply(event, now=1) is not None
     assert policy.apply({**event, "score": 0.3}, now=2) is None
+    only = ResultPolicy(PolicySettings(labels=("hey_jarvis",), max_rate=1000), threshold=0.6)
+    assert only.apply(event, now=0) is None and only.apply({**event, "label": "hey_jarvis"}, now=1) is not None
 
 
 def test_reconfigure_carries_the_last_state() -> None:

@@ -32,6 +32,7 @@ import numpy as np
 
 from agent.config import SampleCaptureSettings
 from agent.delivery.activation import answer
+from agent.samples.dataset import SIDECAR_VERSION
 from agent.samples.sample_store import SampleStore
 from agent.sources.source import Item
 from agent.tasks.task import Runner
@@ -46,7 +47,6 @@ into one already mapped (the pages of a fresh one fault in first), which is most
 QUEUE_ITEMS = 16
 """Samples waiting for the writer at most; a full queue drops (and counts) rather than blocks."""
 JPEG_QUALITY = 92
-SIDECAR_VERSION = 1
 
 
 @dataclass
@@ -257,10 +257,14 @@ class PipelineCapture:
                 self.stats.dropped += 1  # before the frame's copy: the writer is behind and would refuse it
             else:
                 self._next_ok = now + self._interval
-                context = {"ts": round(item.ts, 3), "model": dict(model), "results": [dict(r) for r in results],
-                           "score": round(score, 6)}
-                if base_results is not None:
-                    context["base_results"] = [dict(r) for r in base_results]
+                # `results` are the pre-labels a labeller starts from: for a variant sample the base's answer,
+                # the better model's; the variant's (the answer the sample is kept for being wrong) beside it.
+                context = {"ts": round(item.ts, 3), "model": dict(model), "score": round(score, 6)}
+                if base_results is None:
+                    context["results"] = [dict(r) for r in results]
+                else:
+                    context["results"] = [dict(r) for r in base_results]
+                    context["variant_results"] = [dict(r) for r in results]
                 if item.file is not None:
                     context["source_file"] = item.file
                 if self.audio:

@@ -3,8 +3,9 @@
     OUT/images/<id>.jpg      frames, at the source's resolution
     OUT/audio/<id>.wav       clips, 16 kHz mono int16, pre-roll included
     OUT/samples/<id>.json    each sample's sidecar (device, pipeline, model, reason, scores, time, sha256)
-    OUT/labels.jsonl         one line per sample: file, kind, reason, model, and the model's own output as
-                             pre-labels (`classes`, `detections` with normalised boxes, or wake word `events`)
+    OUT/labels.jsonl         one line per sample: file, kind, reason, model, and the sidecar's `results` as
+                             pre-labels (`classes`, `detections` with normalised boxes, or wake word `events`):
+                             the model's own output, or for a `variant` sample the base model's
     OUT/coco.json            COCO instances for the images (boxes in pixels, `score` kept): detections pre-labels
 
 `labels.jsonl` is for classes and wake words (Label Studio, CSV-minded tools, pandas); `coco.json` for
@@ -23,6 +24,9 @@ from typing import Any
 
 from agent.statefiles import fsync_dir
 
+SIDECAR_VERSION = 2
+"""2: a `variant` sample's `results` are the base model's answer, its pre-labels, and `variant_results` the
+cheaper variant's; in 1 `results` were the variant's and `base_results` the base's (`current_sidecar`)."""
 KIND_FOLDERS = {".jpg": "images", ".wav": "audio"}
 LABELS = "labels.jsonl"
 COCO = "coco.json"
@@ -33,6 +37,16 @@ def is_dataset(folder: Path) -> bool:
     return (folder / LABELS).is_file()
 
 
+def current_sidecar(meta: dict[str, Any]) -> dict[str, Any]:
+    """A sidecar in this version's shape: a version 1 `variant` sample (an older agent's, or a folder an older
+    pull filled) has the base's answer as `results`, the pre-labels, and the variant's as `variant_results`."""
+    if "base_results" not in meta:
+        return meta
+    upgraded = {k: v for k, v in meta.items() if k not in ("results", "base_results")}
+    return upgraded | {"v": SIDECAR_VERSION, "results": meta["base_results"],
+                       "variant_results": meta.get("results") or []}
+
+
 def sidecars(folder: Path) -> list[dict[str, Any]]:
     out = []
     for path in sorted((folder / "samples").glob("*.json")):
@@ -41,7 +55,7 @@ def sidecars(folder: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
         if isinstance(meta, dict) and (folder / _data_rel(meta)).is_file():
-            out.append(meta)
+            out.append(current_sidecar(meta))
     return out
 
 
@@ -67,7 +81,8 @@ def place(folder: Path, verified: Path, sidecar: dict[str, Any]) -> None:
     (folder / "samples").mkdir(exist_ok=True)
     os.replace(verified, folder / kind / verified.name)
     fsync_dir(folder / kind)
-    _write_atomic(folder / "samples" / f"{verified.stem}.json", json.dumps(sidecar, indent=1).encode())
+    _write_atomic(folder / "samples" / f"{verified.stem}.json",
+                  json.dumps(current_sidecar(sidecar), indent=1).encode())
 
 
 def write_labels(folder: Path) -> dict[str, int]:

@@ -32,6 +32,8 @@ PUSH_EVERY_S = 0.25
 PRESENCE_EVERY_S = 1.0
 """How often every device's presence is recomputed: stale comes from time passing, not from a message."""
 COMMANDS = ("ping", "status", "start", "stop", "configure", "reload", "bench")
+SHADOW_DEFAULTS = {"min_agreement": 0.9, "max_latency_ratio": 1.5}
+"""A shadow deploy's thresholds when the page leaves them out: `lepton-fleet deploy --shadow`'s defaults."""
 TOKEN_HEADER = "X-Lepton-Token"  # noqa: S105 - the header's name, not a token
 OPERATOR_HEADER = "X-Lepton-Operator"
 
@@ -191,9 +193,17 @@ def _build_deploy(d: Dashboard, body: dict[str, Any]) -> tuple[str, str, dict[st
     fields: dict[str, Any] = {"model": name, "version": version}
     if body.get("shadow"):
         items = body.get("shadow_items", 200)
-        if not isinstance(items, int) or items < 1:
+        if not isinstance(items, int) or isinstance(items, bool) or items < 1:
             raise BadInput("shadow_items: a whole number of items, at least 1")
-        fields["shadow"] = {"items": items, "seconds": None, "min_agreement": 0.9, "max_latency_ratio": 1.5}
+        # The device's own check (ShadowSpec): what it would refuse is refused here, before anything is sent.
+        shadow = {"items": items, "seconds": None,
+                  **{k: default if body.get(k) is None else body[k] for k, default in SHADOW_DEFAULTS.items()}}
+        from agent.delivery.activation import ShadowSpec
+
+        ShadowSpec.from_command(shadow)
+        if not shadow["max_latency_ratio"]:
+            raise BadInput("max_latency_ratio: must be above 0")
+        fields["shadow"] = shadow
     return _target(body, "to"), "deploy", fields
 
 

@@ -198,6 +198,7 @@ class DashboardView(FleetView):
             info = (view.birth if view is not None else None) or status
             t = (view.telemetry if view is not None else None) or {}
             deploys = dict(extra.deploy)
+            waiting = view.waiting_for_model if view is not None else {}
         presence = self.presence(device, now)
         pipelines = []
         models = info.get("models") or {}
@@ -208,7 +209,7 @@ class DashboardView(FleetView):
             tp = (t.get("pipelines") or {}).get(name) or {}
             model = p.get("model") or {}
             pipelines.append({
-                "name": name, "state": tp.get("state") or p.get("state"),
+                "name": name, "state": tp.get("state") or p.get("state"), "delivered": p.get("delivered"),
                 "model": model.get("name"), "version": model.get("version"), "variant": tp.get("variant"),
                 "fps": _num(tp.get("fps")), "p95": _num((tp.get("latency_ms") or {}).get("p95")),
                 "p50": _num((tp.get("latency_ms") or {}).get("p50")),
@@ -246,6 +247,8 @@ class DashboardView(FleetView):
                                                    ("model", "version", "state", "progress", "reason", "active")},
             "deploying": deploy is not None and deploy.get("state") in _DEPLOYING,
             "problems": problems,
+            # Neither healthy nor failing: a deployment of the name starts the pipeline (a state of its own).
+            "waiting": waiting,
         }
 
     def rows(self, now: float | None = None) -> list[dict[str, Any]]:
@@ -265,11 +268,15 @@ class DashboardView(FleetView):
         return {"row": self.row(device), **detail}
 
     def model_list(self) -> list[dict[str, Any]]:
-        """Published models with, per version, the devices running it (from their status)."""
+        """Published models with, per version, the devices running it (from their status) and, per name, the
+        devices with a pipeline waiting for it (`waiting`: device → pipelines; a deploy of the name starts them)."""
         with self.cond:
             models = sorted(self.models.values(), key=lambda m: (m["name"], m["version"]))
             running: dict[tuple[str, str], list[str]] = {}
+            waiting: dict[str, dict[str, list[str]]] = {}
             for device, view in self.devices.items():
+                for pipeline, name in sorted(view.waiting_for_model.items()):
+                    waiting.setdefault(name, {}).setdefault(device, []).append(pipeline)
                 versions = {str(name): str(m.get("version")) for name, m in
                             ((view.birth or view.status or {}).get("models") or {}).items() if isinstance(m, dict)}
                 # A deploy state's `active` is newer than the birth, which is re-sent only on a state change.
@@ -278,10 +285,15 @@ class DashboardView(FleetView):
                         versions[name] = str(state["active"])
                 for name, version in versions.items():
                     running.setdefault((name, version), []).append(device)
-        listed = [{**m, "devices": sorted(running.pop((m["name"], m["version"]), []))} for m in models]
+        listed = [{**m, "devices": sorted(running.pop((m["name"], m["version"]), [])),
+                   "waiting": waiting.get(m["name"], {})} for m in models]
         # Models devices run that this broker does not hold (installed by hand, or published elsewhere).
-        listed += [{"name": n, "version": v, "unpublished": True, "devices": sorted(d)}
+        listed += [{"name": n, "version": v, "unpublished": True, "devices": sorted(d), "waiting": {}}
                    for (n, v), d in sorted(running.items())]
+        # Names devices wait for that no version is published under: nothing to deploy yet, said as such.
+        published = {m["name"] for m in models}
+        listed += [{"name": n, "version": None, "missing": True, "devices": [], "waiting": w}
+                   for n, w in sorted(waiting.items()) if n not in published]
         return listed
 
     def latest_since(self, device: str, since: float) -> dict[str, Any]:
@@ -296,10 +308,11 @@ class DashboardView(FleetView):
 
 
 def count(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """The header's counts: online, stale, offline (also stopped), with problems."""
-    counts = {"total": len(rows), "online": 0, "stale": 0, "offline": 0, "problems": 0}
+    """The header's counts: online, stale, offline (also stopped), with problems, waiting for a model."""
+    counts = {"total": len(rows), "online": 0, "stale": 0, "offline": 0, "problems": 0, "waiting": 0}
     for r in rows:
         key = "online" if r["presence"] == "online" else "stale" if r["presence"] == "stale" else "offline"
         counts[key] += 1
         counts["problems"] += bool(r["problems"])
+        counts["waiting"] += bool(r["waiting"])
     return counts

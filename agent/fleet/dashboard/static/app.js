@@ -41,13 +41,16 @@ function rowCells(r) {
   const deploy = d ? `${esc(d.model)}@${esc(d.version)} ${esc(d.state)}` +
     (d.state !== "active" && d.progress !== null && d.progress !== undefined ? ` ${Math.round(d.progress * 100)}%` : "") +
     (d.reason ? ` (${esc(d.reason)})` : "") : "";
+  const waits = Object.keys(r.waiting || {}).length, waiter = x => (r.waiting || {})[x.name];
   return `<td><a href="#/device/${encodeURIComponent(r.device)}">${esc(r.device)}</a></td>` +
     `<td data-col="presence"><span class="pill ${esc(r.presence)}">${esc(r.presence)}</span>` +
-    (r.problems.length ? ` <span class="problem">${esc(r.problems.join(", "))}</span>` : "") + `</td>` +
+    (r.problems.length ? ` <span class="problem">${esc(r.problems.join(", "))}</span>` : "") +
+    (waits ? ` <span class="badge waiting">waiting for a model</span>` : "") + `</td>` +
     `<td data-col="last-seen" data-ts="${r.last_seen || ""}">${ago(r.last_seen)}</td>` +
     `<td>${esc((r.groups || []).join(", "))}</td><td>${esc(r.profile)}</td><td>${esc(r.backend)}</td>` +
-    `<td>${list(x => `${esc(x.name)}: ${esc(x.model)}@${esc(x.version)}${x.variant ? ` (${esc(x.variant)})` : ""}`)}</td>` +
-    `<td data-col="fps">${list(x => num(x.fps))}</td><td data-col="p95">${list(x => num(x.p95))}</td>` +
+    `<td>${list(x => waiter(x) ? `${esc(x.name)}: <span class="badge waiting">waits for ${esc(r.waiting[x.name])}</span>`
+      : `${esc(x.name)}: ${esc(x.model)}@${esc(x.version)}${x.variant ? ` (${esc(x.variant)})` : ""}`)}</td>` +
+    `<td data-col="fps">${list(x => waiter(x) ? "" : num(x.fps))}</td><td data-col="p95">${list(x => waiter(x) ? "" : num(x.p95))}</td>` +
     `<td data-col="cpu">${num(r.cpu)}</td><td>${num(r.rss_mb, 0)}</td><td>${num(r.temp_c)}</td>` +
     `<td>${esc((r.throttled || []).join(" "))}</td><td>${r.spool ?? ""}</td>` +
     `<td>${r.governor ?? ""}${r.governor_paused ? " paused" : ""}</td><td data-col="deploy">${deploy}</td>`;
@@ -55,17 +58,23 @@ function rowCells(r) {
 
 // -- the fleet table -------------------------------------------------------------------------------------------
 const RANK = {offline: 0, stale: 0, stopped: 1, unknown: 2, online: 3};
+const isWaiting = r => Object.keys(r.waiting || {}).length > 0;
+// Problems first, then devices waiting for a model (neither failing nor healthy), then the rest.
+const standing = r => r.problems.length ? 0 : isWaiting(r) ? 1 : 2;
 function order(a, b) {
-  const pa = a.problems.length ? 0 : 1, pb = b.problems.length ? 0 : 1;
+  const pa = standing(a), pb = standing(b);
   if (pa !== pb) return pa - pb;
   const ra = RANK[a.presence] ?? 2, rb = RANK[b.presence] ?? 2;
   return ra !== rb ? ra - rb : a.device < b.device ? -1 : 1;
 }
-function matches(r, group, text) {
+function matches(r, group, text, state) {
   if (group && !(r.groups || []).includes(group)) return false;
+  if (state === "problems" && !r.problems.length) return false;
+  if (state === "waiting" && !isWaiting(r)) return false;
   if (!text) return true;
   const hay = [r.device, r.presence, r.profile, r.backend, ...(r.groups || []), ...r.problems,
-    ...(r.pipelines || []).map(p => `${p.name} ${p.model}@${p.version}`), r.deploy ? r.deploy.state : ""].join(" ").toLowerCase();
+    ...(r.pipelines || []).map(p => `${p.name} ${p.model}@${p.version}`), r.deploy ? r.deploy.state : "",
+    ...(isWaiting(r) ? ["waiting", ...Object.values(r.waiting)] : [])].join(" ").toLowerCase();
   return hay.includes(text);
 }
 function queueRender() {
@@ -73,13 +82,13 @@ function queueRender() {
 }
 function renderFleet() {
   renderQueued = false;
-  const group = $("group-filter").value, text = $("text-filter").value.trim().toLowerCase();
+  const group = $("group-filter").value, text = $("text-filter").value.trim().toLowerCase(), state = $("state-filter").value;
   const sorted = [...rows.values()].sort(order);
   const body = $("fleet-rows");
   let shown = 0, i = 0;
   for (const r of sorted) {
     const tr = trs.get(r.device);
-    tr.hidden = !matches(r, group, text);
+    tr.hidden = !matches(r, group, text, state);
     shown += !tr.hidden;
     if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null);
     i++;
@@ -96,12 +105,13 @@ function applyRows(list, counts) {
     rows.set(r.device, r);
     let tr = trs.get(r.device);
     if (!tr) { tr = document.createElement("tr"); tr.dataset.device = r.device; trs.set(r.device, tr); }
-    tr.className = r.problems.length ? "has-problem" : "";
+    tr.className = r.problems.length ? "has-problem" : isWaiting(r) ? "is-waiting" : "";
+    tr.dataset.waiting = isWaiting(r) ? "yes" : "";
     tr.dataset.presence = r.presence;
     tr.innerHTML = rowCells(r);
     if (focus && focus.device === r.device) showFacts(r);
   }
-  if (counts) for (const k of ["online", "stale", "offline", "problems"]) $(`count-${k}`).textContent = counts[k];
+  if (counts) for (const k of ["online", "stale", "offline", "problems", "waiting"]) $(`count-${k}`).textContent = counts[k];
   queueRender();
   if (!$("models-view").hidden && !modelsQueued) {  // who runs what changes with the rows: at most every 2 s
     modelsQueued = true;
@@ -110,6 +120,7 @@ function applyRows(list, counts) {
 }
 $("group-filter").addEventListener("change", queueRender);
 $("text-filter").addEventListener("input", queueRender);
+$("state-filter").addEventListener("change", queueRender);
 setInterval(() => {  // "last seen" ages without a message
   for (const td of document.querySelectorAll("td[data-col=last-seen]")) td.textContent = ago(Number(td.dataset.ts));
 }, 5000);
@@ -185,8 +196,21 @@ function showProgress(box, device, s) {
   let row = box.querySelector(`[data-device="${CSS.escape(device)}"]`);
   if (!row) {
     row = document.createElement("div"); row.className = "progress-row"; row.dataset.device = device;
-    row.innerHTML = `<span class="dev"></span><progress max="1"></progress><span class="state"></span>`;
+    row.innerHTML = `<span class="dev"></span><progress max="1"></progress><span class="state"></span>` +
+      `<ol class="trail"></ol><span class="verdict"></span>`;
     box.appendChild(row);
+  }
+  // Every state the deployment went through, once each (progress within a state only moves the bar).
+  const step = s.state + (s.phase ? ` (${s.phase})` : ""), trail = row.querySelector(".trail");
+  if (trail.lastElementChild?.textContent !== step) {
+    const li = document.createElement("li");
+    li.dataset.state = s.state; li.dataset.phase = s.phase || ""; li.textContent = step;
+    trail.appendChild(li);
+  }
+  if (s.shadow) {  // the trial's figures: why it was promoted or refused
+    const t = s.shadow, lat = t.latency_ms || {};
+    row.querySelector(".verdict").textContent = `shadow: agreed on ${Math.round(t.agreement * 100)}% of ${t.items} items, ` +
+      `p95 ${num(lat.candidate_p95, 2)} ms vs ${num(lat.active_p95, 2)} ms active`;
   }
   row.querySelector(".dev").textContent = device;
   row.querySelector("progress").value = s.state === "active" ? 1 : s.progress || 0;
@@ -194,7 +218,7 @@ function showProgress(box, device, s) {
   // Active, or rolled back on request (no reason): what was asked for happened.
   row.dataset.outcome = s.state === "active" || (s.state === "rolled_back" && !s.reason) ? "ok"
     : ["failed", "rolled_back", "refused"].includes(s.state) ? "bad" : "";
-  row.querySelector(".state").textContent = (s.model ? `${s.model}@${s.version} ` : "") + s.state + (s.reason ? ` (${s.reason}${s.detail ? `: ${s.detail}` : ""})` : "");
+  row.querySelector(".state").textContent = (s.model ? `${s.model}@${s.version} ` : "") + step + (s.reason ? ` (${s.reason}${s.detail ? `: ${s.detail}` : ""})` : "");
 }
 for (const button of document.querySelectorAll("#commands button")) {
   button.addEventListener("click", async () => {
@@ -218,7 +242,9 @@ function formAction(formId, path, describe) {
     e.preventDefault();
     const body = Object.fromEntries(new FormData(e.target));
     body.shadow = !!body.shadow;
-    if (body.shadow_items !== undefined) body.shadow_items = Number(body.shadow_items);
+    for (const k of ["shadow_items", "min_agreement", "max_latency_ratio"]) {
+      if (body[k] === "") delete body[k]; else if (body[k] !== undefined) body[k] = Number(body[k]);
+    }
     const answer = await act(path, body, describe(body));
     if (!answer) return;
     $("action-error").hidden = !answer.error;
@@ -241,7 +267,17 @@ function showFacts(r) {
     ["CPU %", num(r.cpu)], ["RSS MB", num(r.rss_mb, 0)], ["°C", num(r.temp_c)], ["throttle", (r.throttled || []).join(" ")],
     ["spool", r.spool], ["governor", r.governor], ["problems", r.problems.join(", ")], ["last seen", ago(r.last_seen)]];
   $("device-facts").innerHTML = facts.map(([k, v]) => `<span><i>${esc(k)}</i> ${esc(v ?? "")}</span>`).join("");
+  const waiting = Object.entries(r.waiting || {});
+  $("device-waiting").hidden = !waiting.length;
+  $("device-waiting").innerHTML = waiting.map(([p, m]) => `<li data-pipeline="${esc(p)}" data-model="${esc(m)}">` +
+    `<span class="badge waiting">waiting for a model</span> pipeline <b>${esc(p)}</b> runs the model delivered as ` +
+    `<b>${esc(m)}</b> and this device has none yet: deploying ${esc(m)} to ${esc(r.device)} starts it ` +
+    `<a href="#/models" class="deploy-name" data-model="${esc(m)}" data-device="${esc(r.device)}">deploy ${esc(m)}…</a></li>`).join("");
+  for (const a of $("device-waiting").querySelectorAll("a.deploy-name")) {
+    a.onclick = () => { prefill = {model: a.dataset.model, to: a.dataset.device}; };
+  }
 }
+let prefill = null;  // the deploy form's model and target, set by a device view's "deploy NAME…"
 function summary(res) {
   if (res.event) return `${res.event} ${res.label} ${num(res.score, 2)}`;
   const list = res.classes || res.detections;
@@ -301,13 +337,25 @@ async function openDevice(device) {
 // -- models view -----------------------------------------------------------------------------------------------
 async function loadModels() {
   const d = await (await fetch("/api/models")).json();
-  $("models-rows").innerHTML = d.models.map(m => `<tr data-model="${esc(m.name)}@${esc(m.version)}"><td>${esc(m.name)}</td>` +
-    `<td>${esc(m.version)}${m.unpublished ? " <i>(not on this broker)</i>" : ""}</td><td>${m.size ? (m.size / 1024).toFixed(0) + " KiB" : ""}</td>` +
+  $("models-rows").innerHTML = d.models.map(m => `<tr data-model="${esc(m.name)}@${esc(m.version ?? "")}"><td>${esc(m.name)}</td>` +
+    `<td>${esc(m.version ?? "")}${m.unpublished ? " <i>(not on this broker)</i>" : ""}${m.missing ? "<i>none published yet</i>" : ""}</td><td>${m.size ? (m.size / 1024).toFixed(0) + " KiB" : ""}</td>` +
     `<td>${esc(m.key_id || "")}</td><td>${m.devices.length} ${esc(m.devices.slice(0, 8).join(", "))}${m.devices.length > 8 ? "…" : ""}</td>` +
-    `<td>${m.unpublished ? "" : `<button class="pick" data-name="${esc(m.name)}" data-version="${esc(m.version)}">deploy…</button>`}</td></tr>`).join("");
+    `<td data-col="waiting">${waitingFor(m.waiting || {})}</td>` +
+    `<td>${m.unpublished || m.missing ? "" : `<button class="pick" data-name="${esc(m.name)}" data-version="${esc(m.version)}">deploy…</button>`}</td></tr>`).join("");
   for (const b of document.querySelectorAll("#models-rows button.pick")) {
     b.onclick = () => { const f = $("deploy-form"); f.model.value = b.dataset.name; f.version.value = b.dataset.version; f.to.focus(); };
   }
+  if (prefill) {
+    const f = $("deploy-form");
+    f.model.value = prefill.model; f.to.value = prefill.to; f.version.focus();
+    prefill = null;
+  }
+}
+// The devices a deploy of this name would start: each with its waiting pipelines.
+function waitingFor(waiting) {
+  const list = Object.entries(waiting);
+  return list.slice(0, 8).map(([d, ps]) => `<span class="badge waiting" data-device="${esc(d)}">${esc(d)} (${esc(ps.join(", "))})</span>`).join(" ") +
+    (list.length > 8 ? ` and ${list.length - 8} more` : "");
 }
 
 // -- routing ---------------------------------------------------------------------------------------------------
