@@ -163,10 +163,14 @@ class Fleet:
                 d.telemetry()
             i += 1
 
-    def outcomes(self) -> dict[str, int]:
-        """How many devices ended their last deploy active, failed, or never had one."""
-        return {k: sum(1 for d in self.devices if d.outcome == v)
-                for k, v in (("active", "active"), ("failed", "failed"), ("no_deploy", None))}
+    def counts(self) -> dict[str, int]:
+        """How many devices ended their last deploy active, failed, or never had one; and how often their links
+        connected again (a starved link misses its keepalive and reconnects: the simulator measuring itself)."""
+        out = {k: sum(1 for d in self.devices if d.outcome == v)
+               for k, v in (("active", "active"), ("failed", "failed"), ("no_deploy", None))}
+        out["reconnects"] = sum(max(0, d.link.stats.connects - 1) for d in self.devices)
+        out["half_open"] = sum(d.link.stats.half_open for d in self.devices)
+        return out
 
     def close(self) -> None:
         self._stop.set()

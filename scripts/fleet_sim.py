@@ -126,7 +126,7 @@ def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto", procs: int
         fleet = Workers(folder / "fleet", topo.device_url, n, procs, prefix, trusted, protocol=topo.protocol).built()
         cpu0 = topo.cpu_s()
         out["online_s"] = round(fleet.start(), 2)
-        print(f"fleet_sim: {n} devices in {len(fleet.workers)} processes online in {out['online_s']:g} s",
+        print(f"fleet_sim: {n} devices in {_processes(len(fleet.workers))} online in {out['online_s']:g} s",
               file=sys.stderr, flush=True)
         t0 = time.monotonic()
         fleet.wait(threading.Event(), 10.0)  # ten seconds of a steady fleet: results, telemetry, heartbeats
@@ -309,12 +309,16 @@ def main() -> int:
     return 0
 
 
+def _processes(k: int) -> str:
+    return f"{k} process" if k == 1 else f"{k} processes"
+
+
 def run(folder: Path, args: argparse.Namespace) -> None:
     """The fleet on `--broker` until Ctrl-C, --seconds, or a worker's death (WorkerDied)."""
     fleet = Workers(folder, args.broker, args.n, args.procs, args.prefix, {})
     try:
         online = fleet.start()
-        print(f"{args.n} devices in {len(fleet.workers)} processes online in {online:.1f} s (Ctrl-C to stop)",
+        print(f"{args.n} devices in {_processes(len(fleet.workers))} online in {online:.1f} s (Ctrl-C to stop)",
               file=sys.stderr, flush=True)
         fleet.wait(threading.Event(), args.seconds)
     except KeyboardInterrupt:

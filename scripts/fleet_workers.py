@@ -200,7 +200,7 @@ class Workers:
             w.reap(timeout)
         said = [w.closed for w in self.workers if w.closed is not None]
         total: dict[str, Any] = {"procs": len(self.workers), "closed": len(said)}
-        for key in ("devices", "active", "failed", "no_deploy"):
+        for key in ("devices", "active", "failed", "no_deploy", "reconnects", "half_open"):
             total[key] = sum(int(c[key]) for c in said)
         total["cpu_s"] = round(sum(float(c["cpu_s"]) for c in said), 1)
         total["max_rss_mb"] = [c["max_rss_mb"] for c in said]
@@ -250,7 +250,7 @@ def worker_main() -> int:
     finally:
         fleet.close()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    _say(out, closed={"devices": len(fleet.devices), **fleet.outcomes(),
+    _say(out, closed={"devices": len(fleet.devices), **fleet.counts(),
                       "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "max_rss_mb": _peak_rss_mb()})
     return 0
 

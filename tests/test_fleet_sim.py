@@ -144,6 +144,7 @@ def test_the_benchmark_with_two_worker_processes_counts_every_device() -> None:
     assert out["mosquitto_pub_per_device"]["received"] == 4 or "skipped" in out["mosquitto_pub_per_device"]
     sim = out["sim"]
     assert (sim["procs"], sim["closed"], sim["devices"], sim["active"], sim["failed"]) == (2, 2, 4, 4, 0), sim
+    assert (sim["reconnects"], sim["half_open"]) == (0, 0), sim
     assert len(sim["max_rss_mb"]) == 2
     assert "fleet_sim: 4 devices in 2 processes online in" in r.stderr
 
