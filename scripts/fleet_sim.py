@@ -294,6 +294,10 @@ def main() -> int:
     if args.n < 1 or args.procs < 1:
         print("fleet_sim: -n and --procs must be at least 1", file=sys.stderr)
         return 2
+    problem = None if args.bench else _bad_link(args.broker, args.prefix)
+    if problem:
+        print(f"fleet_sim: {problem}", file=sys.stderr)
+        return 2
     if args.bench and not args.model.is_file():
         print(f"fleet_sim: no model file at {args.model} (--model)", file=sys.stderr)
         return 2
@@ -307,6 +311,21 @@ def main() -> int:
         print(f"fleet_sim: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _bad_link(url: str, prefix: str) -> str | None:
+    """What is wrong with --broker or --prefix, as the agent's config would say it (checked once here, not by
+    every worker)."""
+    from pydantic import ValidationError
+
+    from agent.config import MqttSection
+
+    try:
+        MqttSection(broker=(url,), prefix=prefix)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return f"--{first['loc'][0]}: {first['msg'].removeprefix('Value error, ')}"
+    return None
 
 
 def _processes(k: int) -> str:

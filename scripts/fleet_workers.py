@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -39,23 +40,34 @@ class WorkerDied(RuntimeError):
 
 
 class Worker:
-    def __init__(self, index: int, first: int, count: int, argv: list[str], log: Path,
+    def __init__(self, index: int, first: int, count: int, argv: list[str],
                  on_change: Callable[[str | None], None]) -> None:
         from fleet_devices import device_id
 
-        self.index, self.first, self.count, self.log = index, first, count, log
+        self.index, self.first, self.count = index, first, count
+        self.last_words = ""
         self.ids = f"{device_id(first)}..{device_id(first + count - 1)}"
         self.ready = threading.Event()
         self.online_s: float | None = None
         self.closed: dict[str, Any] | None = None
-        with log.open("wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv,
-                                          "--first", str(first), "--count", str(count)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                         cwd=ROOT)
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv,
+                                      "--first", str(first), "--count", str(count)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=ROOT)
         self._on_change = on_change
+        self._relay = threading.Thread(target=self._relay_stderr, name=f"sim-worker-{index}-err", daemon=True)
+        self._relay.start()
         self._reader = threading.Thread(target=self._read, name=f"sim-worker-{index}", daemon=True)
         self._reader.start()
+
+    def _relay_stderr(self) -> None:
+        # What its devices' links warn about (a missed keepalive, a refused connection) is the operator's to see,
+        # marked with the worker; the last line is what a worker that crashed said last.
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if line.strip():
+                self.last_words = line.strip()
+                print(f"[worker {self.index}] {line.rstrip()}", file=sys.stderr, flush=True)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -72,6 +84,7 @@ class Worker:
                 self.closed = msg["closed"]
             self._on_change(None)
         rc = self.proc.wait()
+        self._relay.join(10)
         if self.closed is None:
             self._on_change(f"worker {self.index} (devices {self.ids}, pid {self.proc.pid}) died: {self._how(rc)}")
 
@@ -83,8 +96,7 @@ class Worker:
                 how = f"killed by signal {-rc}"
         else:
             how = f"exited with {rc}" if rc else "exited before it was told to"
-        lines = [x for x in self.log.read_text(errors="replace").splitlines() if x.strip()]
-        return how + (f"; its last words: {lines[-1].strip()[:200]}" if lines else "")
+        return how + (f"; its last words: {self.last_words[:200]}" if self.last_words else "")
 
     def send(self, word: str) -> None:
         try:
@@ -134,7 +146,7 @@ class Workers:
         self.workers: list[Worker] = []
         try:
             for k, (first, count) in enumerate(slices(n, procs)):
-                self.workers.append(Worker(k, first, count, argv, folder / f"worker-{k}.log", self._changed))
+                self.workers.append(Worker(k, first, count, argv, self._changed))
         except BaseException:
             self.close()
             raise
@@ -239,16 +251,24 @@ def worker_main() -> int:
     from agent.delivery.signing import TrustedKeys
 
     out = sys.stdout
-    fleet = Fleet(Path(args.folder), args.url, args.count, args.prefix,
-                  TrustedKeys.from_config(json.loads(args.trusted)), result_every_s=args.result_every,
-                  telemetry_every_s=args.telemetry_every, protocol=args.protocol, first=args.first)
     try:
-        _say(out, ready=True)
-        if sys.stdin.readline().strip() == "start":
-            _say(out, online_s=round(fleet.start(), 3))
-            sys.stdin.read()  # until the parent closes our input (or dies)
-    finally:
-        fleet.close()
+        fleet = Fleet(Path(args.folder), args.url, args.count, args.prefix,
+                      TrustedKeys.from_config(json.loads(args.trusted)), result_every_s=args.result_every,
+                      telemetry_every_s=args.telemetry_every, protocol=args.protocol, first=args.first)
+        try:
+            _say(out, ready=True)
+            if sys.stdin.readline().strip() == "start":
+                _say(out, online_s=round(fleet.start(), 3))
+                sys.stdin.read()  # until the parent closes our input (or dies)
+        finally:
+            fleet.close()
+    except Exception as exc:
+        # One line the parent quotes as this worker's last words; before it, the traceback of what was not
+        # expected (devices that did not connect in time are a known end: Fleet.start's RuntimeError).
+        if not isinstance(exc, RuntimeError):
+            traceback.print_exc()
+        print(f"{type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     usage = resource.getrusage(resource.RUSAGE_SELF)
     _say(out, closed={"devices": len(fleet.devices), **fleet.counts(),
                       "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "max_rss_mb": _peak_rss_mb()})

@@ -117,6 +117,8 @@ def test_a_killed_worker_fails_the_run_with_one_line_naming_it(sim_broker: Broke
 @pytest.mark.parametrize("args, says", [
     (["--procs", "0"], "fleet_sim: -n and --procs must be at least 1"),
     (["-n", "0"], "fleet_sim: -n and --procs must be at least 1"),
+    (["--broker", "localhost:1883"], "fleet_sim: --broker: 'localhost:1883': scheme must be mqtt:// or mqtts://"),
+    (["--prefix", "a/b"], "fleet_sim: --prefix: String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'"),
     (["--bench", "--model", "/nonexistent/model.tflite"],
      "fleet_sim: no model file at /nonexistent/model.tflite (--model)"),
 ])
