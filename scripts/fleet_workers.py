@@ -107,7 +107,7 @@ class Worker:
             pass  # it died: its reader says so
 
     def end_input(self) -> None:
-        """Tell it to stop: the end of its input is that word too (and what a worker sees if we die)."""
+        """Tell it to stop: a worker closes its devices when its input ends (as it does if we die)."""
         try:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
@@ -135,7 +135,6 @@ class Workers:
     def __init__(self, folder: Path, url: str, n: int, procs: int, prefix: str, trusted: dict[str, str],
                  protocol: str = "5", result_every_s: float = 10.0, telemetry_every_s: float = 30.0) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.n = n
         self._cond = threading.Condition()
         self._wake: set[threading.Event] = set()
         self.died: str | None = None
