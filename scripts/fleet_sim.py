@@ -310,6 +310,9 @@ def main() -> int:
     except RuntimeError as exc:  # a worker died (WorkerDied names it), or the fleet never came online
         print(f"fleet_sim: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the benchmark's own finally has stopped its workers and brokers
+        print("fleet_sim: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
