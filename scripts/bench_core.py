@@ -5,8 +5,10 @@ For each fixture model and each real third-party model: `invoke_ms` is the bare
 `Invoke()` on an already-filled input; `pipeline_ms` is preprocess (a 640x480 BGR
 frame, decode excluded) + invoke + postprocess. The two are interleaved frame by
 frame so that both see the same machine load. `ratio_p50` = pipeline / invoke.
-Target (issue 2): classification pipeline <= 1.10 x raw invoke on a 640x480 frame, for the
-benchmark-sized classifier (colors_bench_int8).
+Targets (issues 2 and 16), read without the 640x480 frame's resize (`ratio_p50_without_resize`): <= 1.10 x
+raw invoke for the benchmark-sized classifier (colors_bench_int8) and every BlazeFace detector; each row says its
+`target_ratio`. The rest have none: on the 32x32 toys the invoke takes microseconds, and raw-tensor and wake
+word pipelines report whole output tensors or stream audio, not one frame's result.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def measure(path: Path, frame: Any, runs: int, threads: int) -> dict[str, Any]:
     report["task"] = inference.task.key
     report["ratio_p50"] = round(report["pipeline_ms"]["p50"] / report["invoke_ms"]["p50"], 3)
     report["ratio_p95"] = round(report["pipeline_ms"]["p95"] / report["invoke_ms"]["p95"], 3)
+    targeted = path.name.startswith("colors_bench_int8") or getattr(inference.task, "decoder", None) is not None
+    report["target_ratio"] = 1.10 if targeted else None
     return report
 
 
@@ -79,6 +83,8 @@ def main() -> None:
         "classify_resize_ms_p50": bench_sized["resize_ms"]["p50"],
         "classify_ratio_p50_without_resize": bench_sized["ratio_p50_without_resize"],
         "classify_target_ratio": 1.10,
+        "worst_targeted_ratio_p50_without_resize": max(
+            r["ratio_p50_without_resize"] for r in results if r["target_ratio"] is not None),
     }
     print(json.dumps(out, indent=1))
 

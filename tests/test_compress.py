@@ -12,10 +12,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from compress_inputs import colour_pictures, face_photos
 from conftest import run_cli
+from face_paths import assert_both_paths_agree
 
 pytest.importorskip(
     "ai_edge_quantizer",
@@ -25,6 +27,7 @@ pytest.importorskip(
 from agent.compress import graph  # needs the extra, like the quantizer
 from agent.manifest import load_spec
 from agent.runtime import Model
+from agent.tasks import Inference, create_task
 
 BLAZEFACE = ("face_detection_short_range", "face_detection_full_range")
 
@@ -139,7 +142,7 @@ def _unreferenced(content: bytes) -> tuple[int, int]:
 
 @pytest.mark.parametrize("name", BLAZEFACE)
 def test_blazeface_int8(models_dir: Path, photos: tuple[Path, Path], tmp_path: Path, name: str,
-                        backend: str) -> None:
+                        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     source = models_dir / "face" / f"{name}.tflite"
     calib, evaluation = photos
     out = tmp_path / f"{name}_int8.tflite"
@@ -160,6 +163,12 @@ def test_blazeface_int8(models_dir: Path, photos: tuple[Path, Path], tmp_path: P
 
     model = Model(out, threads=1)  # loads and allocates on this lane's runtime
     assert model.inputs[0].dtype == np.int8 and not model.float_ops()
+    # int8 outputs: the decoder's Python path dequantizes only its candidates' rows, the array path all.
+    assert model.outputs[0].quantized and model.outputs[1].quantized
+    files = sorted(evaluation.iterdir())
+    frames = [frame for frame in map(cv2.imread, map(str, files)) if frame is not None]
+    assert len(frames) == len(files)
+    assert assert_both_paths_agree(Inference(model, create_task(model, manifest)), frames, monkeypatch) >= 1
 
     report = json.loads(fleet("model", "compare", str(source), str(out), "--eval", str(evaluation),
                               "--runs", "3", "--format", "json").out)

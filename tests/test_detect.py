@@ -10,14 +10,24 @@ import cv2
 import numpy as np
 import pytest
 from conftest import run_cli
+from face_paths import assert_both_paths_agree
 
 from agent.errors import BadInput
 from agent.manifest import load_spec
 from agent.runtime import Model
 from agent.tasks import Inference, create_task, recognise
+from agent.vision import decoders
 from agent.vision.anchors import BLAZEFACE_ANCHORS, ssd_anchors
 from agent.vision.decoders import match_decoder
-from agent.vision.nms import SMALL_N, _weighted_groups_large, iou_one_to_many, nms, weighted_means, weighted_nms
+from agent.vision.nms import (
+    SMALL_N,
+    _weighted_groups_large,
+    iou_one_to_many,
+    nms,
+    weighted_means,
+    weighted_nms,
+    weighted_nms_few,
+)
 from agent.vision.snapshot import snapshot_jpeg
 
 SQUARES = ("squares_ssd_uint8", "squares_yolov5_int8", "squares_yolov8_int8", "squares_yolov8_float")
@@ -247,6 +257,57 @@ def test_weighted_nms_sums_each_group_in_order() -> None:
             assert merged.dtype == np.float32 and np.array_equal(merged, want_boxes)
             assert kept.tolist() == want_scores
     assert weighted_nms(boxes, scores, 0.3, 1)[0].shape == (1, 4)
+
+
+def test_weighted_nms_in_python_floats_matches_the_array_path() -> None:
+    # `weighted_nms_few` (a few candidates, plain Python) against `weighted_nms` (float32 arrays, MediaPipe's
+    # order of sums): the same groups, so the same count and kept scores, and the same boxes to float32's
+    # precision; including equal scores (the stable order decides), a degenerate box and the max_results cut.
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        n = int(rng.integers(1, 33))
+        centres = rng.random((n, 2), dtype=np.float32) * 0.1 + rng.integers(0, 4, (n, 1)).astype(np.float32) * 0.3
+        sizes = rng.random((n, 2), dtype=np.float32) * 0.1 + 0.15
+        boxes = np.concatenate((centres, centres + sizes), axis=1)
+        scores = rng.random(n, dtype=np.float32)
+        if trial % 5 == 0 and n > 2:
+            scores[1] = scores[0]
+            boxes[2, 2:] = boxes[2, :2]  # no width or height
+        limit = 100 if trial % 3 else 2
+        want_boxes, want_scores = weighted_nms(boxes, scores, 0.3, limit)
+        got_boxes, got_scores = weighted_nms_few([tuple(b) for b in boxes.tolist()], scores.tolist(), 0.3, limit)
+        assert got_scores == want_scores.tolist(), trial
+        assert np.allclose(np.array(got_boxes).reshape(-1, 4), want_boxes, rtol=0, atol=1e-6), trial
+
+
+@pytest.mark.parametrize("model_file", ["face_detection_short_range.tflite", "face_detection_full_range.tflite"])
+def test_blazeface_gives_the_same_result_in_python_floats_as_in_arrays(models_dir: Path, model_file: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # A frame with a few candidates is decoded in Python floats (Detections.few), one with more in arrays: on
+    # real photos, from one face to the LFW grid's many, both paths give the same result.
+    import face_photos
+
+    spec = load_spec(models_dir / "face" / model_file)
+    model = Model(spec.path, threads=1)
+    inference = Inference(model, create_task(model, spec))
+    frames = [np.ascontiguousarray(load()[:, :, ::-1]) for load in face_photos.PHOTOS.values()]
+    assert assert_both_paths_agree(inference, frames, monkeypatch) >= 4  # coffee, rocket: no candidate at all
+
+
+@pytest.mark.parametrize("few", [10_000, 0])
+def test_a_nan_box_comes_out_inside_the_frame(models_dir: Path, few: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A broken model's NaN regressors: the result is still built (no int(NaN) error) and every corner is a number
+    # in 0..1, on the Python path and on the array path alike.
+    monkeypatch.setattr(decoders, "FEW", few)
+    spec = load_spec(models_dir / "face" / "face_detection_short_range.tflite")
+    model = Model(spec.path, threads=1)
+    inference = Inference(model, create_task(model, spec))
+    import face_photos
+
+    assert len(inference.run(np.ascontiguousarray(face_photos.PHOTOS["astronaut"]()[:, :, ::-1]))["detections"]) == 1
+    model.output(inference.task.decoder._reg)[..., 0] = np.nan  # type: ignore[attr-defined]  # every box's x
+    found = inference.task.postprocess()["detections"]
+    assert found and all(0.0 <= v <= 1.0 for d in found for v in d["box"]), found  # NaN boxes overlap nothing
 
 
 def _decode(jpeg: bytes, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:

@@ -71,11 +71,12 @@ class Detect(Task):
 
     def _result(self, gate: Gate | None) -> dict[str, Any] | None:
         found = self.decoder.decode()
-        if not found.scores.shape[0]:
+        if not len(found):
             if gate is not None and not gate([], []):
                 return None
             return {"task": "detect", "detections": []}
-        scores = [round(score, 6) for score in found.scores.tolist()]
+        few = found.score_list
+        scores = [round(score, 6) for score in (few if few is not None else found.scores.tolist())]
         labels = self.labels
         if found.classes is None:
             names = [labels[0] if labels else "0"] * len(scores)
@@ -85,9 +86,15 @@ class Detect(Task):
         # for the gate: most frames of a steady scene are held back by the policy and need none of them.
         if gate is not None and not gate(names, scores):
             return None
-        boxes = self.preprocessor.map_boxes(found.boxes).tolist()
+        if found.rows is not None:
+            boxes = self.preprocessor.map_box_rows(found.rows)
+        else:
+            boxes = self.preprocessor.map_boxes(found.boxes).tolist()
+        # Box corners (mapped into 0..1, NaN made 0) cut to 5 decimals by int(), not round(): round() goes through
+        # a decimal conversion, twice the cost on the caches an invoke has emptied (they differ at exact ties only).
         return {"task": "detect", "detections": [
-            {"label": name, "score": score, "box": [round(x0, 5), round(y0, 5), round(x1, 5), round(y1, 5)]}
+            {"label": name, "score": score, "box": [int(x0 * 1e5 + 0.5) / 1e5, int(y0 * 1e5 + 0.5) / 1e5,
+                                                    int(x1 * 1e5 + 0.5) / 1e5, int(y1 * 1e5 + 0.5) / 1e5]}
             for name, score, (x0, y0, x1, y1) in zip(names, scores, boxes, strict=True)]}
 
     def synthetic_item(self) -> Any:

@@ -142,6 +142,7 @@ class ImagePreprocessor:
         view = self._model.input(self._input_index)[0]
         self._generation = self._model.generation
         self._borders_written = False  # a new input tensor: its border rows are not written yet
+        self._row_views: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any] | None] | None = None
         if g.layout == "NCHW":
             self._target = np.empty((g.height, g.width, g.channels), dtype=view.dtype)
             self._nchw: np.ndarray[Any, Any] | None = view
@@ -170,6 +171,7 @@ class ImagePreprocessor:
         self._patch = None
         self._rows = _ALL
         self._borders_written = False
+        self._row_views = None
         if self.letterbox:
             scale = min(g.width / frame_w, g.height / frame_h)
             nw, nh = max(1, round(frame_w * scale)), max(1, round(frame_h * scale))
@@ -220,13 +222,18 @@ class ImagePreprocessor:
                 np.copyto(self._resized[py : py + self._patch.shape[0], px : px + self._patch.shape[1]], self._patch)
         # Once the border rows of a letterboxed landscape frame are in the input, only the rows with the
         # picture change: colour and value table run on those (3/4 of the tensor for 4:3 frames).
-        rows = self._rows if self._borders_written else _ALL
-        src = self._resized[rows]
-        target = self._target[rows]
+        if self._borders_written:
+            if self._row_views is None:
+                rows = self._rows
+                self._row_views = (self._resized[rows], self._target[rows],
+                                   None if self._colored is None else self._colored[rows])
+            src, target, colored = self._row_views  # made once: three numpy slicings less per frame
+        else:
+            src, target, colored = self._resized, self._target, self._colored
         in_target = False
         if self._code is not None:
-            in_target = self._colored is None
-            dst = target if in_target else self._colored[rows]  # type: ignore[index]
+            in_target = colored is None
+            dst = target if colored is None else colored
             cv2.cvtColor(src, self._code, dst=dst)
             src = dst
         if self._lut is not None:
@@ -266,9 +273,20 @@ class ImagePreprocessor:
         scale, offset = self._mapping4 if boxes.dtype == np.float32 else self._mapping4_f64
         boxes *= scale
         boxes += offset
-        np.maximum(boxes, 0.0, out=boxes)  # not np.clip: its Python wrapper costs more than both ufuncs
-        np.minimum(boxes, 1.0, out=boxes)
+        # Into 0..1, NaN (a broken model's) made 0: fmax/fmin, not np.clip, whose Python wrapper costs more.
+        np.fmax(boxes, 0.0, out=boxes)
+        np.fmin(boxes, 1.0, out=boxes)
         return boxes
+
+    def map_box_rows(self, rows: list[tuple[float, float, float, float]]) -> list[list[float]]:
+        """`map_boxes` for a few boxes in Python floats (`Detections.few`), without a numpy call (and brought
+        into 0..1 by conditional expressions: cheaper than builtin min/max calls)."""
+        ax, bx, ay, by = self._mapping
+        mapped = []
+        for x0, y0, x1, y1 in rows:
+            box = [x0 * ax + bx, y0 * ay + by, x1 * ax + bx, y1 * ay + by]
+            mapped.append([v if 0.0 <= v <= 1.0 else 1.0 if v > 1.0 else 0.0 for v in box])  # NaN: 0
+        return mapped
 
     @property
     def mapping(self) -> tuple[float, float, float, float]:
