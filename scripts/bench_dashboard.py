@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from broker import Broker, wait_until  # noqa: E402
 from dashboard_kit import browser, dashboard  # noqa: E402
 from fleet_brokers import proc_cpu_s as _proc_cpu_s  # noqa: E402
-from fleet_sim import Fleet  # noqa: E402
+from fleet_devices import Fleet  # noqa: E402
 
 from agent.delivery.signing import TrustedKeys  # noqa: E402
 

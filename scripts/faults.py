@@ -15,8 +15,10 @@ SIGKILLed mosquitto loses what it had not saved; not the agent's to keep), `drop
 (the spool's cap, counted by the agent), `duplicates` (at-least-once re-sends),
 `order_inversions` (first deliveries out of seq order), `reconnect_s` (broker back → agent's
 new `online`), `half_open_detect_s` (fault → agent drops the dead link), `peak_spool_bytes`.
-Exits 1, naming them, when a scenario lost results or reordered them, or the overflow scenario's spool
-never overflowed (N under ~400 cannot fill the smallest cap the config accepts).
+Exits 1, naming them, when a scenario streamed no result, lost results or reordered them, or the overflow
+scenario's spool never overflowed (N under ~400 cannot fill the smallest cap the config accepts).
+Each scenario runs in its own /tmp/faults-<scenario>-* folder: removed when it passed, kept (its path on
+stderr) when it failed, so that its logs can be read; --keep keeps them all.
 
     scripts/faults.py [--n 10000] [--outage 30] [--keepalive 4] [--only broker_sigterm,...]
     scripts/faults.py --quick        # every scenario, N=600, 4 s outages: a few minutes; prints a table
@@ -30,6 +32,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -326,7 +329,22 @@ class Run:
 
 
 def scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One scenario in its own folder (under $TMPDIR): removed when the scenario passed, kept with its path on
+    stderr when it failed (the agent's log, its spool, the broker's) or with --keep."""
     tmp = Path(tempfile.mkdtemp(prefix=f"faults-{name}-"))
+    failed = True
+    try:
+        result = _scenario(name, args, tmp)
+        failed = bool(verdict([result]))
+        return result
+    finally:
+        if failed or args.keep:
+            print(f"faults: {name}{' failed' if failed else ''}: its folder is kept: {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _scenario(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     cap = spool_cap(args.n) if name == "spool_overflow" else None
     run = Run(tmp, args, spool_cap=cap)
     extra: dict[str, Any] = {}
@@ -400,8 +418,11 @@ def spool_cap(n: int) -> int:
 
 
 def verdict(scenarios: list[dict[str, Any]]) -> list[str]:
-    """What the run claims and did not hold: nothing lost, nothing reordered, the overflow scenario overflowed."""
-    problems = [f"{s['scenario']}: {s[key]} {key.replace('_', ' ')}" for s in scenarios
+    """What the run claims and did not hold: results streamed, nothing lost, nothing reordered, the overflow
+    scenario overflowed."""
+    problems = [f"{s['scenario']}: no result was streamed (the agent's log says why)" for s in scenarios
+                if not s["results"]]
+    problems += [f"{s['scenario']}: {s[key]} {key.replace('_', ' ')}" for s in scenarios
                 for key in ("lost", "order_inversions") if s[key]]
     problems += [f"spool_overflow: the spool never overflowed (cap {s['spool_cap_bytes']} bytes, "
                  f"{s['results']} results); a larger --n overflows it"
@@ -419,11 +440,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="every scenario with small N and short outages (" +
                              " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in QUICK.items()) + "): minutes")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep every scenario's folder (default: only a failed scenario's, its path on stderr)")
     parser.add_argument("--finish-timeout", type=float, default=300.0,
                         help="longest wait for the stream and the spool to drain, per scenario (default 300)")
     args = parser.parse_args()
-    if args.n < 1 or args.outage < 0 or args.keepalive < 1 or not 1 <= args.rate <= 240:
-        print("faults: --n and --keepalive must be >= 1, --outage >= 0, --rate 1..240", file=sys.stderr)
+    if args.n < 1 or args.outage < 0 or args.keepalive < 2 or not 1 <= args.rate <= 240:
+        print("faults: --n must be >= 1, --keepalive >= 2 (the agent's minimum), --outage >= 0, --rate 1..240",
+              file=sys.stderr)
         return 2
     if args.quick:
         for key, value in QUICK.items():

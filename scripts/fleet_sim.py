@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""N virtual devices in one process, to measure fleet-level behaviour instead of guessing it (issue 13).
+"""N virtual devices over worker processes, to measure fleet-level behaviour instead of guessing it (issue 13).
 
 Each device is the agent's own MQTT link (`agent.mqtt.link.Link`: its own client id, retained will, birth and
 heartbeat, presence answers, a spool of results sent at QoS 1, telemetry at QoS 0) and pulls models with the
 agent's own delivery client (`agent.delivery.download.Downloader` into a `ModelStore`: manifest signature and
 every chunk's hash checked, the file committed and made active). What a virtual device does not do is run the
 model: no interpreter is loaded (1,000 interpreters would measure this machine's memory, not the fleet).
+The devices (scripts/fleet_devices.py) run in `--procs` worker processes (scripts/fleet_workers.py), each a
+contiguous slice of the ids sim-0000, sim-0001, ... with its own MQTT links; a worker that dies ends the run
+with one line naming it (exit 1).
 
-    scripts/fleet_sim.py --broker mqtt://host:1883 -n 200            # run a fleet until Ctrl-C
-    scripts/fleet_sim.py --bench -n 1000 [--model PATH]              # the benchmark: JSON on stdout
+    scripts/fleet_sim.py --broker mqtt://host:1883 -n 200 [--procs 2]  # run a fleet until Ctrl-C
+    scripts/fleet_sim.py --bench -n 1000 [--procs 2] [--model PATH]    # the benchmark: JSON on stdout
 
 The benchmark starts its own mosquitto and reports, side by side: broker CPU and RSS with N devices online,
 `lepton-fleet status` (time to list all N, its CPU and RSS), `lepton-fleet cmd group:sim ping` (time until
@@ -30,154 +33,20 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fleet_brokers import KINDS  # noqa: E402
+from fleet_workers import Workers  # noqa: E402
 
-from agent.agent_state import AgentState  # noqa: E402
-from agent.config import MqttSection  # noqa: E402
-from agent.delivery.deploy_state import DeployState, State  # noqa: E402
-from agent.delivery.download import Downloader  # noqa: E402
-from agent.delivery.reasons import DeliveryError  # noqa: E402
-from agent.delivery.signed_manifest import DevicePolicy  # noqa: E402
-from agent.delivery.signing import TrustedKeys  # noqa: E402
-from agent.delivery.store import ModelStore  # noqa: E402
-from agent.mqtt.link import Link  # noqa: E402
-from agent.mqtt.spool import Spool  # noqa: E402
-from agent.mqtt.topics import FleetTopics, Topics  # noqa: E402
-from agent.mqtt.wire import encode  # noqa: E402
+from agent.mqtt.topics import FleetTopics  # noqa: E402
 from agent.version import parse_version  # noqa: E402
 
-Protocol = Literal["5", "3.1.1"]
-
 FLEET = [sys.executable, "-c", "import sys; from agent.cli import fleet_main; sys.exit(fleet_main())"]
-
-
-class VirtualDevice:
-    """One device: the agent's link, spool and delivery client, answering ping/status/deploy."""
-
-    def __init__(self, folder: Path, url: str, device: str, prefix: str, group: str, trusted: TrustedKeys,
-                 pool: ThreadPoolExecutor, heartbeat_s: float = 60.0, protocol: Protocol = "5") -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.device, self.pool = device, pool
-        self.topics = Topics(prefix, device)
-        self.spool = Spool(folder / "spool.sqlite3", 1 << 20)
-        self.state = AgentState(folder / "agent.sqlite3")
-        self.stop = threading.Event()
-        self.seq = 0
-        self.link = Link(MqttSection(broker=(url,), prefix=prefix, keepalive_s=60, heartbeat_s=heartbeat_s,
-                                     protocol=protocol),
-                         topics=self.topics, groups=(group,), client_id=f"sim-{device}", spool=self.spool,
-                         next_bdseq=self.state.next_bdseq, birth=lambda: {"agent": "fleet_sim", "groups": [group],
-                                                                     "pipelines": [{"name": "p", "state": "running"}]},
-                         on_command=self._on_command, stop=self.stop)
-        self.store = ModelStore(folder / "store")
-        self.downloader = Downloader(self.link, self.store, trusted, DevicePolicy(backend="sim", board="sim"),
-                                     topics=FleetTopics(prefix))
-
-    def start(self) -> None:
-        self.link.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.link.close({"state": "stopped"}, 2.0)
-        self.spool.close()
-        self.state.close()
-
-    def result(self) -> None:
-        self.seq += 1
-        self.spool.append("p", self.topics.results("p"), {"pipeline": "p", "classes": [{"label": "x", "score": 0.9}]})
-
-    def telemetry(self) -> None:
-        # The fields a fleet view shows (docs/telemetry.md), with made-up figures: what a dashboard has to parse.
-        self.link.offer(self.topics.telemetry, {
-            "ts": time.time(), "v": 1, "cpu_percent": 12.5, "rss_mb": 80.0, "temp_c": 51.0, "throttled": None,
-            "profile": "sim", "spool": {"queued": 0, "dropped": 0, "bytes": 0},
-            "governor": {"enabled": True, "level": 0, "paused": False},
-            "pipelines": {"p": {"state": "running", "fps": 5.0, "variant": None,
-                                "latency_ms": {"p50": 8.0, "p95": 11.0, "p99": 14.0}}}})
-
-    def _reply(self, cmd_id: Any, ok: bool, body: dict[str, Any]) -> None:
-        self.link.send(self.topics.reply, {"id": cmd_id, "ok": ok, **body})
-
-    def _on_command(self, topic: str, payload: bytes) -> None:
-        try:
-            cmd = json.loads(payload)
-        except ValueError:
-            return
-        action = cmd.get("action")
-        if action == "ping":
-            self._reply(cmd.get("id"), True, {"result": {"pong": True}})
-        elif action == "deploy":
-            self.pool.submit(self._deploy, cmd)
-        else:
-            self._reply(cmd.get("id"), False, {"error": {"code": "unknown_action", "message": str(action)}})
-
-    def _state(self, name: str, version: Any, state: State, request: Any, **kw: Any) -> None:
-        body = DeployState(name, version, state, request=request, **kw).payload()
-        self.link.publish(self.topics.deploy, encode(body), qos=1, retain=True)
-
-    def _deploy(self, cmd: dict[str, Any]) -> None:
-        name, version, request = cmd["model"], parse_version(str(cmd["version"])), cmd.get("id")
-        try:
-            signed = self.downloader.fetch_manifest(name, version, self.stop)
-            self._state(name, version, State.DOWNLOADING, request)
-            stored, _ = self.downloader.download(signed, self.stop)
-            self.store.activate(stored)
-            self._state(name, version, State.ACTIVE, request, progress=1.0, active=version)
-            self._reply(request, True, {"result": {"active": str(version)}})
-        except DeliveryError as exc:
-            self._state(name, version, State.FAILED, request, reason=exc.reason, detail=str(exc))
-            self._reply(request, False, {"error": {"code": exc.reason.value, "message": str(exc)}})
-
-
-class Fleet:
-    """N virtual devices and the clock that makes their results and telemetry."""
-
-    def __init__(self, folder: Path, url: str, n: int, prefix: str, trusted: TrustedKeys,
-                 result_every_s: float = 10.0, telemetry_every_s: float = 30.0, protocol: Protocol = "5") -> None:
-        self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="sim-deploy")
-        self.devices = [VirtualDevice(folder / f"d{i:04d}", url, f"sim-{i:04d}", prefix, "sim", trusted, self.pool,
-                                      protocol=protocol) for i in range(n)]
-        self.result_every_s, self.telemetry_every_s = result_every_s, telemetry_every_s
-        self._stop = threading.Event()
-        self._clock = threading.Thread(target=self._tick, name="sim-clock", daemon=True)
-
-    def start(self, timeout: float = 120.0) -> float:
-        """Start every device; the seconds until all are subscribed to their commands."""
-        started = time.monotonic()
-        for d in self.devices:
-            d.start()
-        deadline = started + timeout
-        for d in self.devices:
-            if not d.link.subscribed.wait(max(0.0, deadline - time.monotonic())):
-                raise RuntimeError(f"{d.device} not connected within {timeout:g} s")
-        self._clock.start()
-        return time.monotonic() - started
-
-    def _tick(self) -> None:
-        # Spread each device's results and telemetry evenly over the period: realistic rates, no bursts.
-        n = len(self.devices)
-        step = self.result_every_s / n
-        i = 0
-        while not self._stop.wait(step):
-            d = self.devices[i % n]
-            d.result()
-            if (i // n) % max(1, round(self.telemetry_every_s / self.result_every_s)) == 0:
-                d.telemetry()
-            i += 1
-
-    def close(self) -> None:
-        self._stop.set()
-        with ThreadPoolExecutor(max_workers=32) as closer:
-            list(closer.map(VirtualDevice.close, self.devices))
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------
@@ -217,7 +86,7 @@ def _run_tool(*args: str) -> dict[str, Any]:
             "err": err.strip()[-500:]}
 
 
-def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto") -> dict[str, Any]:
+def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto", procs: int = 1) -> dict[str, Any]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from fleet_brokers import topology
     from paho.mqtt.enums import MQTTProtocolVersion
@@ -228,7 +97,7 @@ def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto") -> dict[st
     from agent.mqtt.client import BrokerAddress, PahoLink
 
     key = Ed25519PrivateKey.generate()
-    trusted = TrustedKeys.from_config({key_id(key.public_key()): public_text(key.public_key())})
+    trusted = {key_id(key.public_key()): public_text(key.public_key())}
     prefix = "lepton"
     # The machine is shared: what else ran is part of the figures (busy seconds of all cores minus our own).
     machine: dict[str, Any] = {"cpus": os.cpu_count(), "loadavg_start": _load()}
@@ -240,13 +109,11 @@ def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto") -> dict[st
     def link_to(port: int) -> PahoLink:
         return PahoLink(BrokerAddress("127.0.0.1", port, False), protocol=protocol).start()
 
-    fleet: Fleet | None = None
+    fleet: Workers | None = None
     links: list[PahoLink] = []
     seeder: subprocess.Popen[str] | None = None
     try:
         topo.start()  # inside: a broker started before a failure is stopped (one outlived a failed run)
-        # Operator-side links before the fleet: paho's own loop select()s, and the fleet's 1,000 devices open
-        # over 2,000 files (two databases each), past the 1024 descriptors select() can take.
         watcher = link_to(topo.operator_port)
         publisher = link_to(topo.operator_port)
         device_side = link_to(topo.device_port)
@@ -256,16 +123,19 @@ def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto") -> dict[st
             return links[-1]
 
         meters = topo.meters(kept)
-        fleet = Fleet(folder / "fleet", topo.device_url, n, prefix, trusted, protocol=topo.protocol)
+        fleet = Workers(folder / "fleet", topo.device_url, n, procs, prefix, trusted, protocol=topo.protocol).built()
         cpu0 = topo.cpu_s()
         out["online_s"] = round(fleet.start(), 2)
+        print(f"fleet_sim: {n} devices in {_processes(len(fleet.workers))} online in {out['online_s']:g} s",
+              file=sys.stderr, flush=True)
         t0 = time.monotonic()
-        threading.Event().wait(10.0)  # ten seconds of a steady fleet: results, telemetry, heartbeats
+        fleet.wait(threading.Event(), 10.0)  # ten seconds of a steady fleet: results, telemetry, heartbeats
         out["broker_idle"] = {"cpu_percent": round(100 * (topo.cpu_s() - cpu0) / (time.monotonic() - t0
                                                                                    + out["online_s"]), 1),
                               "rss_mb": topo.rss_mb()}
         url = ["--broker", topo.operator_url, "--prefix", prefix, "--protocol", topo.protocol]
         status = _run_tool("status", "--format", "json", "--settle", "3", *url)
+        fleet.check()
         rows = status.pop("out").splitlines()
         out["status"] = {**status, "devices_listed": len(rows),
                          "online": sum(1 for r in rows if json.loads(r).get("presence") == "yes")}
@@ -284,6 +154,7 @@ def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto") -> dict[st
         t0 = time.monotonic()
         ping = _run_tool("cmd", "group:sim", "ping", "--id", cmd_id, "--timeout", "20", "--format", "json", *url)
         ping.pop("out")
+        fleet.check()
         with lock:
             last = max(replies.values(), default=t0)
             out["group_cmd"] = {**ping, "replies": len(replies), "all_replies_s": round(last - t0, 2)}
@@ -322,7 +193,7 @@ def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto") -> dict[st
         watcher.subscribe(f"{prefix}/+/deploy", on_deploy)
         deploy = _run_tool("deploy", "bench@1", "--to", "group:sim", "--no-wait", *url)
         deploy.pop("out")
-        done.wait(900)
+        fleet.wait(done, 900)
         took = time.monotonic() - t0
         broker_cpu = topo.cpu_s() - cpu0
         now = time.monotonic()
@@ -337,12 +208,15 @@ def bench(n: int, model: Path, folder: Path, kind: str = "mosquitto") -> dict[st
             out["deploy"]["seeder"] = _stop_seeder(seeder)
             seeder = None
         out["mosquitto_pub_per_device"] = _baseline(topo, device_side, model, n, meters, prefix)
+        fleet.check()
+        # What the workers' own devices counted (each device in exactly one worker), and what they cost.
+        out["sim"] = fleet.close()
     finally:
         if seeder is not None:
             _stop_seeder(seeder)
         for link in links:
             link.close()
-        if fleet is not None:
+        if fleet is not None and "sim" not in out:
             fleet.close()
         topo.close()
         GRANDCHILD_CPU_S[0] += getattr(topo, "grandchild_cpu_s", 0.0)
@@ -413,24 +287,66 @@ def main() -> int:
                         "operator and serve-models on node b)")
     parser.add_argument("--model", type=Path, default=ROOT / ".cache/models/face/face_landmark.tflite",
                         help="the model the benchmark deploys (default: face_landmark.tflite, 2.4 MB)")
+    parser.add_argument("--procs", type=int, default=os.cpu_count() or 1,
+                        help="worker processes the devices are spread over, a contiguous slice of ids each "
+                        "(default: the machine's cores; at most -n)")
     args = parser.parse_args()
-    if args.n < 1:
-        print("fleet_sim: -n must be at least 1", file=sys.stderr)
+    if args.n < 1 or args.procs < 1:
+        print("fleet_sim: -n and --procs must be at least 1", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="fleet-sim-") as tmp:
-        if args.bench:
-            print(json.dumps(bench(args.n, args.model, Path(tmp), args.broker_kind), indent=1))
-            return 0
-        trusted = TrustedKeys.from_config({})
-        fleet = Fleet(Path(tmp), args.broker, args.n, args.prefix, trusted)
-        try:
-            print(f"{args.n} devices online in {fleet.start():.1f} s (Ctrl-C to stop)", file=sys.stderr)
-            threading.Event().wait(args.seconds)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            fleet.close()
+    problem = None if args.bench else _bad_link(args.broker, args.prefix)
+    if problem:
+        print(f"fleet_sim: {problem}", file=sys.stderr)
+        return 2
+    if args.bench and not args.model.is_file():
+        print(f"fleet_sim: no model file at {args.model} (--model)", file=sys.stderr)
+        return 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="fleet-sim-") as tmp:
+            if args.bench:
+                print(json.dumps(bench(args.n, args.model, Path(tmp), args.broker_kind, args.procs), indent=1))
+                return 0
+            run(Path(tmp), args)
+    except RuntimeError as exc:  # a worker died (WorkerDied names it), or the fleet never came online
+        print(f"fleet_sim: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the benchmark's own finally has stopped its workers and brokers
+        print("fleet_sim: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def _bad_link(url: str, prefix: str) -> str | None:
+    """What is wrong with --broker or --prefix, as the agent's config would say it (checked once here, not by
+    every worker)."""
+    from pydantic import ValidationError
+
+    from agent.config import MqttSection
+
+    try:
+        MqttSection(broker=(url,), prefix=prefix)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return f"--{first['loc'][0]}: {first['msg'].removeprefix('Value error, ')}"
+    return None
+
+
+def _processes(k: int) -> str:
+    return f"{k} process" if k == 1 else f"{k} processes"
+
+
+def run(folder: Path, args: argparse.Namespace) -> None:
+    """The fleet on `--broker` until Ctrl-C, --seconds, or a worker's death (WorkerDied)."""
+    fleet = Workers(folder, args.broker, args.n, args.procs, args.prefix, {})
+    try:
+        online = fleet.start()
+        print(f"{args.n} devices in {_processes(len(fleet.workers))} online in {online:.1f} s (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
+        fleet.wait(threading.Event(), args.seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.close()
 
 
 if __name__ == "__main__":
