@@ -1,7 +1,7 @@
 """The fleet-wide /metrics (`agent.fleet.metrics.render`): real `lepton-agent run` daemons on a real mosquitto feed
 a FleetView; the exposition parses with the Prometheus client's own parser, passes `promtool check metrics`, and
-carries every device with its labels (a device id with dots, an offline device); every expression of the Grafana
-dashboard names a series render() emits."""
+carries every device with its labels (a device id with dots, an offline device), and the pipeline waiting for its
+delivered model; every expression of the Grafana dashboard names a series render() emits."""
 
 from __future__ import annotations
 
@@ -25,7 +25,19 @@ from agent.mqtt.topics import FleetTopics
 GRAFANA = ROOT / "docs" / "grafana-fleet.json"
 
 
-def _config(tmp: Path, port: int, prefix: str, fixtures: Path, device: str, groups: list[str]) -> Path:
+DOOR = "doorbell"
+"""The delivered model name cam.a's `door` pipeline runs by: no deployment of it ever comes, so it waits."""
+
+WAITING = f"""
+[[pipelines]]
+name = "door"
+source = "test:colors"
+delivered = "{DOOR}"
+"""
+
+
+def _config(tmp: Path, port: int, prefix: str, fixtures: Path, device: str, groups: list[str],
+            more: str = "") -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     root = _fake_root(tmp, 51.5, "0x50000")  # throttled since boot, nothing now
     path = tmp / "agent.toml"
@@ -51,7 +63,7 @@ threshold = 0.0
 fps = 10
 width = 64
 height = 48
-""")
+{more}""")
     return path
 
 
@@ -86,7 +98,7 @@ def _one(samples: dict[str, list[Any]], name: str, **labels: str) -> Any:
 
 def test_fleet_metrics_from_live_daemons(tmp_path: Path, broker: Broker, fixtures: Path) -> None:
     prefix = unique_prefix()
-    dotted = _config(tmp_path / "a", broker.port, prefix, fixtures, "cam.a", ["porch", "hall"])
+    dotted = _config(tmp_path / "a", broker.port, prefix, fixtures, "cam.a", ["porch", "hall"], WAITING)
     other = _config(tmp_path / "b", broker.port, prefix, fixtures, "d-yard", ["yard"])
     link = connect(broker.port)
     try:
@@ -119,6 +131,10 @@ def test_fleet_metrics_from_live_daemons(tmp_path: Path, broker: Broker, fixture
     assert _one(s, "lepton_device_online", **b_labels).value == 0.0
     assert _one(s, "lepton_device_stale", **a_labels).value == 0.0
     assert _one(s, "lepton_device_last_seen_timestamp_seconds", **a_labels).value > 0
+    # The pipeline waiting for its delivered model, with the name it waits for: none for the running one, none for
+    # the stopped device.
+    (door,) = s["lepton_pipeline_waiting_for_model"]
+    assert (door.labels, door.value) == ({**a_labels, "pipeline": "door", "model": DOOR}, 1.0)
     model = _one(s, "lepton_pipeline_model_info", device="cam.a")
     assert model.labels == {**a_labels, "pipeline": "colors", "model": "colors", "version": "1", "variant": ""}
 
