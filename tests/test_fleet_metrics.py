@@ -1,7 +1,8 @@
 """The fleet-wide /metrics (`agent.fleet.metrics.render`): real `lepton-agent run` daemons on a real mosquitto feed
 a FleetView; the exposition parses with the Prometheus client's own parser, passes `promtool check metrics`, and
 carries every device with its labels (a device id with dots, an offline device), and the pipeline waiting for its
-delivered model; every expression of the Grafana dashboard names a series render() emits."""
+delivered model (only while its device is online); every expression of the Grafana dashboard names a series render()
+emits."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ GRAFANA = ROOT / "docs" / "grafana-fleet.json"
 
 
 DOOR = "doorbell"
-"""The delivered model name cam.a's `door` pipeline runs by: no deployment of it ever comes, so it waits."""
+"""The delivered model name each device's `door` pipeline runs by: no deployment of it ever comes, so it waits."""
 
 WAITING = f"""
 [[pipelines]]
@@ -99,12 +100,13 @@ def _one(samples: dict[str, list[Any]], name: str, **labels: str) -> Any:
 def test_fleet_metrics_from_live_daemons(tmp_path: Path, broker: Broker, fixtures: Path) -> None:
     prefix = unique_prefix()
     dotted = _config(tmp_path / "a", broker.port, prefix, fixtures, "cam.a", ["porch", "hall"], WAITING)
-    other = _config(tmp_path / "b", broker.port, prefix, fixtures, "d-yard", ["yard"])
+    other = _config(tmp_path / "b", broker.port, prefix, fixtures, "d-yard", ["yard"], WAITING)
     link = connect(broker.port)
     try:
         view = FleetView(link, FleetTopics(prefix), telemetry=True)
         with Daemon(dotted) as a, Daemon(other) as b:
-            _wait(view, lambda ds: _measured(ds, "cam.a") and _measured(ds, "d-yard"))
+            _wait(view, lambda ds: _measured(ds, "cam.a") and _measured(ds, "d-yard")
+                  and ds["d-yard"].waiting_for_model == {"door": DOOR})
             assert b.terminate() == 0  # a clean stop: its retained status says `stopped`
             _wait(view, lambda ds: ds["d-yard"].presence == "no")
             body, content_type = render(view)
@@ -131,8 +133,8 @@ def test_fleet_metrics_from_live_daemons(tmp_path: Path, broker: Broker, fixture
     assert _one(s, "lepton_device_online", **b_labels).value == 0.0
     assert _one(s, "lepton_device_stale", **a_labels).value == 0.0
     assert _one(s, "lepton_device_last_seen_timestamp_seconds", **a_labels).value > 0
-    # The pipeline waiting for its delivered model, with the name it waits for: none for the running one, none for
-    # the stopped device.
+    # The pipeline waiting for its delivered model, with the name it waits for: none for the running one, and none
+    # for the stopped device's, which waited too while it was online.
     (door,) = s["lepton_pipeline_waiting_for_model"]
     assert (door.labels, door.value) == ({**a_labels, "pipeline": "door", "model": DOOR}, 1.0)
     model = _one(s, "lepton_pipeline_model_info", device="cam.a")
