@@ -42,6 +42,8 @@ def pipeline_figures(p: Pipeline) -> dict[str, Any]:
         "restarts": st.restarts,
         "errors": st.errors,
         "variant": p.variant,
+        # The delivered name it runs or waits for: the device's own /metrics says which model a waiting one needs.
+        "delivered": p.settings.delivered,
         "tune": p.slot.tune_summary,
         "source": p.source_status(),
         **p.rings.summary(),

@@ -134,6 +134,22 @@ def add_telemetry(fams: Families, payload: dict[str, Any], base: dict[str, str])
                                {**labels, "stage": stage, "percentile": _PERCENTILES[q]}, _seconds(value))
 
 
+def waiting_in(payload: dict[str, Any]) -> dict[str, str]:
+    """Pipeline → the delivered model name it waits for, as a telemetry payload says (`waiting_for_model`)."""
+    pipelines = payload.get("pipelines")
+    return {name: p["delivered"] for name, p in (pipelines.items() if isinstance(pipelines, dict) else ())
+            if isinstance(p, dict) and p.get("state") == "waiting_for_model" and isinstance(p.get("delivered"), str)}
+
+
+def add_waiting(fams: Families, base: dict[str, str], waiting: dict[str, str]) -> None:
+    """`lepton_pipeline_waiting_for_model` for each pipeline → model name in `waiting`. Only waiting pipelines
+    have a series: a pipeline stops waiting when its model is deployed, and then its series goes (no 0 kept)."""
+    for pipeline, model in sorted(waiting.items()):
+        fams.gauge("lepton_pipeline_waiting_for_model", "1 while the pipeline waits for a deployment of the "
+                   "delivered model it names (no series otherwise)", {**base, "pipeline": pipeline, "model": model},
+                   1.0)
+
+
 def _info(device: str) -> Any:
     from prometheus_client.core import GaugeMetricFamily
 
@@ -167,6 +183,7 @@ class PrometheusEndpoint:
                 if payload is not None:
                     fams = Families()
                     add_telemetry(fams, payload, {"device": endpoint.device})
+                    add_waiting(fams, {"device": endpoint.device}, waiting_in(payload))
                     yield from fams
 
         registry = CollectorRegistry(auto_describe=False)

@@ -118,6 +118,13 @@ def test_watch_prints_plain_lines_without_rich(broker: Broker) -> None:
     assert line.endswith(f" {dev} colors #7 red 0.99") and "[" not in line, line
 
 
+def _publish(fixtures: Path, name: str, version: str, key: Path, broker: Broker) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", NO_RICH, "publish", str(fixtures / "colors_int8.json"), "--name", name,
+         "--version", version, "--key", str(key), "--broker", broker.url], capture_output=True, text=True,
+        cwd=ROOT, timeout=120, check=False)
+
+
 def _door(status: dict[str, Any]) -> dict[str, Any]:
     (door,) = [p for p in status["pipelines"] if p["name"] == "door"]
     return door
@@ -134,10 +141,7 @@ def test_a_pipeline_naming_a_delivered_model_waits_for_it_then_runs_it(
     config = tmp_path / "agent.toml"
     config.write_text(TEMPLATE.read_text() + f'"{key_id(public)}" = "{public_text(public)}"\n\n'
                       f'[[pipelines]]\nname = "door"\nsource = "test:colors"\ndelivered = "{model}"\n')
-    published = subprocess.run(
-        [sys.executable, "-c", NO_RICH, "publish", str(fixtures / "colors_int8.json"), "--name", model,
-         "--version", "1", "--key", str(key_file), "--broker", broker.url], capture_output=True, text=True,
-        cwd=ROOT, timeout=120, check=False)
+    published = _publish(fixtures, model, "1", key_file, broker)
     assert published.returncode == 0, published.stderr
 
     def announced(n: int, state: str) -> dict[str, Any]:  # the n-th run's status once door is in `state`
@@ -156,6 +160,21 @@ def test_a_pipeline_naming_a_delivered_model_waits_for_it_then_runs_it(
             table = _fleet(broker, "status")
             assert f"door waits for {model}" in table.stdout, table.stdout
             assert not w.json("/results/door")  # waiting is not running
+
+            # A deployment of the name that fails (signed by a key the device does not trust) leaves door waiting:
+            # the row says both, the failure and what still waits for which model.
+            other = tmp_path / "other.key"
+            generate_key_file(other)
+            assert _publish(fixtures, model, "0", other, broker).returncode == 0
+            refused = _fleet(broker, "deploy", f"{model}@0", "--to", dev)
+            assert refused.returncode == 1 and "untrusted_key" in refused.stdout, refused.stdout + refused.stderr
+            table = _fleet(broker, "status")
+            (line,) = [x for x in table.stdout.splitlines() if x.startswith(dev)]
+            assert line.split()[:3] == [dev, "yes", "failed"] and "untrusted_key" in line, table.stdout
+            assert line.endswith(f"; door waits for {model}"), table.stdout
+            status = _fleet(broker, "status", "--format", "json")
+            (row,) = [r for r in map(json.loads, status.stdout.splitlines()) if r["device"] == dev]
+            assert (row["state"], row["waiting_for_model"]) == ("failed", {"door": model}), row
 
             done = _fleet(broker, "deploy", f"{model}@1", "--to", dev)
             assert done.returncode == 0, done.stdout + done.stderr

@@ -1,7 +1,8 @@
 """The fleet-wide /metrics (`agent.fleet.metrics.render`): real `lepton-agent run` daemons on a real mosquitto feed
 a FleetView; the exposition parses with the Prometheus client's own parser, passes `promtool check metrics`, and
-carries every device with its labels (a device id with dots, an offline device); every expression of the Grafana
-dashboard names a series render() emits."""
+carries every device with its labels (a device id with dots, an offline device), and the pipeline waiting for its
+delivered model (only while its device is online); every expression of the Grafana dashboard names a series render()
+emits."""
 
 from __future__ import annotations
 
@@ -25,7 +26,19 @@ from agent.mqtt.topics import FleetTopics
 GRAFANA = ROOT / "docs" / "grafana-fleet.json"
 
 
-def _config(tmp: Path, port: int, prefix: str, fixtures: Path, device: str, groups: list[str]) -> Path:
+DOOR = "doorbell"
+"""The delivered model name each device's `door` pipeline runs by: no deployment of it ever comes, so it waits."""
+
+WAITING = f"""
+[[pipelines]]
+name = "door"
+source = "test:colors"
+delivered = "{DOOR}"
+"""
+
+
+def _config(tmp: Path, port: int, prefix: str, fixtures: Path, device: str, groups: list[str],
+            more: str = "") -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     root = _fake_root(tmp, 51.5, "0x50000")  # throttled since boot, nothing now
     path = tmp / "agent.toml"
@@ -51,7 +64,7 @@ threshold = 0.0
 fps = 10
 width = 64
 height = 48
-""")
+{more}""")
     return path
 
 
@@ -86,13 +99,14 @@ def _one(samples: dict[str, list[Any]], name: str, **labels: str) -> Any:
 
 def test_fleet_metrics_from_live_daemons(tmp_path: Path, broker: Broker, fixtures: Path) -> None:
     prefix = unique_prefix()
-    dotted = _config(tmp_path / "a", broker.port, prefix, fixtures, "cam.a", ["porch", "hall"])
-    other = _config(tmp_path / "b", broker.port, prefix, fixtures, "d-yard", ["yard"])
+    dotted = _config(tmp_path / "a", broker.port, prefix, fixtures, "cam.a", ["porch", "hall"], WAITING)
+    other = _config(tmp_path / "b", broker.port, prefix, fixtures, "d-yard", ["yard"], WAITING)
     link = connect(broker.port)
     try:
         view = FleetView(link, FleetTopics(prefix), telemetry=True)
         with Daemon(dotted) as a, Daemon(other) as b:
-            _wait(view, lambda ds: _measured(ds, "cam.a") and _measured(ds, "d-yard"))
+            _wait(view, lambda ds: _measured(ds, "cam.a") and _measured(ds, "d-yard")
+                  and ds["d-yard"].waiting_for_model == {"door": DOOR})
             assert b.terminate() == 0  # a clean stop: its retained status says `stopped`
             _wait(view, lambda ds: ds["d-yard"].presence == "no")
             body, content_type = render(view)
@@ -119,6 +133,10 @@ def test_fleet_metrics_from_live_daemons(tmp_path: Path, broker: Broker, fixture
     assert _one(s, "lepton_device_online", **b_labels).value == 0.0
     assert _one(s, "lepton_device_stale", **a_labels).value == 0.0
     assert _one(s, "lepton_device_last_seen_timestamp_seconds", **a_labels).value > 0
+    # The pipeline waiting for its delivered model, with the name it waits for: none for the running one, and none
+    # for the stopped device's, which waited too while it was online.
+    (door,) = s["lepton_pipeline_waiting_for_model"]
+    assert (door.labels, door.value) == ({**a_labels, "pipeline": "door", "model": DOOR}, 1.0)
     model = _one(s, "lepton_pipeline_model_info", device="cam.a")
     assert model.labels == {**a_labels, "pipeline": "colors", "model": "colors", "version": "1", "variant": ""}
 

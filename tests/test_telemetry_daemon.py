@@ -256,7 +256,9 @@ def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> 
     port = free_port()
     config = write_config(tmp_path, broker.port, root, fixtures / "colors_int8.json", "d-prom",
                           extra=f"[prometheus]\nenabled = true\nport = {port}\n")
-    config.write_text(config.read_text() + IDLE_PIPELINES.format(model=fixtures / "colors_int8.json"))
+    # `door` names a delivered model no deployment ever brings: it waits, and says for which model.
+    config.write_text(config.read_text() + IDLE_PIPELINES.format(model=fixtures / "colors_int8.json")
+                      + '[[pipelines]]\nname = "door"\nsource = "test:colors"\ndelivered = "doorbell"\n')
     with Watcher(broker.port, ["lepton/d-prom/telemetry"]) as w, Daemon(config) as daemon:
         w.wait_json("/telemetry", lambda m: any(p["pipelines"]["colors"]["frames"] > 0 for p in m), timeout=60)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -285,6 +287,10 @@ def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> 
             assert sample[name].value == int(sample[name].value) > 10 * 2**20
         assert all(len(repr(s.value)) <= 10 for s in latency), [s.value for s in latency]
         assert sample["lepton_governor_level"].value == 0.0
+        # Only the waiting pipeline has a series, with the delivered name it waits for.
+        waiting = families["lepton_pipeline_waiting_for_model"].samples
+        assert [(s.labels, s.value) for s in waiting] == [
+            ({"device": "d-prom", "pipeline": "door", "model": "doorbell"}, 1.0)]
 
         # A real Prometheus server scrapes it: the target is up, series carry their labels, no value is absent.
         server = PrometheusServer(tmp_path, port)
@@ -295,7 +301,9 @@ def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> 
             assert float(p99[0]["value"][1]) > 0
             assert server.query('lepton_pipeline_latency_seconds{pipeline=~"idle.*"}') == []
             scraped = server.wait("lepton_pipeline_items_per_second")
-            assert {r["metric"]["pipeline"] for r in scraped} == {"colors", "idle.a", "idle_a"}
+            assert {r["metric"]["pipeline"] for r in scraped} == {"colors", "idle.a", "idle_a", "door"}
+            door = server.wait("lepton_pipeline_waiting_for_model")
+            assert [(r["metric"]["pipeline"], r["metric"]["model"]) for r in door] == [("door", "doorbell")]
             ratio = server.wait("lepton_memory_used_ratio")
             assert 0 < float(ratio[0]["value"][1]) < 1
         finally:
@@ -305,7 +313,7 @@ def test_prometheus_endpoint(tmp_path: Path, broker: Broker, fixtures: Path) -> 
             rc, (report,) = fleet(broker.port, "retire", "d-prom")
             assert rc == 0 and report["by"] == "agent" and report["ok"], report
             emptied = set(report["result"]["configs_emptied"])
-            assert len(emptied) == 5 + 4 * 3  # the telemetry sensors; fps, latency, last result, camera per pipeline
+            assert len(emptied) == 5 + 4 * 4  # the telemetry sensors; fps, latency, last result, camera per pipeline
             assert ha.wait_for(lambda m: {t for t, p, _ in m if not p} == emptied, 30)
         assert daemon.terminate() == 0
     # Nothing listens once the agent is gone.

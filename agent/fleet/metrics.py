@@ -3,7 +3,8 @@
 A fleet behind NAT cannot be scraped device by device; the dashboard already hears every device's status,
 telemetry and deploy state over its one MQTT connection, so it serves them all. The figures are the per-device
 exporter's (`agent.prometheus.add_telemetry`: same names, same units) with `device`, `group` and `class` on every
-series, plus what only the fleet side knows: presence, last seen, deploy state, the model each pipeline runs.
+series, plus what only the fleet side knows: presence, last seen, deploy state, the model each pipeline runs, and
+the pipelines waiting for a delivered model (`lepton_pipeline_waiting_for_model`, from the status, as the dashboard).
 
 - `group` is the device's groups joined with `,` in name order (`""` for none), so each device's series stand
   once; `lepton_device_group{device, group}` lists each membership on its own, for a Grafana variable.
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from agent.fleet.watch import DeviceView, FleetView
-from agent.prometheus import Families, add_telemetry
+from agent.prometheus import Families, add_telemetry, add_waiting
 
 PRESENCES = ("yes", "stale", "no", "?")
 """DeviceView.presence: online, online but its heartbeat stopped, offline or stopped, no status heard."""
@@ -75,6 +76,9 @@ def add_device(fams: Families, d: DeviceView) -> None:
                    "variant empty for the manifest's own model)",
                    {**base, "pipeline": name, "model": _text(model.get("name")),
                     "version": _text(model.get("version")), "variant": _text(variant)}, 1.0)
+
+    # From the status, as the dashboard's "waiting" (not telemetry): it is known from the birth on.
+    add_waiting(fams, base, d.waiting_for_model)
 
     state = d.state
     if state is not None and state.get("model") is not None:

@@ -401,7 +401,10 @@ def _status_row(view: Any, model: str | None) -> dict[str, Any]:
         row["waiting_for_model"] = waiting
         if view.state is None:
             row["state"] = "waiting_for_model"
-        row["detail"] = row["detail"] or "; ".join(f"{p} waits for {m}" for p, m in sorted(waiting.items()))
+        # Beside a deployment's own detail, not instead of it: after a failed deployment of the name the
+        # pipeline still waits, and the table is where the operator reads both.
+        waits = "; ".join(f"{p} waits for {m}" for p, m in sorted(waiting.items()))
+        row["detail"] = f"{row['detail']}; {waits}" if row["detail"] else waits
     return row
 
 
