@@ -60,6 +60,33 @@ def test_logits_get_softmax_and_gray_model_runs_on_colour_files(fixtures: Path) 
         assert sum(c["score"] for c in line["classes"]) == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.parametrize(("manifest", "top_k"), [("colors_int8.json", 3), ("colors_float.json", 3),
+                                                  ("colors_bench_int8.json", 2), ("shapes_int8.json", 3),
+                                                  ("shapes_int8.json", 1)])
+def test_a_few_classes_give_the_same_result_in_python_floats_as_in_arrays(
+        fixtures: Path, manifest: str, top_k: int) -> None:
+    # Up to classify.FEW classes the scores are finished in Python floats (one numpy call after the invoke),
+    # more in arrays: quantized and float outputs, softmax applied or not, top-k below the class count: the
+    # same classes in the same order (equal scores too: the higher index first), scores to the 6th decimal.
+    import cv2
+
+    spec = load_spec(fixtures / manifest)
+    spec = spec.model_copy(update={"postprocess": spec.postprocess.model_copy(update={"top_k": top_k})})
+    model = Model(spec.path, threads=1)
+    inference = Inference(model, create_task(model, spec))
+    ties = 0
+    for path in sorted((fixtures / "images").glob("*_[12].png")):
+        frame = cv2.imread(str(path))
+        inference.task._few = True  # type: ignore[attr-defined]
+        few = inference.run(frame)["classes"]
+        inference.task._few = False  # type: ignore[attr-defined]
+        arrays = inference.run(frame)["classes"]
+        assert [c["label"] for c in few] == [c["label"] for c in arrays], (path.name, few, arrays)
+        assert all(abs(a["score"] - b["score"]) <= 1e-6 for a, b in zip(few, arrays, strict=True)), path.name
+        ties += len({c["score"] for c in arrays}) < len(arrays)
+    assert manifest != "colors_int8.json" or ties  # a uint8 softmax ties its zeros: the order rule is exercised
+
+
 def test_folder_glob_and_video(fixtures: Path) -> None:
     folder = fixtures / "images"
     r = run_cli("infer", str(fixtures / "colors_float.json"), str(folder), str(folder / "green_*.png"),
