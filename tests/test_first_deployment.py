@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from agent.delivery.signing import generate_key_file, key_id, load_private_key, 
 TEMPLATE = ROOT / "docs" / "agent.device.toml"
 # The interpreter refuses `import rich` as if the optional extra were not installed.
 NO_RICH = "import sys; sys.modules['rich'] = None; from agent.cli import fleet_main; sys.exit(fleet_main())"
+FLEET = "import sys; from agent.cli import fleet_main; sys.exit(fleet_main())"
 
 
 def _fleet(broker: Broker, *args: str) -> subprocess.CompletedProcess[str]:
@@ -125,6 +128,49 @@ def _publish(fixtures: Path, name: str, version: str, key: Path, broker: Broker)
         cwd=ROOT, timeout=120, check=False)
 
 
+def _follow_until_waiting(broker: Broker, dev: str, model: str) -> None:
+    """`status --follow` on a pipe, rich installed: rich's Live would draw nothing until it stops, so the live
+    table comes as the plain one again on each change. Its row says what the one-shot table says; Ctrl-C ends
+    it as the CLI defines (exit 0, the one-shot output after it, no traceback)."""
+    follow = subprocess.Popen([sys.executable, "-c", FLEET, "status", "--follow", "--model", model, "--format", "json",
+                               "--broker", broker.url, "--timeout", "90"], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert follow.stdout is not None and follow.stderr is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read(stream: Any) -> None:
+        for x in stream:
+            lines.put(x.rstrip("\n"))
+        lines.put(None)
+
+    reader = threading.Thread(target=read, args=(follow.stderr,), daemon=True)
+    reader.start()
+    seen: list[str] = []
+    try:
+        while not (seen and seen[-1].startswith(dev) and seen[-1].endswith(f"door waits for {model}")):
+            line = lines.get(timeout=90)
+            assert line is not None, "status --follow ended: " + "\n".join(seen)
+            seen.append(line)
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(60) == 0, "\n".join(seen)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    reader.join(60)
+    while (line := lines.get_nowait()) is not None:
+        seen.append(line)
+    assert f"deployments of {model} (live; Ctrl-C to stop)" in seen, seen
+    columns = ["DEVICE", "PRESENCE", "MODEL", "VERSION", "STATE", "PROGRESS", "REASON", "DETAIL"]
+    assert columns in [x.split() for x in seen], seen  # the plain table, not rich's (boxes, wrapped cells)
+    (row_line,) = {x for x in seen if x.startswith(dev)}
+    assert row_line.split()[:3] == [dev, "yes", "waiting_for_model"], seen
+    assert not any("Traceback" in x or "KeyboardInterrupt" in x for x in seen), seen
+    (row,) = [json.loads(x) for x in follow.stdout.read().splitlines()]
+    assert (row["device"], row["state"], row["waiting_for_model"], row["detail"]) == (
+        dev, "waiting_for_model", {"door": model}, f"door waits for {model}"), row
+
+
 def _door(status: dict[str, Any]) -> dict[str, Any]:
     (door,) = [p for p in status["pipelines"] if p["name"] == "door"]
     return door
@@ -159,6 +205,7 @@ def test_a_pipeline_naming_a_delivered_model_waits_for_it_then_runs_it(
             assert row["waiting_for_model"] == {"door": model}, status.stdout
             table = _fleet(broker, "status")
             assert f"door waits for {model}" in table.stdout, table.stdout
+            _follow_until_waiting(broker, dev, model)
             assert not w.json("/results/door")  # waiting is not running
 
             # A deployment of the name that fails (signed by a key the device does not trust) leaves door waiting:

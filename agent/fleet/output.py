@@ -54,8 +54,10 @@ def plain_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
     return title + "\n" + line(columns) + "".join(line(r) for r in rows)
 
 
-def print_table(out: TextIO, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    if not have_rich():
+def print_table(out: TextIO, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
+                plain: bool = False) -> None:
+    """rich's table, or with `plain` (or without rich) `plain_table`: a line per row, never wrapped."""
+    if plain or not have_rich():
         out.write(plain_table(title, [c.upper() for c in columns], rows))
         out.flush()
         return

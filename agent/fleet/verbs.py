@@ -381,7 +381,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         # The answers come over the settle time, however many devices there are: collect until it ends.
         threading.Event().wait(args.settle)
         if args.follow:
-            _status_live(view)
+            _status_live(view, args.model)
         rows = [_status_row(v, args.model) for v in view.snapshot()]
     finally:
         link.close()
@@ -408,27 +408,29 @@ def _status_row(view: Any, model: str | None) -> dict[str, Any]:
     return row
 
 
-def _status_live(view: Any) -> None:
-    columns = ("device", "online", "model", "version", "state", "progress", "reason")
-    title = "deployments (live; Ctrl-C to stop)"
+def _status_live(view: Any, model: str | None) -> None:
+    """The table `status` prints, redrawn until Ctrl-C (its rows from `_status_row`, so the two agree)."""
+    columns = ("device", "presence", "model", "version", "state", "progress", "reason", "detail")
+    title = "deployments" + (f" of {model}" if model else "") + " (live; Ctrl-C to stop)"
 
     def rows() -> list[list[str]]:
         out = []
         for v in view.snapshot():
-            r = _row(v)
-            progress = f"{r['progress']:.0%}" if isinstance(r["progress"], int | float) else ""
-            out.append([r["device"], v.presence, str(r["model"] or ""),
-                        str(r["version"] or ""), r["state"], progress, str(r["reason"] or "")])
+            r = _status_row(v, model)
+            r["progress"] = f"{r['progress']:.0%}" if isinstance(r["progress"], int | float) else None
+            out.append(["" if r[c] is None else str(r[c]) for c in columns])
         return out
 
     stop = threading.Event()
-    if not output.have_rich():  # the table again whenever a row changes
+    # rich's Live draws nothing on a pipe or a file until it stops: there, as without rich, the plain table
+    # again whenever a row changes (a line per row, unwrapped), so a log or a script reading it sees each change.
+    if not output.have_rich() or not output.console(sys.stderr).is_terminal:
         shown: list[list[str]] = []
         try:
             while not stop.wait(0.25):
                 if (now := rows()) != shown:
                     shown = now
-                    output.print_table(sys.stderr, title, columns, now)
+                    output.print_table(sys.stderr, title, columns, now, plain=True)
         except KeyboardInterrupt:
             return
         return
