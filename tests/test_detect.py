@@ -20,11 +20,8 @@ from agent.vision import decoders
 from agent.vision.anchors import BLAZEFACE_ANCHORS, ssd_anchors
 from agent.vision.decoders import match_decoder
 from agent.vision.nms import (
-    SMALL_N,
-    _weighted_groups_large,
     iou_one_to_many,
     nms,
-    weighted_means,
     weighted_nms,
     weighted_nms_few,
 )
@@ -242,20 +239,18 @@ def test_a_gated_detector_builds_its_result_only_when_wanted(models_dir: Path) -
 def test_weighted_nms_sums_each_group_in_order() -> None:
     # Groups of up to 20 boxes (a face seen by many anchors) and several groups at once (shorter ones padded):
     # the weights are summed one after the other as MediaPipe does, not pairwise as numpy sums a 1-D array
-    # (which differs in the last bit for 8 or more terms), on both the small and the large path.
+    # (which differs in the last bit for 8 or more terms).
     rng = np.random.default_rng(7)
     for _ in range(200):
-        n = int(rng.integers(8, SMALL_N + 1))
+        n = int(rng.integers(8, 25))
         centres = rng.random((n, 2), dtype=np.float32) * 0.1 + rng.integers(0, 3, (n, 1)).astype(np.float32) * 0.4
         sizes = rng.random((n, 2), dtype=np.float32) * 0.05 + 0.2
         boxes = np.concatenate((centres, centres + sizes), axis=1)
         scores = rng.random(n, dtype=np.float32)
         want_boxes, want_scores = _weighted_nms_in_order(boxes, scores, 0.3)
-        large = _weighted_groups_large(boxes, scores, 0.3, 100)
-        for merged, kept in (weighted_nms(boxes, scores, 0.3, 100),
-                             (weighted_means(boxes, scores, large), scores[[g[0] for g in large]])):
-            assert merged.dtype == np.float32 and np.array_equal(merged, want_boxes)
-            assert kept.tolist() == want_scores
+        merged, kept = weighted_nms(boxes, scores, 0.3, 100)
+        assert merged.dtype == np.float32 and np.array_equal(merged, want_boxes)
+        assert kept.tolist() == want_scores
     assert weighted_nms(boxes, scores, 0.3, 1)[0].shape == (1, 4)
 
 

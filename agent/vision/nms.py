@@ -3,6 +3,8 @@
 Boxes are `[N, 4]` float arrays `[xmin, ymin, xmax, ymax]` in any one unit. Each
 pass keeps the best remaining box and compares it with all the others in one
 numpy expression, so the Python loop runs once per kept box, not per pair.
+`weighted_nms_few` is weighted NMS for a few candidates in plain Python floats:
+straight after an invoke that is cheaper than any numpy call.
 """
 
 from __future__ import annotations
@@ -31,25 +33,6 @@ def iou_one_to_many(box: Array, boxes: Array, areas: Array | None = None) -> Arr
     union = area + areas - inter
     # No overlap gives 0 whatever the union; a tiny floor keeps empty boxes from dividing by zero.
     return inter / np.maximum(union, 1e-12)
-
-
-def iou_matrix(boxes: Array, areas: Array) -> Array:
-    """IoU of every box with every box: the same arithmetic as `iou_one_to_many`, element for element."""
-    one, other = boxes[:, None, :], boxes[None, :, :]
-    wh = np.minimum(one[..., 2:], other[..., 2:]) - np.maximum(one[..., :2], other[..., :2])  # x and y at once
-    np.maximum(wh, 0.0, out=wh)
-    inter = wh[..., 0] * wh[..., 1]
-    union = areas[:, None] + areas[None, :]
-    union -= inter
-    np.maximum(union, 1e-12, out=union)
-    inter /= union
-    return inter
-
-
-SMALL_N = 24
-"""Up to this many candidates (a few faces: the usual frame) weighted NMS takes the IoU of every pair at
-once, in one numpy pass of N x N (2 KB), groups the candidates in plain Python over that matrix, and sums
-every group in one numpy pass, instead of a dozen numpy calls per kept box."""
 
 
 def nms(boxes: Array, scores: Array, iou_threshold: float, max_results: int, classes: Array | None = None) -> Array:
@@ -91,19 +74,20 @@ def weighted_nms(boxes: Array, scores: Array, iou_threshold: float, max_results:
 
 def weighted_groups(boxes: Array, scores: Array, iou_threshold: float, max_results: int) -> list[list[int]]:
     """The groups of weighted NMS, best first, each its best box's index first: the kept scores and their
-    count are known from these alone, before any box is averaged (`weighted_means`)."""
-    if boxes.shape[0] > SMALL_N:
-        return _weighted_groups_large(boxes, scores, iou_threshold, max_results)
-    # ndarray methods and ufunc.reduce directly: numpy's module-level wrappers cost a microsecond a call here.
-    order: list[int] = (-scores).argsort(kind="stable").tolist()
-    overlaps: list[list[bool]] = (iou_matrix(boxes, box_areas(boxes)) > iou_threshold).tolist()
+    count are known from these alone, before any box is averaged (`weighted_means`). One IoU pass per kept
+    box; a few candidates take `weighted_nms_few` instead (plain Python, no numpy call)."""
+    order = (-scores).argsort(kind="stable")
+    areas = box_areas(boxes)  # once, not per kept box
     groups: list[list[int]] = []
-    while order and len(groups) < max_results:
-        best = order[0]
-        row = overlaps[best]
-        # A degenerate (empty) box overlaps nothing, not even itself: it stands alone.
-        groups.append([j for j in order if row[j]] or [best])
-        order = [j for j in order[1:] if not row[j]]
+    while order.size and len(groups) < max_results:
+        best = int(order[0])
+        overlap = iou_one_to_many(boxes[best], boxes[order], areas[order]) > iou_threshold
+        group = order[overlap]
+        if group.size == 0:  # a degenerate (empty) box overlaps nothing, not even itself
+            group = order[:1]
+            overlap[0] = True
+        groups.append(group.tolist())
+        order = order[~overlap]
     return groups
 
 
@@ -172,23 +156,6 @@ def weighted_nms_few(boxes: list[tuple[float, float, float, float]], scores: lis
         kept_boxes.append((s0 / total, s1 / total, s2 / total, s3 / total))
         kept_scores.append(scores[best])
     return kept_boxes, kept_scores
-
-
-def _weighted_groups_large(boxes: Array, scores: Array, iou_threshold: float, max_results: int) -> list[list[int]]:
-    """`weighted_groups` for many candidates: one IoU pass per kept box instead of an N x N matrix."""
-    order = (-scores).argsort(kind="stable")
-    areas = box_areas(boxes)  # once, not per kept box
-    groups: list[list[int]] = []
-    while order.size and len(groups) < max_results:
-        best = int(order[0])
-        overlap = iou_one_to_many(boxes[best], boxes[order], areas[order]) > iou_threshold
-        group = order[overlap]
-        if group.size == 0:  # a degenerate (empty) box overlaps nothing, not even itself
-            group = order[:1]
-            overlap[0] = True
-        groups.append(group.tolist())
-        order = order[~overlap]
-    return groups
 
 
 _add = np.add.reduce  # what ndarray.sum runs, without its Python wrapper
