@@ -236,17 +236,22 @@ def test_a_gated_detector_builds_its_result_only_when_wanted(models_dir: Path) -
     assert len(asked) == 4 and asked[0][0] == ["face"] and asked[2] == ([], [])
 
 
+def _clustered_boxes(rng: np.random.Generator, n: int, clusters: int, gap: float,
+                     size: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """n float32 boxes around `clusters` spots `gap` apart (faces seen by several anchors), sides size[0] plus
+    up to size[1], and their scores."""
+    centres = rng.random((n, 2), dtype=np.float32) * 0.1 + rng.integers(0, clusters, (n, 1)).astype(np.float32) * gap
+    sizes = rng.random((n, 2), dtype=np.float32) * size[1] + size[0]
+    return np.concatenate((centres, centres + sizes), axis=1), rng.random(n, dtype=np.float32)
+
+
 def test_weighted_nms_sums_each_group_in_order() -> None:
     # Groups of up to 20 boxes (a face seen by many anchors) and several groups at once (shorter ones padded):
     # the weights are summed one after the other as MediaPipe does, not pairwise as numpy sums a 1-D array
     # (which differs in the last bit for 8 or more terms).
     rng = np.random.default_rng(7)
     for _ in range(200):
-        n = int(rng.integers(8, 25))
-        centres = rng.random((n, 2), dtype=np.float32) * 0.1 + rng.integers(0, 3, (n, 1)).astype(np.float32) * 0.4
-        sizes = rng.random((n, 2), dtype=np.float32) * 0.05 + 0.2
-        boxes = np.concatenate((centres, centres + sizes), axis=1)
-        scores = rng.random(n, dtype=np.float32)
+        boxes, scores = _clustered_boxes(rng, int(rng.integers(8, 25)), clusters=3, gap=0.4, size=(0.2, 0.05))
         want_boxes, want_scores = _weighted_nms_in_order(boxes, scores, 0.3)
         merged, kept = weighted_nms(boxes, scores, 0.3, 100)
         assert merged.dtype == np.float32 and np.array_equal(merged, want_boxes)
@@ -261,10 +266,7 @@ def test_weighted_nms_in_python_floats_matches_the_array_path() -> None:
     rng = np.random.default_rng(11)
     for trial in range(300):
         n = int(rng.integers(1, 33))
-        centres = rng.random((n, 2), dtype=np.float32) * 0.1 + rng.integers(0, 4, (n, 1)).astype(np.float32) * 0.3
-        sizes = rng.random((n, 2), dtype=np.float32) * 0.1 + 0.15
-        boxes = np.concatenate((centres, centres + sizes), axis=1)
-        scores = rng.random(n, dtype=np.float32)
+        boxes, scores = _clustered_boxes(rng, n, clusters=4, gap=0.3, size=(0.15, 0.1))
         if trial % 5 == 0 and n > 2:
             scores[1] = scores[0]
             boxes[2, 2:] = boxes[2, :2]  # no width or height
